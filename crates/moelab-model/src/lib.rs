@@ -1,0 +1,21 @@
+//! The mixture-of-experts transformer on candle: config, attention, routers, experts, losses,
+//! parameter and FLOP counts.
+//!
+//! Knows nothing of files, domains or training: it maps token ids to logits, losses and a
+//! per-layer routing record. Every op on the gradient path has a backward (see moelab-kernels).
+
+pub mod attention;
+pub mod config;
+pub mod error;
+pub mod info;
+pub mod init;
+pub mod layers;
+pub mod model;
+pub mod moe;
+pub mod rng;
+
+pub use config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
+pub use error::{ModelError, Result};
+pub use info::ModelInfo;
+pub use model::{Block, ForwardOptions, MoeTransformer, Output};
+pub use moe::LayerRouting;

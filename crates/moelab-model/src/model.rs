@@ -1,0 +1,304 @@
+//! The decoder-only MoE transformer, top to bottom.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{Embedding, Init, VarBuilder, VarMap};
+
+use crate::attention::Attention;
+use crate::layers::{Linear, RmsNorm, SwiGlu};
+use crate::moe::{LayerRouting, MoeFfn, RoutingNoise};
+use crate::{init, ModelConfig, ModelError};
+
+/// Options of one forward pass that are not part of the model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    /// Training step, for the stochastic routing warm-up; `None` routes with learned logits only
+    /// (evaluation, tracing).
+    pub step: Option<u64>,
+    /// Seed of the warm-up's random logits (the run seed).
+    pub seed: u64,
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// (batch, seq, vocab) next-token logits.
+    pub logits: Tensor,
+    /// (batch, seq) cross-entropy per position, when targets were given.
+    pub token_losses: Option<Tensor>,
+    /// Mean LM cross-entropy, when targets were given.
+    pub lm_loss: Option<Tensor>,
+    /// Load-balancing losses summed over MoE layers (zero for a dense model).
+    pub aux_loss: Tensor,
+    /// Router z-losses summed over MoE layers (zero for a dense model).
+    pub z_loss: Tensor,
+    /// The training objective: lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
+    pub loss: Option<Tensor>,
+    /// One record per MoE layer, in layer order.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// A block's feed-forward: dense SwiGLU or mixture of experts.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// Dense SwiGLU of width `ffn_hidden`.
+    Dense(SwiGlu),
+    /// Routed experts (and optional shared experts).
+    Moe(MoeFfn),
+}
+
+/// A pre-norm transformer block: `h += attn(norm(h)); h += ffn(norm(h))`.
+#[derive(Debug, Clone)]
+pub struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    ffn: Ffn,
+    layer: usize,
+}
+
+impl Block {
+    /// Builds block `layer` under `{vb}`.
+    pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        let ffn = if cfg.is_moe_layer(layer) {
+            Ffn::Moe(MoeFfn::new(cfg, vb.pp("moe"))?)
+        } else {
+            let hidden = cfg.ffn_hidden.unwrap_or(0);
+            Ffn::Dense(SwiGlu::new(cfg.d_model, hidden, vb.pp("mlp"))?)
+        };
+        Ok(Self {
+            attn_norm: RmsNorm::new(cfg.d_model, cfg.norm_eps, vb.pp("attn_norm"))?,
+            attn: Attention::new(cfg, vb.pp("attn"))?,
+            ffn_norm: RmsNorm::new(cfg.d_model, cfg.norm_eps, vb.pp("ffn_norm"))?,
+            ffn,
+            layer,
+        })
+    }
+
+    /// The block's feed-forward.
+    pub fn ffn(&self) -> &Ffn {
+        &self.ffn
+    }
+
+    /// `h`: (batch, seq, d_model). Returns the new residual stream and, for a MoE block, its
+    /// routing record.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        noise: Option<RoutingNoise>,
+    ) -> Result<(Tensor, Option<LayerRouting>)> {
+        let h = (h + self.attn.forward(&self.attn_norm.forward(h)?, cos, sin)?)?;
+        let x = self.ffn_norm.forward(&h)?;
+        let (batch, seq, d_model) = x.dims3()?;
+        let (y, routing) = match &self.ffn {
+            Ffn::Dense(mlp) => (mlp.forward(&x)?, None),
+            Ffn::Moe(moe) => {
+                let (y, routing) = moe.forward(
+                    &x.reshape((batch * seq, d_model))?,
+                    batch,
+                    self.layer,
+                    noise,
+                )?;
+                (y.reshape((batch, seq, d_model))?, Some(routing))
+            }
+        };
+        Ok(((h + y)?, routing))
+    }
+}
+
+/// The whole model: embedding, blocks, final norm, LM head.
+#[derive(Debug, Clone)]
+pub struct MoeTransformer {
+    embed: Embedding,
+    blocks: Vec<Block>,
+    final_norm: RmsNorm,
+    lm_head: Linear,
+    /// Rotary tables for positions 0..max_seq_len, (max_seq_len, head_dim / 2).
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    cfg: ModelConfig,
+}
+
+impl MoeTransformer {
+    /// Builds the model from a validated config; parameters come from `vb` (a fresh VarMap or a
+    /// checkpoint).
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> std::result::Result<Self, ModelError> {
+        cfg.validate()?;
+        let embed_weight = vb.get_with_hints(
+            (cfg.vocab_size, cfg.d_model),
+            "embed.weight",
+            Init::Const(0.0),
+        )?;
+        let lm_head = if cfg.tie_embeddings {
+            Linear::from_weight(embed_weight.clone())
+        } else {
+            Linear::new(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let blocks = (0..cfg.n_layers)
+            .map(|layer| Block::new(cfg, layer, vb.pp(format!("blocks.{layer}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let (rope_cos, rope_sin) = moelab_kernels::rope_tables(
+            cfg.max_seq_len,
+            cfg.head_dim(),
+            cfg.rope_theta,
+            vb.device(),
+            vb.dtype(),
+        )?;
+        Ok(Self {
+            embed: Embedding::new(embed_weight, cfg.d_model),
+            blocks,
+            final_norm: RmsNorm::new(cfg.d_model, cfg.norm_eps, vb.pp("final_norm"))?,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// A freshly initialised model and the VarMap that owns its parameters, seeded by `seed`.
+    pub fn init(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<(Self, VarMap), ModelError> {
+        let varmap = VarMap::new();
+        let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, dtype, device))?;
+        init::initialize(&varmap, seed, cfg.init_std)?;
+        Ok((model, varmap))
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The blocks, in order.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// The auxiliary-loss-free selection biases, by parameter-style name; these are state, not
+    /// trainable parameters, and are saved with checkpoints.
+    pub fn expert_biases(&self) -> Vec<(String, Var)> {
+        self.blocks
+            .iter()
+            .filter_map(|block| match &block.ffn {
+                Ffn::Moe(moe) => moe.router().expert_bias().map(|bias| {
+                    (
+                        format!("blocks.{}.moe.router.expert_bias", block.layer),
+                        bias.clone(),
+                    )
+                }),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// Runs the model on `tokens` (batch, seq) u32; with `targets` (batch, seq) u32 it also
+    /// returns the losses.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        targets: Option<&Tensor>,
+        options: ForwardOptions,
+    ) -> std::result::Result<Output, ModelError> {
+        let (batch, seq) = tokens.dims2()?;
+        if seq > self.cfg.max_seq_len {
+            return Err(ModelError::Input(format!(
+                "sequence length {seq} exceeds model.max_seq_len = {}",
+                self.cfg.max_seq_len
+            )));
+        }
+        let cos = self.rope_cos.narrow(0, 0, seq)?;
+        let sin = self.rope_sin.narrow(0, 0, seq)?;
+
+        let mut h = self.embed_tokens(tokens)?;
+        let mut routing = Vec::new();
+        for block in &self.blocks {
+            let noise = self.routing_noise(block.layer, options);
+            let (next, record) = block.forward(&h, &cos, &sin, noise)?;
+            h = next;
+            routing.extend(record);
+        }
+        let h = self.final_norm.forward(&h)?;
+        let logits = self.lm_head.forward(&h)?;
+
+        let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
+        let sum = |losses: Vec<&Tensor>| -> Result<Tensor> {
+            losses.into_iter().try_fold(zero.clone(), |acc, l| acc + l)
+        };
+        let aux_loss = sum(routing.iter().map(|r| &r.aux_loss).collect())?;
+        let z_loss = sum(routing.iter().map(|r| &r.z_loss).collect())?;
+
+        let (token_losses, lm_loss, loss) = match targets {
+            Some(targets) => {
+                if targets.dims() != tokens.dims() {
+                    return Err(ModelError::Input(format!(
+                        "targets have shape {:?}, tokens {:?}",
+                        targets.dims(),
+                        tokens.dims()
+                    )));
+                }
+                let flat_logits = logits.reshape((batch * seq, self.cfg.vocab_size))?;
+                let token_losses =
+                    moelab_kernels::cross_entropy(&flat_logits, &targets.flatten_all()?)?;
+                let lm_loss = token_losses.mean_all()?;
+                let moe = &self.cfg.moe;
+                let loss = ((&lm_loss + (&aux_loss * moe.aux_loss_coef)?)?
+                    + (&z_loss * moe.z_loss_coef)?)?;
+                (
+                    Some(token_losses.reshape((batch, seq))?),
+                    Some(lm_loss),
+                    Some(loss),
+                )
+            }
+            None => (None, None, None),
+        };
+        Ok(Output {
+            logits,
+            token_losses,
+            lm_loss,
+            aux_loss,
+            z_loss,
+            loss,
+            routing,
+        })
+    }
+
+    fn embed_tokens(&self, tokens: &Tensor) -> std::result::Result<Tensor, ModelError> {
+        if tokens.dtype() != DType::U32 {
+            return Err(ModelError::Input(format!(
+                "tokens must be u32, got {:?}",
+                tokens.dtype()
+            )));
+        }
+        let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(ModelError::Input(format!(
+                "token id {max} is out of range for model.vocab_size = {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(candle_nn::Module::forward(&self.embed, tokens)?)
+    }
+
+    /// The warm-up blend for `layer` at this step: alpha = min(step / warmup_steps, 1).
+    fn routing_noise(&self, layer: usize, options: ForwardOptions) -> Option<RoutingNoise> {
+        let warmup = self.cfg.moe.routing_warmup_steps;
+        let step = options.step?;
+        if warmup == 0 || step >= warmup {
+            return None;
+        }
+        let seed = options
+            .seed
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(step.wrapping_mul(1_000_003))
+            .wrapping_add(layer as u64);
+        Some(RoutingNoise {
+            alpha: step as f64 / warmup as f64,
+            seed,
+        })
+    }
+}

@@ -1,0 +1,106 @@
+//! End-to-end tests: run the `moelab` binary as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn moelab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn model_info_of_tiny_matches_a_hand_count() {
+    let out = moelab(&["model-info", "configs/tiny.toml", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // tiny: vocab 4096, d 128, 4 layers, 4 heads (head_dim 32), 2 kv heads, qk-norm,
+    // 8 experts top-2 of width 256, untied head, seq 256.
+    let embedding = 4096 * 128;
+    let attention = 4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + (128 + 64));
+    let norms = 4 * 2 * 128 + 128;
+    let router = 4 * 128 * 8;
+    let expert = 3 * 128 * 256;
+    let lm_head = 4096 * 128;
+    let total = embedding + attention + norms + router + 4 * 8 * expert + lm_head;
+    let active = embedding + attention + norms + router + 4 * 2 * expert + lm_head;
+    let flops = 6 * (active - embedding) + 6 * 4 * 256 * 128;
+    assert_eq!(total, 4_396_928);
+    assert_eq!(info["total_params"], total);
+    assert_eq!(info["active_params"], active);
+    assert_eq!(info["train_flops_per_token"], flops);
+    let experts = info["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "routed_experts")
+        .unwrap();
+    assert_eq!(experts["params"], 4 * 8 * expert);
+    assert_eq!(experts["active_params"], 4 * 2 * expert);
+}
+
+#[test]
+fn model_info_prints_a_table_and_takes_overrides() {
+    let out = moelab(&[
+        "model-info",
+        "configs/tiny.toml",
+        "--set",
+        "model.moe.n_experts=16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("routed_experts") && text.contains("total"),
+        "{text}"
+    );
+    // 4 layers x 16 experts x 3 x 128 x 256
+    assert!(
+        text.contains(&(4 * 16 * 3 * 128 * 256).to_string()),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_configs_fail_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("moelab-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = std::fs::read_to_string(repo_root().join("configs/tiny.toml")).unwrap();
+    let cases = [
+        (
+            tiny.replace("expert_ff = 256", "expert_ff = 256\nexpert_width = 3"),
+            "expert_width",
+        ),
+        (tiny.replace("n_heads = 4", "n_heads = 3"), "model.n_heads"),
+        (tiny.replace("top_k = 2", "top_k = 9"), "model.moe.top_k"),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = moelab(&["model-info", path.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains(key), "expected `{key}` in: {err}");
+    }
+    let out = moelab(&[
+        "model-info",
+        "configs/tiny.toml",
+        "--set",
+        "model.moe.topk=1",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("topk"), "{}", stderr(&out));
+    let out = moelab(&["model-info", "configs/missing.toml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("missing.toml"), "{}", stderr(&out));
+}
