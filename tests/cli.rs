@@ -26,7 +26,7 @@ fn model_info_of_tiny_matches_a_hand_count() {
     assert!(out.status.success(), "{}", stderr(&out));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // tiny: vocab 4096, d 128, 4 layers, 4 heads (head_dim 32), 2 kv heads, qk-norm,
-    // 8 experts top-2 of width 256, untied head, seq 256.
+    // 8 experts top-2 of width 256, untied head, seq 128.
     let embedding = 4096 * 128;
     let attention = 4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + (128 + 64));
     let norms = 4 * 2 * 128 + 128;
@@ -35,7 +35,7 @@ fn model_info_of_tiny_matches_a_hand_count() {
     let lm_head = 4096 * 128;
     let total = embedding + attention + norms + router + 4 * 8 * expert + lm_head;
     let active = embedding + attention + norms + router + 4 * 2 * expert + lm_head;
-    let flops = 6 * (active - embedding) + 6 * 4 * 256 * 128;
+    let flops = 6 * (active - embedding) + 6 * 4 * 128 * 128;
     assert_eq!(total, 4_396_928);
     assert_eq!(info["total_params"], total);
     assert_eq!(info["active_params"], active);

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use moelab_model::ModelInfo;
 use moelab_train::Config;
 
+mod train_cmd;
+
 /// A mixture-of-experts pretraining lab for data-mixture ablations.
 #[derive(Debug, Parser)]
 #[command(name = "moelab", version, about)]
@@ -17,6 +19,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train (or resume) a run from a config.
+    Train(train_cmd::TrainArgs),
+    /// Evaluate a checkpoint on its run's per-domain validation streams.
+    Eval(train_cmd::EvalArgs),
     /// Print total and active parameters and training FLOPs per token, per component.
     ///
     /// Example: moelab model-info configs/tiny.toml --json
@@ -38,6 +44,8 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Train(args) => train_cmd::run_train(args)?,
+        Command::Eval(args) => train_cmd::run_eval(args)?,
         Command::ModelInfo {
             config,
             overrides,

@@ -1,4 +1,99 @@
 //! Corpora -> tokenizer -> domain shards -> mixture streams of batches.
 //!
-//! Knows nothing of the model. The data issue fills this crate: `prepare`, shards with a document
-//! index and manifest, and exact, resumable mixture streams.
+//! Knows nothing of the model. `prepare` turns domain-tagged files into token shards with a
+//! document index and a manifest; [`Dataset`] opens them (memory-mapped, checked against the
+//! manifest); [`MixtureStream`] maps every global sequence index to a span of one domain's
+//! tokens, exactly following the configured mixture, so a stream is reproducible, resumable
+//! from a [`StreamState`] of a few numbers, and sliceable across data-parallel ranks.
+
+mod blend;
+pub mod config;
+pub mod dataset;
+mod error;
+pub mod manifest;
+pub mod prepare;
+pub mod stream;
+mod util;
+
+use std::path::Path;
+
+pub use config::{DataConfig, StageConfig};
+pub use dataset::Dataset;
+pub use error::{DataError, Result};
+pub use manifest::{Manifest, TokenDtype};
+pub use prepare::{prepare, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice};
+pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
+
+/// Opens `cfg.dataset`, preparing it first from `cfg.sources` when it has no usable manifest
+/// (training a BPE of `cfg.tokenizer_vocab` unless `cfg.tokenizer` is given).
+pub fn ensure_prepared(cfg: &DataConfig) -> Result<Dataset, DataError> {
+    ensure_prepared_with(cfg, &|_| {})
+}
+
+/// [`ensure_prepared`] with a progress callback for the prepare step.
+pub fn ensure_prepared_with(
+    cfg: &DataConfig,
+    progress: &(dyn Fn(&PrepareEvent) + Sync),
+) -> Result<Dataset, DataError> {
+    let manifest = cfg.dataset.join(manifest::MANIFEST_FILE);
+    let opened = if manifest.is_file() {
+        Some(Dataset::open(&cfg.dataset))
+    } else {
+        None
+    };
+    match (opened, &cfg.sources) {
+        (Some(Ok(dataset)), _) => {
+            check_tokenizer_matches(cfg, &dataset)?;
+            Ok(dataset)
+        }
+        (Some(Err(e)), None) => Err(e),
+        (None, None) => Err(DataError::config(
+            "data.dataset",
+            format!(
+                "{} has no {}; run `moelab prepare` into it, or set data.sources to prepare it on first use",
+                cfg.dataset.display(),
+                manifest::MANIFEST_FILE
+            ),
+        )),
+        // No manifest, or a broken one: (re)prepare; intact shards are reused.
+        (_, Some(sources)) => {
+            let tokenizer = match &cfg.tokenizer {
+                Some(path) => TokenizerChoice::File(path.clone()),
+                None => TokenizerChoice::Train(cfg.tokenizer_vocab),
+            };
+            let mut opts = PrepareOptions::new(vec![sources.clone()], cfg.dataset.clone(), tokenizer);
+            if let Some(f) = cfg.validation_fraction {
+                opts.validation_fraction = f;
+            }
+            prepare(&opts, progress)?;
+            Dataset::open(&cfg.dataset)
+        }
+    }
+}
+
+/// A dataset trained for another vocabulary than the config asks for would silently mismatch.
+fn check_tokenizer_matches(cfg: &DataConfig, dataset: &Dataset) -> Result<()> {
+    let info = &dataset.manifest().tokenizer;
+    if cfg.tokenizer.is_none() && cfg.sources.is_some() {
+        if let Some(trained) = info.trained_vocab {
+            if trained != cfg.tokenizer_vocab {
+                return Err(DataError::config(
+                    "data.tokenizer_vocab",
+                    format!(
+                        "{} was prepared with a {trained}-token BPE, the config asks for {}; point data.dataset \
+                         at a new folder (or delete {}) to prepare it again",
+                        cfg.dataset.display(),
+                        cfg.tokenizer_vocab,
+                        cfg.dataset.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a dataset manifest (it may still be corrupt).
+pub fn has_manifest(dir: &Path) -> bool {
+    dir.join(manifest::MANIFEST_FILE).is_file()
+}

@@ -1,4 +1,38 @@
 //! Expert-activation traces and their analyses (specialisation, Jensen-Shannon divergence,
 //! co-activation, saturation), plots and reports.
 //!
-//! Filled by the traces issue; it consumes the per-layer routing records the model returns.
+//! - [`router_log`]: per (layer, domain, expert) counts the trainer writes while training;
+//! - [`trace`]: per-token routing of a checkpoint over fixed validation streams;
+//! - [`analysis`]: pure metric functions over both;
+//! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md`.
+
+mod error;
+mod plot;
+mod st;
+
+pub mod analysis;
+pub mod report;
+pub mod router_log;
+pub mod trace;
+
+pub use error::{Result, TraceError};
+pub use router_log::RouterCounts;
+pub use trace::{Trace, TraceBatch, TraceBuilder};
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::path::PathBuf;
+
+    /// A fresh, empty temp directory unique to this process and test thread.
+    pub(crate) fn tmp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "moelab-trace-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

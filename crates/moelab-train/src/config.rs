@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
+use moelab_data::DataConfig;
 use moelab_model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::schedule::ScheduleKind;
 use crate::TrainError;
 
-/// A whole run: `[run]` and `[model]` (later issues add `[data]`, `[train]`, `[checkpoint]`,
-/// `[log]`).
+/// A whole run: every section of the TOML file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -16,6 +17,162 @@ pub struct Config {
     pub run: RunConfig,
     /// The network.
     pub model: ModelConfig,
+    /// Corpus, tokenizer and mixture.
+    pub data: DataConfig,
+    /// Optimisation, evaluation and the NaN guard.
+    pub train: TrainConfig,
+    /// When checkpoints are written and which are kept.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Metric and router-log intervals.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// The host CPU (bit-identical runs for a fixed thread count).
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// `[train]`: the optimisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps in the run.
+    pub steps: u64,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Tokens per optimizer step over all ranks; gradient accumulation makes up the difference.
+    /// Default: one micro-batch.
+    #[serde(default)]
+    pub global_batch_tokens: Option<u64>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    /// Schedule after warm-up.
+    #[serde(default = "default_schedule")]
+    pub schedule: ScheduleKind,
+    /// Linear warm-up steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// WSD: fraction of steps spent decaying.
+    #[serde(default = "default_decay_fraction")]
+    pub decay_fraction: f64,
+    /// Decoupled weight decay.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Parameters whose name contains any of these get no weight decay.
+    #[serde(default = "default_no_decay")]
+    pub no_decay: Vec<String>,
+    /// AdamW first-moment decay.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// AdamW second-moment decay.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// AdamW denominator floor.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Global gradient-norm clip; absent disables clipping.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<f64>,
+    /// Evaluate every N steps (and always at the end); 0 = only at the end.
+    #[serde(default)]
+    pub eval_interval: u64,
+    /// Auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i) each step (only
+    /// with `model.moe.expert_bias = true`).
+    #[serde(default = "default_expert_bias_rate")]
+    pub expert_bias_rate: f64,
+    /// Consecutive non-finite steps after which the run stops with an error.
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite_steps: u32,
+    /// Testing the NaN guard: the loss of these steps (numbered like metrics, from 1) is replaced
+    /// by NaN.
+    #[serde(default)]
+    pub debug_nan_steps: Vec<u64>,
+}
+
+/// `[checkpoint]`: when to save and what to keep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Save every N steps (and always at the end and on SIGINT/SIGTERM); 0 = only those.
+    pub interval: u64,
+    /// Newest checkpoints kept; older ones are deleted unless they are milestones.
+    pub keep_last: usize,
+    /// Steps whose checkpoints are kept forever (router-saturation analysis needs early ones).
+    pub milestones: Vec<u64>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            interval: 0,
+            keep_last: 3,
+            milestones: Vec::new(),
+        }
+    }
+}
+
+/// `[log]`: how often metrics and router logs are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Write a metrics.jsonl line every N steps.
+    pub interval: u64,
+    /// Flush router-activation counts to router/ every N steps.
+    pub router_interval: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            interval: 10,
+            router_interval: 50,
+        }
+    }
+}
+
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_schedule() -> ScheduleKind {
+    ScheduleKind::Cosine
+}
+fn default_decay_fraction() -> f64 {
+    0.2
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+fn default_no_decay() -> Vec<String> {
+    ["norm", "embed", "bias"].map(String::from).to_vec()
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_expert_bias_rate() -> f64 {
+    1e-3
+}
+fn default_max_nonfinite() -> u32 {
+    3
 }
 
 /// `[run]`: what the run is called, its seed and where it writes.
@@ -30,6 +187,12 @@ pub struct RunConfig {
     /// Folder that holds run folders.
     #[serde(default = "default_out_dir")]
     pub out_dir: PathBuf,
+    /// Where the model runs.
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// CPU threads (0 = all cores); fixed threads give bit-identical CPU runs.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 fn default_out_dir() -> PathBuf {
@@ -60,7 +223,81 @@ impl Config {
                 config_error(format!("key `{key}`: {}", e.inner()))
             })?;
         config.model.validate()?;
+        config.validate().map_err(|(key, reason)| {
+            config_error(format!("invalid config key `{key}`: {reason}"))
+        })?;
         Ok(config)
+    }
+
+    /// Sequences per optimizer step over all ranks.
+    pub fn global_sequences(&self) -> usize {
+        let seq_len = self.data.seq_len as u64;
+        match self.train.global_batch_tokens {
+            Some(tokens) => (tokens / seq_len.max(1)) as usize,
+            None => self.train.micro_batch,
+        }
+    }
+
+    /// Micro-batches accumulated per optimizer step (one rank).
+    pub fn accumulation_steps(&self) -> usize {
+        self.global_sequences() / self.train.micro_batch.max(1)
+    }
+
+    /// Cross-section checks; the error is (dotted key, reason).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let train = &self.train;
+        if train.steps == 0 {
+            return Err(("train.steps", "must be at least 1".into()));
+        }
+        if train.micro_batch == 0 {
+            return Err(("train.micro_batch", "must be at least 1".into()));
+        }
+        if self.data.seq_len > self.model.max_seq_len {
+            return Err((
+                "data.seq_len",
+                format!(
+                    "{} exceeds model.max_seq_len = {}",
+                    self.data.seq_len, self.model.max_seq_len
+                ),
+            ));
+        }
+        let micro_tokens = (train.micro_batch * self.data.seq_len) as u64;
+        if let Some(tokens) = train.global_batch_tokens {
+            if tokens == 0 || tokens % micro_tokens != 0 {
+                return Err((
+                    "train.global_batch_tokens",
+                    format!("{tokens} is not a positive multiple of micro_batch x seq_len = {micro_tokens}"),
+                ));
+            }
+        }
+        if !(train.lr > 0.0 && train.lr.is_finite()) {
+            return Err(("train.lr", format!("must be positive, got {}", train.lr)));
+        }
+        if !(0.0..=1.0).contains(&train.min_lr_ratio) {
+            return Err(("train.min_lr_ratio", "must be in [0, 1]".into()));
+        }
+        if !(0.0..=1.0).contains(&train.decay_fraction) {
+            return Err(("train.decay_fraction", "must be in [0, 1]".into()));
+        }
+        if !(0.0..1.0).contains(&train.beta1) || !(0.0..1.0).contains(&train.beta2) {
+            return Err(("train.beta1", "beta1 and beta2 must be in [0, 1)".into()));
+        }
+        if train.grad_clip.is_some_and(|c| c <= 0.0) {
+            return Err((
+                "train.grad_clip",
+                "must be positive (omit it to disable clipping)".into(),
+            ));
+        }
+        if train.max_nonfinite_steps == 0 {
+            return Err(("train.max_nonfinite_steps", "must be at least 1".into()));
+        }
+        if self.log.interval == 0 || self.log.router_interval == 0 {
+            return Err((
+                "log.interval",
+                "log.interval and log.router_interval must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The resolved config as TOML, as saved in the run folder.
@@ -120,6 +357,16 @@ max_seq_len = 16
 n_experts = 4
 top_k = 2
 expert_ff = 16
+[data]
+dataset = "unused"
+seq_len = 16
+[data.mixture]
+web = 1.0
+[train]
+steps = 10
+micro_batch = 2
+global_batch_tokens = 64
+lr = 1e-3
 "#;
 
     fn load(text: &str, overrides: &[&str]) -> Result<Config, String> {
@@ -164,6 +411,19 @@ expert_ff = 16
         assert!(err.contains("model.n_heads"), "{err}");
         let err = load(TEXT, &["model.moe.top_k"]).unwrap_err();
         assert!(err.contains("key.path=value"), "{err}");
+    }
+
+    #[test]
+    fn cross_section_constraints_are_named() {
+        let err = load(TEXT, &["train.global_batch_tokens=48"]).unwrap_err();
+        assert!(err.contains("train.global_batch_tokens"), "{err}");
+        let err = load(TEXT, &["data.seq_len=32"]).unwrap_err();
+        assert!(
+            err.contains("data.seq_len") && err.contains("max_seq_len"),
+            "{err}"
+        );
+        let cfg = load(TEXT, &[]).unwrap();
+        assert_eq!((cfg.global_sequences(), cfg.accumulation_steps()), (4, 2));
     }
 
     #[test]

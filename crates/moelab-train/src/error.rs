@@ -29,6 +29,36 @@ pub enum TrainError {
         /// Why it cannot be applied.
         reason: String,
     },
+    /// A checkpoint that cannot be written, read, or does not fit the run.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The run folder cannot be used as asked.
+    #[error("run folder {path}: {reason}")]
+    RunDir {
+        /// The run folder.
+        path: PathBuf,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// Too many consecutive steps had a non-finite loss or gradient.
+    #[error("{count} consecutive steps had a non-finite loss or gradient (last at step {step}); stopped. The last good checkpoint is intact: {last_checkpoint}")]
+    NonFinite {
+        /// Consecutive bad steps.
+        count: u32,
+        /// The last bad step.
+        step: u64,
+        /// The newest complete checkpoint, or a note that there is none.
+        last_checkpoint: String,
+    },
+    /// The data layer failed.
+    #[error(transparent)]
+    Data(#[from] moelab_data::DataError),
+    /// The router log or trace could not be written.
+    #[error(transparent)]
+    Trace(#[from] moelab_trace::TraceError),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
     /// The model rejected the config or failed.
     #[error(transparent)]
     Model(#[from] moelab_model::ModelError),

@@ -1,0 +1,292 @@
+//! `moelab prepare` and `moelab data inspect|mix`: turn corpora into shards, look at them,
+//! and check what a mixture will really feed the model.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use moelab_data::{
+    prepare as run_prepare, DataConfig, Dataset, MixtureStream, PrepareEvent, PrepareOptions,
+    TokenizerChoice,
+};
+
+/// Tokenize domain-tagged corpora into shards with a manifest and a validation split.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example: moelab prepare data/sample --out data/prepared/sample --train-tokenizer 4096\n\
+         Example: moelab prepare dump.jsonl.zst --out data/prepared/dump --tokenizer tokenizer.json --strict")]
+pub struct PrepareArgs {
+    /// Corpus folders (one subfolder per domain, sub-subfolders are sources) or JSONL files
+    /// whose records carry a domain field.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<PathBuf>,
+    /// Output dataset folder (re-running skips finished shards).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Encode with this Hugging Face tokenizer.json (`<|endoftext|>` is added if missing).
+    #[arg(long, conflicts_with = "train_tokenizer", required_unless_present = "train_tokenizer")]
+    pub tokenizer: Option<PathBuf>,
+    /// Train a byte-level BPE with this vocabulary size on the corpus.
+    #[arg(long, value_name = "VOCAB")]
+    pub train_tokenizer: Option<usize>,
+    /// JSONL field naming a record's domain (for JSONL files given directly).
+    #[arg(long, default_value = "domain")]
+    pub domain_field: String,
+    /// JSONL field holding a record's text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Fail on the first malformed line, invalid UTF-8 or empty document (naming file and line).
+    #[arg(long)]
+    pub strict: bool,
+    /// Share of each domain's documents held out for validation (by content hash).
+    #[arg(long, default_value_t = 0.01)]
+    pub validation_fraction: f64,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the manifest as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Show documents and tokens per domain and source of a prepared dataset.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example: moelab data inspect data/prepared/sample --verify")]
+pub struct InspectArgs {
+    /// Prepared dataset folder.
+    pub dir: PathBuf,
+    /// Also recompute every shard's sha256 against the manifest.
+    #[arg(long)]
+    pub verify: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Print target vs realised shares of a run config's mixture, and the epochs it implies.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Example: moelab data mix configs/tiny.toml --sequences 10000 --json")]
+pub struct MixArgs {
+    /// Run config (TOML); only its [data] table (and run.seed) is read.
+    pub config: PathBuf,
+    /// Global sequences to draw.
+    #[arg(long)]
+    pub sequences: u64,
+    /// Seed of the data order (default: run.seed of the config, else 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `moelab prepare`.
+pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    let tokenizer = match (args.tokenizer, args.train_tokenizer) {
+        (Some(path), None) => TokenizerChoice::File(path),
+        (None, Some(vocab)) => TokenizerChoice::Train(vocab),
+        _ => anyhow::bail!("give exactly one of --tokenizer FILE or --train-tokenizer VOCAB"),
+    };
+    let mut opts = PrepareOptions::new(args.inputs, args.out.clone(), tokenizer);
+    opts.domain_field = args.domain_field;
+    opts.text_field = args.text_field;
+    opts.strict = args.strict;
+    opts.validation_fraction = args.validation_fraction;
+    opts.threads = args.threads;
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let encode_total = Mutex::new(0u64);
+    let progress = |event: &PrepareEvent| match event {
+        PrepareEvent::Found { bytes, .. } => {
+            bar.set_length(*bytes);
+            bar.set_message("reading");
+        }
+        PrepareEvent::FileRead { bytes, .. } => bar.inc(*bytes),
+        PrepareEvent::TrainingTokenizer { documents } => {
+            bar.set_message("training");
+            bar.println(format!("training a BPE tokenizer on {documents} documents"));
+        }
+        PrepareEvent::Encoding { units, reused } => {
+            if let Ok(mut total) = encode_total.lock() {
+                *total = bar.length().unwrap_or(0);
+            }
+            bar.set_position(0);
+            bar.set_message("encoding");
+            if *reused > 0 {
+                bar.println(format!("{reused} of {units} units are complete from a previous run: kept"));
+            }
+        }
+        PrepareEvent::UnitDone { bytes, .. } => bar.inc(*bytes),
+    };
+    let report = run_prepare(&opts, &progress);
+    bar.finish_and_clear();
+    let report = report.with_context(|| format!("preparing {}", args.out.display()))?;
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.manifest).context("serialising the manifest")?);
+        return Ok(());
+    }
+    for input in &report.manifest.inputs {
+        if input.skipped() > 0 {
+            eprintln!(
+                "skipped in {}: {} malformed, {} invalid UTF-8, {} empty ({} kept)",
+                input.path, input.malformed, input.invalid_utf8, input.empty, input.documents
+            );
+        }
+    }
+    if !report.ignored_files.is_empty() {
+        eprintln!(
+            "ignored {} files with unsupported extensions inside domain folders (first: {})",
+            report.ignored_files.len(),
+            report.ignored_files[0].display()
+        );
+    }
+    println!(
+        "prepared {} ({} units written, {} kept)",
+        args.out.display(),
+        report.written_units,
+        report.reused_units
+    );
+    let dataset = Dataset::open(&args.out).with_context(|| format!("opening {}", args.out.display()))?;
+    print!("{}", inspect_table(&dataset));
+    Ok(())
+}
+
+/// `moelab data inspect`.
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let dataset = Dataset::open(&args.dir).with_context(|| format!("opening {}", args.dir.display()))?;
+    if args.verify {
+        dataset.verify().with_context(|| format!("verifying {}", args.dir.display()))?;
+    }
+    if args.json {
+        let mut rows = Vec::new();
+        for (d, domain) in dataset.manifest().domains.iter().enumerate() {
+            for source in &domain.sources {
+                rows.push(serde_json::json!({
+                    "domain": domain.name,
+                    "domain_id": d,
+                    "source": source.name,
+                    "documents": source.train.documents,
+                    "tokens": source.train.tokens,
+                    "validation_documents": source.validation.documents,
+                    "validation_tokens": source.validation.tokens,
+                }));
+            }
+        }
+        let info = &dataset.manifest().tokenizer;
+        let out = serde_json::json!({
+            "dir": args.dir,
+            "vocab_size": info.vocab_size,
+            "eos_id": info.eos_id,
+            "dtype": dataset.manifest().dtype,
+            "tokenizer_sha256": info.sha256,
+            "verified": args.verify,
+            "sources": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).context("serialising")?);
+        return Ok(());
+    }
+    println!("{}", args.dir.display());
+    print!("{}", inspect_table(&dataset));
+    if args.verify {
+        println!("verified: every shard matches its sha256 in the manifest");
+    }
+    Ok(())
+}
+
+fn inspect_table(dataset: &Dataset) -> String {
+    let m = dataset.manifest();
+    let mut out = format!(
+        "tokenizer: vocab {} (ids stored as {:?}), <|endoftext|> = {}, validation fraction {}\n",
+        m.tokenizer.vocab_size, m.dtype, m.tokenizer.eos_id, m.validation_fraction
+    );
+    out += &format!(
+        "{:<24} {:>10} {:>12} {:>10} {:>12}\n",
+        "domain/source", "documents", "tokens", "val docs", "val tokens"
+    );
+    let (mut docs, mut tokens, mut vdocs, mut vtokens) = (0, 0, 0, 0);
+    for domain in &m.domains {
+        for source in &domain.sources {
+            out += &format!(
+                "{:<24} {:>10} {:>12} {:>10} {:>12}\n",
+                format!("{}/{}", domain.name, source.name),
+                source.train.documents,
+                source.train.tokens,
+                source.validation.documents,
+                source.validation.tokens
+            );
+            docs += source.train.documents;
+            tokens += source.train.tokens;
+            vdocs += source.validation.documents;
+            vtokens += source.validation.tokens;
+        }
+    }
+    out += &format!("{:<24} {docs:>10} {tokens:>12} {vdocs:>10} {vtokens:>12}\n", "total");
+    out
+}
+
+/// `moelab data mix`.
+pub fn mix(args: MixArgs) -> anyhow::Result<()> {
+    let cfg = DataConfig::from_run_config_file(&args.config)
+        .with_context(|| format!("reading [data] of {}", args.config.display()))?;
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => run_seed(&args.config)?,
+    };
+    let dataset = moelab_data::ensure_prepared(&cfg).context("opening the dataset")?;
+    let stream = MixtureStream::new(Arc::new(dataset), &cfg, seed).context("building the mixture stream")?;
+    let report = stream.report(args.sequences);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).context("serialising")?);
+        return Ok(());
+    }
+    println!(
+        "{} sequences of {} tokens, seed {seed}, shuffle block {}",
+        report.sequences, cfg.seq_len, cfg.shuffle_block
+    );
+    println!("{:<24} {:>9} {:>9} {:>10}", "domain/source", "target", "realised", "sequences");
+    for row in &report.rows {
+        let name = match &row.source {
+            Some(s) => format!("  {}/{s}", row.domain),
+            None => row.domain.clone(),
+        };
+        println!(
+            "{name:<24} {:>8.4}% {:>8.4}% {:>10}",
+            100.0 * row.target,
+            100.0 * row.realised,
+            row.sequences
+        );
+    }
+    println!(
+        "max prefix deviation: {:.2} sequences (bound: 1 without block shuffle, about shuffle_block with it)",
+        report.max_prefix_deviation
+    );
+    println!("{:<24} {:>12} {:>10} {:>8}", "implied epochs", "sequences", "chunks", "epochs");
+    for u in &report.usage {
+        println!(
+            "{:<24} {:>12.0} {:>10} {:>8.3}",
+            format!("{}/{}", u.domain, u.source),
+            u.sequences,
+            u.chunks,
+            u.epochs
+        );
+    }
+    Ok(())
+}
+
+/// run.seed of a run config, or 0 when it has none.
+fn run_seed(path: &std::path::Path) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
+    Ok(value
+        .get("run")
+        .and_then(|r| r.get("seed"))
+        .and_then(|s| s.as_integer())
+        .and_then(|s| u64::try_from(s).ok())
+        .unwrap_or(0))
+}

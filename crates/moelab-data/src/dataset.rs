@@ -1,0 +1,446 @@
+//! A prepared dataset opened for reading: memory-mapped shards checked against the manifest.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::manifest::{Counts, Manifest, ShardEntry, Split, TokenDtype, MANIFEST_FILE};
+use crate::stream::Batch;
+use crate::util::Hasher;
+use crate::{DataError, Result};
+
+/// A read-only view of one shard's token file.
+struct ShardTokens {
+    /// None for an empty file (zero-length files cannot be mapped everywhere).
+    map: Option<Mmap>,
+    tokens: u64,
+}
+
+/// The concatenation of some shards' tokens, readable at any token offset.
+pub(crate) struct TokenStream {
+    shards: Vec<ShardTokens>,
+    /// Token offset at which each shard starts, plus the total at the end.
+    starts: Vec<u64>,
+    dtype: TokenDtype,
+}
+
+impl TokenStream {
+    /// Total tokens.
+    pub(crate) fn len(&self) -> u64 {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// Appends tokens [start, start + len) to `out`; the caller keeps the range in bounds.
+    pub(crate) fn copy_into(&self, start: u64, len: usize, out: &mut Vec<u32>) -> Result<()> {
+        let end = start + len as u64;
+        if end > self.len() {
+            return Err(DataError::Argument(format!(
+                "token range {start}..{end} beyond the stream's {} tokens",
+                self.len()
+            )));
+        }
+        // The shard holding `start`: the last one whose start offset is <= start.
+        let mut shard = self
+            .starts
+            .partition_point(|&s| s <= start)
+            .saturating_sub(1);
+        let mut pos = start;
+        while pos < end {
+            let shard_start = self.starts[shard];
+            let shard_end = self.starts[shard + 1];
+            let take_end = end.min(shard_end);
+            if take_end > pos {
+                let bytes = self.shards[shard].map.as_deref().unwrap_or(&[]);
+                let width = self.dtype.bytes();
+                let lo = (pos - shard_start) as usize * width;
+                let hi = (take_end - shard_start) as usize * width;
+                decode_into(self.dtype, &bytes[lo..hi], out);
+            }
+            pos = take_end;
+            shard += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Little-endian ids to u32; written as plain loops so the compiler vectorises them.
+fn decode_into(dtype: TokenDtype, bytes: &[u8], out: &mut Vec<u32>) {
+    match dtype {
+        TokenDtype::U16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]))),
+        ),
+        TokenDtype::U32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+    }
+}
+
+/// One source's training and validation streams.
+pub(crate) struct SourceData {
+    pub(crate) name: String,
+    pub(crate) train: TokenStream,
+    pub(crate) validation: TokenStream,
+}
+
+/// A prepared dataset: manifest, tokenizer and memory-mapped shards.
+pub struct Dataset {
+    dir: PathBuf,
+    manifest: Manifest,
+    domains: Vec<String>,
+    sources: Vec<Vec<SourceData>>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("dir", &self.dir)
+            .field("domains", &self.domains)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataset {
+    /// Opens a prepared dataset; every shard's size and document index are checked against
+    /// the manifest (use [`Dataset::verify`] for the full content-hash check).
+    pub fn open(dir: &Path) -> Result<Dataset> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let manifest = Manifest::load(&manifest_path)?;
+        let tokenizer = dir.join(&manifest.tokenizer.file);
+        if !tokenizer.is_file() {
+            return Err(DataError::Manifest {
+                path: manifest_path,
+                reason: format!("its tokenizer {} is missing", tokenizer.display()),
+            });
+        }
+        let mut sources = Vec::with_capacity(manifest.domains.len());
+        for domain in &manifest.domains {
+            let mut list = Vec::with_capacity(domain.sources.len());
+            for source in &domain.sources {
+                let train = open_stream(dir, manifest.dtype, &source.shards, Split::Train)?;
+                let validation =
+                    open_stream(dir, manifest.dtype, &source.shards, Split::Validation)?;
+                if train.len() != source.train.tokens
+                    || validation.len() != source.validation.tokens
+                {
+                    return Err(DataError::Manifest {
+                        path: manifest_path,
+                        reason: format!(
+                            "{}/{}: shard token counts do not add up to the source's counts",
+                            domain.name, source.name
+                        ),
+                    });
+                }
+                list.push(SourceData {
+                    name: source.name.clone(),
+                    train,
+                    validation,
+                });
+            }
+            sources.push(list);
+        }
+        let domains = manifest.domains.iter().map(|d| d.name.clone()).collect();
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            manifest,
+            domains,
+            sources,
+        })
+    }
+
+    /// Full check: recomputes every shard's and the tokenizer's sha256 and checks token ids.
+    pub fn verify(&self) -> Result<()> {
+        let tokenizer = self.tokenizer_path();
+        let hash = crate::util::sha256_file(&tokenizer)?;
+        if hash != self.manifest.tokenizer.sha256 {
+            return Err(DataError::Manifest {
+                path: self.dir.join(MANIFEST_FILE),
+                reason: format!(
+                    "{} has sha256 {hash}, the manifest says {}",
+                    tokenizer.display(),
+                    self.manifest.tokenizer.sha256
+                ),
+            });
+        }
+        for domain in &self.manifest.domains {
+            for source in &domain.sources {
+                for shard in &source.shards {
+                    for (file, expected) in [
+                        (&shard.tokens_file, &shard.tokens_sha256),
+                        (&shard.docs_file, &shard.docs_sha256),
+                    ] {
+                        let path = self.dir.join(file);
+                        let got = crate::util::sha256_file(&path)?;
+                        if &got != expected {
+                            return Err(DataError::CorruptShard {
+                                path,
+                                reason: format!("sha256 {got}, the manifest says {expected}"),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Domain names, sorted; a domain id is an index into this list.
+    pub fn domains(&self) -> &[String] {
+        &self.domains
+    }
+
+    /// The id of a domain by name.
+    pub fn domain_id(&self, name: &str) -> Option<usize> {
+        self.domains.iter().position(|d| d == name)
+    }
+
+    /// Source names of a domain, sorted; a source id is an index into this list.
+    pub fn sources(&self, domain: usize) -> Vec<String> {
+        self.sources
+            .get(domain)
+            .map(|s| s.iter().map(|s| s.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Number of token ids (the model's vocab_size must be at least this).
+    pub fn vocab_size(&self) -> usize {
+        self.manifest.tokenizer.vocab_size
+    }
+
+    /// The end-of-document token id.
+    pub fn eos_id(&self) -> u32 {
+        self.manifest.tokenizer.eos_id
+    }
+
+    /// The dataset's tokenizer.json.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.tokenizer.file)
+    }
+
+    /// The dataset folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Training counts of one source.
+    pub fn train_counts(&self, domain: usize, source: usize) -> Counts {
+        self.manifest
+            .domains
+            .get(domain)
+            .and_then(|d| d.sources.get(source))
+            .map(|s| s.train)
+            .unwrap_or_default()
+    }
+
+    /// Validation counts of a whole domain.
+    pub fn validation_counts(&self, domain: usize) -> Counts {
+        let mut total = Counts::default();
+        if let Some(d) = self.manifest.domains.get(domain) {
+            for s in &d.sources {
+                total.add(s.validation);
+            }
+        }
+        total
+    }
+
+    pub(crate) fn source_data(&self, domain: usize, source: usize) -> Option<&SourceData> {
+        self.sources.get(domain).and_then(|s| s.get(source))
+    }
+
+    pub(crate) fn source_count(&self, domain: usize) -> usize {
+        self.sources.get(domain).map_or(0, Vec::len)
+    }
+
+    /// The fixed validation stream of one domain, as batches of up to `batch_sequences`
+    /// sequences of seq_len (+1 for targets); identical across ablations whatever the mixture.
+    ///
+    /// The stream is the domain's validation documents (sources in name order, documents in
+    /// prepare order) cut into chunks of seq_len + 1 tokens, at most `max_tokens / seq_len`
+    /// of them. It is an error if the domain has too few validation tokens for one sequence.
+    pub fn validation_batches(
+        &self,
+        domain: usize,
+        seq_len: usize,
+        max_tokens: u64,
+        batch_sequences: usize,
+    ) -> Result<Vec<Batch>> {
+        let Some(sources) = self.sources.get(domain) else {
+            return Err(DataError::Argument(format!(
+                "domain id {domain} out of range (the dataset has {} domains)",
+                self.domains.len()
+            )));
+        };
+        if seq_len == 0 || batch_sequences == 0 {
+            return Err(DataError::Argument(
+                "validation_batches needs seq_len >= 1 and batch_sequences >= 1".into(),
+            ));
+        }
+        let chunk = seq_len as u64 + 1;
+        let total: u64 = sources.iter().map(|s| s.validation.len()).sum();
+        let available = total / chunk;
+        let wanted = (max_tokens / seq_len as u64).min(available);
+        if wanted == 0 {
+            return Err(DataError::Mixture(format!(
+                "domain `{}` has {total} validation tokens, fewer than one sequence of seq_len + 1 = {chunk} \
+                 (or data.validation_tokens < seq_len); prepare with a larger --validation-fraction",
+                self.domains[domain]
+            )));
+        }
+        let mut batches = Vec::new();
+        let mut next = 0u64;
+        let mut buf = Vec::with_capacity(chunk as usize);
+        while next < wanted {
+            let n = (wanted - next).min(batch_sequences as u64) as usize;
+            let mut batch = Batch::with_capacity(n, seq_len);
+            for k in 0..n as u64 {
+                buf.clear();
+                copy_concat(sources, (next + k) * chunk, chunk as usize, &mut buf)?;
+                // Source id: where the chunk's first token came from.
+                let source = source_at(sources, (next + k) * chunk);
+                batch.push(&buf, domain as u32, source as u32);
+            }
+            batches.push(batch);
+            next += n as u64;
+        }
+        Ok(batches)
+    }
+}
+
+/// Copies from the concatenation of the sources' validation streams.
+fn copy_concat(sources: &[SourceData], start: u64, len: usize, out: &mut Vec<u32>) -> Result<()> {
+    let mut pos = start;
+    let end = start + len as u64;
+    let mut offset = 0u64;
+    for s in sources {
+        let n = s.validation.len();
+        let lo = pos.max(offset);
+        let hi = end.min(offset + n);
+        if lo < hi {
+            s.validation
+                .copy_into(lo - offset, (hi - lo) as usize, out)?;
+            pos = hi;
+        }
+        offset += n;
+        if pos >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn source_at(sources: &[SourceData], token: u64) -> usize {
+    let mut offset = 0u64;
+    for (i, s) in sources.iter().enumerate() {
+        offset += s.validation.len();
+        if token < offset {
+            return i;
+        }
+    }
+    sources.len().saturating_sub(1)
+}
+
+fn open_stream(
+    dir: &Path,
+    dtype: TokenDtype,
+    shards: &[ShardEntry],
+    split: Split,
+) -> Result<TokenStream> {
+    let mut maps = Vec::new();
+    let mut starts = vec![0u64];
+    for shard in shards.iter().filter(|s| s.split == split) {
+        let tokens = open_shard(dir, dtype, shard)?;
+        let end = starts.last().copied().unwrap_or(0) + tokens.tokens;
+        starts.push(end);
+        maps.push(tokens);
+    }
+    Ok(TokenStream {
+        shards: maps,
+        starts,
+        dtype,
+    })
+}
+
+fn open_shard(dir: &Path, dtype: TokenDtype, shard: &ShardEntry) -> Result<ShardTokens> {
+    let tokens_path = dir.join(&shard.tokens_file);
+    let docs_path = dir.join(&shard.docs_file);
+    let expected = shard.counts.tokens * dtype.bytes() as u64;
+    let map = map_file(&tokens_path, expected)?;
+    // The document index is small: read it whole and check it describes the token file.
+    let docs = std::fs::read(&docs_path).map_err(|e| DataError::io(&docs_path, e))?;
+    if docs.len() as u64 != shard.counts.documents * 8 {
+        return Err(DataError::CorruptShard {
+            path: docs_path,
+            reason: format!(
+                "{} bytes, the manifest says {} documents ({} bytes)",
+                docs.len(),
+                shard.counts.documents,
+                shard.counts.documents * 8
+            ),
+        });
+    }
+    let mut previous = 0u64;
+    for (i, c) in docs.chunks_exact(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        let end = u64::from_le_bytes(b);
+        if end <= previous || end > shard.counts.tokens {
+            return Err(DataError::CorruptShard {
+                path: docs_path,
+                reason: format!(
+                    "document {i} ends at {end}, not after {previous} and within {} tokens",
+                    shard.counts.tokens
+                ),
+            });
+        }
+        previous = end;
+    }
+    if previous != shard.counts.tokens {
+        return Err(DataError::CorruptShard {
+            path: docs_path,
+            reason: format!(
+                "documents end at {previous}, the shard has {} tokens",
+                shard.counts.tokens
+            ),
+        });
+    }
+    Ok(ShardTokens {
+        map,
+        tokens: shard.counts.tokens,
+    })
+}
+
+fn map_file(path: &Path, expected_bytes: u64) -> Result<Option<Mmap>> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+    if len != expected_bytes {
+        return Err(DataError::CorruptShard {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{len} bytes, the manifest says {expected_bytes} (truncated or overwritten)"
+            ),
+        });
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: shards are written once under a temp name and renamed into place; nothing in
+    // moelab modifies them afterwards, and sizes were just checked against the manifest.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
+    Ok(Some(map))
+}
+
+/// Hash of a dataset folder's identity used in stream fingerprints.
+pub(crate) fn dataset_hash(dataset: &Dataset) -> String {
+    let mut h = Hasher::new();
+    h.update(dataset.manifest.content_hash().as_bytes());
+    h.hex()
+}

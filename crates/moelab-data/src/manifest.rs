@@ -1,0 +1,244 @@
+//! `manifest.json`: what a prepared dataset holds, with sizes and hashes to detect corruption.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DataError, Result};
+
+/// Version of the on-disk layout; bumped when shards or manifest change incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The manifest's file name inside a dataset folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// The tokenizer's file name inside a dataset folder.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The special token appended after every document.
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// Width of the little-endian token ids in the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    /// 2 bytes per token (vocabularies of at most 65536 ids).
+    U16,
+    /// 4 bytes per token.
+    U32,
+}
+
+impl TokenDtype {
+    /// The narrowest width that holds every id of a vocabulary of `vocab_size`.
+    pub fn for_vocab(vocab_size: usize) -> Self {
+        if vocab_size <= 65536 {
+            TokenDtype::U16
+        } else {
+            TokenDtype::U32
+        }
+    }
+
+    /// Bytes per token.
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+}
+
+/// Training or held-out validation documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Documents the mixture stream draws from.
+    Train,
+    /// Documents reserved for the fixed per-domain validation stream.
+    Validation,
+}
+
+/// The tokenizer a dataset was encoded with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    /// File name inside the dataset folder.
+    pub file: String,
+    /// sha256 of that file.
+    pub sha256: String,
+    /// Number of ids, added tokens included.
+    pub vocab_size: usize,
+    /// Id of the end-of-document token.
+    pub eos_id: u32,
+    /// Text of the end-of-document token.
+    pub eos_token: String,
+    /// Vocabulary asked for when the tokenizer was trained by `prepare` (None: given).
+    #[serde(default)]
+    pub trained_vocab: Option<usize>,
+}
+
+/// Documents and tokens (EOS included) of one split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Documents.
+    pub documents: u64,
+    /// Tokens, one EOS per document included.
+    pub tokens: u64,
+}
+
+impl Counts {
+    /// Adds another count.
+    pub fn add(&mut self, other: Counts) {
+        self.documents += other.documents;
+        self.tokens += other.tokens;
+    }
+}
+
+/// One shard: a token file and its document index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// Which split the documents belong to.
+    pub split: Split,
+    /// Token file, relative to the dataset folder (little-endian ids of `dtype`).
+    pub tokens_file: String,
+    /// Document index, relative to the dataset folder (little-endian u64 end offset per document).
+    pub docs_file: String,
+    /// Documents and tokens in the shard.
+    pub counts: Counts,
+    /// sha256 of the token file.
+    pub tokens_sha256: String,
+    /// sha256 of the document index.
+    pub docs_sha256: String,
+}
+
+/// One source inside a domain (e.g. `math/structured`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceEntry {
+    /// Source name (`default` for files directly in the domain folder).
+    pub name: String,
+    /// Training counts.
+    pub train: Counts,
+    /// Validation counts.
+    pub validation: Counts,
+    /// Shards, train and validation, in stream order.
+    pub shards: Vec<ShardEntry>,
+}
+
+/// One domain and its sources, sorted by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainEntry {
+    /// Domain name.
+    pub name: String,
+    /// Sources sorted by name.
+    pub sources: Vec<SourceEntry>,
+}
+
+/// What `prepare` did with one input file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputStats {
+    /// Path as given to prepare.
+    pub path: String,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// sha256 of the file's bytes.
+    pub sha256: String,
+    /// Documents kept.
+    pub documents: u64,
+    /// JSON lines that did not parse, or lacked the text / domain field.
+    pub malformed: u64,
+    /// Documents or lines that were not valid UTF-8.
+    pub invalid_utf8: u64,
+    /// Documents with no text (or only whitespace).
+    pub empty: u64,
+}
+
+impl InputStats {
+    /// Documents skipped for any reason.
+    pub fn skipped(&self) -> u64 {
+        self.malformed + self.invalid_utf8 + self.empty
+    }
+}
+
+/// The whole manifest of a prepared dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format: u32,
+    /// Token width in the shards.
+    pub dtype: TokenDtype,
+    /// The tokenizer used.
+    pub tokenizer: TokenizerInfo,
+    /// Share of documents held out for validation.
+    pub validation_fraction: f64,
+    /// Domains sorted by name; a domain's id is its index here.
+    pub domains: Vec<DomainEntry>,
+    /// Per input file statistics.
+    pub inputs: Vec<InputStats>,
+}
+
+impl Manifest {
+    /// Reads and checks a manifest; a missing, truncated or inconsistent file is an error naming it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| DataError::Manifest {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "not a valid manifest ({e}); re-run `moelab prepare` to rebuild it"
+                ),
+            })?;
+        if manifest.format != FORMAT_VERSION {
+            return Err(DataError::Manifest {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "format {} but this moelab reads format {FORMAT_VERSION}; re-run `moelab prepare`",
+                    manifest.format
+                ),
+            });
+        }
+        let mut names: Vec<&str> = manifest.domains.iter().map(|d| d.name.as_str()).collect();
+        names.dedup();
+        let sorted = names.windows(2).all(|w| w[0] < w[1]);
+        if !sorted || names.len() != manifest.domains.len() {
+            return Err(DataError::Manifest {
+                path: path.to_path_buf(),
+                reason: "domains are not unique and sorted by name".into(),
+            });
+        }
+        if manifest.dtype != TokenDtype::for_vocab(manifest.tokenizer.vocab_size) {
+            return Err(DataError::Manifest {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "dtype {:?} does not fit vocab_size {}",
+                    manifest.dtype, manifest.tokenizer.vocab_size
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Writes the manifest atomically (temp file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(|e| DataError::Manifest {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        crate::util::write_atomic(path, &text)
+    }
+
+    /// Hash of the manifest's content (identifies the dataset in stream fingerprints).
+    pub fn content_hash(&self) -> String {
+        // Hash the shard hashes and counts, not the JSON text, so reformatting does not matter.
+        let mut h = crate::util::Hasher::new();
+        h.update(self.tokenizer.sha256.as_bytes());
+        for d in &self.domains {
+            h.update(d.name.as_bytes());
+            for s in &d.sources {
+                h.update(s.name.as_bytes());
+                for shard in &s.shards {
+                    h.update(shard.tokens_sha256.as_bytes());
+                    h.update(&shard.counts.tokens.to_le_bytes());
+                }
+            }
+        }
+        h.hex()
+    }
+}

@@ -1,0 +1,343 @@
+//! prepare -> shards -> Dataset: formats, bad input, corruption, re-runs, token widths.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+
+use common::{corpus, jsonl, options, text, write};
+use moelab_data::manifest::{Split, TokenDtype};
+use moelab_data::{prepare, DataConfig, DataError, Dataset, PrepareEvent, TokenizerChoice};
+
+#[test]
+fn prepares_domains_sources_and_a_validation_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), 30);
+    let out = tmp.path().join("out");
+    let report = prepare(&options(&corpus, &out), &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    ds.verify().unwrap();
+    assert_eq!(ds.domains(), ["code", "math", "web"]);
+    assert_eq!(ds.sources(1), ["plain", "structured"]);
+    assert_eq!(ds.sources(2), ["default"]);
+    assert_eq!(ds.manifest().dtype, TokenDtype::U16);
+    assert!(ds.vocab_size() <= 300 && ds.vocab_size() > 256);
+    assert_eq!(
+        report.ignored_files.len(),
+        0,
+        "README.md at the corpus root is not data"
+    );
+    for d in 0..3 {
+        let docs: u64 = (0..ds.sources(d).len())
+            .map(|s| ds.train_counts(d, s).documents)
+            .sum::<u64>()
+            + ds.validation_counts(d).documents;
+        let expected = if d == 1 { 60 } else { 30 };
+        assert_eq!(docs, expected, "domain {d}");
+        assert!(
+            ds.validation_counts(d).documents >= 1,
+            "every domain gets validation documents"
+        );
+    }
+    // Every document ends with EOS: the count of EOS ids equals the document count.
+    let batches = ds.validation_batches(0, 16, 1 << 30, 4).unwrap();
+    assert!(!batches.is_empty());
+    // The tokenizer is saved with the data and round-trips text.
+    let tok = tokenizers::Tokenizer::from_file(ds.tokenizer_path()).unwrap();
+    assert_eq!(tok.token_to_id("<|endoftext|>"), Some(ds.eos_id()));
+    let ids = tok.encode("the river stone", false).unwrap();
+    assert_eq!(tok.decode(ids.get_ids(), false).unwrap(), "the river stone");
+}
+
+#[test]
+fn split_is_deterministic_and_rerun_reuses_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), 20);
+    let out = tmp.path().join("out");
+    let first = prepare(&options(&corpus, &out), &|_| {}).unwrap();
+    assert_eq!(first.reused_units, 0);
+    let events = std::sync::Mutex::new(Vec::new());
+    let second = prepare(&options(&corpus, &out), &|e| {
+        events.lock().unwrap().push(e.clone())
+    })
+    .unwrap();
+    assert_eq!(
+        second.written_units, 0,
+        "nothing changed: every unit is reused"
+    );
+    assert_eq!(first.manifest, second.manifest);
+    assert!(!events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, PrepareEvent::TrainingTokenizer { .. })));
+    // With a fixed tokenizer, changing one source rebuilds only its unit (a trained tokenizer
+    // would change with the corpus, and with it every shard).
+    let tok = tmp.path().join("tokenizer.json");
+    std::fs::copy(out.join("tokenizer.json"), &tok).unwrap();
+    let mut fixed = options(&corpus, &out);
+    fixed.tokenizer = TokenizerChoice::File(tok);
+    write(
+        &corpus.join("code/programs.jsonl"),
+        jsonl(&[text(7, 50), text(8, 60)]),
+    );
+    let third = prepare(&fixed, &|_| {}).unwrap();
+    assert_eq!((third.written_units, third.reused_units), (1, 3));
+    // A fresh output from the same corpus gives the same manifest (same tokenizer, same split).
+    fixed.out = tmp.path().join("out2");
+    let fourth = prepare(&fixed, &|_| {}).unwrap();
+    assert_eq!(third.manifest, fourth.manifest);
+}
+
+fn bad_corpus(root: &Path) -> std::path::PathBuf {
+    let dir = root.join("bad");
+    let good = serde_json::json!({"text": text(1, 40)}).to_string();
+    let mut lines = Vec::new();
+    lines.extend_from_slice(good.as_bytes());
+    lines.extend_from_slice(b"\n{\"text\": \"unterminated\n");
+    lines.extend_from_slice(b"{\"text\": \"\xff\xfe bad utf8\"}\n");
+    lines.extend_from_slice(b"{\"text\": \"   \"}\n");
+    lines.extend_from_slice(b"{\"title\": \"no text field\"}\n");
+    lines.extend_from_slice(good.replace("the", "a").as_bytes());
+    lines.push(b'\n');
+    write(&dir.join("web/mixed.jsonl"), &lines);
+    write(&dir.join("web/empty.txt"), "");
+    write(&dir.join("web/latin1.txt"), b"caf\xe9 au lait\n");
+    write(&dir.join("web/ok.txt"), text(5, 40));
+    dir
+}
+
+#[test]
+fn bad_documents_are_counted_per_file_and_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = bad_corpus(tmp.path());
+    let out = tmp.path().join("out");
+    let report = prepare(&options(&dir, &out), &|_| {}).unwrap();
+    let inputs = &report.manifest.inputs;
+    let by_name = |n: &str| inputs.iter().find(|i| i.path.ends_with(n)).unwrap();
+    let mixed = by_name("mixed.jsonl");
+    assert_eq!(
+        (
+            mixed.documents,
+            mixed.malformed,
+            mixed.invalid_utf8,
+            mixed.empty
+        ),
+        (2, 2, 1, 1)
+    );
+    assert_eq!(by_name("empty.txt").empty, 1);
+    assert_eq!(by_name("latin1.txt").invalid_utf8, 1);
+    assert_eq!(by_name("ok.txt").documents, 1);
+    let ds = Dataset::open(&out).unwrap();
+    let total = ds.train_counts(0, 0).documents + ds.validation_counts(0).documents;
+    assert_eq!(total, 3);
+}
+
+#[test]
+fn strict_names_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = bad_corpus(tmp.path());
+    std::fs::remove_file(dir.join("web/empty.txt")).unwrap();
+    std::fs::remove_file(dir.join("web/latin1.txt")).unwrap();
+    let mut opts = options(&dir, &tmp.path().join("out"));
+    opts.strict = true;
+    let err = prepare(&opts, &|_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DataError::Input { line: 2, .. }), "{msg}");
+    assert!(
+        msg.contains("mixed.jsonl:2") && msg.contains("malformed JSON"),
+        "{msg}"
+    );
+
+    let dir2 = tmp.path().join("bad2");
+    write(&dir2.join("web/latin1.txt"), b"line one\ncaf\xe9\n");
+    let mut opts = options(&dir2, &tmp.path().join("out2"));
+    opts.strict = true;
+    let msg = prepare(&opts, &|_| {}).unwrap_err().to_string();
+    assert!(
+        msg.contains("latin1.txt:2") && msg.contains("UTF-8"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn jsonl_files_with_domain_field_and_compression() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    for i in 0..30u64 {
+        let domain = ["web", "code", "math"][i as usize % 3];
+        let mut rec = serde_json::json!({"domain": domain, "text": text(i, 60)});
+        if domain == "math" {
+            rec["source"] = serde_json::json!(if i % 2 == 0 { "structured" } else { "plain" });
+        }
+        lines.push_str(&(rec.to_string() + "\n"));
+    }
+    lines.push_str("{\"text\": \"no domain\"}\n");
+    let zst = tmp.path().join("mixed.jsonl.zst");
+    std::fs::write(&zst, zstd::stream::encode_all(lines.as_bytes(), 3).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let mut opts = options(&zst, &out);
+    opts.inputs = vec![zst.clone()];
+    let report = prepare(&opts, &|_| {}).unwrap();
+    assert_eq!(report.manifest.inputs[0].malformed, 1);
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.domains(), ["code", "math", "web"]);
+    assert_eq!(ds.sources(1), ["plain", "structured"]);
+
+    // A truncated compressed file is an error naming it, never silently short data.
+    let bytes = std::fs::read(&zst).unwrap();
+    let cut = tmp.path().join("cut.jsonl.zst");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    opts.inputs = vec![cut];
+    opts.out = tmp.path().join("out_cut");
+    let msg = prepare(&opts, &|_| {}).unwrap_err().to_string();
+    assert!(msg.contains("cut.jsonl.zst"), "{msg}");
+}
+
+#[test]
+fn truncated_shard_and_corrupt_manifest_are_detected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let out = ds.dir().to_path_buf();
+    let shard = ds.manifest().domains[0].sources[0]
+        .shards
+        .iter()
+        .find(|s| s.split == Split::Train)
+        .unwrap()
+        .tokens_file
+        .clone();
+    drop(ds);
+    let path = out.join(&shard);
+    let bytes = std::fs::read(&path).unwrap();
+
+    // Same size, flipped byte: open passes (size check), verify names the file.
+    let mut flipped = bytes.clone();
+    flipped[10] ^= 0xff;
+    std::fs::write(&path, &flipped).unwrap();
+    let err = Dataset::open(&out)
+        .unwrap()
+        .verify()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&shard) && err.contains("sha256"), "{err}");
+
+    std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+    let err = Dataset::open(&out).unwrap_err().to_string();
+    assert!(err.contains(&shard) && err.contains("truncated"), "{err}");
+
+    // Re-running prepare repairs it (the unit's shards are no longer intact).
+    let corpus = tmp.path().join("corpus");
+    let report = prepare(&options(&corpus, &out), &|_| {}).unwrap();
+    assert_eq!(report.written_units, 1);
+    Dataset::open(&out).unwrap().verify().unwrap();
+
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+    let err = Dataset::open(&out).unwrap_err().to_string();
+    assert!(err.contains("manifest.json"), "{err}");
+}
+
+#[test]
+fn ensure_prepared_prepares_once_then_opens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = corpus(tmp.path(), 10);
+    let mut cfg = DataConfig::new(tmp.path().join("prepared"), 16);
+    let err = moelab_data::ensure_prepared(&cfg).unwrap_err().to_string();
+    assert!(err.contains("data.dataset"), "{err}");
+    cfg.sources = Some(corpus);
+    cfg.tokenizer_vocab = 300;
+    let a = moelab_data::ensure_prepared(&cfg).unwrap();
+    let b = moelab_data::ensure_prepared(&cfg).unwrap();
+    assert_eq!(a.manifest(), b.manifest());
+    cfg.tokenizer_vocab = 400;
+    let err = moelab_data::ensure_prepared(&cfg).unwrap_err().to_string();
+    assert!(err.contains("data.tokenizer_vocab"), "{err}");
+}
+
+/// A word-level tokenizer.json with more than 65536 ids, so shards must hold u32.
+fn big_vocab_tokenizer(path: &Path) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for i in 1..70_000u32 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    write(path, tok.to_string());
+}
+
+#[test]
+fn u32_shards_for_large_vocabularies_and_u16_otherwise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tmp.path().join("big.json");
+    big_vocab_tokenizer(&tok);
+    let dir = tmp.path().join("c");
+    let docs: Vec<String> = (0..5)
+        .map(|i| format!("w{} w69999 w65536 w3 w{}", 66000 + i, 1 + i))
+        .collect();
+    write(&dir.join("web/a.jsonl"), jsonl(&docs));
+    let out = tmp.path().join("out");
+    let mut opts = options(&dir, &out);
+    opts.tokenizer = TokenizerChoice::File(tok);
+    opts.validation_fraction = 0.0;
+    prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    assert_eq!(ds.manifest().dtype, TokenDtype::U32);
+    assert_eq!(ds.eos_id(), 70_000, "EOS is added after the existing ids");
+    assert_eq!(ds.vocab_size(), 70_001);
+    let cfg = {
+        let mut c = DataConfig::new(&out, 4);
+        c.shuffle_block = 1;
+        c
+    };
+    let stream = moelab_data::MixtureStream::new(std::sync::Arc::new(ds), &cfg, 0).unwrap();
+    let batch = stream.batch(0, 6).unwrap();
+    let mut all: Vec<u32> = batch.tokens.clone();
+    all.extend(&batch.targets);
+    assert!(all.contains(&69_999) && all.contains(&65_536) && all.contains(&70_000));
+
+    // The same data with a small vocabulary is stored as u16: half the bytes per token.
+    let out16 = tmp.path().join("out16");
+    let mut opts = options(&dir, &out16);
+    opts.validation_fraction = 0.0;
+    prepare(&opts, &|_| {}).unwrap();
+    let ds16 = Dataset::open(&out16).unwrap();
+    assert_eq!(ds16.manifest().dtype, TokenDtype::U16);
+    let shard = &ds16.manifest().domains[0].sources[0].shards[0];
+    let size = std::fs::metadata(out16.join(&shard.tokens_file))
+        .unwrap()
+        .len();
+    assert_eq!(size, shard.counts.tokens * 2);
+}
+
+#[test]
+fn bundled_sample_prepares() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample");
+    let mut opts = moelab_data::PrepareOptions::new(
+        vec![sample],
+        tmp.path().to_path_buf(),
+        TokenizerChoice::Train(1024),
+    );
+    opts.strict = true;
+    prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(tmp.path()).unwrap();
+    assert_eq!(
+        ds.domains(),
+        ["code", "code_text", "math", "math_text", "web"]
+    );
+    assert_eq!(ds.sources(2), ["plain", "structured"]);
+    for d in 0..5 {
+        assert!(
+            ds.validation_counts(d).tokens > 257,
+            "{}: a validation sequence of 256",
+            ds.domains()[d]
+        );
+    }
+    let example = include_str!("../src/config.rs");
+    assert!(example.contains("[data.source_mixture.math]"));
+}

@@ -1,0 +1,251 @@
+//! Small helpers over the `safetensors` crate: owned little-endian tensors for writing, typed and
+//! shape-checked reads, metadata parsing with errors that name the file and key, atomic writes.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Result, TraceError};
+
+/// A tensor held as little-endian bytes, ready to serialise.
+pub(crate) struct OwnedTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &OwnedTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+macro_rules! owned_ctor {
+    ($name:ident, $ty:ty, $dtype:expr) => {
+        /// Builds a tensor of this element type from row-major values.
+        pub(crate) fn $name(shape: &[usize], values: &[$ty]) -> OwnedTensor {
+            let mut data = Vec::with_capacity(values.len() * std::mem::size_of::<$ty>());
+            for v in values {
+                data.extend_from_slice(&v.to_le_bytes());
+            }
+            OwnedTensor {
+                dtype: $dtype,
+                shape: shape.to_vec(),
+                data,
+            }
+        }
+    };
+}
+
+impl OwnedTensor {
+    owned_ctor!(i64, i64, Dtype::I64);
+    owned_ctor!(f64, f64, Dtype::F64);
+    owned_ctor!(u32, u32, Dtype::U32);
+    owned_ctor!(f32, f32, Dtype::F32);
+}
+
+/// Serialises tensors + metadata and writes them atomically to `path`.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, OwnedTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
+        .map_err(|source| TraceError::SafeTensors {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
+/// temp file in the same directory, fsync, rename, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    // A leading dot and a .tmp suffix keep half-written files out of `read_dir`'s chunk pattern.
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).map_err(|e| TraceError::io("creating", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| TraceError::io("writing", &tmp, e))?;
+        f.sync_all()
+            .map_err(|e| TraceError::io("syncing", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| TraceError::io("renaming temp file to", path, e))
+    })();
+    if result.is_err() {
+        // Best effort: the error already names the real problem.
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    // Persist the rename itself; directories cannot be opened for sync on every platform.
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A parsed safetensors file with its path, for typed reads with good errors.
+pub(crate) struct Loaded<'a> {
+    pub(crate) path: &'a Path,
+    tensors: SafeTensors<'a>,
+    metadata: HashMap<String, String>,
+}
+
+/// Reads a whole file into memory, naming it on error.
+pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|e| TraceError::io("reading", path, e))
+}
+
+macro_rules! typed_read {
+    ($name:ident, $ty:ty, $dtype:expr) => {
+        /// Reads a tensor that must have this dtype and exactly `shape`.
+        pub(crate) fn $name(&self, name: &str, shape: &[usize]) -> Result<Vec<$ty>> {
+            let bytes = self.raw(name, $dtype, shape)?;
+            const W: usize = std::mem::size_of::<$ty>();
+            Ok(bytes
+                .chunks_exact(W)
+                .map(|c| {
+                    let mut a = [0u8; W];
+                    a.copy_from_slice(c);
+                    <$ty>::from_le_bytes(a)
+                })
+                .collect())
+        }
+    };
+}
+
+impl<'a> Loaded<'a> {
+    /// Parses `bytes` (the contents of `path`).
+    pub(crate) fn parse(path: &'a Path, bytes: &'a [u8]) -> Result<Self> {
+        let err = |source| TraceError::SafeTensors {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(err)?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let tensors = SafeTensors::deserialize(bytes).map_err(err)?;
+        Ok(Loaded {
+            path,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// Whether a tensor of this name exists.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.tensors.names().contains(&name)
+    }
+
+    /// Returns the shape of a tensor.
+    pub(crate) fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self
+            .tensors
+            .tensor(name)
+            .map_err(|_| TraceError::MissingTensor {
+                path: self.path.to_path_buf(),
+                name: name.to_string(),
+            })?;
+        Ok(view.shape().to_vec())
+    }
+
+    fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&'a [u8]> {
+        let view = self
+            .tensors
+            .tensor(name)
+            .map_err(|_| TraceError::MissingTensor {
+                path: self.path.to_path_buf(),
+                name: name.to_string(),
+            })?;
+        let bad = |reason: String| TraceError::BadTensor {
+            path: self.path.to_path_buf(),
+            name: name.to_string(),
+            reason,
+        };
+        if view.dtype() != dtype {
+            return Err(bad(format!(
+                "dtype is {:?}, expected {dtype:?}",
+                view.dtype()
+            )));
+        }
+        if view.shape() != shape {
+            return Err(bad(format!(
+                "shape is {:?}, expected {shape:?}",
+                view.shape()
+            )));
+        }
+        Ok(view.data())
+    }
+
+    typed_read!(i64s, i64, Dtype::I64);
+    typed_read!(f64s, f64, Dtype::F64);
+    typed_read!(u32s, u32, Dtype::U32);
+    typed_read!(f32s, f32, Dtype::F32);
+
+    /// Returns a required metadata value.
+    pub(crate) fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| TraceError::MissingMetadata {
+                path: self.path.to_path_buf(),
+                key: key.to_string(),
+            })
+    }
+
+    /// Parses a required metadata value with `FromStr`.
+    pub(crate) fn meta_parse<T: FromStr>(&self, key: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.meta(key)?;
+        raw.parse().map_err(|e: T::Err| TraceError::BadMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            reason: format!("cannot parse {raw:?}: {e}"),
+        })
+    }
+
+    /// Parses a required metadata value as JSON.
+    pub(crate) fn meta_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let raw = self.meta(key)?;
+        serde_json::from_str(raw).map_err(|e| TraceError::BadMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            reason: format!("cannot parse {raw:?} as JSON: {e}"),
+        })
+    }
+
+    /// Checks the `format` key equals `expected`.
+    pub(crate) fn expect_format(&self, expected: &str) -> Result<()> {
+        let found = self.meta("format")?;
+        if found != expected {
+            return Err(TraceError::BadMetadata {
+                path: self.path.to_path_buf(),
+                key: "format".to_string(),
+                reason: format!("is {found:?}, expected {expected:?}"),
+            });
+        }
+        Ok(())
+    }
+}

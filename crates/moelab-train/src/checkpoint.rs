@@ -1,0 +1,270 @@
+//! Checkpoints: `checkpoints/step-NNNNNNNN/` with model.safetensors, optimizer.safetensors,
+//! state.json and config.toml.
+//!
+//! A checkpoint folder exists only when complete: everything is written into a temporary folder,
+//! each file fsynced, the folder renamed into place and the parent fsynced. A crash at any moment
+//! leaves the old set of checkpoints or the new one, never a half-written folder that resume
+//! would pick.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use moelab_data::StreamState;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Everything besides tensors needed to continue a run exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed (including skipped non-finite ones).
+    pub step: u64,
+    /// Tokens consumed over all ranks.
+    pub tokens: u64,
+    /// Updates the optimizer has applied (bias correction).
+    pub optimizer_step: u64,
+    /// Consecutive non-finite steps at the time of saving.
+    pub consecutive_nonfinite: u32,
+    /// Position and stage log of the data stream.
+    pub stream: StreamState,
+    /// The run seed; every random choice is a pure function of (seed, step), so this is the
+    /// whole RNG state.
+    pub seed: u64,
+}
+
+/// A checkpoint read back from disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Model parameters and expert biases by name.
+    pub model: HashMap<String, Tensor>,
+    /// Optimizer moments by name.
+    pub optimizer: HashMap<String, Tensor>,
+    /// The counters.
+    pub state: TrainState,
+    /// The resolved config of the run that wrote it.
+    pub config_toml: String,
+}
+
+const COMPLETE_MARKER: &str = "state.json";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Folder name of the checkpoint after `step` steps.
+pub fn dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn fsync(path: &Path) -> Result<(), TrainError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
+}
+
+/// Writes a checkpoint atomically under `checkpoints_dir`; returns its folder. Saving a step that
+/// already has a complete checkpoint keeps the existing one.
+pub fn save(
+    checkpoints_dir: &Path,
+    model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+    state: &TrainState,
+    config_toml: &str,
+) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(checkpoints_dir).map_err(io(checkpoints_dir))?;
+    let final_dir = checkpoints_dir.join(dir_name(state.step));
+    if final_dir.join(COMPLETE_MARKER).exists() {
+        return Ok(final_dir);
+    }
+    let tmp = checkpoints_dir.join(format!(
+        ".tmp-{}-{}",
+        dir_name(state.step),
+        std::process::id()
+    ));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let tensors = |name: &str, map: &HashMap<String, Tensor>| -> Result<(), TrainError> {
+        let path = tmp.join(name);
+        candle_core::safetensors::save(map, &path)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        fsync(&path)
+    };
+    tensors("model.safetensors", model)?;
+    tensors("optimizer.safetensors", optimizer)?;
+    let config_path = tmp.join("config.toml");
+    std::fs::write(&config_path, config_toml).map_err(io(&config_path))?;
+    fsync(&config_path)?;
+    // state.json last: its presence marks the folder complete.
+    let state_path = tmp.join(COMPLETE_MARKER);
+    let json = serde_json::to_string_pretty(state)
+        .map_err(|e| TrainError::Checkpoint(format!("serialising state: {e}")))?;
+    std::fs::write(&state_path, json).map_err(io(&state_path))?;
+    fsync(&state_path)?;
+    fsync(&tmp)?;
+    if final_dir.exists() {
+        // An incomplete folder under the final name (never written by this code, but possible
+        // after manual copying) must not shadow the new one.
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    fsync(checkpoints_dir)?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoints under `checkpoints_dir`, oldest first.
+pub fn list(checkpoints_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+    if !checkpoints_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(checkpoints_dir).map_err(io(checkpoints_dir))? {
+        let path = entry.map_err(io(checkpoints_dir))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(step) = step {
+            if path.join(COMPLETE_MARKER).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes leftovers of interrupted saves (`.tmp-*` folders).
+pub fn remove_partial(checkpoints_dir: &Path) -> Result<(), TrainError> {
+    if !checkpoints_dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(checkpoints_dir).map_err(io(checkpoints_dir))? {
+        let path = entry.map_err(io(checkpoints_dir))?.path();
+        if path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(".tmp-"))
+        {
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes all but the newest `keep_last` complete checkpoints, sparing `milestones`; the newest
+/// complete checkpoint is never deleted. Returns the deleted folders.
+pub fn prune(
+    checkpoints_dir: &Path,
+    keep_last: usize,
+    milestones: &[u64],
+) -> Result<Vec<PathBuf>, TrainError> {
+    let all = list(checkpoints_dir)?;
+    let keep_from = all.len().saturating_sub(keep_last.max(1));
+    let mut removed = Vec::new();
+    for (step, path) in &all[..keep_from] {
+        if !milestones.contains(step) {
+            std::fs::remove_dir_all(path).map_err(io(path))?;
+            removed.push(path.clone());
+        }
+    }
+    Ok(removed)
+}
+
+/// Reads a checkpoint folder (tensors onto `device`).
+pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
+    if !dir.join(COMPLETE_MARKER).is_file() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} is not a complete checkpoint (no {COMPLETE_MARKER})",
+            dir.display()
+        )));
+    }
+    let tensors = |name: &str| {
+        let path = dir.join(name);
+        candle_core::safetensors::load(&path, device)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
+    };
+    let state_path = dir.join(COMPLETE_MARKER);
+    let state_text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let state = serde_json::from_str(&state_text)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
+    let config_path = dir.join("config.toml");
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        model: tensors("model.safetensors")?,
+        optimizer: tensors("optimizer.safetensors")?,
+        state,
+        config_toml: std::fs::read_to_string(&config_path).map_err(io(&config_path))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            step,
+            tokens: step * 10,
+            optimizer_step: step,
+            consecutive_nonfinite: 0,
+            stream: StreamState {
+                sequences_consumed: step,
+                stages: Vec::new(),
+                source_mixture: Default::default(),
+                fingerprint: "f".into(),
+            },
+            seed: 1,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("moelab-ckpt-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn save_load_list_and_prune() {
+        let dir = temp_dir("cycle");
+        let t = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let model = HashMap::from([("w".to_string(), t.clone())]);
+        let opt = HashMap::from([("m.w".to_string(), t)]);
+        for step in [2, 4, 6, 8] {
+            save(&dir, &model, &opt, &state(step), "x = 1\n").unwrap();
+        }
+        // A partial folder (crash mid-save) and a folder without the marker are ignored.
+        std::fs::create_dir_all(dir.join(".tmp-step-00000010-1")).unwrap();
+        std::fs::create_dir_all(dir.join("step-00000012")).unwrap();
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 4, 6, 8]);
+        let ckpt = load(&list(&dir).unwrap()[3].1, &Device::Cpu).unwrap();
+        assert_eq!(ckpt.state, state(8));
+        assert_eq!(ckpt.model["w"].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+
+        let removed = prune(&dir, 2, &[2]).unwrap();
+        assert_eq!(removed, vec![dir.join("step-00000004")]);
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![2, 6, 8]);
+        // keep_last = 0 still keeps the newest complete checkpoint.
+        prune(&dir, 0, &[]).unwrap();
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![8]);
+        remove_partial(&dir).unwrap();
+        assert!(!dir.join(".tmp-step-00000010-1").exists());
+        let err = load(&dir.join("step-00000012"), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a complete checkpoint"), "{err}");
+    }
+}

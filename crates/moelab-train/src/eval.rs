@@ -1,0 +1,183 @@
+//! Evaluation: loss per domain on the fixed validation streams, and where the router sends each
+//! domain's validation tokens.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use moelab_data::Dataset;
+use moelab_model::{ForwardOptions, MoeTransformer};
+use moelab_trace::router_log::{write_chunk, RouterCounts};
+use serde::Serialize;
+
+use crate::router_log::RouterAccumulator;
+use crate::{Config, TrainError};
+
+/// Validation loss of one domain.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DomainEval {
+    /// Domain name.
+    pub domain: String,
+    /// Mean cross-entropy per token (nats).
+    pub loss: f64,
+    /// Validation tokens scored.
+    pub tokens: u64,
+}
+
+/// One evaluation of a model.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    /// Optimizer steps the model had taken.
+    pub step: u64,
+    /// Loss per domain, in dataset domain order.
+    pub domains: Vec<DomainEval>,
+    /// Router choices on the validation tokens, per (layer, domain, expert).
+    pub routing: RouterCounts,
+}
+
+/// JSON form of an evaluation: losses plus each domain's expert distribution per layer.
+#[derive(Debug, Serialize)]
+struct EvalJson<'a> {
+    step: u64,
+    domains: &'a [DomainEval],
+    /// layer -> domain -> share of the domain's tokens routed to each expert (sums to top_k).
+    expert_share: BTreeMap<usize, BTreeMap<String, Vec<f64>>>,
+}
+
+impl EvalReport {
+    /// Share of domain `d`'s tokens that layer `layer_idx` (index among MoE layers) routes to each
+    /// expert; sums to top_k.
+    pub fn expert_share(&self, layer_idx: usize, domain: usize) -> Vec<f64> {
+        let r = &self.routing;
+        let tokens = r.tokens[domain].max(1) as f64;
+        (0..r.n_experts)
+            .map(|e| r.count(layer_idx, domain, e) as f64 / tokens)
+            .collect()
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        let mut expert_share = BTreeMap::new();
+        for (i, &layer) in self.routing.layers.iter().enumerate() {
+            let per_domain = self
+                .domains
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.tokens > 0)
+                .map(|(d, eval)| (eval.domain.clone(), self.expert_share(i, d)))
+                .collect();
+            expert_share.insert(layer, per_domain);
+        }
+        let json = EvalJson {
+            step: self.step,
+            domains: &self.domains,
+            expert_share,
+        };
+        serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+
+    /// Writes `eval/step-N.json` and the routing counts as `eval/step-N/chunk-N.safetensors`.
+    pub fn write(&self, eval_dir: &Path) -> Result<PathBuf, TrainError> {
+        let name = crate::checkpoint::dir_name(self.step);
+        std::fs::create_dir_all(eval_dir).map_err(|source| TrainError::Io {
+            path: eval_dir.to_path_buf(),
+            source,
+        })?;
+        let path = eval_dir.join(format!("{name}.json"));
+        std::fs::write(&path, self.to_json()).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        write_chunk(&eval_dir.join(&name), &self.routing)?;
+        Ok(path)
+    }
+
+    /// A short table: loss per domain and each domain's top experts in the last MoE layer.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "eval at step {}\n{:<14} {:>9} {:>9}  top experts (last MoE layer: share of tokens)\n",
+            self.step, "domain", "loss", "tokens"
+        );
+        let last = self.routing.layers.len().checked_sub(1);
+        for (d, eval) in self.domains.iter().enumerate() {
+            let mut line = format!("{:<14} {:>9.4} {:>9}", eval.domain, eval.loss, eval.tokens);
+            if let (Some(layer), true) = (last, eval.tokens > 0) {
+                let mut share: Vec<(usize, f64)> = self
+                    .expert_share(layer, d)
+                    .into_iter()
+                    .enumerate()
+                    .collect();
+                share.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let top: Vec<String> = share
+                    .iter()
+                    .take(3)
+                    .map(|(e, s)| format!("e{e}:{s:.2}"))
+                    .collect();
+                line += &format!("  {}", top.join(" "));
+            }
+            out += &line;
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Scores `model` on every domain's validation stream (at most `data.validation_tokens` each).
+pub fn evaluate(
+    model: &MoeTransformer,
+    dataset: &Dataset,
+    cfg: &Config,
+    step: u64,
+    device: &Device,
+) -> Result<EvalReport, TrainError> {
+    let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
+        .filter(|&l| cfg.model.is_moe_layer(l))
+        .collect();
+    let domains = dataset.domains().to_vec();
+    let mut accumulator = RouterAccumulator::new(
+        moe_layers,
+        domains.clone(),
+        cfg.model.moe.n_experts,
+        cfg.model.moe.top_k,
+        device,
+    )?;
+    let seq_len = cfg.data.seq_len;
+    let mut results = Vec::with_capacity(domains.len());
+    for (d, name) in domains.iter().enumerate() {
+        let batches = dataset.validation_batches(
+            d,
+            seq_len,
+            cfg.data.validation_tokens,
+            cfg.train.micro_batch,
+        )?;
+        let (mut loss_sum, mut tokens) = (0f64, 0u64);
+        for batch in batches {
+            let shape = (batch.n_sequences, batch.seq_len);
+            let input = Tensor::from_slice(&batch.tokens, shape, device)?;
+            let target = Tensor::from_slice(&batch.targets, shape, device)?;
+            let out = model.forward(&input, Some(&target), ForwardOptions::default())?;
+            if let Some(losses) = &out.token_losses {
+                loss_sum += losses
+                    .to_dtype(candle_core::DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
+            }
+            tokens += (batch.n_sequences * batch.seq_len) as u64;
+            accumulator.record(step, &out.routing, &batch.domain_ids, batch.seq_len)?;
+        }
+        results.push(DomainEval {
+            domain: name.clone(),
+            loss: if tokens > 0 {
+                loss_sum / tokens as f64
+            } else {
+                f64::NAN
+            },
+            tokens,
+        });
+    }
+    Ok(EvalReport {
+        step,
+        domains: results,
+        routing: accumulator.snapshot(step)?,
+    })
+}

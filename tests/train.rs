@@ -1,0 +1,413 @@
+//! End-to-end tests of `moelab train` / `moelab eval`: exact resume after SIGKILL, SIGTERM
+//! checkpoints, the NaN guard, refused resumes and checkpoint pruning.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use moelab_trace::router_log::read_dir;
+
+/// A scratch folder with a tiny three-domain corpus and a small config.
+struct Fixture {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("moelab-train-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let corpus = dir.join("corpus");
+        let words = [
+            "the", "model", "routes", "tokens", "to", "experts", "and", "data", "mixture",
+            "changes", "loss", "falls", "when", "training", "runs", "long", "enough", "for",
+            "every", "domain",
+        ];
+        for (d, domain) in ["prose", "code", "math"].iter().enumerate() {
+            std::fs::create_dir_all(corpus.join(domain)).unwrap();
+            let mut text = String::new();
+            for doc in 0..60 {
+                let line: Vec<String> = (0..40)
+                    .map(|i| match *domain {
+                        "code" => format!("x{} = x{} + {};", (doc + i) % 7, (i * 3) % 5, i % 9),
+                        "math" => format!(
+                            "{} + {} = {}",
+                            (doc * i) % 13,
+                            i % 11,
+                            (doc * i) % 13 + i % 11
+                        ),
+                        _ => words[(doc * 7 + i * (d + 3)) % words.len()].to_string(),
+                    })
+                    .collect();
+                text += &format!("{{\"text\": \"{}\"}}\n", line.join(" "));
+            }
+            std::fs::write(corpus.join(domain).join("part.jsonl"), text).unwrap();
+        }
+        let config = dir.join("run.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[run]
+name = "e2e"
+seed = 7
+out_dir = "{out}"
+threads = 1
+
+[model]
+vocab_size = 512
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 32
+qk_norm = true
+init_std = 0.05
+
+[model.moe]
+n_experts = 4
+top_k = 2
+expert_ff = 32
+expert_bias = true
+
+[data]
+dataset = "{prepared}"
+sources = "{corpus}"
+tokenizer_vocab = 400
+seq_len = 32
+validation_tokens = 256
+
+[data.mixture]
+prose = 0.5
+code = 0.3
+math = 0.2
+
+[train]
+steps = 40
+micro_batch = 4
+global_batch_tokens = 256
+lr = 3e-3
+warmup_steps = 4
+
+[checkpoint]
+interval = 20
+keep_last = 5
+
+[log]
+interval = 1
+router_interval = 5
+"#,
+                out = dir.join("runs").display(),
+                prepared = dir.join("prepared").display(),
+                corpus = corpus.display(),
+            ),
+        )
+        .unwrap();
+        Self { dir, config }
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("runs").join(name)
+    }
+
+    fn command(&self, run: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moelab"));
+        cmd.arg("train")
+            .arg(&self.config)
+            .arg("--run-dir")
+            .arg(self.run_dir(run))
+            .args(extra);
+        cmd
+    }
+
+    fn train(&self, run: &str, extra: &[&str]) -> Output {
+        self.command(run, extra).output().unwrap()
+    }
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn steps_of(run_dir: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let path = e.ok()?.path();
+                    let name = path.file_name()?.to_str()?.to_string();
+                    path.join("state.json").exists().then_some(())?;
+                    name.strip_prefix("step-")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+/// metrics.jsonl without the timing fields, which legitimately differ between runs.
+fn metrics_without_timing(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("tokens_per_s");
+                obj.remove("mfu");
+            }
+            v
+        })
+        .collect()
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn wait_for(path: &Path, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(start.elapsed() < limit, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run() {
+    let fx = Fixture::new("kill");
+    ok(&fx.train("straight", &[]));
+
+    let mut child = fx
+        .command("killed", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &fx.run_dir("killed")
+            .join("checkpoints/step-00000020/state.json"),
+        Duration::from_secs(300),
+    );
+    child.kill().unwrap(); // SIGKILL: no chance to save anything
+    child.wait().unwrap();
+    let before = steps_of(&fx.run_dir("killed"));
+    assert!(
+        before.contains(&20) && !before.contains(&40),
+        "killed mid-run: {before:?}"
+    );
+
+    ok(&fx.train("killed", &["--resume", "auto"]));
+    let (a, b) = (fx.run_dir("straight"), fx.run_dir("killed"));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let path = format!("checkpoints/step-00000040/{file}");
+        assert!(
+            read(&a.join(&path)) == read(&b.join(&path)),
+            "{file} differs after resume"
+        );
+    }
+    assert_eq!(metrics_without_timing(&a), metrics_without_timing(&b));
+    let losses: Vec<f64> = metrics_without_timing(&a)
+        .iter()
+        .filter_map(|m| m["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 40);
+    assert!(
+        losses[35..].iter().sum::<f64>() < losses[..5].iter().sum::<f64>(),
+        "loss falls: {losses:?}"
+    );
+    // Router logs: the same chunks with the same numbers (the files' metadata order may differ).
+    let (chunks_a, chunks_b) = (
+        read_dir(&a.join("router")).unwrap(),
+        read_dir(&b.join("router")).unwrap(),
+    );
+    assert_eq!(chunks_a.len(), 8, "a chunk every 5 steps");
+    assert_eq!(chunks_a, chunks_b);
+    assert!(a.join("eval/step-00000040.json").exists());
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+    let fx = Fixture::new("term");
+    let child = fx
+        .command(
+            "run",
+            &["--set", "checkpoint.interval=0", "--set", "train.steps=400"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    ok(&out);
+    let steps = steps_of(&fx.run_dir("run"));
+    assert_eq!(steps.len(), 1, "one checkpoint saved on SIGTERM: {steps:?}");
+    assert!(steps[0] >= 3 && steps[0] < 400, "{steps:?}");
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    let fx = Fixture::new("nan");
+    let out = fx.train(
+        "skip",
+        &[
+            "--set",
+            "train.steps=6",
+            "--set",
+            "train.debug_nan_steps=[3]",
+        ],
+    );
+    ok(&out);
+    let metrics = metrics_without_timing(&fx.run_dir("skip"));
+    let skipped: Vec<&serde_json::Value> =
+        metrics.iter().filter(|m| m["skipped"] == true).collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0]["step"], 3);
+    assert_eq!(metrics.iter().filter(|m| m["loss"].is_number()).count(), 5);
+
+    let out = fx.train(
+        "stop",
+        &[
+            "--set",
+            "train.steps=10",
+            "--set",
+            "checkpoint.interval=2",
+            "--set",
+            "train.debug_nan_steps=[4,5,6]",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("3 consecutive steps") && err.contains("step-00000002"),
+        "{err}"
+    );
+    // No checkpoint is written on a non-finite step; the last good one is intact.
+    assert_eq!(steps_of(&fx.run_dir("stop")), vec![2]);
+    ok(&fx.train(
+        "stop",
+        &[
+            "--resume",
+            "auto",
+            "--set",
+            "train.steps=4",
+            "--set",
+            "checkpoint.interval=2",
+        ],
+    ));
+}
+
+#[test]
+fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
+    let fx = Fixture::new("refuse");
+    ok(&fx.train(
+        "run",
+        &["--set", "train.steps=2", "--set", "checkpoint.interval=2"],
+    ));
+    // Another config in the same folder without --resume.
+    let out = fx.train("run", &["--set", "train.steps=2", "--set", "train.lr=1e-3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another run's config"));
+    // Same config, but checkpoints exist.
+    let out = fx.train(
+        "run",
+        &["--set", "train.steps=2", "--set", "checkpoint.interval=2"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume auto"));
+    // A checkpoint whose shapes do not fit the config.
+    let out = fx.train(
+        "run",
+        &[
+            "--resume",
+            "auto",
+            "--set",
+            "train.steps=4",
+            "--set",
+            "model.moe.expert_ff=48",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("moe.experts.") && err.contains("shape"),
+        "{err}"
+    );
+    // A changed mixture needs the explicit flag...
+    let changed = [
+        "--resume",
+        "auto",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "data.mixture.math=0.6",
+    ];
+    let out = fx.train("run", &changed);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mixture"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...with which it continues as a new data stage.
+    let mut allowed = changed.to_vec();
+    allowed.push("--allow-mixture-change");
+    ok(&fx.train("run", &allowed));
+    assert_eq!(steps_of(&fx.run_dir("run")), vec![2, 4]);
+}
+
+#[test]
+fn keep_last_prunes_old_checkpoints_but_keeps_milestones() {
+    let fx = Fixture::new("prune");
+    ok(&fx.train(
+        "run",
+        &[
+            "--set",
+            "train.steps=6",
+            "--set",
+            "checkpoint.interval=1",
+            "--set",
+            "checkpoint.keep_last=2",
+            "--set",
+            "checkpoint.milestones=[1]",
+        ],
+    ));
+    assert_eq!(steps_of(&fx.run_dir("run")), vec![1, 5, 6]);
+    // eval on demand for a checkpoint.
+    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(["eval", "--json"])
+        .arg(fx.run_dir("run").join("checkpoints/step-00000006"))
+        .output()
+        .unwrap();
+    ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["step"], 6);
+    assert_eq!(report["domains"].as_array().unwrap().len(), 3);
+    let shares = &report["expert_share"]["0"]["code"];
+    let total: f64 = shares
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((total - 2.0).abs() < 1e-9, "shares sum to top_k: {total}");
+}
