@@ -13,8 +13,10 @@ use moelab_data::{
 
 /// Tokenize domain-tagged corpora into shards with a manifest and a validation split.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example: moelab prepare data/sample --out data/prepared/sample --train-tokenizer 4096\n\
-         Example: moelab prepare dump.jsonl.zst --out data/prepared/dump --tokenizer tokenizer.json --strict")]
+#[command(
+    after_help = "Example: moelab prepare data/sample --out data/prepared/sample --train-tokenizer 4096\n\
+         Example: moelab prepare dump.jsonl.zst --out data/prepared/dump --tokenizer tokenizer.json --strict"
+)]
 pub struct PrepareArgs {
     /// Corpus folders (one subfolder per domain, sub-subfolders are sources) or JSONL files
     /// whose records carry a domain field.
@@ -24,7 +26,11 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Encode with this Hugging Face tokenizer.json (`<|endoftext|>` is added if missing).
-    #[arg(long, conflicts_with = "train_tokenizer", required_unless_present = "train_tokenizer")]
+    #[arg(
+        long,
+        conflicts_with = "train_tokenizer",
+        required_unless_present = "train_tokenizer"
+    )]
     pub tokenizer: Option<PathBuf>,
     /// Train a byte-level BPE with this vocabulary size on the corpus.
     #[arg(long, value_name = "VOCAB")]
@@ -96,9 +102,11 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
 
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .context("progress bar template")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .context("progress bar template")?
+        .progress_chars("=> "),
     );
     let encode_total = Mutex::new(0u64);
     let progress = |event: &PrepareEvent| match event {
@@ -118,7 +126,9 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             bar.set_position(0);
             bar.set_message("encoding");
             if *reused > 0 {
-                bar.println(format!("{reused} of {units} units are complete from a previous run: kept"));
+                bar.println(format!(
+                    "{reused} of {units} units are complete from a previous run: kept"
+                ));
             }
         }
         PrepareEvent::UnitDone { bytes, .. } => bar.inc(*bytes),
@@ -128,7 +138,10 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     let report = report.with_context(|| format!("preparing {}", args.out.display()))?;
 
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.manifest).context("serialising the manifest")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.manifest).context("serialising the manifest")?
+        );
         return Ok(());
     }
     for input in &report.manifest.inputs {
@@ -152,16 +165,20 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
         report.written_units,
         report.reused_units
     );
-    let dataset = Dataset::open(&args.out).with_context(|| format!("opening {}", args.out.display()))?;
+    let dataset =
+        Dataset::open(&args.out).with_context(|| format!("opening {}", args.out.display()))?;
     print!("{}", inspect_table(&dataset));
     Ok(())
 }
 
 /// `moelab data inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let dataset = Dataset::open(&args.dir).with_context(|| format!("opening {}", args.dir.display()))?;
+    let dataset =
+        Dataset::open(&args.dir).with_context(|| format!("opening {}", args.dir.display()))?;
     if args.verify {
-        dataset.verify().with_context(|| format!("verifying {}", args.dir.display()))?;
+        dataset
+            .verify()
+            .with_context(|| format!("verifying {}", args.dir.display()))?;
     }
     if args.json {
         let mut rows = Vec::new();
@@ -188,7 +205,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "verified": args.verify,
             "sources": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&out).context("serialising")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).context("serialising")?
+        );
         return Ok(());
     }
     println!("{}", args.dir.display());
@@ -226,7 +246,10 @@ fn inspect_table(dataset: &Dataset) -> String {
             vtokens += source.validation.tokens;
         }
     }
-    out += &format!("{:<24} {docs:>10} {tokens:>12} {vdocs:>10} {vtokens:>12}\n", "total");
+    out += &format!(
+        "{:<24} {docs:>10} {tokens:>12} {vdocs:>10} {vtokens:>12}\n",
+        "total"
+    );
     out
 }
 
@@ -239,17 +262,24 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
         None => run_seed(&args.config)?,
     };
     let dataset = moelab_data::ensure_prepared(&cfg).context("opening the dataset")?;
-    let stream = MixtureStream::new(Arc::new(dataset), &cfg, seed).context("building the mixture stream")?;
+    let stream =
+        MixtureStream::new(Arc::new(dataset), &cfg, seed).context("building the mixture stream")?;
     let report = stream.report(args.sequences);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).context("serialising")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("serialising")?
+        );
         return Ok(());
     }
     println!(
         "{} sequences of {} tokens, seed {seed}, shuffle block {}",
         report.sequences, cfg.seq_len, cfg.shuffle_block
     );
-    println!("{:<24} {:>9} {:>9} {:>10}", "domain/source", "target", "realised", "sequences");
+    println!(
+        "{:<24} {:>9} {:>9} {:>10}",
+        "domain/source", "target", "realised", "sequences"
+    );
     for row in &report.rows {
         let name = match &row.source {
             Some(s) => format!("  {}/{s}", row.domain),
@@ -266,7 +296,10 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
         "max prefix deviation: {:.2} sequences (bound: 1 without block shuffle, about shuffle_block with it)",
         report.max_prefix_deviation
     );
-    println!("{:<24} {:>12} {:>10} {:>8}", "implied epochs", "sequences", "chunks", "epochs");
+    println!(
+        "{:<24} {:>12} {:>10} {:>8}",
+        "implied epochs", "sequences", "chunks", "epochs"
+    );
     for u in &report.usage {
         println!(
             "{:<24} {:>12.0} {:>10} {:>8.3}",
@@ -281,8 +314,11 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
 
 /// run.seed of a run config, or 0 when it has none.
 fn run_seed(path: &std::path::Path) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let value: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
     Ok(value
         .get("run")
         .and_then(|r| r.get("seed"))

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use moelab_model::ModelInfo;
 use moelab_train::Config;
 
+mod data_cmd;
 mod train_cmd;
 
 /// A mixture-of-experts pretraining lab for data-mixture ablations.
@@ -19,6 +20,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Tokenize a domain-tagged corpus into shards with a manifest and validation split.
+    Prepare(data_cmd::PrepareArgs),
+    /// Inspect prepared data or preview a mixture.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Train (or resume) a run from a config.
     Train(train_cmd::TrainArgs),
     /// Evaluate a checkpoint on its run's per-domain validation streams.
@@ -42,8 +48,19 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Documents, tokens and validation tokens per domain and source.
+    Inspect(data_cmd::InspectArgs),
+    /// Target vs realised shares of a config's mixture over the first N sequences.
+    Mix(data_cmd::MixArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Prepare(args) => data_cmd::prepare(args)?,
+        Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
+        Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
         Command::Train(args) => train_cmd::run_train(args)?,
         Command::Eval(args) => train_cmd::run_eval(args)?,
         Command::ModelInfo {

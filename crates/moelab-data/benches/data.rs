@@ -28,7 +28,11 @@ fn corpus_bytes(dir: &Path) -> u64 {
 }
 
 fn prepared_sample(out: &Path) -> Arc<Dataset> {
-    let opts = PrepareOptions::new(vec![sample_dir()], out.to_path_buf(), TokenizerChoice::Train(4096));
+    let opts = PrepareOptions::new(
+        vec![sample_dir()],
+        out.to_path_buf(),
+        TokenizerChoice::Train(4096),
+    );
     prepare(&opts, &|_| {}).unwrap();
     Arc::new(Dataset::open(out).unwrap())
 }
@@ -39,19 +43,28 @@ fn batch_assembly(c: &mut Criterion) {
     let mut group = c.benchmark_group("batch_assembly");
     for (seq_len, n) in [(256usize, 16usize), (1024, 8), (2048, 4)] {
         let mut cfg = DataConfig::new(dataset.dir(), seq_len);
-        cfg.mixture = [("web", 0.4), ("code", 0.2), ("code_text", 0.1), ("math", 0.2), ("math_text", 0.1)]
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect();
+        cfg.mixture = [
+            ("web", 0.4),
+            ("code", 0.2),
+            ("code_text", 0.1),
+            ("math", 0.2),
+            ("math_text", 0.1),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
         let stream = MixtureStream::new(dataset.clone(), &cfg, 1234).unwrap();
         group.throughput(Throughput::Elements((seq_len * n) as u64));
         let mut step = 0u64;
-        group.bench_function(BenchmarkId::new("sequential", format!("{n}x{seq_len}")), |b| {
-            b.iter(|| {
-                step += 1;
-                stream.rank_batch(step, n, 0, 1).unwrap()
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("sequential", format!("{n}x{seq_len}")),
+            |b| {
+                b.iter(|| {
+                    step += 1;
+                    stream.rank_batch(step, n, 0, 1).unwrap()
+                })
+            },
+        );
         // Random access (resume, eval): the greedy blend restarts from a checkpoint.
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
         group.bench_function(BenchmarkId::new("random", format!("{n}x{seq_len}")), |b| {
@@ -76,16 +89,23 @@ fn prepare_throughput(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(bytes));
     for threads in [1usize, 2] {
         let mut run = 0;
-        group.bench_function(BenchmarkId::new("sample_given_tokenizer", format!("{threads}_threads")), |b| {
-            b.iter(|| {
-                run += 1;
-                let out = tmp.path().join(format!("t{threads}_{run}"));
-                let mut opts = PrepareOptions::new(vec![sample_dir()], out.clone(), TokenizerChoice::File(tokenizer.clone()));
-                opts.threads = Some(threads);
-                prepare(&opts, &|_| {}).unwrap();
-                std::fs::remove_dir_all(out).unwrap();
-            })
-        });
+        group.bench_function(
+            BenchmarkId::new("sample_given_tokenizer", format!("{threads}_threads")),
+            |b| {
+                b.iter(|| {
+                    run += 1;
+                    let out = tmp.path().join(format!("t{threads}_{run}"));
+                    let mut opts = PrepareOptions::new(
+                        vec![sample_dir()],
+                        out.clone(),
+                        TokenizerChoice::File(tokenizer.clone()),
+                    );
+                    opts.threads = Some(threads);
+                    prepare(&opts, &|_| {}).unwrap();
+                    std::fs::remove_dir_all(out).unwrap();
+                })
+            },
+        );
     }
     group.finish();
 }

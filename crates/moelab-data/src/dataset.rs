@@ -152,7 +152,7 @@ impl Dataset {
         })
     }
 
-    /// Full check: recomputes every shard's and the tokenizer's sha256 and checks token ids.
+    /// Full check: recomputes every shard's and the tokenizer's sha256 against the manifest.
     pub fn verify(&self) -> Result<()> {
         let tokenizer = self.tokenizer_path();
         let hash = crate::util::sha256_file(&tokenizer)?;

@@ -731,7 +731,11 @@ fn validation_set(unit_docs: &[Vec<Doc>], fraction: f64) -> std::collections::Ha
     let threshold = (fraction * SCALE as f64).round() as u64;
     let mut by_domain: BTreeMap<&str, BTreeMap<u64, usize>> = BTreeMap::new();
     for doc in unit_docs.iter().flatten() {
-        *by_domain.entry(doc.domain.as_str()).or_default().entry(doc.hash).or_default() += doc.text.len();
+        *by_domain
+            .entry(doc.domain.as_str())
+            .or_default()
+            .entry(doc.hash)
+            .or_default() += doc.text.len();
     }
     let mut set = std::collections::HashSet::new();
     if fraction <= 0.0 {
