@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use moelab_model::ModelInfo;
 use moelab_train::Config;
 
+mod analysis_cmd;
 mod data_cmd;
+mod hf_cmd;
 mod train_cmd;
 
 /// A mixture-of-experts pretraining lab for data-mixture ablations.
@@ -29,6 +31,18 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Evaluate a checkpoint on its run's per-domain validation streams.
     Eval(train_cmd::EvalArgs),
+    /// Per-token routing of a checkpoint over its dataset's fixed validation streams.
+    Trace(analysis_cmd::TraceArgs),
+    /// Routing report (tables, plots, report.md) of runs, traces or router-log chunks.
+    Analyze(analysis_cmd::AnalyzeArgs),
+    /// Train every variant of an ablation file and compare per-domain losses and routing.
+    Ablate(analysis_cmd::AblateArgs),
+    /// Export a checkpoint as a Hugging Face model folder (OLMoE or Mixtral).
+    #[command(name = "export-hf")]
+    ExportHf(hf_cmd::ExportHfArgs),
+    /// Import a Hugging Face OLMoE or Mixtral folder as a step-0 checkpoint.
+    #[command(name = "import-hf")]
+    ImportHf(hf_cmd::ImportHfArgs),
     /// Print total and active parameters and training FLOPs per token, per component.
     ///
     /// Example: moelab model-info configs/tiny.toml --json
@@ -63,6 +77,11 @@ fn main() -> anyhow::Result<()> {
         Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
         Command::Train(args) => train_cmd::run_train(args)?,
         Command::Eval(args) => train_cmd::run_eval(args)?,
+        Command::Trace(args) => analysis_cmd::trace(args)?,
+        Command::Analyze(args) => analysis_cmd::analyze(args)?,
+        Command::Ablate(args) => analysis_cmd::ablate(args)?,
+        Command::ExportHf(args) => hf_cmd::export_hf(args)?,
+        Command::ImportHf(args) => hf_cmd::import_hf(args)?,
         Command::ModelInfo {
             config,
             overrides,

@@ -32,6 +32,10 @@ pub enum TrainError {
     /// A checkpoint that cannot be written, read, or does not fit the run.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// A Hugging Face export or import that cannot be done exactly; names the tensor, key or
+    /// the unsupported features.
+    #[error("hugging face: {0}")]
+    Hf(String),
     /// The run folder cannot be used as asked.
     #[error("run folder {path}: {reason}")]
     RunDir {
@@ -39,6 +43,17 @@ pub enum TrainError {
         path: PathBuf,
         /// Why, and what to do instead.
         reason: String,
+    },
+    /// A command argument that does not fit the run or its data (e.g. an unknown domain).
+    #[error("{0}")]
+    Argument(String),
+    /// An ablation file that cannot be used; `message` names the key or variant.
+    #[error("{path}: {message}")]
+    Ablation {
+        /// The ablation file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
     },
     /// Too many consecutive steps had a non-finite loss or gradient.
     #[error("{count} consecutive steps had a non-finite loss or gradient (last at step {step}); stopped. The last good checkpoint is intact: {last_checkpoint}")]

@@ -1,0 +1,253 @@
+//! `moelab trace`, `moelab analyze` and `moelab ablate`: per-token routing of a checkpoint,
+//! routing reports, and mixture ablations with their comparison.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use moelab_train::ablate::{self, Ablation, AblationEvent};
+use moelab_train::trace::{tokens_per_domain, trace_checkpoint, TraceOptions};
+
+use crate::train_cmd::TrainProgress;
+
+/// Arguments of `moelab trace`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: moelab trace runs/tiny/checkpoints/step-00000300 --domains code,math --tokens 4096 --out runs/tiny/trace"
+)]
+pub struct TraceArgs {
+    /// Checkpoint folder (or a run folder: its newest checkpoint).
+    checkpoint: PathBuf,
+    /// Domains to trace, comma-separated (default: every domain of the run's dataset).
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    domains: Vec<String>,
+    /// Validation tokens per domain at most (default: the run's data.validation_tokens).
+    #[arg(long, value_name = "N")]
+    tokens: Option<u64>,
+    /// Also record each token's full router distribution (layers x tokens x experts floats).
+    #[arg(long)]
+    probs: bool,
+    /// Output folder: trace.safetensors, index.json, counts.safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `moelab analyze`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: moelab analyze runs/tiny runs/tiny/trace --out runs/tiny/report\n\nThe first input is the reference (baseline) for comparisons between inputs."
+)]
+pub struct AnalyzeArgs {
+    /// Run folders (their router/ logs), trace folders (from `moelab trace`), router folders or
+    /// single chunk files.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Report folder (report.md, CSV/JSON tables, PNG/SVG plots).
+    #[arg(long)]
+    out: PathBuf,
+    /// Machine-readable output (the report summary).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `moelab ablate`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: moelab ablate configs/ablations/small.toml --out runs/ablations/small\n\n\
+Variants train one after another on this machine with the same seed and token budget, each in \
+OUT/<name>; a finished variant is skipped and an interrupted one resumed, so re-running the \
+command continues the study. Running one variant per GPU when several are visible is not \
+implemented (CPU only). The comparison (per-domain validation loss and its delta against the \
+first variant, routing JSD of each domain's validation tokens against it) goes to OUT/comparison/."
+)]
+pub struct AblateArgs {
+    /// Ablation file (TOML: base, out_dir, set, [[variant]] name/set).
+    ablation: PathBuf,
+    /// Output folder (default: the file's out_dir).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Machine-readable output (the comparison rows) at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `moelab trace`.
+pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
+    let options = TraceOptions {
+        domains: args.domains,
+        max_tokens: args.tokens,
+        router_probs: args.probs,
+    };
+    let trace = trace_checkpoint(&args.checkpoint, &options)?;
+    trace.write(&args.out)?;
+    let tokens = tokens_per_domain(&trace);
+    if args.json {
+        let json = serde_json::json!({
+            "out": args.out,
+            "checkpoint": trace.checkpoint,
+            "step": trace.step,
+            "layers": trace.layers,
+            "n_experts": trace.n_experts,
+            "top_k": trace.top_k,
+            "router_probs": trace.router_probs.is_some(),
+            "tokens": tokens.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).context("serialising the trace summary")?
+        );
+    } else {
+        println!(
+            "traced {} tokens of {} (step {}) into {}",
+            trace.n_tokens(),
+            trace.checkpoint,
+            trace.step,
+            args.out.display()
+        );
+        for (domain, n) in tokens.iter().filter(|(_, n)| *n > 0) {
+            println!("  {domain:<14} {n:>9} tokens");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `moelab analyze`.
+pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
+    let inputs = args
+        .inputs
+        .iter()
+        .map(|p| moelab_trace::report::load_input(p).with_context(|| format!("{}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let summary = moelab_trace::report::analyze(&inputs, &args.out)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).context("serialising the report summary")?
+        );
+        return Ok(());
+    }
+    println!(
+        "report {} ({} files)",
+        summary.report.display(),
+        summary.files.len()
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
+    println!(
+        "{:<20} {:>15} {:>12} {:>14}  trace",
+        "input", "steps", "tokens", "mean dom. JSD"
+    );
+    for run in &summary.runs {
+        let tokens: i64 = run.tokens.values().sum();
+        println!(
+            "{:<20} {:>15} {:>12} {:>14}  {}",
+            run.name,
+            format!("{}..{}", run.step_start, run.step_end),
+            tokens,
+            fmt(run.mean_domain_jsd),
+            if run.has_trace { "yes" } else { "no" }
+        );
+    }
+    for note in &summary.notes {
+        println!("note: {note}");
+    }
+    Ok(())
+}
+
+/// Runs `moelab ablate`.
+pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
+    let ablation = Ablation::load(&args.ablation)?;
+    let out = args.out.unwrap_or_else(|| ablation.out_dir.clone());
+    println!(
+        "ablation {}: {} variants of {} -> {} (baseline: {})",
+        args.ablation.display(),
+        ablation.variants.len(),
+        ablation.base.display(),
+        out.display(),
+        ablation.variants.first().map_or("-", |v| v.name.as_str())
+    );
+    let mut progress: Option<TrainProgress> = None;
+    let mut failure: Option<anyhow::Error> = None;
+    let mut on_event = |event: &AblationEvent<'_>| match event {
+        AblationEvent::VariantStarted {
+            index,
+            total,
+            name,
+            run_dir,
+        } => {
+            println!(
+                "[{index}/{total}] {name}: training in {}",
+                run_dir.display()
+            );
+            let steps = ablation
+                .variants
+                .iter()
+                .find(|v| v.name == *name)
+                .map_or(0, |v| v.config.train.steps);
+            match TrainProgress::new(steps, &format!("[{name}] ")) {
+                Ok(p) => progress = Some(p),
+                Err(e) => failure = Some(e),
+            }
+        }
+        AblationEvent::VariantSkipped {
+            index,
+            total,
+            name,
+            run_dir,
+            step,
+        } => println!(
+            "[{index}/{total}] {name}: skip (finished at step {step} in {})",
+            run_dir.display()
+        ),
+        AblationEvent::Train { event, .. } => {
+            if let Some(p) = &progress {
+                p.on_event(event);
+            }
+        }
+        AblationEvent::VariantFinished { name, summary } => {
+            if let Some(p) = progress.take() {
+                p.finish();
+            }
+            if summary.interrupted {
+                println!("{name}: stopped by signal after step {}", summary.steps);
+            } else {
+                println!("{name}: finished {} steps", summary.steps);
+            }
+        }
+    };
+    let outcome = ablate::run_ablation(&ablation, &out, &mut on_event)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if outcome.interrupted {
+        println!(
+            "stopped by signal; run `moelab ablate {} --out {}` again to resume",
+            args.ablation.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    if args.json {
+        let json = serde_json::json!({
+            "out": outcome.out_dir,
+            "comparison": outcome.comparison_dir,
+            "rows": outcome.rows,
+            "notes": outcome.notes,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json).context("serialising the comparison")?
+        );
+        return Ok(());
+    }
+    print!("{}", ablate::table(&outcome.rows));
+    for note in &outcome.notes {
+        println!("note: {note}");
+    }
+    if let Some(dir) = &outcome.comparison_dir {
+        println!("comparison {}", dir.join("comparison.md").display());
+    }
+    Ok(())
+}

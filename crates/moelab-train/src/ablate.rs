@@ -1,0 +1,624 @@
+//! Ablations: several variants of one base config, trained with the same seed and token budget
+//! one after another, then compared on per-domain validation loss and on how each domain's
+//! validation tokens are routed (Jensen-Shannon divergence against the baseline).
+//!
+//! An ablation file:
+//! ```toml
+//! base = "../tiny.toml"            # base run config, relative to this file
+//! out_dir = "runs/ablations/small" # default for --out (relative to the working directory)
+//! set = ["train.steps=150"]        # overrides applied to every variant
+//! [[variant]]                      # the first variant is the baseline
+//! name = "baseline"
+//! [[variant]]
+//! name = "no_code"
+//! set = ["data.mixture.code=0.0"]
+//! ```
+//! Routing is compared on the final evaluation's validation-set counts
+//! (`eval/step-N/chunk-N.safetensors`): the same tokens for every variant, unlike the training
+//! router logs, whose tokens follow each variant's mixture.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use moelab_trace::report::{
+    compare_runs, write_comparison, AnalysisInput, Comparison, ComparisonRow,
+};
+use moelab_trace::router_log::{self, RouterCounts};
+use serde::Deserialize;
+
+use crate::trainer::{evaluate_checkpoint, train, Event, Resume, RunOptions, Summary};
+use crate::{checkpoint, Config, TrainError};
+
+/// Sub-folder of the ablation's output with the comparison tables, plots and comparison.md.
+pub const COMPARISON_DIR: &str = "comparison";
+
+/// The ablation file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AblationFile {
+    base: PathBuf,
+    #[serde(default)]
+    out_dir: Option<PathBuf>,
+    #[serde(default)]
+    set: Vec<String>,
+    #[serde(default, rename = "variant")]
+    variants: Vec<VariantFile>,
+}
+
+/// One `[[variant]]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VariantFile {
+    name: String,
+    #[serde(default)]
+    set: Vec<String>,
+}
+
+/// One variant with its resolved run config.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// Name: the run folder under the output folder and `run.name`.
+    pub name: String,
+    /// Overrides applied to the base config (the ablation's `set`, then the variant's).
+    pub overrides: Vec<String>,
+    /// The resolved config (run.name = name).
+    pub config: Config,
+}
+
+/// A loaded and validated ablation file.
+#[derive(Debug, Clone)]
+pub struct Ablation {
+    /// The ablation file.
+    pub path: PathBuf,
+    /// The base run config (resolved against the file's folder).
+    pub base: PathBuf,
+    /// Default output folder (`out_dir`, else `runs/ablations/<file stem>`).
+    pub out_dir: PathBuf,
+    /// The variants; the first is the baseline.
+    pub variants: Vec<Variant>,
+}
+
+impl Ablation {
+    /// Reads and validates an ablation file, resolving every variant's config before any work.
+    pub fn load(path: &Path) -> Result<Self, TrainError> {
+        let fail = |message: String| TrainError::Ablation {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let value: toml::Value = text
+            .parse::<toml::Table>()
+            .map(toml::Value::Table)
+            .map_err(|e| fail(e.to_string()))?;
+        let file: AblationFile = serde_path_to_error::deserialize(value)
+            .map_err(|e| fail(format!("key `{}`: {}", e.path(), e.inner())))?;
+        if file.variants.is_empty() {
+            return Err(fail(
+                "no [[variant]] tables: add at least one (the first is the baseline)".into(),
+            ));
+        }
+        let base = path
+            .parent()
+            .map_or_else(|| file.base.clone(), |dir| dir.join(&file.base));
+        let stem = path
+            .file_stem()
+            .map_or_else(|| "ablation".into(), |s| s.to_string_lossy().into_owned());
+        let out_dir = file
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join("ablations").join(stem));
+        let mut variants: Vec<Variant> = Vec::with_capacity(file.variants.len());
+        for (i, v) in file.variants.iter().enumerate() {
+            check_name(&v.name).map_err(|reason| {
+                fail(format!("key `variant[{i}].name`: `{}` {reason}", v.name))
+            })?;
+            if variants.iter().any(|w| w.name == v.name) {
+                return Err(fail(format!(
+                    "key `variant[{i}].name`: `{}` is used by an earlier variant; names must be unique",
+                    v.name
+                )));
+            }
+            let overrides: Vec<String> = file.set.iter().chain(&v.set).cloned().collect();
+            let mut config = Config::load(&base, &overrides)
+                .map_err(|e| fail(format!("variant `{}`: {e}", v.name)))?;
+            // Config::load leaves [data] to the data layer; check it before any variant trains.
+            config
+                .data
+                .validate()
+                .map_err(|e| fail(format!("variant `{}`: {e}", v.name)))?;
+            config.run.name = v.name.clone();
+            if let Some(baseline) = variants.first() {
+                same_budget(&baseline.config, &config).map_err(|(key, a, b)| {
+                    fail(format!(
+                        "variant `{}` changes {key} ({b} vs the baseline's {a}); every variant runs with \
+                         the same seed and token budget, so put such overrides in the top-level `set`",
+                        v.name
+                    ))
+                })?;
+            }
+            variants.push(Variant {
+                name: v.name.clone(),
+                overrides,
+                config,
+            });
+        }
+        Ok(Ablation {
+            path: path.to_path_buf(),
+            base,
+            out_dir,
+            variants,
+        })
+    }
+}
+
+/// Why a variant name cannot be a folder name, if it cannot.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name == COMPARISON_DIR {
+        return Err(format!(
+            "is reserved for the comparison folder ({COMPARISON_DIR}/)"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("must not start with `.` or `-`".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(
+            "may only hold ASCII letters, digits, `_`, `-` and `.` (it names a folder)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// The first of seed, steps, tokens per step that differs: (key, baseline value, variant value).
+fn same_budget(baseline: &Config, variant: &Config) -> Result<(), (&'static str, String, String)> {
+    let tokens_per_step = |c: &Config| (c.global_sequences() * c.data.seq_len) as u64;
+    let checks = [
+        ("run.seed", baseline.run.seed, variant.run.seed),
+        ("train.steps", baseline.train.steps, variant.train.steps),
+        (
+            "the tokens per step (train.global_batch_tokens / data.seq_len)",
+            tokens_per_step(baseline),
+            tokens_per_step(variant),
+        ),
+    ];
+    for (key, a, b) in checks {
+        if a != b {
+            return Err((key, a.to_string(), b.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// What [`run_ablation`] reports as it goes.
+#[derive(Debug)]
+pub enum AblationEvent<'a> {
+    /// A variant starts (or resumes) training.
+    VariantStarted {
+        /// 1-based position among the variants.
+        index: usize,
+        /// Number of variants.
+        total: usize,
+        /// Variant name.
+        name: &'a str,
+        /// Its run folder.
+        run_dir: &'a Path,
+    },
+    /// A variant already has its final checkpoint and is not trained again.
+    VariantSkipped {
+        /// 1-based position among the variants.
+        index: usize,
+        /// Number of variants.
+        total: usize,
+        /// Variant name.
+        name: &'a str,
+        /// Its run folder.
+        run_dir: &'a Path,
+        /// The final step it reached.
+        step: u64,
+    },
+    /// A trainer event of the running variant.
+    Train {
+        /// Variant name.
+        name: &'a str,
+        /// The trainer's event.
+        event: &'a Event,
+    },
+    /// A variant finished (or was stopped by a signal).
+    VariantFinished {
+        /// Variant name.
+        name: &'a str,
+        /// How its training ended.
+        summary: &'a Summary,
+    },
+}
+
+/// How an ablation ended.
+#[derive(Debug, Clone)]
+pub struct AblationOutcome {
+    /// The output folder.
+    pub out_dir: PathBuf,
+    /// True when a signal stopped a variant; no comparison was made (run again to resume).
+    pub interrupted: bool,
+    /// The comparison folder, when the comparison was written.
+    pub comparison_dir: Option<PathBuf>,
+    /// The comparison rows (variant x domain), baseline first.
+    pub rows: Vec<ComparisonRow>,
+    /// The routing comparison (per variant, domain and layer JSD against the baseline).
+    pub comparison: Option<Comparison>,
+    /// Things left out of the comparison and why.
+    pub notes: Vec<String>,
+}
+
+/// Trains every variant of `ablation` under `out_dir` (`out_dir/<name>`), skipping finished ones
+/// and resuming interrupted ones, then writes the comparison into `out_dir/comparison/`.
+pub fn run_ablation(
+    ablation: &Ablation,
+    out_dir: &Path,
+    on_event: &mut dyn FnMut(&AblationEvent<'_>),
+) -> Result<AblationOutcome, TrainError> {
+    let total = ablation.variants.len();
+    let mut finished = Vec::with_capacity(total);
+    for (i, variant) in ablation.variants.iter().enumerate() {
+        let run_dir = out_dir.join(&variant.name);
+        let mut cfg = variant.config.clone();
+        cfg.run.out_dir = out_dir.to_path_buf();
+        if let Some(step) = finished_step(&run_dir, &cfg)? {
+            on_event(&AblationEvent::VariantSkipped {
+                index: i + 1,
+                total,
+                name: &variant.name,
+                run_dir: &run_dir,
+                step,
+            });
+            finished.push((variant, run_dir, step));
+            continue;
+        }
+        on_event(&AblationEvent::VariantStarted {
+            index: i + 1,
+            total,
+            name: &variant.name,
+            run_dir: &run_dir,
+        });
+        let options = RunOptions {
+            run_dir: Some(run_dir.clone()),
+            resume: Some(Resume::Auto),
+            allow_mixture_change: false,
+        };
+        let summary = train(cfg.clone(), options, &mut |event| {
+            on_event(&AblationEvent::Train {
+                name: &variant.name,
+                event,
+            })
+        })?;
+        on_event(&AblationEvent::VariantFinished {
+            name: &variant.name,
+            summary: &summary,
+        });
+        if summary.interrupted {
+            return Ok(AblationOutcome {
+                out_dir: out_dir.to_path_buf(),
+                interrupted: true,
+                comparison_dir: None,
+                rows: Vec::new(),
+                comparison: None,
+                notes: Vec::new(),
+            });
+        }
+        finished.push((variant, run_dir, summary.steps));
+    }
+
+    let mut inputs = Vec::with_capacity(finished.len());
+    let mut losses = Vec::with_capacity(finished.len());
+    for (variant, run_dir, step) in &finished {
+        let (loss, counts) = final_eval(run_dir, *step)?;
+        losses.push((variant.name.clone(), loss));
+        inputs.push(AnalysisInput {
+            name: variant.name.clone(),
+            counts,
+            chunks: Vec::new(),
+            trace: None,
+        });
+    }
+    let mut notes = Vec::new();
+    let (baseline, others) = inputs.split_first().ok_or_else(|| TrainError::Ablation {
+        path: ablation.path.clone(),
+        message: "no variants".into(),
+    })?;
+    let mut comparison = Comparison {
+        baseline: baseline.name.clone(),
+        variants: Vec::new(),
+    };
+    for other in others {
+        // A variant with another model shape has no routing to compare; its losses still count.
+        match compare_runs(baseline, std::slice::from_ref(other)) {
+            Ok(c) => comparison.variants.extend(c.variants),
+            Err(e) => notes.push(format!("routing of {} not compared: {e}", other.name)),
+        }
+    }
+    let comparison_dir = out_dir.join(COMPARISON_DIR);
+    let rows = write_comparison(&comparison_dir, &comparison, &losses)?;
+    Ok(AblationOutcome {
+        out_dir: out_dir.to_path_buf(),
+        interrupted: false,
+        comparison_dir: Some(comparison_dir),
+        rows,
+        comparison: Some(comparison),
+        notes,
+    })
+}
+
+/// The final step when `run_dir` holds this variant's finished run; an error when it holds a
+/// finished run of another config (it would be silently mixed into the comparison).
+fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>, TrainError> {
+    let last = checkpoint::list(&run_dir.join("checkpoints"))?.pop();
+    match last {
+        Some((step, _)) if step >= cfg.train.steps => {
+            let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
+            if saved != cfg.to_toml() {
+                return Err(TrainError::RunDir {
+                    path: run_dir.to_path_buf(),
+                    reason:
+                        "it holds a finished run whose config.toml differs from this variant's \
+                             resolved config (was the ablation file edited?); delete the folder to \
+                             train the variant again, or choose another --out"
+                            .into(),
+                });
+            }
+            Ok(Some(step))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The eval JSON's fields that the comparison needs.
+#[derive(Debug, Deserialize)]
+struct EvalFile {
+    domains: Vec<EvalDomain>,
+}
+
+/// One domain of the eval JSON (`loss` is null when the domain had no tokens).
+#[derive(Debug, Deserialize)]
+struct EvalDomain {
+    domain: String,
+    loss: Option<f64>,
+}
+
+/// Validation loss per domain and validation-set routing counts of a run's evaluation at
+/// `step`, evaluating the step's checkpoint first when the files are missing.
+pub fn final_eval(
+    run_dir: &Path,
+    step: u64,
+) -> Result<(BTreeMap<String, f64>, RouterCounts), TrainError> {
+    let name = checkpoint::dir_name(step);
+    let eval_dir = run_dir.join("eval");
+    let json_path = eval_dir.join(format!("{name}.json"));
+    let chunk_dir = eval_dir.join(&name);
+    let mut chunks = if json_path.is_file() && chunk_dir.is_dir() {
+        router_log::read_dir(&chunk_dir)?
+    } else {
+        Vec::new()
+    };
+    if chunks.is_empty() {
+        let report = evaluate_checkpoint(&run_dir.join("checkpoints").join(&name))?;
+        report.write(&eval_dir)?;
+        chunks = router_log::read_dir(&chunk_dir)?;
+    }
+    let text = std::fs::read_to_string(&json_path).map_err(|source| TrainError::Io {
+        path: json_path.clone(),
+        source,
+    })?;
+    let eval: EvalFile = serde_json::from_str(&text).map_err(|e| TrainError::RunDir {
+        path: run_dir.to_path_buf(),
+        reason: format!("{}: {e}", json_path.display()),
+    })?;
+    let losses = eval
+        .domains
+        .into_iter()
+        .filter_map(|d| d.loss.map(|l| (d.domain, l)))
+        .collect();
+    Ok((losses, router_log::total(&chunks)?))
+}
+
+/// A compact text table: one row per domain, one column per variant with its validation loss,
+/// and for non-baseline variants the delta against the baseline and the mean routing JSD.
+pub fn table(rows: &[ComparisonRow]) -> String {
+    let mut variants: Vec<&str> = Vec::new();
+    let mut domains: Vec<&str> = Vec::new();
+    for r in rows {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+        if !domains.contains(&r.domain.as_str()) {
+            domains.push(&r.domain);
+        }
+    }
+    let num = |v: Option<f64>, signed: bool| match v {
+        Some(x) if signed => format!("{x:+.4}"),
+        Some(x) => format!("{x:.4}"),
+        None => "-".into(),
+    };
+    let mut cells: Vec<Vec<String>> = Vec::new();
+    let mut header = vec!["domain".to_string()];
+    for (i, v) in variants.iter().enumerate() {
+        if i == 0 {
+            header.push(format!("{v} loss"));
+        } else {
+            header.extend([format!("{v} loss"), "delta".into(), "jsd".into()]);
+        }
+    }
+    cells.push(header);
+    for d in &domains {
+        let mut line = vec![d.to_string()];
+        for (i, v) in variants.iter().enumerate() {
+            let row = rows.iter().find(|r| r.variant == *v && r.domain == *d);
+            line.push(num(row.and_then(|r| r.val_loss), false));
+            if i > 0 {
+                line.push(num(row.and_then(|r| r.delta_loss), true));
+                line.push(num(row.and_then(|r| r.mean_jsd), false));
+            }
+        }
+        cells.push(line);
+    }
+    let widths: Vec<usize> = (0..cells[0].len())
+        .map(|c| cells.iter().map(|l| l[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for line in &cells {
+        let text: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        out += text.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("moelab-ablate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ablations")).unwrap();
+        dir
+    }
+
+    const BASE: &str = r#"
+[run]
+name = "base"
+seed = 3
+[model]
+vocab_size = 64
+d_model = 16
+n_layers = 1
+n_heads = 2
+max_seq_len = 8
+[model.moe]
+n_experts = 2
+top_k = 1
+expert_ff = 8
+[data]
+dataset = "nowhere"
+seq_len = 8
+[data.mixture]
+a = 0.5
+b = 0.5
+[train]
+steps = 10
+micro_batch = 2
+lr = 1e-3
+"#;
+
+    fn write(dir: &Path, ablation: &str) -> PathBuf {
+        std::fs::write(dir.join("base.toml"), BASE).unwrap();
+        let path = dir.join("ablations").join("study.toml");
+        std::fs::write(&path, ablation).unwrap();
+        path
+    }
+
+    #[test]
+    fn loads_resolves_and_defaults() {
+        let dir = temp_dir("load");
+        let path = write(
+            &dir,
+            r#"
+base = "../base.toml"
+set = ["train.steps=4"]
+[[variant]]
+name = "baseline"
+[[variant]]
+name = "no_b"
+set = ["data.mixture.b=0.0"]
+"#,
+        );
+        let a = Ablation::load(&path).unwrap();
+        assert_eq!(a.out_dir, PathBuf::from("runs/ablations/study"));
+        assert_eq!(a.variants.len(), 2);
+        assert_eq!(a.variants[0].config.run.name, "baseline");
+        assert_eq!(a.variants[1].config.train.steps, 4);
+        assert_eq!(a.variants[1].config.data.mixture["b"], 0.0);
+        assert_eq!(a.variants[0].config.data.mixture["b"], 0.5);
+    }
+
+    #[test]
+    fn refuses_bad_files_naming_the_key() {
+        let dir = temp_dir("bad");
+        let cases = [
+            (
+                "base = \"../base.toml\"\nsteps = 3\n[[variant]]\nname = \"a\"\n",
+                "steps",
+            ),
+            (
+                "base = \"../base.toml\"\n[[variant]]\nname = \"a\"\nsett = []\n",
+                "variant[0]",
+            ),
+            ("base = \"../base.toml\"\n", "no [[variant]]"),
+            (
+                "base = \"../base.toml\"\n[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"\n",
+                "unique",
+            ),
+            (
+                "base = \"../base.toml\"\n[[variant]]\nname = \"a/b\"\n",
+                "variant[0].name",
+            ),
+            (
+                "base = \"../base.toml\"\n[[variant]]\nname = \"a\"\n[[variant]]\nname = \"b\"\nset = [\"run.seed=9\"]\n",
+                "run.seed",
+            ),
+            (
+                "base = \"../base.toml\"\n[[variant]]\nname = \"a\"\nset = [\"model.bogus=1\"]\n",
+                "variant `a`",
+            ),
+        ];
+        for (text, needle) in cases {
+            let path = write(&dir, text);
+            let err = Ablation::load(&path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn table_lists_every_variant() {
+        let row = |variant: &str, domain: &str, loss: f64, delta: f64, jsd: f64| ComparisonRow {
+            variant: variant.into(),
+            domain: domain.into(),
+            val_loss: Some(loss),
+            baseline_loss: Some(loss - delta),
+            delta_loss: Some(delta),
+            mean_jsd: Some(jsd),
+        };
+        let text = table(&[
+            row("base", "web", 3.0, 0.0, 0.0),
+            row("base", "code", 2.0, 0.0, 0.0),
+            row("no_code", "web", 2.9, -0.1, 0.01),
+            row("no_code", "code", 2.5, 0.5, 0.2),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].contains("base loss") && lines[0].contains("no_code loss"));
+        assert!(
+            lines[2].starts_with("code") && lines[2].contains("+0.5000"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! End-to-end tests of `moelab ablate`, `moelab trace` and `moelab analyze`: a three-variant
+//! ablation on a scratch corpus with its comparison, skipping finished variants on a re-run,
+//! deterministic traces, and a report over a run and a trace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use moelab_trace::Trace;
+
+/// A scratch folder with a three-domain corpus (math with two sources), a run config and an
+/// ablation file.
+struct Fixture {
+    dir: PathBuf,
+    ablation: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("moelab-ablate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let corpus = dir.join("corpus");
+        let words = [
+            "the", "model", "routes", "tokens", "to", "experts", "and", "data", "mixture",
+            "changes", "loss", "falls", "when", "training", "runs", "long", "enough", "for",
+            "every", "domain",
+        ];
+        // (domain, source folder or "" for files directly in the domain folder)
+        let units = [
+            ("prose", ""),
+            ("code", ""),
+            ("math", "structured"),
+            ("math", "plain"),
+        ];
+        for (u, (domain, source)) in units.iter().enumerate() {
+            let folder = corpus.join(domain).join(source);
+            std::fs::create_dir_all(&folder).unwrap();
+            let mut text = String::new();
+            for doc in 0..60 {
+                let line: Vec<String> = (0..40)
+                    .map(|i| match (*domain, *source) {
+                        ("code", _) => {
+                            format!("x{} = x{} + {};", (doc + i) % 7, (i * 3) % 5, i % 9)
+                        }
+                        ("math", "structured") => format!(
+                            "step {}: {} + {} = {}",
+                            i % 4,
+                            (doc * i) % 13,
+                            i % 11,
+                            (doc * i) % 13 + i % 11
+                        ),
+                        ("math", _) => format!("{} plus {}", (doc + i) % 17, words[i % 5]),
+                        _ => words[(doc * 7 + i * (u + 3)) % words.len()].to_string(),
+                    })
+                    .collect();
+                text += &format!("{{\"text\": \"{}\"}}\n", line.join(" "));
+            }
+            std::fs::write(folder.join("part.jsonl"), text).unwrap();
+        }
+        std::fs::write(
+            dir.join("run.toml"),
+            format!(
+                r#"
+[run]
+name = "base"
+seed = 11
+out_dir = "{out}"
+threads = 1
+
+[model]
+vocab_size = 512
+d_model = 32
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+max_seq_len = 32
+qk_norm = true
+init_std = 0.05
+
+[model.moe]
+n_experts = 4
+top_k = 2
+expert_ff = 32
+
+[data]
+dataset = "{prepared}"
+sources = "{corpus}"
+tokenizer_vocab = 400
+seq_len = 32
+validation_tokens = 256
+
+[data.mixture]
+prose = 0.4
+code = 0.3
+math = 0.3
+
+[train]
+steps = 100
+micro_batch = 4
+global_batch_tokens = 256
+lr = 3e-3
+warmup_steps = 2
+
+[log]
+interval = 1
+router_interval = 3
+"#,
+                out = dir.join("runs").display(),
+                prepared = dir.join("prepared").display(),
+                corpus = corpus.display(),
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("ablations")).unwrap();
+        let ablation = dir.join("ablations").join("study.toml");
+        std::fs::write(
+            &ablation,
+            r#"
+base = "../run.toml"
+out_dir = "unused-because-of---out"
+set = ["train.steps=6"]
+
+[[variant]]
+name = "baseline"
+
+[[variant]]
+name = "no_code"
+set = ["data.mixture.code=0.0"]
+
+[[variant]]
+name = "structured_math"
+set = ["data.source_mixture.math.structured=0.9", "data.source_mixture.math.plain=0.1"]
+"#,
+        )
+        .unwrap();
+        Self { dir, ablation }
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+}
+
+fn moelab(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically() {
+    let fx = Fixture::new("e2e");
+    let out = fx.out();
+    let stdout = ok(moelab(&["ablate", s(&fx.ablation), "--out", s(&out)]));
+    for (i, name) in ["baseline", "no_code", "structured_math"]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            stdout.contains(&format!("[{}/3] {name}: training", i + 1)),
+            "{stdout}"
+        );
+        let config = std::fs::read_to_string(out.join(name).join("config.toml")).unwrap();
+        assert!(config.contains(&format!("name = \"{name}\"")), "{config}");
+        assert!(out
+            .join(name)
+            .join("checkpoints")
+            .join("step-00000006")
+            .join("state.json")
+            .is_file());
+    }
+    let no_code = std::fs::read_to_string(out.join("no_code").join("config.toml")).unwrap();
+    assert!(no_code.contains("code = 0.0"), "{no_code}");
+    // The compact table: one line per domain.
+    for domain in ["prose", "code", "math"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(domain)),
+            "{domain}: {stdout}"
+        );
+    }
+
+    let comparison = out.join("comparison");
+    for file in ["comparison.md", "comparison.csv", "comparison.json"] {
+        assert!(comparison.join(file).is_file(), "{file} missing");
+    }
+    let pngs = std::fs::read_dir(&comparison)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert!(pngs >= 1, "no PNG in {}", comparison.display());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(comparison.join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["baseline"], "baseline");
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 9, "3 variants x 3 domains: {rows:?}");
+    for row in rows {
+        assert!(row["val_loss"].as_f64().unwrap().is_finite(), "{row}");
+        if row["variant"] == "baseline" {
+            assert_eq!(row["delta_loss"].as_f64(), Some(0.0), "{row}");
+            assert_eq!(row["mean_jsd"].as_f64(), Some(0.0), "{row}");
+        }
+    }
+    let variants = json["jsd"]["variants"].as_array().unwrap();
+    let no_code_jsd = variants.iter().find(|v| v["name"] == "no_code").unwrap();
+    let max_jsd = no_code_jsd["jsd"]["per_layer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|layer| layer.as_array().unwrap().iter())
+        .filter_map(|v| v.as_f64())
+        .fold(0.0, f64::max);
+    assert!(max_jsd > 0.0, "no routing shift for no_code: {no_code_jsd}");
+
+    // Re-running skips every finished variant and leaves its files alone.
+    let metrics = out.join("baseline").join("metrics.jsonl");
+    let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
+    let again = ok(moelab(&["ablate", s(&fx.ablation), "--out", s(&out)]));
+    assert_eq!(again.matches(": skip").count(), 3, "{again}");
+    assert!(!again.contains("training in"), "{again}");
+    assert_eq!(
+        std::fs::metadata(&metrics).unwrap().modified().unwrap(),
+        before
+    );
+
+    // Tracing the same checkpoint twice gives the same trace (compared parsed: the safetensors
+    // header's metadata order is not fixed).
+    let checkpoint = out
+        .join("baseline")
+        .join("checkpoints")
+        .join("step-00000006");
+    let (t1, t2) = (fx.dir.join("trace1"), fx.dir.join("trace2"));
+    for t in [&t1, &t2] {
+        ok(moelab(&["trace", s(&checkpoint), "--out", s(t)]));
+    }
+    let trace = Trace::read(&t1).unwrap();
+    assert!(
+        trace == Trace::read(&t2).unwrap(),
+        "two traces of one checkpoint differ"
+    );
+    assert_eq!(trace.step, 6);
+    assert_eq!(
+        trace.n_tokens(),
+        3 * 256,
+        "every domain, validation_tokens each"
+    );
+    assert!(trace.router_probs.is_none());
+
+    // A subset of domains, fewer tokens, router probabilities; a run folder means its newest
+    // checkpoint.
+    let t3 = fx.dir.join("trace3");
+    ok(moelab(&[
+        "trace",
+        s(&out.join("no_code")),
+        "--domains",
+        "code,math",
+        "--tokens",
+        "64",
+        "--probs",
+        "--out",
+        s(&t3),
+    ]));
+    let subset = Trace::read(&t3).unwrap();
+    assert_eq!(subset.n_tokens(), 2 * 64);
+    let code = subset.domains.iter().position(|d| d == "code").unwrap() as u32;
+    let math = subset.domains.iter().position(|d| d == "math").unwrap() as u32;
+    assert!(subset.domain_ids.iter().all(|&d| d == code || d == math));
+    assert_eq!(
+        subset.router_probs.as_ref().map(Vec::len),
+        Some(subset.n_layers() * subset.n_tokens() * subset.n_experts)
+    );
+    let math_sources: std::collections::BTreeSet<u32> = subset
+        .domain_ids
+        .iter()
+        .zip(&subset.source_ids)
+        .filter(|(&d, _)| d == math)
+        .map(|(_, &s)| s)
+        .collect();
+    assert!(!math_sources.is_empty());
+
+    let bad = moelab(&[
+        "trace",
+        s(&checkpoint),
+        "--domains",
+        "prose,nope",
+        "--out",
+        s(&fx.dir.join("trace-bad")),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("unknown domain `nope`") && err.contains("prose") && err.contains("math"),
+        "{err}"
+    );
+
+    // A report over a run folder and a trace.
+    let report = fx.dir.join("report");
+    let stdout = ok(moelab(&[
+        "analyze",
+        s(&out.join("baseline")),
+        s(&t1),
+        "--out",
+        s(&report),
+        "--json",
+    ]));
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["runs"].as_array().unwrap().len(), 2, "{summary}");
+    assert!(report.join("report.md").is_file());
+    let _ = std::fs::remove_dir_all(&fx.dir);
+}
+
+#[test]
+fn bad_ablation_files_are_refused_naming_the_key() {
+    let fx = Fixture::new("bad");
+    let cases = [
+        (
+            "base = \"../run.toml\"\nstep = 3\n[[variant]]\nname = \"a\"\n",
+            "step",
+        ),
+        (
+            "base = \"../run.toml\"\n[[variant]]\nname = \"a\"\n[[variant]]\nname = \"a\"\n",
+            "unique",
+        ),
+        (
+            "base = \"../run.toml\"\n[[variant]]\nname = \"../escape\"\n",
+            "variant[0].name",
+        ),
+        (
+            "base = \"../run.toml\"\n[[variant]]\nname = \"a\"\nset = [\"data.mixture.prose=-1\"]\n",
+            "data.mixture.prose",
+        ),
+    ];
+    for (text, needle) in cases {
+        std::fs::write(&fx.ablation, text).unwrap();
+        let out = moelab(&["ablate", s(&fx.ablation), "--out", s(&fx.out())]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(!fx.out().exists(), "nothing is written for a bad file");
+    }
+    for command in ["trace", "analyze", "ablate"] {
+        let help = ok(moelab(&[command, "--help"]));
+        assert!(
+            help.contains(&format!("Example: moelab {command}")),
+            "{help}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&fx.dir);
+}
