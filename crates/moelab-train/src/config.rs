@@ -223,6 +223,7 @@ impl Config {
                 config_error(format!("key `{key}`: {}", e.inner()))
             })?;
         config.model.validate()?;
+        config.data.validate()?;
         config.validate().map_err(|(key, reason)| {
             config_error(format!("invalid config key `{key}`: {reason}"))
         })?;
