@@ -122,11 +122,13 @@ impl AdamW {
             let Some(grad) = grads.get(&slot.name) else {
                 continue;
             };
-            let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
+            // Gradients of matmuls against parameters are themselves tracked by candle; detaching
+            // keeps each step's backward graph from being chained into the moments forever.
+            let grad = (grad.detach().to_dtype(DType::F32)? * grad_scale)?;
             slot.m = ((&slot.m * beta1)? + (&grad * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let update = ((&slot.m / correction1)? / ((&slot.v / correction2)?.sqrt()? + eps)?)?;
-            let param = slot.var.as_tensor().to_dtype(DType::F32)?;
+            let param = slot.var.as_tensor().detach().to_dtype(DType::F32)?;
             let decayed = if slot.decay {
                 (&param * (1.0 - lr * weight_decay))?
             } else {
@@ -245,6 +247,25 @@ mod tests {
             Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap(),
         )]);
         assert!((opt.grad_norm(&grads).unwrap() - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn moments_hold_no_autograd_graph() {
+        // A gradient that carries a graph (as candle's matmul gradients do) must not leak it
+        // into the optimizer state, or memory grows with every step.
+        let w = Var::new(&[[1.0f32, 2.0]], &Device::Cpu).unwrap();
+        let x = Var::new(&[[3.0f32], [4.0]], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], params(0.1), &[]).unwrap();
+        for _ in 0..3 {
+            let grads = w.as_tensor().matmul(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = grads.get(w.as_tensor()).unwrap().clone();
+            assert!(g.track_op(), "the premise: this gradient is tracked");
+            opt.step(&HashMap::from([("w".to_string(), g)]), 0.01, 1.0).unwrap();
+            let (_, state) = opt.state().unwrap();
+            for (n, t) in &state {
+                assert!(!t.track_op(), "moment {n} is a plain tensor");
+            }
+        }
     }
 
     #[test]

@@ -453,9 +453,11 @@ fn train_step(
         let grads = (loss / accumulation as f64)?.backward()?;
         for (name, var) in params {
             if let Some(g) = grads.get(var.as_tensor()) {
+                // Detached: the micro-batch's graph is freed as soon as its backward is done.
+                let g = g.detach();
                 let sum = match outcome.grads.remove(name) {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 };
                 outcome.grads.insert(name.clone(), sum);
             }
