@@ -257,10 +257,18 @@ mod tests {
         let x = Var::new(&[[3.0f32], [4.0]], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), w.clone())], params(0.1), &[]).unwrap();
         for _ in 0..3 {
-            let grads = w.as_tensor().matmul(x.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = w
+                .as_tensor()
+                .matmul(x.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
             let g = grads.get(w.as_tensor()).unwrap().clone();
             assert!(g.track_op(), "the premise: this gradient is tracked");
-            opt.step(&HashMap::from([("w".to_string(), g)]), 0.01, 1.0).unwrap();
+            opt.step(&HashMap::from([("w".to_string(), g)]), 0.01, 1.0)
+                .unwrap();
             let (_, state) = opt.state().unwrap();
             for (n, t) in &state {
                 assert!(!t.track_op(), "moment {n} is a plain tensor");
