@@ -503,6 +503,24 @@ mod tests {
     }
 
     #[test]
+    fn the_same_chunk_gives_the_same_bytes() {
+        // Metadata comes from a HashMap; without sorting, its order (and the file's bytes)
+        // would change from one write to the next.
+        let dir = tmp_dir("bytes");
+        let chunk = sample(0, 9);
+        let first = fs::read(write_chunk(&dir.join("a"), &chunk).unwrap()).unwrap();
+        for i in 0..8 {
+            let again = fs::read(write_chunk(&dir.join(format!("b{i}")), &chunk).unwrap()).unwrap();
+            assert!(first == again, "write {i} differs");
+        }
+        assert_eq!(
+            read_chunk(&dir.join("a").join("chunk-00000009.safetensors")).unwrap(),
+            chunk
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn run_dir_with_router_subdir_is_accepted() {
         let dir = tmp_dir("rundir");
         write_chunk(&dir.join(ROUTER_DIR), &sample(0, 4)).unwrap();

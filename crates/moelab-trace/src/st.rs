@@ -64,12 +64,49 @@ pub(crate) fn write_safetensors(
     tensors: &[(&str, OwnedTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
+    let mut bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(metadata))
         .map_err(|source| TraceError::SafeTensors {
             path: path.to_path_buf(),
             source,
         })?;
+    sort_metadata(&mut bytes);
     write_atomic(path, &bytes)
+}
+
+/// Rewrites the header's `__metadata__` with sorted keys, so that the same content gives the
+/// same bytes (`safetensors::serialize` takes a `HashMap`, whose order changes from run to run).
+/// The rewritten header has exactly the original length: same tokens, another order.
+fn sort_metadata(bytes: &mut [u8]) {
+    let Some(len) = bytes.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+        return;
+    };
+    let end = 8 + u64::from_le_bytes(len) as usize;
+    let Some(header) = bytes.get(8..end).and_then(|h| std::str::from_utf8(h).ok()) else {
+        return;
+    };
+    let Ok(mut parsed) =
+        serde_json::from_str::<std::collections::BTreeMap<String, serde_json::Value>>(header)
+    else {
+        return;
+    };
+    if let Some(meta) = parsed.get_mut("__metadata__") {
+        if let Ok(sorted) =
+            serde_json::from_value::<std::collections::BTreeMap<String, String>>(meta.clone())
+        {
+            let mut object = serde_json::Map::new();
+            for (k, v) in sorted {
+                object.insert(k, serde_json::Value::String(v));
+            }
+            *meta = serde_json::Value::Object(object);
+        }
+    }
+    let Ok(canonical) = serde_json::to_string(&parsed) else {
+        return;
+    };
+    let padded = format!("{canonical:<width$}", width = end - 8);
+    if padded.len() == end - 8 {
+        bytes[8..end].copy_from_slice(padded.as_bytes());
+    }
 }
 
 /// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
