@@ -51,7 +51,7 @@ pub struct Checkpoint {
 
 const COMPLETE_MARKER: &str = "state.json";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
         source,

@@ -33,6 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use moelab_model::{ForwardOptions, ModelConfig, MoeConfig, MoeTransformer, RouterKind};
 use serde_json::{json, Value};
 
+use crate::checkpoint::io;
 use crate::checkpoint::{self, TrainState};
 use crate::{Config, TrainError};
 
@@ -432,13 +433,6 @@ pub struct ExportSummary {
     pub notes: Vec<String>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 fn write_json(path: &Path, value: &Value) -> Result<(), TrainError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| hf_err(format!("serialising {}: {e}", path.display())))?;
@@ -797,13 +791,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         // The real model checks every name and shape once more.
         let (model, varmap) =
             MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &Device::Cpu)?;
-        let params: Vec<(String, candle_core::Var)> = varmap
-            .data()
-            .lock()
-            .map_err(|_| hf_err("model variables are poisoned".into()))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let params = crate::trainer::named_params(&varmap)?;
         crate::trainer::restore_model(&model, &params, &tensors, hf_dir)?;
 
         let dataset = Arc::new(moelab_data::ensure_prepared(&cfg.data)?);

@@ -51,7 +51,8 @@ pub fn trace_checkpoint(checkpoint: &Path, options: &TraceOptions) -> Result<Tra
     let checkpoint = resolve_checkpoint(checkpoint)?;
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(&checkpoint, &device)?;
-    set_threads(cfg.run.threads);
+    // The trainer's thread setting, so a trace is reproducible.
+    crate::trainer::set_threads(cfg.run.threads);
     let dataset: Dataset = moelab_data::ensure_prepared(&cfg.data)?;
     let selected = select_domains(&dataset, &options.domains)?;
     let layers: Vec<usize> = (0..cfg.model.n_layers)
@@ -186,11 +187,4 @@ pub fn tokens_per_domain(trace: &Trace) -> Vec<(String, u64)> {
         }
     }
     trace.domains.iter().cloned().zip(counts).collect()
-}
-
-/// Fixes the CPU thread count (0 = all cores) as the trainer does, so a trace is reproducible.
-fn set_threads(threads: usize) {
-    if threads > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
 }

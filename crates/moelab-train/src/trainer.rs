@@ -558,7 +558,7 @@ fn update_expert_bias(
 }
 
 /// Trainable parameters by name, sorted.
-fn named_params(varmap: &VarMap) -> Result<Vec<(String, Var)>, TrainError> {
+pub(crate) fn named_params(varmap: &VarMap) -> Result<Vec<(String, Var)>, TrainError> {
     let vars = varmap
         .data()
         .lock()
@@ -685,7 +685,7 @@ fn prepare_run_dir(run_dir: &Path, cfg: &Config, resuming: bool) -> Result<(), T
 }
 
 /// Fixes the CPU thread count (0 = all cores) for rayon and candle's GEMM.
-fn set_threads(threads: usize) {
+pub(crate) fn set_threads(threads: usize) {
     if threads == 0 {
         return;
     }
