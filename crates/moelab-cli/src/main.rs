@@ -60,6 +60,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time the training step of a config on random tokens: median step time split into
+    /// forward, backward and optimizer, tokens/s, MFU and peak GPU memory.
+    ///
+    /// Example: moelab bench configs/gpu-b.toml --steps 20 --json
+    ///          moelab bench configs/tiny.toml --steps 5
+    Bench {
+        /// Run config (TOML); its run.device, train.precision, micro_batch and seq_len are used.
+        config: PathBuf,
+        /// Override a config key, e.g. --set train.micro_batch=16 (repeatable).
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed warm-up steps before them.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +119,24 @@ fn main() -> anyhow::Result<()> {
             } else {
                 println!("{} ({})", cfg.run.name, config.display());
                 print!("{}", info.table());
+            }
+        }
+        Command::Bench {
+            config,
+            overrides,
+            steps,
+            warmup,
+            json,
+        } => {
+            let cfg = Config::load(&config, &overrides)?;
+            let report = moelab_train::bench(&cfg, moelab_train::BenchOptions { steps, warmup })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).context("serialising the bench report")?
+                );
+            } else {
+                println!("{}", report.table());
             }
         }
     }

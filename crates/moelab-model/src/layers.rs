@@ -33,12 +33,14 @@ impl Linear {
         &self.weight
     }
 
-    /// Applies the map to the last dimension of `x`.
+    /// Applies the map to the last dimension of `x`, in `x`'s dtype (the f32 master weight is
+    /// cast on use under mixed precision; the cast is a no-op otherwise).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / in_dim;
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let weight = self.weight.to_dtype(x.dtype())?;
+        let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
         }
@@ -60,9 +62,9 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        moelab_kernels::rms_norm(x, &self.weight, self.eps)
+        moelab_kernels::rms_norm(x, &self.weight.to_dtype(x.dtype())?, self.eps)
     }
 }
 

@@ -117,6 +117,8 @@ pub struct MoeTransformer {
     /// Rotary tables for positions 0..max_seq_len, (max_seq_len, head_dim / 2).
     rope_cos: Tensor,
     rope_sin: Tensor,
+    /// Dtype of activations and matmuls; parameters stay in their own (master) dtype.
+    compute_dtype: DType,
     cfg: ModelConfig,
 }
 
@@ -138,6 +140,7 @@ impl MoeTransformer {
         let blocks = (0..cfg.n_layers)
             .map(|layer| Block::new(cfg, layer, vb.pp(format!("blocks.{layer}"))))
             .collect::<Result<Vec<_>>>()?;
+        let compute_dtype = vb.dtype();
         let (rope_cos, rope_sin) = moelab_kernels::rope_tables(
             cfg.max_seq_len,
             cfg.head_dim(),
@@ -152,8 +155,22 @@ impl MoeTransformer {
             lm_head,
             rope_cos,
             rope_sin,
+            compute_dtype,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Mixed precision: activations and matmuls in `dtype` (bf16 or f16) while the parameters
+    /// stay in their master dtype; each weight is cast on use, so its gradient arrives in the
+    /// master dtype. The router, the logits and the losses stay in at least f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The dtype activations are computed in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     /// A freshly initialised model and the VarMap that owns its parameters, seeded by `seed`.
@@ -211,10 +228,16 @@ impl MoeTransformer {
                 self.cfg.max_seq_len
             )));
         }
-        let cos = self.rope_cos.narrow(0, 0, seq)?;
-        let sin = self.rope_sin.narrow(0, 0, seq)?;
+        let cos = self
+            .rope_cos
+            .narrow(0, 0, seq)?
+            .to_dtype(self.compute_dtype)?;
+        let sin = self
+            .rope_sin
+            .narrow(0, 0, seq)?
+            .to_dtype(self.compute_dtype)?;
 
-        let mut h = self.embed_tokens(tokens)?;
+        let mut h = self.embed_tokens(tokens)?.to_dtype(self.compute_dtype)?;
         let mut routing = Vec::new();
         for block in &self.blocks {
             let noise = self.routing_noise(block.layer, options);
@@ -223,7 +246,11 @@ impl MoeTransformer {
             routing.extend(record);
         }
         let h = self.final_norm.forward(&h)?;
-        let logits = self.lm_head.forward(&h)?;
+        // Logits (and so the cross-entropy) in the master dtype, as the peers do.
+        let logits = self
+            .lm_head
+            .forward(&h)?
+            .to_dtype(self.embed.embeddings().dtype())?;
 
         let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
         let sum = |losses: Vec<&Tensor>| -> Result<Tensor> {

@@ -113,7 +113,13 @@ impl Router {
         n_sequences: usize,
         noise: Option<RoutingNoise>,
     ) -> Result<RouterDecision> {
-        let logits = self.weight.forward(x)?;
+        // The router runs in at least f32 whatever the compute dtype: top-k choices and the
+        // balancing losses are sensitive to bf16 rounding.
+        let x = match x.dtype() {
+            DType::BF16 | DType::F16 => x.to_dtype(DType::F32)?,
+            _ => x.clone(),
+        };
+        let logits = self.weight.forward(&x)?;
         let (tokens, n_experts) = logits.dims2()?;
 
         let max = logits.max_keepdim(D::Minus1)?.detach();
@@ -129,7 +135,7 @@ impl Router {
             Some(RoutingNoise { alpha, seed }) if alpha < 1.0 => {
                 let random = SplitMix64::new(seed).normals(tokens * n_experts);
                 let random = Tensor::from_vec(random, (tokens, n_experts), x.device())?
-                    .to_dtype(x.dtype())?;
+                    .to_dtype(logits.dtype())?;
                 ((&logits * alpha)? + (random * (1.0 - alpha))?)?
             }
             _ => logits,
@@ -273,12 +279,18 @@ impl MoeFfn {
         let token_index = index_tensor(&plan.tokens, device)?;
         let slot_index = index_tensor(&plan.assignments, device)?;
         let x_sorted = x.index_select(&token_index, 0)?;
-        let gates_sorted = decision.gates.flatten_all()?.index_select(&slot_index, 0)?;
-        let gate = moelab_kernels::grouped_matmul(&x_sorted, &self.gate_proj, &plan.group_sizes)?;
-        let up = moelab_kernels::grouped_matmul(&x_sorted, &self.up_proj, &plan.group_sizes)?;
+        let gates_sorted = decision
+            .gates
+            .flatten_all()?
+            .index_select(&slot_index, 0)?
+            .to_dtype(x.dtype())?;
+        // Experts compute in x's dtype; the master weights are cast on use (no-op in f32).
+        let weight = |w: &Tensor| w.to_dtype(x.dtype());
+        let sizes = &plan.group_sizes;
+        let gate = moelab_kernels::grouped_matmul(&x_sorted, &weight(&self.gate_proj)?, sizes)?;
+        let up = moelab_kernels::grouped_matmul(&x_sorted, &weight(&self.up_proj)?, sizes)?;
         let hidden = (gate.silu()? * up)?;
-        let expert_out =
-            moelab_kernels::grouped_matmul(&hidden, &self.down_proj, &plan.group_sizes)?;
+        let expert_out = moelab_kernels::grouped_matmul(&hidden, &weight(&self.down_proj)?, sizes)?;
         let weighted = expert_out.broadcast_mul(&gates_sorted.unsqueeze(1)?)?;
         let mut out = x.zeros_like()?.index_add(&token_index, &weighted, 0)?;
         if let Some(shared) = &self.shared {

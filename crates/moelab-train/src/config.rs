@@ -40,6 +40,36 @@ pub enum DeviceKind {
     Cuda,
 }
 
+/// Compute precision of the forward and backward passes. Master weights, gradients and the
+/// AdamW state are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32 (the CPU default; bit-identical runs).
+    #[default]
+    F32,
+    /// Activations and matmuls in bf16; the router, logits and losses in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The activation dtype.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// `[train]`: the optimisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +78,9 @@ pub struct TrainConfig {
     pub steps: u64,
     /// Sequences per forward/backward pass.
     pub micro_batch: usize,
+    /// Compute precision: "f32" or "bf16" (mixed precision over f32 master weights).
+    #[serde(default)]
+    pub precision: Precision,
     /// Tokens per optimizer step over all ranks; gradient accumulation makes up the difference.
     /// Default: one micro-batch.
     #[serde(default)]
@@ -341,11 +374,12 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), TrainError>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    const TEXT: &str = r#"
+    /// A small valid config (its dataset is never opened by the tests that use it).
+    pub(crate) const TEXT: &str = r#"
 [run]
 name = "t"
 [model]

@@ -44,6 +44,9 @@ pub enum TrainError {
         /// Why, and what to do instead.
         reason: String,
     },
+    /// The configured device cannot be opened.
+    #[error("device: {0}")]
+    Device(String),
     /// A command argument that does not fit the run or its data (e.g. an unknown domain).
     #[error("{0}")]
     Argument(String),

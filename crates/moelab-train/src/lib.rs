@@ -2,6 +2,7 @@
 //! router-activation logging. `trainer.rs` reads top to bottom.
 
 pub mod ablate;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod trace;
 pub mod trainer;
 
 pub use ablate::{run_ablation, Ablation, AblationEvent, AblationOutcome};
+pub use bench::{bench, BenchOptions, BenchReport};
 pub use config::{Config, RunConfig};
 pub use error::TrainError;
 pub use eval::EvalReport;

@@ -24,7 +24,7 @@ use crate::schedule::Schedule;
 use crate::{Config, TrainError};
 
 /// Dense bf16 peak of the H100/H200 class, the denominator of MFU on CUDA.
-const GPU_PEAK_FLOPS: f64 = 989e12;
+pub(crate) const GPU_PEAK_FLOPS: f64 = 989e12;
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,13 +149,7 @@ pub fn train(
     prepare_run_dir(&run_dir, &cfg, options.resume.is_some())?;
     checkpoint::remove_partial(&checkpoints_dir)?;
     set_threads(cfg.run.threads);
-    let device = match cfg.run.device {
-        DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| TrainError::RunDir {
-            path: run_dir.clone(),
-            reason: format!("run.device = \"cuda\" but no CUDA device is usable ({e}); build with --features cuda or use \"cpu\""),
-        })?,
-    };
+    let device = open_device(cfg.run.device)?;
 
     let dataset = Arc::new(moelab_data::ensure_prepared(&cfg.data)?);
     if dataset.vocab_size() > cfg.model.vocab_size {
@@ -169,17 +163,9 @@ pub fn train(
         });
     }
     let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &device)?;
+    let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
     let params = named_params(&varmap)?;
-    let mut optimizer = AdamW::new(
-        params.clone(),
-        AdamWParams {
-            beta1: cfg.train.beta1,
-            beta2: cfg.train.beta2,
-            eps: cfg.train.eps,
-            weight_decay: cfg.train.weight_decay,
-        },
-        &cfg.train.no_decay,
-    )?;
+    let mut optimizer = new_optimizer(&params, &cfg)?;
     let global_sequences = cfg.global_sequences();
     let (stream, mut state) = match &resume_from {
         Some(dir) => {
@@ -558,6 +544,32 @@ fn update_expert_bias(
 }
 
 /// Trainable parameters by name, sorted.
+/// The device `run.device` names; CUDA needs a build with `--features cuda`.
+pub(crate) fn open_device(kind: DeviceKind) -> Result<Device, TrainError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+            TrainError::Device(format!(
+                "run.device = \"cuda\" but no CUDA device is usable ({e}); this binary needs a build with --features cuda (see scripts/cuda-toolchain.sh), or set run.device = \"cpu\""
+            ))
+        }),
+    }
+}
+
+/// AdamW over `params` with `[train]`'s hyper-parameters (f32 state).
+pub(crate) fn new_optimizer(params: &[(String, Var)], cfg: &Config) -> Result<AdamW, TrainError> {
+    Ok(AdamW::new(
+        params.to_vec(),
+        AdamWParams {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.train.weight_decay,
+        },
+        &cfg.train.no_decay,
+    )?)
+}
+
 pub(crate) fn named_params(varmap: &VarMap) -> Result<Vec<(String, Var)>, TrainError> {
     let vars = varmap
         .data()

@@ -1,0 +1,299 @@
+//! `moelab bench`: the training step of a config timed on random tokens, split into forward,
+//! backward and optimizer, with throughput, MFU and peak device memory. The same shapes run in
+//! the PyTorch peer (`scripts/peer_torch.py`), so the two lines of its table compare like for like.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use moelab_model::rng::SplitMix64;
+use moelab_model::{ForwardOptions, ModelInfo, MoeTransformer};
+use serde::Serialize;
+
+use crate::config::{DeviceKind, Precision};
+use crate::trainer::{new_optimizer, open_device, set_threads, GPU_PEAK_FLOPS};
+use crate::{Config, TrainError};
+
+/// How long to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Timed steps (the median is reported).
+    pub steps: usize,
+    /// Untimed steps first (CUDA kernel loading and allocator warm-up).
+    pub warmup: usize,
+}
+
+/// What `moelab bench` reports; every time is a median over the timed steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// `run.name` of the config.
+    pub config: String,
+    /// "cpu" or "cuda".
+    pub device: String,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Sequences per step (one micro-batch, as the peer).
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Whole step: forward + backward + clip + AdamW.
+    pub step_ms: f64,
+    /// Forward pass including the loss.
+    pub forward_ms: f64,
+    /// Backward pass.
+    pub backward_ms: f64,
+    /// Gradient norm, clipping and the AdamW update.
+    pub optimizer_ms: f64,
+    /// micro_batch * seq_len / step time.
+    pub tokens_per_s: f64,
+    /// 6 x active parameters (input embedding excluded) + attention, per token.
+    pub flops_per_token: u64,
+    /// Achieved model FLOP/s, in TFLOP/s.
+    pub model_tflops: f64,
+    /// Model FLOP/s over 989 TFLOP/s (dense bf16 peak of the H100/H200 class); CUDA only.
+    pub mfu: Option<f64>,
+    /// Measured matmul throughput on this device: bf16 8192^3 on CUDA, f32 1024^3 on CPU.
+    pub matmul_tflops: f64,
+    /// Model FLOP/s over the measured matmul throughput.
+    pub mfu_vs_matmul: f64,
+    /// Peak device memory in use during the timed steps, from the driver (includes the
+    /// allocator's cached blocks, like torch's max_memory_reserved); CUDA only.
+    pub peak_memory_gb: Option<f64>,
+    /// All parameters.
+    pub params_total: u64,
+    /// Parameters one token passes through.
+    pub params_active: u64,
+    /// Loss of the last timed step (a sanity check: finite, near ln(vocab) at init).
+    pub last_loss: f64,
+}
+
+/// Builds the config's model on its device and precision and times `options.steps` training
+/// steps on random tokens after `options.warmup` untimed ones.
+pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainError> {
+    if options.steps == 0 {
+        return Err(TrainError::Argument("--steps must be at least 1".into()));
+    }
+    set_threads(cfg.run.threads);
+    let device = open_device(cfg.run.device)?;
+    let memory_at_start = device_memory_used(&device)?;
+    let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &device)?;
+    let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
+    let params = crate::trainer::named_params(&varmap)?;
+    let mut optimizer = new_optimizer(&params, cfg)?;
+    let (micro, seq_len) = (cfg.train.micro_batch, cfg.data.seq_len);
+    let mut rng = SplitMix64::new(cfg.run.seed);
+    let mut random_tokens = || -> Result<Tensor, TrainError> {
+        let ids: Vec<u32> = (0..micro * seq_len)
+            .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
+            .collect();
+        Ok(Tensor::from_vec(ids, (micro, seq_len), &device)?)
+    };
+
+    let mut times: Vec<[f64; 3]> = Vec::with_capacity(options.steps);
+    let mut peak_memory = memory_at_start;
+    let mut last_loss = f64::NAN;
+    for step in 0..options.warmup + options.steps {
+        let (input, target) = (random_tokens()?, random_tokens()?);
+        device.synchronize()?;
+        let start = Instant::now();
+        let out = model.forward(
+            &input,
+            Some(&target),
+            ForwardOptions {
+                step: Some(step as u64),
+                seed: cfg.run.seed,
+            },
+        )?;
+        let loss = out
+            .loss
+            .ok_or_else(|| TrainError::Argument("the model returned no loss".into()))?;
+        device.synchronize()?;
+        let forward = start.elapsed().as_secs_f64();
+        peak_memory = peak_memory.max(device_memory_used(&device)?);
+        let grads = loss.backward()?;
+        let grads = params
+            .iter()
+            .filter_map(|(name, var)| {
+                grads
+                    .get(var.as_tensor())
+                    .map(|g| (name.clone(), g.detach()))
+            })
+            .collect();
+        device.synchronize()?;
+        let backward = start.elapsed().as_secs_f64();
+        peak_memory = peak_memory.max(device_memory_used(&device)?);
+        let grad_norm = optimizer.grad_norm(&grads)?;
+        let scale = match cfg.train.grad_clip {
+            Some(clip) if grad_norm > clip => clip / grad_norm,
+            _ => 1.0,
+        };
+        optimizer.step(&grads, cfg.train.lr, scale)?;
+        device.synchronize()?;
+        let total = start.elapsed().as_secs_f64();
+        peak_memory = peak_memory.max(device_memory_used(&device)?);
+        last_loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        if step >= options.warmup {
+            times.push([forward, backward - forward, total - backward]);
+        }
+    }
+
+    let median_ms = |pick: &dyn Fn(&[f64; 3]) -> f64| median(times.iter().map(pick)) * 1e3;
+    let step_ms = median_ms(&|t| t[0] + t[1] + t[2]);
+    let info = ModelInfo::new(&cfg.model, seq_len);
+    let tokens_per_s = (micro * seq_len) as f64 / (step_ms / 1e3);
+    let model_flops = tokens_per_s * info.train_flops_per_token as f64;
+    let matmul_flops = matmul_peak(&device)?;
+    let cuda = cfg.run.device == DeviceKind::Cuda;
+    Ok(BenchReport {
+        config: cfg.run.name.clone(),
+        device: if cuda { "cuda" } else { "cpu" }.into(),
+        precision: cfg.train.precision,
+        micro_batch: micro,
+        seq_len,
+        steps: options.steps,
+        step_ms,
+        forward_ms: median_ms(&|t| t[0]),
+        backward_ms: median_ms(&|t| t[1]),
+        optimizer_ms: median_ms(&|t| t[2]),
+        tokens_per_s,
+        flops_per_token: info.train_flops_per_token,
+        model_tflops: model_flops / 1e12,
+        mfu: cuda.then(|| model_flops / GPU_PEAK_FLOPS),
+        matmul_tflops: matmul_flops / 1e12,
+        mfu_vs_matmul: model_flops / matmul_flops,
+        peak_memory_gb: cuda.then(|| (peak_memory - memory_at_start) as f64 / 1e9),
+        params_total: info.total_params,
+        params_active: info.active_params,
+        last_loss,
+    })
+}
+
+impl BenchReport {
+    /// A readable block for the terminal.
+    pub fn table(&self) -> String {
+        let mut lines = vec![
+            format!(
+                "moelab bench {} on {} ({}), {} x {} tokens per step, median of {} steps",
+                self.config,
+                self.device,
+                self.precision.name(),
+                self.micro_batch,
+                self.seq_len,
+                self.steps
+            ),
+            format!(
+                "  step        {:>10.2} ms  (forward {:.2}, backward {:.2}, optimizer {:.2})",
+                self.step_ms, self.forward_ms, self.backward_ms, self.optimizer_ms
+            ),
+            format!("  tokens/s    {:>10.0}", self.tokens_per_s),
+            format!(
+                "  model       {:>10.3} TFLOP/s ({} FLOPs/token; {:.1}% of measured matmul {:.3} TFLOP/s)",
+                self.model_tflops,
+                self.flops_per_token,
+                self.mfu_vs_matmul * 100.0,
+                self.matmul_tflops
+            ),
+        ];
+        if let Some(mfu) = self.mfu {
+            lines.push(format!(
+                "  MFU         {:>10.1}% of 989 TFLOP/s",
+                mfu * 100.0
+            ));
+        }
+        if let Some(gb) = self.peak_memory_gb {
+            lines.push(format!("  peak memory {gb:>10.1} GB"));
+        }
+        lines.push(format!(
+            "  params      {} total, {} active; last loss {:.4}",
+            self.params_total, self.params_active, self.last_loss
+        ));
+        lines.join("\n")
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// FLOP/s of a large square matmul in the compute dtype this device trains in: the practical
+/// ceiling MFU is also shown against.
+fn matmul_peak(device: &Device) -> Result<f64, TrainError> {
+    let (n, dtype, reps) = if device.is_cuda() {
+        (8192, DType::BF16, 10)
+    } else {
+        (1024, DType::F32, 3)
+    };
+    let a = Tensor::ones((n, n), dtype, device)?;
+    let b = Tensor::ones((n, n), dtype, device)?;
+    a.matmul(&b)?;
+    device.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let start = Instant::now();
+        a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n as f64).powi(3) / best)
+}
+
+/// Bytes in use on the device as the driver sees them (0 on CPU).
+fn device_memory_used(device: &Device) -> Result<usize, TrainError> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_err(|e| TrainError::Device(format!("cuMemGetInfo: {e:?}")))?;
+        return Ok(total - free);
+    }
+    let _ = device;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn bench_times_a_step_and_reports_consistent_figures() {
+        let cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        let report = bench(
+            &cfg,
+            BenchOptions {
+                steps: 3,
+                warmup: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(report.steps, 3);
+        assert!(report.step_ms > 0.0);
+        let parts = report.forward_ms + report.backward_ms + report.optimizer_ms;
+        // Medians of parts need not add up exactly, but they bound the step.
+        assert!(parts > 0.3 * report.step_ms && parts < 3.0 * report.step_ms);
+        let tokens = (cfg.train.micro_batch * cfg.data.seq_len) as f64;
+        assert!(
+            (report.tokens_per_s - tokens / (report.step_ms / 1e3)).abs()
+                < 1e-6 * report.tokens_per_s
+        );
+        // Random targets: the loss starts near ln(vocab).
+        let uniform = (cfg.model.vocab_size as f64).ln();
+        assert!(
+            (report.last_loss - uniform).abs() < 1.0,
+            "{}",
+            report.last_loss
+        );
+        assert!(report.mfu.is_none() && report.peak_memory_gb.is_none());
+        assert!(report.matmul_tflops > 0.0);
+        assert!(report.table().contains("tokens/s"));
+    }
+}

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Every GPU check in one go, for one call on the device machine (H200, CUDA 13.0 driver, torch,
+# no Rust, no network). Build first on any machine: `bash scripts/build-gpu.sh` stages
+# .devcarry/{moelab,cuda_ops}; then run this with .devcarry carried:
+#
+#   bash scripts/gpu-check.sh [ops] [train] [bench]   # default: all three; logs under $OUT
+#
+# Expected wall time on the H200: ops ~1 min, train ~3 min, bench ~5 min (torch.compile is most of
+# it); a device call is limited to 10 minutes, so split the stages over two calls if needed.
+# Stages (each under its own timeout, so one hang cannot eat the device budget):
+#   1. ops:   every CUDA op against its CPU reference on fresh random inputs, outputs poisoned
+#   2. train: configs/gpu-smoke.toml, 30 steps on CUDA bf16 vs CPU f32, losses compared
+#   3. bench: moelab bench on configs/gpu-b.toml, then the PyTorch peer (eager, torch.compile)
+# The last lines printed are the summary table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+BIN=.devcarry/moelab
+BENCH_CONFIG=${BENCH_CONFIG:-configs/gpu-b.toml}
+SMOKE_STEPS=${SMOKE_STEPS:-30}
+declare -a ROWS
+STAGES=" ${*:-ops train bench} "
+want() { [[ $STAGES == *" $1 "* ]]; }
+
+stage() { # name, timeout seconds, command...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc in $((SECONDS - start)) s (log: $OUT/$name.log)"
+  tail -5 "$OUT/$name.log" | sed 's/^/    /'
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+echo "GPU: $(cat "$OUT/gpu.txt")"
+
+# 1. ops
+if ! want ops; then :
+elif stage ops 240 env MOELAB_POISON_OUTPUTS=1 .devcarry/cuda_ops --test-threads 1 --nocapture; then
+  ROWS+=("ops|PASS|$(grep -c '^ *[a-z_]* .*err' "$OUT/ops.log") op/dtype/pass lines, see ops.log")
+else
+  ROWS+=("ops|FAIL|$(grep -m1 -E 'panicked|FAIL|error' "$OUT/ops.log" | cut -c1-80)")
+fi
+
+# 2. train: CUDA bf16 vs CPU f32, same config, seed and data
+if want train; then
+common=(--set train.steps=$SMOKE_STEPS --set log.interval=5 --set train.eval_interval=0 --set checkpoint.interval=0)
+stage train-cuda 240 $BIN train configs/gpu-smoke.toml --run-dir "$OUT/smoke-cuda" "${common[@]}"
+cuda_rc=$?
+stage train-cpu 240 $BIN train configs/gpu-smoke.toml --run-dir "$OUT/smoke-cpu" "${common[@]}" \
+  --set run.device=cpu --set train.precision=f32 --set run.threads=16
+cpu_rc=$?
+if [ $cuda_rc -eq 0 ] && [ $cpu_rc -eq 0 ] && python3 scripts/compare_losses.py \
+    "$OUT/smoke-cuda/metrics.jsonl" "$OUT/smoke-cpu/metrics.jsonl" --tolerance 0.02 > "$OUT/train-compare.log" 2>&1; then
+  ROWS+=("train|PASS|$(tail -1 "$OUT/train-compare.log" | cut -c7-80)")
+else
+  ROWS+=("train|FAIL|cuda rc=$cuda_rc cpu rc=$cpu_rc; $(tail -1 "$OUT/train-compare.log" 2>/dev/null | cut -c1-60)")
+fi
+cat "$OUT/train-compare.log" 2>/dev/null | tail -8
+fi
+
+# 3. bench: moelab, then the peer in the same call
+if want bench; then
+stage bench-moelab 180 $BIN bench "$BENCH_CONFIG" --steps 20 --warmup 5 --json
+stage bench-peer 300 python3 scripts/peer_torch.py "$BENCH_CONFIG" --mode both --json
+python3 - "$OUT" <<'PY' > "$OUT/bench-table.md"
+import json, sys, pathlib
+out = pathlib.Path(sys.argv[1])
+rows = []
+def objects(name):
+    p = out / name
+    if not p.exists():
+        return []
+    found = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return found
+for r in objects("bench-moelab.log"):
+    rows.append(("moelab", r["tokens_per_s"], r["step_ms"], r.get("mfu"), r.get("peak_memory_gb"),
+                 f'fwd {r["forward_ms"]:.1f} / bwd {r["backward_ms"]:.1f} / opt {r["optimizer_ms"]:.1f} ms; matmul {r["matmul_tflops"]:.0f} TFLOP/s'))
+for r in objects("bench-peer.log"):
+    rows.append((f'torch {r.get("mode")}', r.get("tokens_per_s"), r.get("step_ms_median"), r.get("mfu"),
+                 r.get("peak_reserved_gb") or r.get("peak_mem_gb"), f'fwd {r.get("fwd_ms", 0):.1f} / bwd {r.get("bwd_ms", 0):.1f} / opt {r.get("opt_ms", 0):.1f} ms'))
+fmt = lambda v, f: "-" if v is None else format(v, f)
+print("| who | tokens/s | step ms | MFU | peak GB (reserved) | split |")
+print("| --- | ---: | ---: | ---: | ---: | --- |")
+for who, tps, ms, mfu, mem, split in rows:
+    print(f"| {who} | {fmt(tps, ',.0f')} | {fmt(ms, '.1f')} | {fmt(None if mfu is None else mfu * 100, '.1f')}% | {fmt(mem, '.1f')} | {split} |")
+PY
+ROWS+=("bench|$(grep -c '^| [mt]' "$OUT/bench-table.md") rows|see bench-table.md")
+echo
+echo "== bench ($BENCH_CONFIG) =="
+cat "$OUT/bench-table.md"
+fi
+echo
+echo "== summary =="
+printf '%-6s | %-4s | %s\n' check result detail
+for row in "${ROWS[@]}"; do IFS='|' read -r a b c <<< "$row"; printf '%-6s | %-4s | %s\n' "$a" "$b" "$c"; done
