@@ -411,3 +411,82 @@ fn keep_last_prunes_old_checkpoints_but_keeps_milestones() {
         .sum();
     assert!((total - 2.0).abs() < 1e-9, "shares sum to top_k: {total}");
 }
+
+#[test]
+fn bf16_precision_tracks_the_f32_run_and_checkpoints_stay_f32() {
+    let fx = Fixture::new("bf16");
+    let short = ["--set", "train.steps=8", "--set", "checkpoint.interval=0"];
+    ok(&fx.train("f32", &short));
+    let mut bf16 = short.to_vec();
+    bf16.extend(["--set", "train.precision=\"bf16\""]);
+    ok(&fx.train("bf16", &bf16));
+    let loss = |run: &str| -> Vec<f64> {
+        metrics_without_timing(&fx.run_dir(run))
+            .iter()
+            .filter_map(|m| m["loss"].as_f64())
+            .collect()
+    };
+    let (a, b) = (loss("f32"), loss("bf16"));
+    assert_eq!(a.len(), 8);
+    assert_eq!(a.len(), b.len());
+    assert_ne!(
+        a, b,
+        "bf16 compute changed nothing: was the precision applied?"
+    );
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 0.02 * x.abs(),
+            "step {}: f32 {x} vs bf16 {y}",
+            step + 1
+        );
+    }
+    // Master weights are saved in f32 whatever the compute precision.
+    let ckpt = fx
+        .run_dir("bf16")
+        .join("checkpoints/step-00000008/model.safetensors");
+    let tensors = candle_core::safetensors::load(&ckpt, &candle_core::Device::Cpu).unwrap();
+    assert!(!tensors.is_empty());
+    for (name, tensor) in tensors {
+        assert_eq!(tensor.dtype(), candle_core::DType::F32, "{name}");
+    }
+}
+
+#[test]
+fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
+    let fx = Fixture::new("bench");
+    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
+        .args([
+            "bench",
+            fx.config.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["steps"], 2);
+    assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["last_loss"].as_f64().unwrap().is_finite());
+    if !cfg!(feature = "cuda") {
+        let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
+            .args([
+                "bench",
+                fx.config.to_str().unwrap(),
+                "--set",
+                "run.device=cuda",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("run.device") && stderr.contains("--features cuda"),
+            "{stderr}"
+        );
+    }
+}
