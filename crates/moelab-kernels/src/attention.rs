@@ -49,7 +49,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             .reshape((b, h, t, d))
     };
     let (k, v) = (expand(k)?, expand(v)?);
-    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+    // Scaling q (T x D) instead of the scores (T x T) saves two passes over the largest tensor.
+    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?)?;
     causal_softmax(&scores)?.matmul(&v)
 }
 

@@ -4,7 +4,9 @@ use crate::cpu::{check_float, contiguous, float_dispatch, map_rows, Acc, Elem};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// Per-row cross-entropy: `logits (N, V)`, `targets (N,)` u32 -> `(N,)` loss
-/// `logsumexp(row) - row[target]`; an out-of-range target is an error.
+/// `logsumexp(row) - row[target]` in the logits' dtype (computed in f32 or f64 whatever the
+/// dtype). An out-of-range target is an error on CPU; on CUDA, where checking would cost a
+/// device-to-host sync every step, it makes that row's loss and gradient NaN instead.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_float("cross_entropy", "logits", logits)?;
     let (n, v) = match logits.dims2() {
@@ -108,6 +110,17 @@ impl CustomOp2 for CrossEntropy {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>(s1, l1, s2, l2))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::cross_entropy_fwd(self.name(), s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -181,6 +194,19 @@ impl CustomOp3 for CrossEntropyBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>(s1, l1, s2, l2, s3, l3))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::cross_entropy_bwd(self.name(), s1, l1, s2, l2, s3, l3)
     }
 }
 

@@ -2,11 +2,13 @@
 
 use crate::cpu::contiguous;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Grouped GEMM: `x (N, K)` with rows sorted by group, `w (E, M, K)` in nn.Linear layout,
 /// `group_sizes` (length E, summing to N) -> `(N, M)` where group e's rows are `x_e @ w[e]^T`.
+/// f32, f64, bf16 and f16 (bf16 on CPU computes in f32 and rounds the result once).
 pub fn grouped_matmul(x: &Tensor, w: &Tensor, group_sizes: &[usize]) -> Result<Tensor> {
     let op = "grouped_matmul";
     check_gemm_dtype(op, "x", x.dtype())?;
@@ -38,12 +40,18 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, group_sizes: &[usize]) -> Result<T
 
 fn check_gemm_dtype(op: &str, what: &str, dtype: DType) -> Result<()> {
     match dtype {
-        DType::F32 | DType::F64 | DType::F16 => Ok(()),
-        dt => bail!("{op}: {what} has unsupported dtype {dt:?} (expected f32, f64 or f16)"),
+        DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
+        dt => bail!("{op}: {what} has unsupported dtype {dt:?} (expected f32, f64, bf16 or f16)"),
     }
 }
 
-fn check_group_sizes(op: &str, sizes: &[usize], groups: usize, rows: usize) -> Result<()> {
+/// Errors unless there is one size per group and they sum to the row count.
+pub(crate) fn check_group_sizes(
+    op: &str,
+    sizes: &[usize],
+    groups: usize,
+    rows: usize,
+) -> Result<()> {
     if sizes.len() != groups {
         bail!(
             "{op}: {} group sizes given for {groups} weight groups",
@@ -162,6 +170,19 @@ fn for_each_group<T: Send>(
     }
 }
 
+/// bf16 on CPU (gemm has no bf16 kernel): widens both inputs to f32, runs `f` and rounds its
+/// result to bf16 once, so accumulation is in f32 as on CUDA.
+fn via_f32(
+    a: &[bf16],
+    b: &[bf16],
+    f: impl FnOnce(&[f32], &[f32]) -> Result<(Vec<f32>, Shape)>,
+) -> Result<(CpuStorage, Shape)> {
+    let widen = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    let (out, shape) = f(&widen(a), &widen(b))?;
+    let out = out.into_iter().map(bf16::from_f32).collect();
+    Ok((CpuStorage::BF16(out), shape))
+}
+
 /// Scalar types gemm 0.19 implements.
 trait GemmElem: candle_core::WithDType {
     const ZERO: Self;
@@ -196,7 +217,7 @@ macro_rules! gemm_dispatch {
                 $body
             }
             dt => bail!(
-                "{}: unsupported dtype {dt:?} (expected f32, f64 or f16)",
+                "{}: unsupported dtype {dt:?} (expected f32, f64, bf16 or f16)",
                 $op
             ),
         }
@@ -221,6 +242,17 @@ impl GroupedMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous::<T>(xs, xl, self.name(), "x")?;
         let w = contiguous::<T>(ws, wl, self.name(), "w")?;
+        let (y, shape) = self.fwd_slices(x, xl, w, wl)?;
+        Ok((T::to_cpu_storage_owned(y), shape))
+    }
+
+    fn fwd_slices<T: GemmElem>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        w: &[T],
+        wl: &Layout,
+    ) -> Result<(Vec<T>, Shape)> {
         let (n, a) = match xl.dims() {
             [n, a] => (*n, *a),
             dims => bail!("{}: x must be 2D, got {dims:?}", self.name()),
@@ -253,7 +285,7 @@ impl GroupedMatmul {
             };
             gemm_into(rows, out_w, inner, ye, (xe, a, 1), rhs)
         })?;
-        Ok((T::to_cpu_storage_owned(y), Shape::from((n, out_w))))
+        Ok((y, Shape::from((n, out_w))))
     }
 }
 
@@ -269,7 +301,31 @@ impl CustomOp2 for GroupedMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if crate::cpu::storage_dtype(s1) == DType::BF16 {
+            let x = contiguous::<bf16>(s1, l1, self.name(), "x")?;
+            let w = contiguous::<bf16>(s2, l2, self.name(), "w")?;
+            return via_f32(x, w, |x, w| self.fwd_slices(x, l1, w, l2));
+        }
         gemm_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>(s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::gemm::grouped_matmul(
+            self.name(),
+            &self.group_sizes,
+            self.transpose,
+            s1,
+            l1,
+            s2,
+            l2,
+        )
     }
 
     fn bwd(
@@ -314,6 +370,17 @@ impl GroupedWeightGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let a = contiguous::<T>(a_s, a_l, self.name(), "a")?;
         let b = contiguous::<T>(b_s, b_l, self.name(), "b")?;
+        let (dw, shape) = self.run_slices(a, a_l, b, b_l)?;
+        Ok((T::to_cpu_storage_owned(dw), shape))
+    }
+
+    fn run_slices<T: GemmElem>(
+        &self,
+        a: &[T],
+        a_l: &Layout,
+        b: &[T],
+        b_l: &Layout,
+    ) -> Result<(Vec<T>, Shape)> {
         let ((n, p), (nb, q)) = match (a_l.dims(), b_l.dims()) {
             ([n, p], [nb, q]) => ((*n, *p), (*nb, *q)),
             (da, db) => bail!("{}: inputs must be 2D, got {da:?} and {db:?}", self.name()),
@@ -335,7 +402,7 @@ impl GroupedWeightGrad {
                 gemm_into(p, q, rows, out, (ae, 1, p), (be, q, 1))
             },
         )?;
-        Ok((T::to_cpu_storage_owned(dw), Shape::from((e, p, q))))
+        Ok((dw, Shape::from((e, p, q))))
     }
 }
 
@@ -351,7 +418,23 @@ impl CustomOp2 for GroupedWeightGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if crate::cpu::storage_dtype(s1) == DType::BF16 {
+            let a = contiguous::<bf16>(s1, l1, self.name(), "a")?;
+            let b = contiguous::<bf16>(s2, l2, self.name(), "b")?;
+            return via_f32(a, b, |a, b| self.run_slices(a, l1, b, l2));
+        }
         gemm_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>(s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::gemm::grouped_weight_grad(self.name(), &self.group_sizes, s1, l1, s2, l2)
     }
 }
 
@@ -437,14 +520,56 @@ mod tests {
         assert!(msg.contains('4') && msg.contains('5'), "{msg}");
         assert!(grouped_matmul(&x, &w, &[5]).is_err());
         assert!(grouped_matmul(&x, &rand(2, (2, 3, 5), 1.0, DType::F32), &[2, 3]).is_err());
-        let bf = x.to_dtype(DType::BF16).unwrap();
-        let msg = grouped_matmul(&bf, &w.to_dtype(DType::BF16).unwrap(), &[2, 3])
+        let ints = x.to_dtype(DType::U32).unwrap();
+        let msg = grouped_matmul(&ints, &w.to_dtype(DType::U32).unwrap(), &[2, 3])
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains("grouped_matmul") && msg.contains("BF16"),
+            msg.contains("grouped_matmul") && msg.contains("U32"),
             "{msg}"
         );
+    }
+
+    /// Max |a - b| / max |b|, in f64.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        let scale = b
+            .to_dtype(DType::F64)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        max_abs_diff(a, b) / scale.max(1e-30)
+    }
+
+    #[test]
+    fn bf16_matches_f32_forward_and_grads() {
+        // bf16 inputs, widened exactly to f32 for the reference, so the only differences are
+        // the bf16 roundings of the results (relative 2^-9 each).
+        let sizes = [7, 0, 12, 5];
+        let x16 = rand(21, (24, 40), 1.0, DType::BF16);
+        let w16 = rand(22, (4, 24, 40), 1.0, DType::BF16);
+        let r16 = rand(23, (24, 24), 1.0, DType::BF16);
+        let run = |dtype: DType| {
+            let x = Var::from_tensor(&x16.to_dtype(dtype).unwrap()).unwrap();
+            let w = Var::from_tensor(&w16.to_dtype(dtype).unwrap()).unwrap();
+            let y = grouped_matmul(x.as_tensor(), w.as_tensor(), &sizes).unwrap();
+            let r = r16.to_dtype(dtype).unwrap();
+            let grads = y.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap().clone();
+            let dw = grads.get(w.as_tensor()).unwrap().clone();
+            (y, dx, dw)
+        };
+        let (y16, dx16, dw16) = run(DType::BF16);
+        let (y32, dx32, dw32) = run(DType::F32);
+        assert_eq!(y16.dtype(), DType::BF16);
+        assert_eq!(dw16.dtype(), DType::BF16);
+        for (name, a, b) in [("y", y16, y32), ("dx", dx16, dx32), ("dw", dw16, dw32)] {
+            let e = rel_err(&a, &b);
+            assert!(e < 8e-3, "{name}: relative error {e}");
+        }
     }
 
     #[test]

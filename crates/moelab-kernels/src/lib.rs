@@ -1,7 +1,14 @@
 //! candle CustomOps with CPU kernels and backward passes for the ops that candle's fast
 //! kernels (`softmax_last_dim`, `rms_norm`, `rope`) ship without autograd support.
+//!
+//! With feature `cuda` every op also runs on CUDA devices (f32, bf16, f16; accumulation in f32):
+//! the row kernels come from the repo-root `kernels/*.cu` (compiled by build.rs), the grouped
+//! GEMMs from cuBLAS. Setting `MOELAB_POISON_OUTPUTS=1` fills every CUDA output with NaN before
+//! its kernel runs, so tests catch elements a kernel forgot to write.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 pub mod attention;
 pub mod cross_entropy;

@@ -80,6 +80,17 @@ impl CustomOp2 for RmsNorm {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>(s1, l1, s2, l2))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::rms_norm_fwd(self.name(), self.eps, s1, l1, s2, l2)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,

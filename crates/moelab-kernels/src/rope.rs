@@ -130,6 +130,19 @@ impl CustomOp3 for Rope {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>(s1, l1, s2, l2, s3, l3))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::rope_fwd(self.name(), s1, l1, s2, l2, s3, l3)
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,

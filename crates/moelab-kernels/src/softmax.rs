@@ -95,6 +95,15 @@ impl CustomOp1 for Softmax {
         float_dispatch!(crate::cpu::storage_dtype(s), self.name(), T => self.fwd::<T>(s, l))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::softmax_fwd(self.name(), self.causal, s, l)
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         // Masked entries have y = 0, so the same formula serves the causal variant.
         let dx = y
@@ -154,6 +163,17 @@ impl CustomOp2 for SoftmaxBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>(s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rows::softmax_bwd(self.name(), s1, l1, s2, l2)
     }
 }
 

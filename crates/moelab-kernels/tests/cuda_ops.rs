@@ -1,0 +1,380 @@
+//! GPU check: every op's CUDA forward and backward against the CPU reference computed in f64
+//! from the same (dtype-rounded) inputs, on random data and awkward shapes, for f32, bf16 and
+//! f16. Outputs are poisoned (MOELAB_POISON_OUTPUTS=1), so an element a kernel never writes is
+//! NaN and fails the check. Prints one line per (op, dtype, pass) so the log reads as a table.
+//!
+//!   cargo test --release --features cuda -p moelab-kernels --test cuda_ops -- --nocapture
+//!
+//! Set MOELAB_TEST_SEED to replay a run (the seed is printed). Without a CUDA device the test
+//! prints "skipped: no CUDA device" and passes.
+#![cfg(feature = "cuda")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+/// splitmix64 stream: deterministic for a given seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    /// Uniform [-scale, scale) f32 tensor on CPU.
+    fn tensor(&mut self, dims: &[usize], scale: f64) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (self.uniform() * scale) as f32).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// `n` class indices below `v` as a u32 tensor on CPU.
+    fn targets(&mut self, n: usize, v: usize) -> Tensor {
+        let t: Vec<u32> = (0..n)
+            .map(|_| (self.next_u64() % v as u64) as u32)
+            .collect();
+        Tensor::from_vec(t, n, &Device::Cpu).unwrap()
+    }
+}
+
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// One op on one set of inputs.
+struct Case {
+    name: String,
+    /// CPU inputs: f32 ones are rounded to the dtype under test, others (u32 targets) kept.
+    inputs: Vec<Tensor>,
+    /// Names of the inputs that are differentiated (None: not differentiated).
+    grads: Vec<Option<&'static str>>,
+    op: OpFn,
+}
+
+/// Largest error a dtype may show, relative to the largest reference magnitude.
+///
+/// f32: the kernels accumulate in f32 against the f64 reference, over at most ~50k terms
+/// (cross-entropy rows), which costs ~1e-6 (this harness run on the CPU f32 ops measures
+/// 3e-8..2e-6); 1e-4 leaves margin yet catches any indexing or reduction bug (O(1) errors).
+/// bf16 (8 significant bits): each stored result is rounded with relative error up to
+/// 2^-9 ~ 2e-3, and composed ops (attention: matmul -> softmax -> matmul and the backwards)
+/// round intermediates 3-4 times; the CPU bf16 ops measure 1e-4..6e-3 here, so 3e-2 leaves
+/// ~5x margin and is still far below what a wrong kernel gives.
+/// f16 (11 significant bits): 8x finer roundings; the CPU f16 ops measure 1e-4..1.5e-3.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::BF16 => 3e-2,
+        DType::F16 => 1e-2,
+        dt => panic!("no tolerance for {dt:?}"),
+    }
+}
+
+/// Collects the table rows and the failures.
+#[derive(Default)]
+struct Report {
+    failures: Vec<String>,
+}
+
+impl Report {
+    /// Compares `got` (device) with `want` (CPU f64 reference) and prints one row.
+    fn compare(&mut self, op: &str, dtype: DType, pass: &str, got: &Tensor, want: &Tensor) {
+        let label = format!("{op:<46} {:<5} {pass:<8}", format!("{dtype:?}"));
+        if got.dims() != want.dims() {
+            let msg = format!("{label} shape {:?} != {:?}", got.dims(), want.dims());
+            println!("{msg}  FAIL");
+            self.failures.push(msg);
+            return;
+        }
+        let a = flat_f64(got);
+        let b = flat_f64(want);
+        let nans = a.iter().filter(|v| !v.is_finite()).count();
+        let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        let err = diff / scale.max(1e-12);
+        let tol = tolerance(dtype);
+        let ok = nans == 0 && err <= tol;
+        println!(
+            "{label} max_rel_err {err:>10.3e}  tol {tol:.0e}  max|ref| {scale:>9.3e}  non-finite {nans}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            self.failures.push(format!(
+                "{label}: max_rel_err {err:.3e} (tol {tol:.0e}), {nans} non-finite values"
+            ));
+        }
+    }
+
+    /// Records an op that returned an error instead of a result.
+    fn error(&mut self, op: &str, dtype: DType, pass: &str, e: impl std::fmt::Display) {
+        let msg = format!("{op} {dtype:?} {pass}: error: {e}");
+        println!("{msg}  FAIL");
+        self.failures.push(msg);
+    }
+}
+
+fn flat_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Output and input gradients of `(op(inputs) * upstream).sum()` on `device`, with float
+/// inputs cast to `dtype`.
+fn forward_backward(
+    case: &Case,
+    inputs: &[Tensor],
+    upstream: Option<&Tensor>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    let mut vars = Vec::new();
+    let mut tensors = Vec::new();
+    for (t, grad) in inputs.iter().zip(&case.grads) {
+        let t = if t.dtype().is_float() {
+            t.to_dtype(dtype)?
+        } else {
+            t.clone()
+        };
+        let t = t.to_device(device)?;
+        if grad.is_some() {
+            let v = Var::from_tensor(&t)?;
+            tensors.push(v.as_tensor().clone());
+            vars.push(Some(v));
+        } else {
+            tensors.push(t);
+            vars.push(None);
+        }
+    }
+    let y = (case.op)(&tensors)?;
+    let Some(upstream) = upstream else {
+        return Ok((y, Vec::new()));
+    };
+    let r = upstream.to_dtype(dtype)?.to_device(device)?;
+    let grads = (&y * &r)?.sum_all()?.backward()?;
+    let grads = vars
+        .iter()
+        .map(|v| v.as_ref().and_then(|v| grads.get(v.as_tensor()).cloned()))
+        .collect();
+    Ok((y, grads))
+}
+
+fn run_case(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType, case: &Case) {
+    // Round once to the dtype under test; the reference sees exactly these values in f64.
+    let rounded: Vec<Tensor> = case
+        .inputs
+        .iter()
+        .map(|t| {
+            if t.dtype().is_float() {
+                t.to_dtype(dtype).unwrap()
+            } else {
+                t.clone()
+            }
+        })
+        .collect();
+    let (y_shape_probe, _) =
+        forward_backward(case, &rounded, None, &Device::Cpu, DType::F64).unwrap();
+    let upstream = rng
+        .tensor(y_shape_probe.dims(), 1.0)
+        .to_dtype(dtype)
+        .unwrap();
+    let (want_y, want_grads) =
+        forward_backward(case, &rounded, Some(&upstream), &Device::Cpu, DType::F64).unwrap();
+    let (got_y, got_grads) = match forward_backward(case, &rounded, Some(&upstream), cuda, dtype) {
+        Ok(r) => r,
+        Err(e) => return report.error(&case.name, dtype, "fwd+bwd", e),
+    };
+    if got_y.dtype() != dtype {
+        report.error(
+            &case.name,
+            dtype,
+            "fwd",
+            format!("output dtype {:?}", got_y.dtype()),
+        );
+    }
+    report.compare(&case.name, dtype, "fwd", &got_y, &want_y);
+    for ((name, got), want) in case.grads.iter().zip(&got_grads).zip(&want_grads) {
+        let Some(name) = name else { continue };
+        let pass = format!("bwd d{name}");
+        match (got, want) {
+            (Some(g), Some(w)) => report.compare(&case.name, dtype, &pass, g, w),
+            _ => report.error(&case.name, dtype, &pass, "missing gradient"),
+        }
+    }
+}
+
+/// The ops and shapes under test; widths are deliberately not multiples of the block size.
+fn cases(rng: &mut Rng) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for dims in [[37usize, 1000].as_slice(), &[2, 5, 77]] {
+        cases.push(Case {
+            name: format!("softmax_last_dim {dims:?}"),
+            inputs: vec![rng.tensor(dims, 4.0)],
+            grads: vec![Some("x")],
+            op: Box::new(|t| moelab_kernels::softmax_last_dim(&t[0])),
+        });
+    }
+    for dims in [[2usize, 3, 37, 53], [1, 2, 300, 300]] {
+        cases.push(Case {
+            name: format!("causal_softmax {dims:?}"),
+            inputs: vec![rng.tensor(&dims, 4.0)],
+            grads: vec![Some("x")],
+            op: Box::new(|t| moelab_kernels::causal_softmax(&t[0])),
+        });
+    }
+    cases.push(Case {
+        name: "rms_norm (3, 37, 1000)".into(),
+        inputs: vec![rng.tensor(&[3, 37, 1000], 2.0), rng.tensor(&[1000], 1.5)],
+        grads: vec![Some("x"), Some("w")],
+        op: Box::new(|t| moelab_kernels::rms_norm(&t[0], &t[1], 1e-5)),
+    });
+    let (cos, sin) =
+        moelab_kernels::rope_tables(37, 64, 10_000.0, &Device::Cpu, DType::F32).unwrap();
+    cases.push(Case {
+        name: "rope (2, 3, 37, 64)".into(),
+        inputs: vec![rng.tensor(&[2, 3, 37, 64], 2.0), cos, sin],
+        grads: vec![Some("x"), None, None],
+        op: Box::new(|t| moelab_kernels::rope(&t[0], &t[1], &t[2])),
+    });
+    for (n, v) in [(37usize, 50_304usize), (65, 1000)] {
+        cases.push(Case {
+            name: format!("cross_entropy ({n}, {v})"),
+            inputs: vec![rng.tensor(&[n, v], 8.0), rng.targets(n, v)],
+            grads: vec![Some("logits"), None],
+            op: Box::new(|t| moelab_kernels::cross_entropy(&t[0], &t[1])),
+        });
+    }
+    // Group 1 is empty: its weight gradient must come out exactly zero (not poison).
+    let sizes = [13usize, 0, 37, 1, 20];
+    let n: usize = sizes.iter().sum();
+    cases.push(Case {
+        name: format!("grouped_matmul {sizes:?} K200 M96"),
+        inputs: vec![rng.tensor(&[n, 200], 1.0), rng.tensor(&[5, 96, 200], 1.0)],
+        grads: vec![Some("x"), Some("w")],
+        op: Box::new(move |t| moelab_kernels::grouped_matmul(&t[0], &t[1], &sizes)),
+    });
+    cases.push(Case {
+        name: "causal_attention q(2,4,37,64) kv(2,2,37,64)".into(),
+        inputs: vec![
+            rng.tensor(&[2, 4, 37, 64], 1.0),
+            rng.tensor(&[2, 2, 37, 64], 1.0),
+            rng.tensor(&[2, 2, 37, 64], 1.0),
+        ],
+        grads: vec![Some("q"), Some("k"), Some("v")],
+        op: Box::new(|t| moelab_kernels::causal_attention(&t[0], &t[1], &t[2], 0.125)),
+    });
+    cases
+}
+
+/// The empty group's weight gradient is exactly zero on the device.
+fn check_empty_group_grad(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType) {
+    let sizes = [3usize, 0, 4];
+    let x = Var::from_tensor(
+        &rng.tensor(&[7, 33], 1.0)
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(cuda)
+            .unwrap(),
+    )
+    .unwrap();
+    let w = Var::from_tensor(
+        &rng.tensor(&[3, 17, 33], 1.0)
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(cuda)
+            .unwrap(),
+    )
+    .unwrap();
+    let grads = moelab_kernels::grouped_matmul(x.as_tensor(), w.as_tensor(), &sizes)
+        .and_then(|y| y.sum_all()?.backward());
+    let label = "grouped_matmul empty-group dw == 0";
+    match grads {
+        Ok(grads) => {
+            let dw1 = flat_f64(&grads.get(w.as_tensor()).unwrap().get(1).unwrap());
+            let bad = dw1.iter().filter(|v| **v != 0.0).count();
+            println!(
+                "{label:<46} {:<5} bwd      {bad} non-zero of {}  {}",
+                format!("{dtype:?}"),
+                dw1.len(),
+                if bad == 0 { "ok" } else { "FAIL" }
+            );
+            if bad != 0 {
+                report
+                    .failures
+                    .push(format!("{label} {dtype:?}: {bad} non-zero"));
+            }
+        }
+        Err(e) => report.error(label, dtype, "bwd", e),
+    }
+}
+
+/// An unsupported dtype is a clear error naming the op, not a crash.
+fn check_f64_is_rejected(report: &mut Report, cuda: &Device) {
+    let x = Tensor::zeros((2, 3), DType::F64, cuda).unwrap();
+    match moelab_kernels::softmax_last_dim(&x) {
+        Err(e) if e.to_string().contains("softmax") && e.to_string().contains("F64") => {
+            println!(
+                "{:<46} F64   fwd      clear error  ok",
+                "softmax_last_dim unsupported dtype"
+            );
+        }
+        other => report.failures.push(format!(
+            "softmax_last_dim on f64 should be a clear error, got {:?}",
+            other.map(|t| t.dims().to_vec())
+        )),
+    }
+}
+
+#[test]
+fn cuda_ops_match_cpu_reference() {
+    // Before any op runs: the flag is read once, on the first CUDA allocation.
+    std::env::set_var("MOELAB_POISON_OUTPUTS", "1");
+    let cuda = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    let seed = match std::env::var("MOELAB_TEST_SEED") {
+        Ok(s) => s
+            .parse::<u64>()
+            .expect("MOELAB_TEST_SEED must be an integer"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    };
+    println!("cuda_ops: seed {seed} (replay with MOELAB_TEST_SEED={seed})");
+    let mut rng = Rng(seed);
+    let mut report = Report::default();
+    let cases = cases(&mut rng);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for case in &cases {
+            run_case(&mut report, &mut rng, &cuda, dtype, case);
+        }
+        check_empty_group_grad(&mut report, &mut rng, &cuda, dtype);
+    }
+    check_f64_is_rejected(&mut report, &cuda);
+    cuda.synchronize().unwrap();
+    assert!(
+        report.failures.is_empty(),
+        "seed {seed}: {} failures:\n{}",
+        report.failures.len(),
+        report.failures.join("\n")
+    );
+}
