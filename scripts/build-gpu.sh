@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the GPU binary and the GPU test binary on a CPU-only machine and stages them, stripped,
-# in .devcarry/ (git-ignored) for the device machine, where scripts/gpu-check.sh runs them.
+# Builds the GPU binary and the GPU test binary on a CPU-only machine and stages them, stripped
+# and xz-compressed (candle's embedded PTX makes them ~60 MB each, ~14 MB together compressed),
+# in .devcarry/ (git-ignored) for the device machine, where scripts/gpu-check.sh unpacks and runs
+# them.
 #
 #   bash scripts/build-gpu.sh            # then: run scripts/gpu-check.sh on the GPU with carry .devcarry
 #
@@ -18,8 +20,11 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_ops":
         print(m["executable"])')
-mkdir -p .devcarry
-cp "$CARGO_TARGET_DIR/release/moelab" .devcarry/moelab
-cp "$tests" .devcarry/cuda_ops
-strip .devcarry/moelab .devcarry/cuda_ops
+rm -rf .devcarry && mkdir -p .devcarry
+for pair in "moelab:$CARGO_TARGET_DIR/release/moelab" "cuda_ops:$tests"; do
+  name=${pair%%:*}
+  strip -o ".devcarry/$name" "${pair#*:}"
+  xz -T0 -6 ".devcarry/$name"
+done
+git rev-parse HEAD > .devcarry/commit
 ls -la .devcarry

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for one call on the device machine (H200, CUDA 13.0 driver, torch,
 # no Rust, no network). Build first on any machine: `bash scripts/build-gpu.sh` stages
-# .devcarry/{moelab,cuda_ops}; then run this with .devcarry carried:
+# .devcarry/{moelab,cuda_ops}.xz; then run this with .devcarry carried (run tool: carry [".devcarry"]):
 #
 #   bash scripts/gpu-check.sh [ops] [train] [bench]   # default: all three; logs under $OUT
 #
@@ -17,9 +17,20 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-BIN=.devcarry/moelab
+# Unpack the binaries scripts/build-gpu.sh staged (xz; python3's lzma if xz is missing).
+BIN_DIR=${TMPDIR:-/tmp}/moelab-gpu-bin
+mkdir -p "$BIN_DIR"
+for name in moelab cuda_ops; do
+  if command -v xz > /dev/null; then xz -dc ".devcarry/$name.xz" > "$BIN_DIR/$name"
+  else python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' ".devcarry/$name.xz" > "$BIN_DIR/$name"; fi
+  chmod +x "$BIN_DIR/$name"
+done
+echo "binaries from commit $(cat .devcarry/commit 2>/dev/null || echo '?')"
+BIN=$BIN_DIR/moelab
 BENCH_CONFIG=${BENCH_CONFIG:-configs/gpu-b.toml}
+SMOKE_CONFIG=${SMOKE_CONFIG:-configs/gpu-smoke.toml}
 SMOKE_STEPS=${SMOKE_STEPS:-30}
+PYTHON=${PYTHON:-python3}
 declare -a ROWS
 STAGES=" ${*:-ops train bench} "
 want() { [[ $STAGES == *" $1 "* ]]; }
@@ -39,8 +50,9 @@ echo "GPU: $(cat "$OUT/gpu.txt")"
 
 # 1. ops
 if ! want ops; then :
-elif stage ops 240 env MOELAB_POISON_OUTPUTS=1 .devcarry/cuda_ops --test-threads 1 --nocapture; then
-  ROWS+=("ops|PASS|$(grep -c '^ *[a-z_]* .*err' "$OUT/ops.log") op/dtype/pass lines, see ops.log")
+elif stage ops 240 env MOELAB_POISON_OUTPUTS=1 "$BIN_DIR/cuda_ops" --test-threads 1 --nocapture \
+    && ! grep -q '^skipped' "$OUT/ops.log"; then
+  ROWS+=("ops|PASS|$(grep -c ' ok$' "$OUT/ops.log") op/dtype/pass rows ok, $(grep -o 'seed [0-9]*' "$OUT/ops.log" | head -1)")
 else
   ROWS+=("ops|FAIL|$(grep -m1 -E 'panicked|FAIL|error' "$OUT/ops.log" | cut -c1-80)")
 fi
@@ -48,9 +60,9 @@ fi
 # 2. train: CUDA bf16 vs CPU f32, same config, seed and data
 if want train; then
 common=(--set train.steps=$SMOKE_STEPS --set log.interval=5 --set train.eval_interval=0 --set checkpoint.interval=0)
-stage train-cuda 240 $BIN train configs/gpu-smoke.toml --run-dir "$OUT/smoke-cuda" "${common[@]}"
+stage train-cuda 240 $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-cuda" "${common[@]}"
 cuda_rc=$?
-stage train-cpu 240 $BIN train configs/gpu-smoke.toml --run-dir "$OUT/smoke-cpu" "${common[@]}" \
+stage train-cpu 240 $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-cpu" "${common[@]}" \
   --set run.device=cpu --set train.precision=f32 --set run.threads=16
 cpu_rc=$?
 if [ $cuda_rc -eq 0 ] && [ $cpu_rc -eq 0 ] && python3 scripts/compare_losses.py \
@@ -65,7 +77,7 @@ fi
 # 3. bench: moelab, then the peer in the same call
 if want bench; then
 stage bench-moelab 180 $BIN bench "$BENCH_CONFIG" --steps 20 --warmup 5 --json
-stage bench-peer 300 python3 scripts/peer_torch.py "$BENCH_CONFIG" --mode both --json
+stage bench-peer 300 "$PYTHON" scripts/peer_torch.py "$BENCH_CONFIG" --mode both --json
 python3 - "$OUT" <<'PY' > "$OUT/bench-table.md"
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -93,9 +105,10 @@ fmt = lambda v, f: "-" if v is None else format(v, f)
 print("| who | tokens/s | step ms | MFU | peak GB (reserved) | split |")
 print("| --- | ---: | ---: | ---: | ---: | --- |")
 for who, tps, ms, mfu, mem, split in rows:
-    print(f"| {who} | {fmt(tps, ',.0f')} | {fmt(ms, '.1f')} | {fmt(None if mfu is None else mfu * 100, '.1f')}% | {fmt(mem, '.1f')} | {split} |")
+    mfu = "-" if mfu is None else f"{mfu * 100:.1f}%"
+    print(f"| {who} | {fmt(tps, ',.0f')} | {fmt(ms, '.1f')} | {mfu} | {fmt(mem, '.1f')} | {split} |")
 PY
-ROWS+=("bench|$(grep -c '^| [mt]' "$OUT/bench-table.md") rows|see bench-table.md")
+ROWS+=("bench|$( [ "$(grep -c '^| [mt]' "$OUT/bench-table.md")" = 3 ] && echo DONE || echo PART)|$(grep -c '^| [mt]' "$OUT/bench-table.md") of 3 rows (moelab, torch eager, torch compile)")
 echo
 echo "== bench ($BENCH_CONFIG) =="
 cat "$OUT/bench-table.md"
