@@ -96,17 +96,18 @@ def objects(name):
                 pass
     return found
 for r in objects("bench-moelab.log"):
-    rows.append(("moelab", r["tokens_per_s"], r["step_ms"], r.get("mfu"), r.get("peak_memory_gb"),
+    rows.append(("moelab", r["tokens_per_s"], r["step_ms"], r.get("mfu"), (r.get("peak_memory_gb"), r.get("peak_reserved_gb")),
                  f'fwd {r["forward_ms"]:.1f} / bwd {r["backward_ms"]:.1f} / opt {r["optimizer_ms"]:.1f} ms; matmul {r["matmul_tflops"]:.0f} TFLOP/s'))
 for r in objects("bench-peer.log"):
     rows.append((f'torch {r.get("mode")}', r.get("tokens_per_s"), r.get("step_ms_median"), r.get("mfu"),
-                 r.get("peak_reserved_gb") or r.get("peak_mem_gb"), f'fwd {r.get("fwd_ms", 0):.1f} / bwd {r.get("bwd_ms", 0):.1f} / opt {r.get("opt_ms", 0):.1f} ms'))
+                 (r.get("peak_mem_gb"), r.get("peak_reserved_gb")), f'fwd {r.get("fwd_ms", 0):.1f} / bwd {r.get("bwd_ms", 0):.1f} / opt {r.get("opt_ms", 0):.1f} ms'))
 fmt = lambda v, f: "-" if v is None else format(v, f)
-print("| who | tokens/s | step ms | MFU | peak GB (reserved) | split |")
+print("| who | tokens/s | step ms | MFU | peak GB allocated / reserved | split |")
 print("| --- | ---: | ---: | ---: | ---: | --- |")
 for who, tps, ms, mfu, mem, split in rows:
     mfu = "-" if mfu is None else f"{mfu * 100:.1f}%"
-    print(f"| {who} | {fmt(tps, ',.0f')} | {fmt(ms, '.1f')} | {mfu} | {fmt(mem, '.1f')} | {split} |")
+    mem = f"{fmt(mem[0], '.1f')} / {fmt(mem[1], '.1f')}"
+    print(f"| {who} | {fmt(tps, ',.0f')} | {fmt(ms, '.1f')} | {mfu} | {mem} | {split} |")
 PY
 ROWS+=("bench|$( [ "$(grep -c '^| [mt]' "$OUT/bench-table.md")" = 3 ] && echo DONE || echo PART)|$(grep -c '^| [mt]' "$OUT/bench-table.md") of 3 rows (moelab, torch eager, torch compile)")
 echo

@@ -57,9 +57,12 @@ pub struct BenchReport {
     pub matmul_tflops: f64,
     /// Model FLOP/s over the measured matmul throughput.
     pub mfu_vs_matmul: f64,
-    /// Peak device memory in use during the timed steps, from the driver (includes the
-    /// allocator's cached blocks, like torch's max_memory_reserved); CUDA only.
+    /// Peak device memory allocated during the steps: the stream-ordered allocator's high-water
+    /// mark (like torch's max_memory_allocated); CUDA only.
     pub peak_memory_gb: Option<f64>,
+    /// Peak device memory the allocator held (like torch's max_memory_reserved), or if the
+    /// allocator cannot tell, the driver's used memory sampled between phases; CUDA only.
+    pub peak_reserved_gb: Option<f64>,
     /// All parameters.
     pub params_total: u64,
     /// Parameters one token passes through.
@@ -77,6 +80,8 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     set_threads(cfg.run.threads);
     let device = open_device(cfg.run.device)?;
     let memory_at_start = device_memory_used(&device)?;
+    // The high-water marks count from here: the model, its gradients and the optimizer state.
+    let pool_marks = memory_high_water(&device, true);
     let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &device)?;
     let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
     let params = crate::trainer::named_params(&varmap)?;
@@ -145,6 +150,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     let model_flops = tokens_per_s * info.train_flops_per_token as f64;
     let matmul_flops = matmul_peak(&device)?;
     let cuda = cfg.run.device == DeviceKind::Cuda;
+    let sampled = (peak_memory - memory_at_start) as f64 / 1e9;
+    let (peak_allocated, peak_reserved) = match (pool_marks, memory_high_water(&device, false)) {
+        (Some(_), Some((used, reserved))) => (Some(used as f64 / 1e9), reserved as f64 / 1e9),
+        _ => (None, sampled),
+    };
     Ok(BenchReport {
         config: cfg.run.name.clone(),
         device: if cuda { "cuda" } else { "cpu" }.into(),
@@ -162,7 +172,8 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         mfu: cuda.then(|| model_flops / GPU_PEAK_FLOPS),
         matmul_tflops: matmul_flops / 1e12,
         mfu_vs_matmul: model_flops / matmul_flops,
-        peak_memory_gb: cuda.then(|| (peak_memory - memory_at_start) as f64 / 1e9),
+        peak_memory_gb: peak_allocated,
+        peak_reserved_gb: cuda.then_some(peak_reserved),
         params_total: info.total_params,
         params_active: info.active_params,
         last_loss,
@@ -201,8 +212,11 @@ impl BenchReport {
                 mfu * 100.0
             ));
         }
-        if let Some(gb) = self.peak_memory_gb {
-            lines.push(format!("  peak memory {gb:>10.1} GB"));
+        if let Some(gb) = self.peak_reserved_gb {
+            let allocated = self
+                .peak_memory_gb
+                .map_or(String::new(), |a| format!("{a:.1} GB allocated, "));
+            lines.push(format!("  peak memory {allocated}{gb:.1} GB reserved"));
         }
         lines.push(format!(
             "  params      {} total, {} active; last loss {:.4}",
@@ -242,6 +256,38 @@ fn matmul_peak(device: &Device) -> Result<f64, TrainError> {
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best)
+}
+
+/// The default memory pool's high-water marks (allocated, reserved) in bytes, reset to the
+/// current use when `reset`; `None` on CPU or when the device does not allocate from a pool.
+fn memory_high_water(device: &Device, reset: bool) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result::device, result::mem_pool, sys};
+        use sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
+        };
+        let context = cuda.cuda_stream().context().clone();
+        if !context.has_async_alloc() || context.bind_to_thread().is_err() {
+            return None;
+        }
+        // SAFETY: the pool comes from the context's own device, and each attribute value is the
+        // cuuint64_t the driver documents for these attributes.
+        unsafe {
+            let pool = device::get_default_mem_pool(context.cu_device()).ok()?;
+            let mut values = [0u64; 2];
+            for (attr, value) in [USED, RESERVED].into_iter().zip(values.iter_mut()) {
+                if reset {
+                    let mut zero = 0u64;
+                    mem_pool::set_attribute(pool, attr, (&mut zero as *mut u64).cast()).ok()?;
+                }
+                mem_pool::get_attribute(pool, attr, (value as *mut u64).cast()).ok()?;
+            }
+            return Some((values[0], values[1]));
+        }
+    }
+    let _ = (device, reset);
+    None
 }
 
 /// Bytes in use on the device as the driver sees them (0 on CPU).
@@ -293,6 +339,7 @@ mod tests {
             report.last_loss
         );
         assert!(report.mfu.is_none() && report.peak_memory_gb.is_none());
+        assert!(report.peak_reserved_gb.is_none());
         assert!(report.matmul_tflops > 0.0);
         assert!(report.table().contains("tokens/s"));
     }
