@@ -112,21 +112,25 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         )?;
         let loss = out
             .loss
+            .clone()
             .ok_or_else(|| TrainError::Argument("the model returned no loss".into()))?;
         device.synchronize()?;
         let forward = start.elapsed().as_secs_f64();
         peak_memory = peak_memory.max(device_memory_used(&device)?);
-        let grads = loss.backward()?;
+        let all_grads = loss.backward()?;
         let grads = params
             .iter()
             .filter_map(|(name, var)| {
-                grads
+                all_grads
                     .get(var.as_tensor())
                     .map(|g| (name.clone(), g.detach()))
             })
             .collect();
         device.synchronize()?;
         let backward = start.elapsed().as_secs_f64();
+        last_loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        // The graph (every saved activation) is freed before the optimizer runs, as in training.
+        drop((out, loss, all_grads));
         peak_memory = peak_memory.max(device_memory_used(&device)?);
         let grad_norm = optimizer.grad_norm(&grads)?;
         let scale = match cfg.train.grad_clip {
@@ -137,7 +141,6 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         device.synchronize()?;
         let total = start.elapsed().as_secs_f64();
         peak_memory = peak_memory.max(device_memory_used(&device)?);
-        last_loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
         if step >= options.warmup {
             times.push([forward, backward - forward, total - backward]);
         }
