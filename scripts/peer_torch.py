@@ -16,7 +16,7 @@ seeded random tokens, labels = tokens; eager and/or `torch.compile(model)`.
 Measured as moelab's bench: the median of --steps steps after --warmup steps, the device
 synchronised around each step; forward / backward / optimizer split from CUDA events (medians);
 tokens/s = micro_batch x seq_len / median step; peak torch.cuda.max_memory_allocated (and
-max_memory_reserved, nearer moelab's driver-level figure); MFU = tokens/s x FLOPs/token /
+max_memory_reserved; moelab bench reports the same two from the CUDA pool); MFU = tokens/s x FLOPs/token /
 989 TFLOP/s (dense bf16, H100/H200 SXM). FLOPs/token is moelab's
 definition (crates/moelab-model/src/info.rs, = the shared README's): 6 x the parameters a token
 multiplies by (its k experts and the LM head, not the input-embedding lookup) + 6 x layers x
