@@ -38,6 +38,64 @@ pub fn grouped_matmul(x: &Tensor, w: &Tensor, group_sizes: &[usize]) -> Result<T
     )
 }
 
+/// Checked dims of `x (n, inner) @ op(w)` for `w (E, m, k)`: `op` transposes w when `transpose`,
+/// so `inner` is k and the output width m, or the other way round.
+pub(crate) struct MatmulDims {
+    pub n: usize,
+    pub m: usize,
+    pub k: usize,
+    pub inner: usize,
+    pub out_w: usize,
+}
+
+/// The dims of a grouped matmul, with errors naming the op (shared by the CPU and CUDA paths).
+pub(crate) fn matmul_dims(
+    op: &str,
+    group_sizes: &[usize],
+    transpose: bool,
+    xl: &Layout,
+    wl: &Layout,
+) -> Result<MatmulDims> {
+    let (n, a) = match xl.dims() {
+        [n, a] => (*n, *a),
+        dims => bail!("{op}: x must be 2D, got {dims:?}"),
+    };
+    let (e, m, k) = match wl.dims() {
+        [e, m, k] => (*e, *m, *k),
+        dims => bail!("{op}: w must be 3D, got {dims:?}"),
+    };
+    check_group_sizes(op, group_sizes, e, n)?;
+    let (inner, out_w) = if transpose { (k, m) } else { (m, k) };
+    if a != inner {
+        bail!("{op}: x {:?} does not match w {:?}", xl.dims(), wl.dims());
+    }
+    Ok(MatmulDims {
+        n,
+        m,
+        k,
+        inner,
+        out_w,
+    })
+}
+
+/// `(p, q)` of the per-group `a_e^T @ b_e` for `a (N, p)`, `b (N, q)`, checked against the groups.
+pub(crate) fn weight_grad_dims(
+    op: &str,
+    group_sizes: &[usize],
+    a_l: &Layout,
+    b_l: &Layout,
+) -> Result<(usize, usize)> {
+    let ((n, p), (nb, q)) = match (a_l.dims(), b_l.dims()) {
+        ([n, p], [nb, q]) => ((*n, *p), (*nb, *q)),
+        (da, db) => bail!("{op}: inputs must be 2D, got {da:?} and {db:?}"),
+    };
+    if n != nb {
+        bail!("{op}: row counts differ ({n} vs {nb})");
+    }
+    check_group_sizes(op, group_sizes, group_sizes.len(), n)?;
+    Ok((p, q))
+}
+
 fn check_gemm_dtype(op: &str, what: &str, dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::F64 | DType::BF16 | DType::F16 => Ok(()),
@@ -253,25 +311,14 @@ impl GroupedMatmul {
         w: &[T],
         wl: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
-        let (n, a) = match xl.dims() {
-            [n, a] => (*n, *a),
-            dims => bail!("{}: x must be 2D, got {dims:?}", self.name()),
-        };
-        let (e, m, k) = match wl.dims() {
-            [e, m, k] => (*e, *m, *k),
-            dims => bail!("{}: w must be 3D, got {dims:?}", self.name()),
-        };
-        check_group_sizes(self.name(), &self.group_sizes, e, n)?;
-        // (inner dim of x, output width)
-        let (inner, out_w) = if self.transpose { (k, m) } else { (m, k) };
-        if a != inner {
-            bail!(
-                "{}: x {:?} does not match w {:?}",
-                self.name(),
-                xl.dims(),
-                wl.dims()
-            );
-        }
+        let MatmulDims {
+            n,
+            m,
+            k,
+            inner,
+            out_w,
+        } = matmul_dims(self.name(), &self.group_sizes, self.transpose, xl, wl)?;
+        let a = inner;
         let mut y = vec![T::ZERO; n * out_w];
         let chunk_len = |rows: usize| rows * out_w;
         for_each_group(&self.group_sizes, &mut y, chunk_len, |g, row0, rows, ye| {
@@ -381,15 +428,8 @@ impl GroupedWeightGrad {
         b: &[T],
         b_l: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
-        let ((n, p), (nb, q)) = match (a_l.dims(), b_l.dims()) {
-            ([n, p], [nb, q]) => ((*n, *p), (*nb, *q)),
-            (da, db) => bail!("{}: inputs must be 2D, got {da:?} and {db:?}", self.name()),
-        };
-        if n != nb {
-            bail!("{}: row counts differ ({n} vs {nb})", self.name());
-        }
+        let (p, q) = weight_grad_dims(self.name(), &self.group_sizes, a_l, b_l)?;
         let e = self.group_sizes.len();
-        check_group_sizes(self.name(), &self.group_sizes, e, n)?;
         let mut dw = vec![T::ZERO; e * p * q];
         for_each_group(
             &self.group_sizes,

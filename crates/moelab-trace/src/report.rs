@@ -297,46 +297,34 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
     }
 
     md.push_str("## All inputs\n\n");
-    let series: Vec<(String, Vec<(f64, f64)>)> = inputs
-        .iter()
-        .zip(&runs)
-        .map(|(i, r)| {
-            (
-                r.name.clone(),
-                layer_points(&i.counts.layers, &r.mean_domain_jsd_per_layer),
-            )
-        })
-        .collect();
+    // One line per input of a per-layer figure of its summary.
+    let per_layer = |pick: fn(&RunSummary) -> &[Option<f64>]| -> Vec<(String, Vec<(f64, f64)>)> {
+        inputs
+            .iter()
+            .zip(&runs)
+            .map(|(i, r)| (r.name.clone(), layer_points(&i.counts.layers, pick(r))))
+            .collect()
+    };
     let png = w.lines(
         "domain_jsd_per_layer",
         &Lines {
             title: "Mean pairwise domain JSD per layer",
             x_label: "layer (block index)",
             y_label: "JSD (bits)",
-            series: &series,
+            series: &per_layer(|r| &r.mean_domain_jsd_per_layer),
         },
     )?;
     let _ = writeln!(
         md,
         "Mean JSD between distinct domains per layer:\n\n![]({png})\n"
     );
-    let series: Vec<(String, Vec<(f64, f64)>)> = inputs
-        .iter()
-        .zip(&runs)
-        .map(|(i, r)| {
-            (
-                r.name.clone(),
-                layer_points(&i.counts.layers, &r.load_imbalance),
-            )
-        })
-        .collect();
     let png = w.lines(
         "load_imbalance",
         &Lines {
             title: "Load imbalance (max / mean expert load)",
             x_label: "layer (block index)",
             y_label: "max / mean",
-            series: &series,
+            series: &per_layer(|r| &r.load_imbalance),
         },
     )?;
     let _ = writeln!(md, "Load imbalance per layer:\n\n![]({png})\n");

@@ -196,24 +196,21 @@ impl<'a> Loaded<'a> {
 
     /// Returns the shape of a tensor.
     pub(crate) fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        let view = self
-            .tensors
+        Ok(self.view(name)?.shape().to_vec())
+    }
+
+    /// The named tensor, or an error naming the file and the tensor.
+    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'a>> {
+        self.tensors
             .tensor(name)
             .map_err(|_| TraceError::MissingTensor {
                 path: self.path.to_path_buf(),
                 name: name.to_string(),
-            })?;
-        Ok(view.shape().to_vec())
+            })
     }
 
     fn raw(&self, name: &str, dtype: Dtype, shape: &[usize]) -> Result<&'a [u8]> {
-        let view = self
-            .tensors
-            .tensor(name)
-            .map_err(|_| TraceError::MissingTensor {
-                path: self.path.to_path_buf(),
-                name: name.to_string(),
-            })?;
+        let view = self.view(name)?;
         let bad = |reason: String| TraceError::BadTensor {
             path: self.path.to_path_buf(),
             name: name.to_string(),

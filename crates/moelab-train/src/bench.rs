@@ -10,6 +10,7 @@ use moelab_model::{ForwardOptions, ModelInfo, MoeTransformer};
 use serde::Serialize;
 
 use crate::config::{DeviceKind, Precision};
+use crate::optim::clip_scale;
 use crate::trainer::{new_optimizer, open_device, set_threads, GPU_PEAK_FLOPS};
 use crate::{Config, TrainError};
 
@@ -133,11 +134,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         drop((out, loss, all_grads));
         peak_memory = peak_memory.max(device_memory_used(&device)?);
         let grad_norm = optimizer.grad_norm(&grads)?;
-        let scale = match cfg.train.grad_clip {
-            Some(clip) if grad_norm > clip => clip / grad_norm,
-            _ => 1.0,
-        };
-        optimizer.step(&grads, cfg.train.lr, scale)?;
+        optimizer.step(
+            &grads,
+            cfg.train.lr,
+            clip_scale(grad_norm, cfg.train.grad_clip),
+        )?;
         device.synchronize()?;
         let total = start.elapsed().as_secs_f64();
         peak_memory = peak_memory.max(device_memory_used(&device)?);

@@ -34,6 +34,20 @@ pub struct TrainState {
     pub seed: u64,
 }
 
+impl TrainState {
+    /// The state of a run before its first step, reading `stream` from its start.
+    pub fn fresh(stream: &moelab_data::MixtureStream, seed: u64) -> Self {
+        Self {
+            step: 0,
+            tokens: 0,
+            optimizer_step: 0,
+            consecutive_nonfinite: 0,
+            stream: stream.state(0),
+            seed,
+        }
+    }
+}
+
 /// A checkpoint read back from disk.
 #[derive(Debug)]
 pub struct Checkpoint {

@@ -809,14 +809,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
             optimizer.insert(format!("m.{name}"), zeros.clone());
             optimizer.insert(format!("v.{name}"), zeros);
         }
-        let state = TrainState {
-            step: 0,
-            tokens: 0,
-            optimizer_step: 0,
-            consecutive_nonfinite: 0,
-            stream: stream.state(0),
-            seed: cfg.run.seed,
-        };
+        let state = TrainState::fresh(&stream, cfg.run.seed);
         let written = checkpoint::save(
             &tmp.join("ckpt"),
             &tensors,

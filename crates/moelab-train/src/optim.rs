@@ -5,6 +5,14 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
 
+/// Global-norm clipping: the factor gradients are scaled by so their norm is at most `clip`.
+pub fn clip_scale(grad_norm: f64, clip: Option<f64>) -> f64 {
+    match clip {
+        Some(clip) if grad_norm > clip => clip / grad_norm,
+        _ => 1.0,
+    }
+}
+
 /// AdamW hyper-parameters (the learning rate comes from the schedule at every step).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamWParams {

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::checkpoint::{self, TrainState};
 use crate::config::DeviceKind;
 use crate::eval::{evaluate, EvalReport};
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::{clip_scale, AdamW, AdamWParams};
 use crate::router_log::RouterAccumulator;
 use crate::schedule::Schedule;
 use crate::{Config, TrainError};
@@ -194,14 +194,7 @@ pub fn train(
         }
         None => {
             let stream = MixtureStream::new(dataset.clone(), &cfg.data, cfg.run.seed)?;
-            let state = TrainState {
-                step: 0,
-                tokens: 0,
-                optimizer_step: 0,
-                consecutive_nonfinite: 0,
-                stream: stream.state(0),
-                seed: cfg.run.seed,
-            };
+            let state = TrainState::fresh(&stream, cfg.run.seed);
             (stream, state)
         }
     };
@@ -312,10 +305,7 @@ pub fn train(
             }
         } else {
             state.consecutive_nonfinite = 0;
-            let scale = match cfg.train.grad_clip {
-                Some(clip) if grad_norm > clip => clip / grad_norm,
-                _ => 1.0,
-            };
+            let scale = clip_scale(grad_norm, cfg.train.grad_clip);
             optimizer.step(&outcome.grads, lr, scale)?;
             update_expert_bias(
                 &model,

@@ -7,6 +7,7 @@
 //! the column-major `C^T = B^T @ A^T` on the same memory.
 
 use super::{alloc_output, cuda_dispatch, cuda_error, input, storage_dtype, KernelElem};
+use crate::grouped_matmul::{matmul_dims, weight_grad_dims, MatmulDims};
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut};
@@ -117,19 +118,14 @@ where
     let dev = &xs.device;
     let x = input::<T>(xs, xl, op, "x")?;
     let w = input::<T>(ws, wl, op, "w")?;
-    let (n, a) = match xl.dims() {
-        [n, a] => (*n, *a),
-        dims => bail!("{op}: x must be 2D, got {dims:?}"),
-    };
-    let (e, m, k) = match wl.dims() {
-        [e, m, k] => (*e, *m, *k),
-        dims => bail!("{op}: w must be 3D, got {dims:?}"),
-    };
-    crate::grouped_matmul::check_group_sizes(op, group_sizes, e, n)?;
-    let (inner, out_w) = if transpose { (k, m) } else { (m, k) };
-    if a != inner {
-        bail!("{op}: x {:?} does not match w {:?}", xl.dims(), wl.dims());
-    }
+    let MatmulDims {
+        n,
+        m,
+        k,
+        inner,
+        out_w,
+    } = matmul_dims(op, group_sizes, transpose, xl, wl)?;
+    let a = inner;
     let mut y = alloc_output::<T>(dev, n * out_w, op)?;
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
@@ -202,15 +198,8 @@ where
     let dev = &a_s.device;
     let a = input::<T>(a_s, a_l, op, "a")?;
     let b = input::<T>(b_s, b_l, op, "b")?;
-    let ((n, p), (nb, q)) = match (a_l.dims(), b_l.dims()) {
-        ([n, p], [nb, q]) => ((*n, *p), (*nb, *q)),
-        (da, db) => bail!("{op}: inputs must be 2D, got {da:?} and {db:?}"),
-    };
-    if n != nb {
-        bail!("{op}: row counts differ ({n} vs {nb})");
-    }
+    let (p, q) = weight_grad_dims(op, group_sizes, a_l, b_l)?;
     let e = group_sizes.len();
-    crate::grouped_matmul::check_group_sizes(op, group_sizes, e, n)?;
     let mut dw = alloc_output::<T>(dev, e * p * q, op)?;
     let blas = dev.cublas_handle();
     let stream = dev.cuda_stream();
