@@ -1,0 +1,88 @@
+//! File I/O shared by every moelab crate: one atomic-write helper (temp file, fsync file and
+//! folder, rename) and `fs`, the standard library's file functions with errors that name their
+//! path (fs-err).
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+pub use fs_err as fs;
+
+/// The temporary name `path` is written under before its rename: hidden (a leading dot, so no
+/// reader's file pattern picks it up), in the same folder, tagged with the process id.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the complete new one, never a
+/// part: a temporary file beside it, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |out| out.write_all(bytes))
+}
+
+/// [`write_atomic`] for content produced by a writer (buffered).
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let tmp = tmp_path(path);
+    let result = (|| {
+        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
+        fill(&mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        // Best effort: the error already names the real problem.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(parent(path))
+}
+
+/// Flushes a folder's entries (a rename into it, a new file) to disk.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Flushes a file's content to disk.
+pub fn sync_file(path: &Path) -> io::Result<()> {
+    fs::File::open(path)?.sync_all()
+}
+
+/// The folder holding `path` (`.` for a bare file name).
+pub fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn writes_replace_whole_files_and_errors_name_the_path() {
+        let dir = std::env::temp_dir().join(format!("moelab-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.json");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        // A failing writer leaves the old file and no temporary behind.
+        let err = write_atomic_with(&path, |_| Err(io::Error::other("disk full"))).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        let missing = dir.join("no/such/folder/b.json");
+        let err = write_atomic(&missing, b"x").unwrap_err().to_string();
+        assert!(err.contains("no/such/folder"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
