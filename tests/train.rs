@@ -161,8 +161,9 @@ fn metrics_without_timing(run_dir: &Path) -> Vec<serde_json::Value> {
         .map(|line| {
             let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
             if let Some(obj) = v.as_object_mut() {
-                obj.remove("tokens_per_s");
-                obj.remove("mfu");
+                for timing in ["tokens_per_s", "mfu", "time", "elapsed_s"] {
+                    obj.remove(timing);
+                }
             }
             v
         })

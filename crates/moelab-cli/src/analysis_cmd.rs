@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use moelab_train::ablate::{self, Ablation, AblationEvent};
-use moelab_train::trace::{tokens_per_domain, trace_checkpoint, TraceOptions};
+use moelab_train::checkpoint_trace::{tokens_per_domain, trace_checkpoint, TraceOptions};
 
-use crate::train_cmd::TrainProgress;
+use crate::progress::TrainProgress;
 
 /// Arguments of `moelab trace`.
 #[derive(Debug, Args)]
@@ -95,12 +95,12 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
             "router_probs": trace.router_probs.is_some(),
             "tokens": tokens.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json).context("serialising the trace summary")?
         );
     } else {
-        println!(
+        outln!(
             "traced {} tokens of {} (step {}) into {}",
             trace.n_tokens(),
             trace.checkpoint,
@@ -108,7 +108,7 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
             args.out.display()
         );
         for (domain, n) in tokens.iter().filter(|(_, n)| *n > 0) {
-            println!("  {domain:<14} {n:>9} tokens");
+            outln!("  {domain:<14} {n:>9} tokens");
         }
     }
     Ok(())
@@ -123,25 +123,28 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let summary = moelab_trace::report::analyze(&inputs, &args.out)?;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&summary).context("serialising the report summary")?
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "report {} ({} files)",
         summary.report.display(),
         summary.files.len()
     );
     let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.4}"));
-    println!(
+    outln!(
         "{:<20} {:>15} {:>12} {:>14}  trace",
-        "input", "steps", "tokens", "mean dom. JSD"
+        "input",
+        "steps",
+        "tokens",
+        "mean dom. JSD"
     );
     for run in &summary.runs {
         let tokens: i64 = run.tokens.values().sum();
-        println!(
+        outln!(
             "{:<20} {:>15} {:>12} {:>14}  {}",
             run.name,
             format!("{}..{}", run.step_start, run.step_end),
@@ -151,7 +154,7 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         );
     }
     for note in &summary.notes {
-        println!("note: {note}");
+        outln!("note: {note}");
     }
     Ok(())
 }
@@ -160,14 +163,23 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
 pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
     let ablation = Ablation::load(&args.ablation)?;
     let out = args.out.unwrap_or_else(|| ablation.out_dir.clone());
-    println!(
+    // With --json, stdout holds only the final JSON: progress goes to stderr.
+    let json = args.json;
+    let say = |line: String| {
+        if json {
+            eprintln!("{line}")
+        } else {
+            outln!("{line}")
+        }
+    };
+    say(format!(
         "ablation {}: {} variants of {} -> {} (baseline: {})",
         args.ablation.display(),
         ablation.variants.len(),
         ablation.base.display(),
         out.display(),
         ablation.variants.first().map_or("-", |v| v.name.as_str())
-    );
+    ));
     let mut progress: Option<TrainProgress> = None;
     let mut failure: Option<anyhow::Error> = None;
     let mut on_event = |event: &AblationEvent<'_>| match event {
@@ -177,17 +189,17 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             name,
             run_dir,
         } => {
-            println!(
+            say(format!(
                 "[{index}/{total}] {name}: training in {}",
                 run_dir.display()
-            );
+            ));
             let steps = ablation
                 .variants
                 .iter()
                 .find(|v| v.name == *name)
                 .map_or(0, |v| v.config.train.steps);
             match TrainProgress::new(steps, &format!("[{name}] ")) {
-                Ok(p) => progress = Some(p),
+                Ok(p) => progress = Some(if json { p.lines_to_stderr() } else { p }),
                 Err(e) => failure = Some(e),
             }
         }
@@ -197,12 +209,12 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             name,
             run_dir,
             step,
-        } => println!(
+        } => say(format!(
             "[{index}/{total}] {name}: skip (finished at step {step} in {})",
             run_dir.display()
-        ),
+        )),
         AblationEvent::Train { event, .. } => {
-            if let Some(p) = &progress {
+            if let Some(p) = &mut progress {
                 p.on_event(event);
             }
         }
@@ -211,9 +223,12 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
                 p.finish();
             }
             if summary.interrupted {
-                println!("{name}: stopped by signal after step {}", summary.steps);
+                say(format!(
+                    "{name}: stopped by signal after step {}",
+                    summary.steps
+                ));
             } else {
-                println!("{name}: finished {} steps", summary.steps);
+                say(format!("{name}: finished {} steps", summary.steps));
             }
         }
     };
@@ -222,11 +237,11 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
         return Err(e);
     }
     if outcome.interrupted {
-        println!(
+        say(format!(
             "stopped by signal; run `moelab ablate {} --out {}` again to resume",
             args.ablation.display(),
             out.display()
-        );
+        ));
         return Ok(());
     }
     if args.json {
@@ -236,18 +251,18 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             "rows": outcome.rows,
             "notes": outcome.notes,
         });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json).context("serialising the comparison")?
         );
         return Ok(());
     }
-    print!("{}", ablate::table(&outcome.rows));
+    out!("{}", ablate::table(&outcome.rows));
     for note in &outcome.notes {
-        println!("note: {note}");
+        outln!("note: {note}");
     }
     if let Some(dir) = &outcome.comparison_dir {
-        println!("comparison {}", dir.join("comparison.md").display());
+        outln!("comparison {}", dir.join("comparison.md").display());
     }
     Ok(())
 }

@@ -138,7 +138,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     let report = report.with_context(|| format!("preparing {}", args.out.display()))?;
 
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report.manifest).context("serialising the manifest")?
         );
@@ -159,7 +159,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             report.ignored_files[0].display()
         );
     }
-    println!(
+    outln!(
         "prepared {} ({} units written, {} kept)",
         args.out.display(),
         report.written_units,
@@ -167,7 +167,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     );
     let dataset =
         Dataset::open(&args.out).with_context(|| format!("opening {}", args.out.display()))?;
-    print!("{}", inspect_table(&dataset));
+    out!("{}", inspect_table(&dataset));
     Ok(())
 }
 
@@ -205,16 +205,16 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "verified": args.verify,
             "sources": rows,
         });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&out).context("serialising")?
         );
         return Ok(());
     }
-    println!("{}", args.dir.display());
-    print!("{}", inspect_table(&dataset));
+    outln!("{}", args.dir.display());
+    out!("{}", inspect_table(&dataset));
     if args.verify {
-        println!("verified: every shard matches its sha256 in the manifest");
+        outln!("verified: every shard matches its sha256 in the manifest");
     }
     Ok(())
 }
@@ -266,42 +266,50 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
         MixtureStream::new(Arc::new(dataset), &cfg, seed).context("building the mixture stream")?;
     let report = stream.report(args.sequences);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).context("serialising")?
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "{} sequences of {} tokens, seed {seed}, shuffle block {}",
-        report.sequences, cfg.seq_len, cfg.shuffle_block
+        report.sequences,
+        cfg.seq_len,
+        cfg.shuffle_block
     );
-    println!(
+    outln!(
         "{:<24} {:>9} {:>9} {:>10}",
-        "domain/source", "target", "realised", "sequences"
+        "domain/source",
+        "target",
+        "realised",
+        "sequences"
     );
     for row in &report.rows {
         let name = match &row.source {
             Some(s) => format!("  {}/{s}", row.domain),
             None => row.domain.clone(),
         };
-        println!(
+        outln!(
             "{name:<24} {:>8.4}% {:>8.4}% {:>10}",
             100.0 * row.target,
             100.0 * row.realised,
             row.sequences
         );
     }
-    println!(
+    outln!(
         "max prefix deviation: {:.2} sequences (bound: 1 without block shuffle, about shuffle_block with it)",
         report.max_prefix_deviation
     );
-    println!(
+    outln!(
         "{:<24} {:>12} {:>10} {:>8}",
-        "implied epochs", "sequences", "chunks", "epochs"
+        "implied epochs",
+        "sequences",
+        "chunks",
+        "epochs"
     );
     for u in &report.usage {
-        println!(
+        outln!(
             "{:<24} {:>12.0} {:>10} {:>8.3}",
             format!("{}/{}", u.domain, u.source),
             u.sequences,

@@ -40,7 +40,7 @@ pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
     for note in &summary.notes {
         eprintln!("note: {note}");
     }
-    println!(
+    outln!(
         "exported {} tensors as {} to {}",
         summary.tensors,
         summary.arch.class_name(),
@@ -52,7 +52,7 @@ pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
 /// Runs `moelab import-hf`.
 pub fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
     let summary = moelab_train::hf::import(&args.dir, &args.out, &args.config)?;
-    println!(
+    outln!(
         "imported {} ({} layers, {} experts, top-{}) as checkpoint {}",
         summary.arch.class_name(),
         summary.model.n_layers,

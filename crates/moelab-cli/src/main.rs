@@ -7,9 +7,23 @@ use clap::{Parser, Subcommand};
 use moelab_model::ModelInfo;
 use moelab_train::Config;
 
+/// `println!` that survives a closed stdout (see `out.rs`).
+macro_rules! outln {
+    () => { $crate::out::write_fmt(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::out::write_fmt(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` that survives a closed stdout (see `out.rs`).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::out::write_fmt(format_args!($($arg)*)) };
+}
+
+mod out;
+
 mod analysis_cmd;
 mod data_cmd;
 mod hf_cmd;
+mod progress;
 mod train_cmd;
 
 /// A mixture-of-experts pretraining lab for data-mixture ablations.
@@ -112,13 +126,13 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config, &overrides)?;
             let info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len));
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&info).context("serialising model info")?
                 );
             } else {
-                println!("{} ({})", cfg.run.name, config.display());
-                print!("{}", info.table());
+                outln!("{} ({})", cfg.run.name, config.display());
+                out!("{}", info.table());
             }
         }
         Command::Bench {
@@ -131,12 +145,12 @@ fn main() -> anyhow::Result<()> {
             let cfg = Config::load(&config, &overrides)?;
             let report = moelab_train::bench(&cfg, moelab_train::BenchOptions { steps, warmup })?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(&report).context("serialising the bench report")?
                 );
             } else {
-                println!("{}", report.table());
+                outln!("{}", report.table());
             }
         }
     }

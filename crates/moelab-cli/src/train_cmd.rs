@@ -1,12 +1,11 @@
 //! `moelab train` and `moelab eval`: run the trainer and draw its progress.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use moelab_train::{evaluate_checkpoint, train, Config, Event, Resume, RunOptions};
+use moelab_train::{checkpoint, evaluate_checkpoint, train, Config, Event, Resume, RunOptions};
+
+use crate::progress::{summary_lines, TrainProgress};
 
 /// Arguments of `moelab train`.
 #[derive(Debug, Args)]
@@ -28,15 +27,18 @@ pub struct TrainArgs {
     /// On resume, accept a changed [data.mixture]; it becomes a new data stage from here on.
     #[arg(long)]
     allow_mixture_change: bool,
+    /// Start even when the run's estimated memory exceeds what the device has.
+    #[arg(long)]
+    ignore_memory_check: bool,
 }
 
 /// Arguments of `moelab eval`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example: moelab eval runs/tiny/checkpoints/step-00000300 --json\n         moelab eval runs/tiny/checkpoints/step-00000300 --dump-logits logits.safetensors --tokens 64"
+    after_help = "Example: moelab eval runs/tiny --json\n         moelab eval runs/tiny/checkpoints/step-00000300 --json\n         moelab eval runs/tiny/checkpoints/step-00000300 --dump-logits logits.safetensors --tokens 64"
 )]
 pub struct EvalArgs {
-    /// Checkpoint folder.
+    /// Checkpoint folder, or a run folder (its newest complete checkpoint).
     checkpoint: PathBuf,
     /// Machine-readable output.
     #[arg(long)]
@@ -64,120 +66,22 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         run_dir: args.run_dir,
         resume,
         allow_mixture_change: args.allow_mixture_change,
+        ignore_memory_check: args.ignore_memory_check,
     };
-    let progress = TrainProgress::new(cfg.train.steps, "")?;
-    let mut on_event = |event: &Event| progress.on_event(event);
-    let summary = train(cfg, options, &mut on_event)?;
+    let mut progress = TrainProgress::new(cfg.train.steps, "")?;
+    let result = train(cfg, options, &mut |event: &Event| progress.on_event(event));
     progress.finish();
-    if summary.interrupted {
-        println!(
-            "stopped by signal after step {}; resume with --resume auto",
-            summary.steps
-        );
-    } else {
-        println!(
-            "finished {} steps in {}",
-            summary.steps,
-            summary.run_dir.display()
-        );
-    }
+    let summary = result?;
+    progress.say(&summary_lines(&summary));
     Ok(())
-}
-
-/// Draws a run's trainer events: a progress bar with lines above it on a terminal, plain lines
-/// otherwise; every line starts with `prefix` (the ablation variant, or nothing).
-pub(crate) struct TrainProgress {
-    bar: ProgressBar,
-    interactive: bool,
-    total_steps: u64,
-    prefix: String,
-}
-
-impl TrainProgress {
-    /// A printer for a run of `total_steps` steps.
-    pub(crate) fn new(total_steps: u64, prefix: &str) -> anyhow::Result<Self> {
-        let interactive = std::io::stderr().is_terminal();
-        let bar = ProgressBar::new(total_steps);
-        if interactive {
-            bar.set_style(
-                ProgressStyle::with_template(&format!(
-                    "{prefix}{{bar:30}} {{pos}}/{{len}} steps  {{msg}}  ETA {{eta}}"
-                ))
-                .context("progress bar template")?,
-            );
-        } else {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        Ok(Self {
-            bar,
-            interactive,
-            total_steps,
-            prefix: prefix.to_string(),
-        })
-    }
-
-    /// Prints a line (above the bar on a terminal).
-    pub(crate) fn say(&self, line: &str) {
-        let line = format!("{}{line}", self.prefix);
-        if self.interactive {
-            self.bar.println(line)
-        } else {
-            println!("{line}")
-        }
-    }
-
-    /// Draws one trainer event.
-    pub(crate) fn on_event(&self, event: &Event) {
-        match event {
-            Event::Started {
-                run_dir,
-                start_step,
-                total_steps,
-                resumed_from,
-            } => {
-                let from = resumed_from
-                    .as_ref()
-                    .map_or(String::new(), |p| format!(", resumed from {}", p.display()));
-                self.say(&format!(
-                    "run {}: steps {start_step}..{total_steps}{from}",
-                    run_dir.display()
-                ));
-                self.bar.set_position(*start_step);
-            }
-            Event::Step(m) => {
-                self.bar.set_position(m.step);
-                let msg = format!(
-                    "loss {:.4}  lr {:.2e}  {:.0} tok/s",
-                    m.loss, m.lr, m.tokens_per_s
-                );
-                if self.interactive {
-                    self.bar.set_message(msg);
-                } else {
-                    println!(
-                        "{}step {:>6}/{}  {msg}  grad {:.3}",
-                        self.prefix, m.step, self.total_steps, m.grad_norm
-                    );
-                }
-            }
-            Event::Skipped { step, reason } => {
-                self.say(&format!("step {step}: skipped ({reason})"))
-            }
-            Event::Eval(report) => self.say(report.summary().trim_end()),
-            Event::Checkpoint(dir) => self.say(&format!("checkpoint {}", dir.display())),
-        }
-    }
-
-    /// Removes the bar.
-    pub(crate) fn finish(&self) {
-        self.bar.finish_and_clear();
-    }
 }
 
 /// Runs `moelab eval`.
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let checkpoint = checkpoint::resolve(&args.checkpoint)?;
     if let Some(file) = &args.dump_logits {
-        let dump = moelab_train::hf::dump_logits(&args.checkpoint, file, args.tokens)?;
-        println!(
+        let dump = moelab_train::hf::dump_logits(&checkpoint, file, args.tokens)?;
+        outln!(
             "wrote logits of {} sequences x {} tokens ({}) to {}",
             dump.sequences,
             dump.tokens,
@@ -186,11 +90,11 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let report = evaluate_checkpoint(&args.checkpoint)?;
+    let report = evaluate_checkpoint(&checkpoint)?;
     if args.json {
-        println!("{}", report.to_json());
+        outln!("{}", report.to_json());
     } else {
-        print!("{}", report.summary());
+        out!("{}", report.summary());
     }
     Ok(())
 }

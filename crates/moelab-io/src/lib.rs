@@ -1,6 +1,7 @@
 //! File I/O shared by every moelab crate: one atomic-write helper (temp file, fsync file and
-//! folder, rename) and `fs`, the standard library's file functions with errors that name their
-//! path (fs-err).
+//! folder, rename), and `fs`, the standard library's file functions with errors that name their
+//! path (fs-err), for code whose error type does not carry the path itself. The helpers here
+//! return plain `io::Error`s: every crate's error type attaches the path it was writing.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -29,11 +30,11 @@ pub fn write_atomic_with(
 ) -> io::Result<()> {
     let tmp = tmp_path(path);
     let result = (|| {
-        let mut out = io::BufWriter::new(fs::File::create(&tmp)?);
+        let mut out = io::BufWriter::new(std::fs::File::create(&tmp)?);
         fill(&mut out)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         // Best effort: the error already names the real problem.
@@ -45,12 +46,12 @@ pub fn write_atomic_with(
 
 /// Flushes a folder's entries (a rename into it, a new file) to disk.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Flushes a file's content to disk.
 pub fn sync_file(path: &Path) -> io::Result<()> {
-    fs::File::open(path)?.sync_all()
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// The folder holding `path` (`.` for a bare file name).
@@ -81,8 +82,12 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         let missing = dir.join("no/such/folder/b.json");
-        let err = write_atomic(&missing, b"x").unwrap_err().to_string();
-        assert!(err.contains("no/such/folder"), "{err}");
+        assert!(write_atomic(&missing, b"x").is_err());
+        let err = fs::read(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("no/such/folder"),
+            "fs-err names the path: {err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

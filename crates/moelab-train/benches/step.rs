@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use moelab_model::{ForwardOptions, ModelConfig, MoeTransformer};
-use moelab_train::router_log::RouterAccumulator;
+use moelab_train::routing_counts::RouterAccumulator;
 
 fn tiny() -> ModelConfig {
     let text = std::fs::read_to_string(concat!(

@@ -26,8 +26,8 @@ use moelab_trace::report::{
 use moelab_trace::router_log::{self, RouterCounts};
 use serde::Deserialize;
 
-use crate::trainer::{evaluate_checkpoint, train, Event, Resume, RunOptions, Summary};
-use crate::{checkpoint, Config, TrainError};
+use crate::trainer::{evaluate_checkpoint, train, Event, Resume, RunDir, RunOptions, Summary};
+use crate::{checkpoint, interrupt, Config, TrainError};
 
 /// Sub-folder of the ablation's output with the comparison tables, plots and comparison.md.
 pub const COMPARISON_DIR: &str = "comparison";
@@ -265,9 +265,25 @@ pub fn run_ablation(
     out_dir: &Path,
     on_event: &mut dyn FnMut(&AblationEvent<'_>),
 ) -> Result<AblationOutcome, TrainError> {
+    // Ctrl-C is a request to stop at the next safe point in every phase, not only in training.
+    interrupt::install().map_err(|source| TrainError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let interrupted = || AblationOutcome {
+        out_dir: out_dir.to_path_buf(),
+        interrupted: true,
+        comparison_dir: None,
+        rows: Vec::new(),
+        comparison: None,
+        notes: Vec::new(),
+    };
     let total = ablation.variants.len();
     let mut finished = Vec::with_capacity(total);
     for (i, variant) in ablation.variants.iter().enumerate() {
+        if interrupt::requested() {
+            return Ok(interrupted());
+        }
         let run_dir = out_dir.join(&variant.name);
         let mut cfg = variant.config.clone();
         cfg.run.out_dir = out_dir.to_path_buf();
@@ -291,7 +307,7 @@ pub fn run_ablation(
         let options = RunOptions {
             run_dir: Some(run_dir.clone()),
             resume: Some(Resume::Auto),
-            allow_mixture_change: false,
+            ..RunOptions::default()
         };
         let summary = train(cfg.clone(), options, &mut |event| {
             on_event(&AblationEvent::Train {
@@ -304,14 +320,7 @@ pub fn run_ablation(
             summary: &summary,
         });
         if summary.interrupted {
-            return Ok(AblationOutcome {
-                out_dir: out_dir.to_path_buf(),
-                interrupted: true,
-                comparison_dir: None,
-                rows: Vec::new(),
-                comparison: None,
-                notes: Vec::new(),
-            });
+            return Ok(interrupted());
         }
         finished.push((variant, run_dir, summary.steps));
     }
@@ -319,7 +328,10 @@ pub fn run_ablation(
     let mut inputs = Vec::with_capacity(finished.len());
     let mut losses = Vec::with_capacity(finished.len());
     for (variant, run_dir, step) in &finished {
-        let (loss, counts) = final_eval(run_dir, *step)?;
+        let (loss, counts) = match final_eval(run_dir, *step) {
+            Err(TrainError::Interrupted) => return Ok(interrupted()),
+            result => result?,
+        };
         losses.push((variant.name.clone(), loss));
         inputs.push(AnalysisInput {
             name: variant.name.clone(),
@@ -344,6 +356,9 @@ pub fn run_ablation(
             Err(e) => notes.push(format!("routing of {} not compared: {e}", other.name)),
         }
     }
+    if interrupt::requested() {
+        return Ok(interrupted());
+    }
     let comparison_dir = out_dir.join(COMPARISON_DIR);
     let rows = write_comparison(&comparison_dir, &comparison, &losses)?;
     Ok(AblationOutcome {
@@ -359,13 +374,14 @@ pub fn run_ablation(
 /// The final step when `run_dir` holds this variant's finished run; an error when it holds a
 /// finished run of another config (it would be silently mixed into the comparison).
 fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>, TrainError> {
-    let last = checkpoint::list(&run_dir.join("checkpoints"))?.pop();
+    let run_dir = RunDir::new(run_dir);
+    let last = checkpoint::list(&run_dir.checkpoints())?.pop();
     match last {
         Some((step, _)) if step >= cfg.train.steps => {
-            let saved = std::fs::read_to_string(run_dir.join("config.toml")).unwrap_or_default();
+            let saved = std::fs::read_to_string(run_dir.config()).unwrap_or_default();
             if saved != cfg.to_toml() {
                 return Err(TrainError::RunDir {
-                    path: run_dir.to_path_buf(),
+                    path: run_dir.root().to_path_buf(),
                     reason:
                         "it holds a finished run whose config.toml differs from this variant's \
                              resolved config (was the ablation file edited?); delete the folder to \
@@ -398,18 +414,19 @@ pub fn final_eval(
     run_dir: &Path,
     step: u64,
 ) -> Result<(BTreeMap<String, f64>, RouterCounts), TrainError> {
-    let name = checkpoint::dir_name(step);
-    let eval_dir = run_dir.join("eval");
-    let json_path = eval_dir.join(format!("{name}.json"));
-    let chunk_dir = eval_dir.join(&name);
+    let run = RunDir::new(run_dir);
+    // The evaluation may write into the run folder: it is taken like a training run.
+    let _lock = run.lock()?;
+    let json_path = run.eval_json(step);
+    let chunk_dir = run.eval_counts(step);
     let mut chunks = if json_path.is_file() && chunk_dir.is_dir() {
         router_log::read_dir(&chunk_dir)?
     } else {
         Vec::new()
     };
     if chunks.is_empty() {
-        let report = evaluate_checkpoint(&run_dir.join("checkpoints").join(&name))?;
-        report.write(&eval_dir)?;
+        let report = evaluate_checkpoint(&run.checkpoint(step))?;
+        report.write(&run)?;
         chunks = router_log::read_dir(&chunk_dir)?;
     }
     let text = std::fs::read_to_string(&json_path).map_err(|source| TrainError::Io {

@@ -5,13 +5,14 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use moelab_data::Batch;
 use moelab_model::rng::SplitMix64;
-use moelab_model::{ForwardOptions, ModelInfo, MoeTransformer};
+use moelab_model::ModelInfo;
 use serde::Serialize;
 
 use crate::config::{DeviceKind, Precision};
-use crate::optim::clip_scale;
-use crate::trainer::{new_optimizer, open_device, set_threads, GPU_PEAK_FLOPS};
+use crate::routing_counts::RouterAccumulator;
+use crate::trainer::{open_device, set_threads, Learner, Phase, GPU_PEAK_FLOPS};
 use crate::{Config, TrainError};
 
 /// How long to measure.
@@ -73,7 +74,9 @@ pub struct BenchReport {
 }
 
 /// Builds the config's model on its device and precision and times `options.steps` training
-/// steps on random tokens after `options.warmup` untimed ones.
+/// steps on random tokens after `options.warmup` untimed ones. The step is the trainer's own
+/// ([`Learner::step`]): forward and backward, norm, clip, AdamW, expert-bias update and the
+/// router log's counting.
 pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainError> {
     if options.steps == 0 {
         return Err(TrainError::Argument("--steps must be at least 1".into()));
@@ -83,67 +86,72 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     let memory_at_start = device_memory_used(&device)?;
     // The high-water marks count from here: the model, its gradients and the optimizer state.
     let pool_marks = memory_high_water(&device, true);
-    let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &device)?;
-    let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
-    let params = crate::trainer::named_params(&varmap)?;
-    let mut optimizer = new_optimizer(&params, cfg)?;
+    let mut learner = Learner::new(cfg, &device)?;
+    // One micro-batch per step, as the peer runs it.
     let (micro, seq_len) = (cfg.train.micro_batch, cfg.data.seq_len);
+    let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
+        .filter(|&l| cfg.model.is_moe_layer(l))
+        .collect();
+    let mut router_log = RouterAccumulator::new(
+        moe_layers,
+        vec!["random".into()],
+        cfg.model.moe.n_experts,
+        cfg.model.moe.top_k,
+        &device,
+    )?;
     let mut rng = SplitMix64::new(cfg.run.seed);
-    let mut random_tokens = || -> Result<Tensor, TrainError> {
-        let ids: Vec<u32> = (0..micro * seq_len)
+    let mut random_ids = || -> Vec<u32> {
+        (0..micro * seq_len)
             .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
-            .collect();
-        Ok(Tensor::from_vec(ids, (micro, seq_len), &device)?)
+            .collect()
     };
 
     let mut times: Vec<[f64; 3]> = Vec::with_capacity(options.steps);
     let mut peak_memory = memory_at_start;
     let mut last_loss = f64::NAN;
     for step in 0..options.warmup + options.steps {
-        let (input, target) = (random_tokens()?, random_tokens()?);
+        let batch = Batch {
+            tokens: random_ids(),
+            targets: random_ids(),
+            domain_ids: vec![0; micro],
+            source_ids: vec![0; micro],
+            n_sequences: micro,
+            seq_len,
+        };
         device.synchronize()?;
         let start = Instant::now();
-        let out = model.forward(
-            &input,
-            Some(&target),
-            ForwardOptions {
-                step: Some(step as u64),
-                seed: cfg.run.seed,
-            },
-        )?;
-        let loss = out
-            .loss
-            .clone()
-            .ok_or_else(|| TrainError::Argument("the model returned no loss".into()))?;
-        device.synchronize()?;
-        let forward = start.elapsed().as_secs_f64();
-        peak_memory = peak_memory.max(device_memory_used(&device)?);
-        let all_grads = loss.backward()?;
-        let grads = params
-            .iter()
-            .filter_map(|(name, var)| {
-                all_grads
-                    .get(var.as_tensor())
-                    .map(|g| (name.clone(), g.detach()))
-            })
-            .collect();
-        device.synchronize()?;
-        let backward = start.elapsed().as_secs_f64();
-        last_loss = f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        // The graph (every saved activation) is freed before the optimizer runs, as in training.
-        drop((out, loss, all_grads));
-        peak_memory = peak_memory.max(device_memory_used(&device)?);
-        let grad_norm = optimizer.grad_norm(&grads)?;
-        optimizer.step(
-            &grads,
+        let mut marks = [0f64; 3];
+        let mut failure = None;
+        let mut on_phase = |phase: Phase| {
+            if let Err(e) = device.synchronize() {
+                failure = Some(e);
+            }
+            let slot = match phase {
+                Phase::Forward => 0,
+                Phase::Backward => 1,
+                Phase::Optimizer => 2,
+            };
+            marks[slot] = start.elapsed().as_secs_f64();
+            match device_memory_used(&device) {
+                Ok(used) => peak_memory = peak_memory.max(used),
+                Err(TrainError::Candle(e)) => failure = Some(e),
+                Err(e) => failure = Some(candle_core::Error::Msg(e.to_string())),
+            }
+        };
+        let outcome = learner.step(
+            &batch,
+            step as u64,
             cfg.train.lr,
-            clip_scale(grad_norm, cfg.train.grad_clip),
+            cfg,
+            &mut router_log,
+            &mut on_phase,
         )?;
-        device.synchronize()?;
-        let total = start.elapsed().as_secs_f64();
-        peak_memory = peak_memory.max(device_memory_used(&device)?);
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
+        last_loss = outcome.loss;
         if step >= options.warmup {
-            times.push([forward, backward - forward, total - backward]);
+            times.push([marks[0], marks[1] - marks[0], marks[2] - marks[1]]);
         }
     }
 

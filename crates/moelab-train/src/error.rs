@@ -58,14 +58,17 @@ pub enum TrainError {
         /// What is wrong.
         message: String,
     },
+    /// SIGINT or SIGTERM asked the work to stop before it was done.
+    #[error("interrupted by a signal")]
+    Interrupted,
     /// Too many consecutive steps had a non-finite loss or gradient.
-    #[error("{count} consecutive steps had a non-finite loss or gradient (last at step {step}); stopped. The last good checkpoint is intact: {last_checkpoint}")]
+    #[error("{count} consecutive steps had a non-finite loss or gradient (last at step {step}); stopped. The newest checkpoint known to give a finite loss: {last_checkpoint}")]
     NonFinite {
         /// Consecutive bad steps.
         count: u32,
         /// The last bad step.
         step: u64,
-        /// The newest complete checkpoint, or a note that there is none.
+        /// The newest checkpoint whose weights gave a finite loss, or a note that there is none.
         last_checkpoint: String,
     },
     /// The data layer failed.

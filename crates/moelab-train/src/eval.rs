@@ -2,7 +2,7 @@
 //! domain's validation tokens.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use moelab_data::Dataset;
@@ -10,7 +10,8 @@ use moelab_model::{ForwardOptions, MoeTransformer};
 use moelab_trace::router_log::{write_chunk, RouterCounts};
 use serde::Serialize;
 
-use crate::router_log::RouterAccumulator;
+use crate::routing_counts::RouterAccumulator;
+use crate::trainer::RunDir;
 use crate::{Config, TrainError};
 
 /// Validation loss of one domain.
@@ -76,19 +77,22 @@ impl EvalReport {
         serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
-    /// Writes `eval/step-N.json` and the routing counts as `eval/step-N/chunk-N.safetensors`.
-    pub fn write(&self, eval_dir: &Path) -> Result<PathBuf, TrainError> {
-        let name = crate::checkpoint::dir_name(self.step);
-        std::fs::create_dir_all(eval_dir).map_err(|source| TrainError::Io {
-            path: eval_dir.to_path_buf(),
+    /// Writes the run folder's `eval/step-N.json` and the routing counts as
+    /// `eval/step-N/chunk-N.safetensors` (the counts first: the JSON marks a complete pair).
+    pub fn write(&self, run_dir: &RunDir) -> Result<PathBuf, TrainError> {
+        let eval_dir = run_dir.eval();
+        std::fs::create_dir_all(&eval_dir).map_err(|source| TrainError::Io {
+            path: eval_dir.clone(),
             source,
         })?;
-        let path = eval_dir.join(format!("{name}.json"));
-        std::fs::write(&path, self.to_json()).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
+        write_chunk(&run_dir.eval_counts(self.step), &self.routing)?;
+        let path = run_dir.eval_json(self.step);
+        moelab_io::write_atomic(&path, self.to_json().as_bytes()).map_err(|source| {
+            TrainError::Io {
+                path: path.clone(),
+                source,
+            }
         })?;
-        write_chunk(&eval_dir.join(&name), &self.routing)?;
         Ok(path)
     }
 
@@ -152,6 +156,10 @@ pub fn evaluate(
         )?;
         let (mut loss_sum, mut tokens) = (0f64, 0u64);
         for batch in batches {
+            // Evaluation can be long; a stop request is honoured between batches.
+            if crate::interrupt::requested() {
+                return Err(TrainError::Interrupted);
+            }
             let shape = (batch.n_sequences, batch.seq_len);
             let input = Tensor::from_slice(&batch.tokens, shape, device)?;
             let target = Tensor::from_slice(&batch.targets, shape, device)?;

@@ -5,7 +5,7 @@
 //! The validation streams do not depend on the mixture, so traces of different ablation variants
 //! cover exactly the same tokens; the same checkpoint always gives the same trace.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 use moelab_data::{Batch, Dataset};
@@ -27,28 +27,10 @@ pub struct TraceOptions {
     pub router_probs: bool,
 }
 
-/// Resolves a checkpoint argument: a checkpoint folder as is, or a run folder's newest
-/// complete checkpoint.
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
-    if path.join("state.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let checkpoints = path.join("checkpoints");
-    if checkpoints.is_dir() {
-        if let Some((_, newest)) = checkpoint::list(&checkpoints)?.pop() {
-            return Ok(newest);
-        }
-    }
-    Err(TrainError::Checkpoint(format!(
-        "{} is neither a complete checkpoint folder (no state.json) nor a run folder with one under checkpoints/",
-        path.display()
-    )))
-}
-
 /// Traces `checkpoint` (a checkpoint folder, or a run folder's newest checkpoint) over its
 /// dataset's validation streams; deterministic for a checkpoint and thread count.
 pub fn trace_checkpoint(checkpoint: &Path, options: &TraceOptions) -> Result<Trace, TrainError> {
-    let checkpoint = resolve_checkpoint(checkpoint)?;
+    let checkpoint = checkpoint::resolve(checkpoint)?;
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(&checkpoint, &device)?;
     // The trainer's thread setting, so a trace is reproducible.

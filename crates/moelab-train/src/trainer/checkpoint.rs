@@ -7,7 +7,6 @@
 //! would pick.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -65,6 +64,10 @@ pub struct Checkpoint {
 
 const COMPLETE_MARKER: &str = "state.json";
 
+/// Prefix of folders that are not (yet, or any more) checkpoints: saves in progress and
+/// replaced checkpoints; removed by [`remove_partial`].
+const TMP_PREFIX: &str = ".tmp-";
+
 pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
         path: path.to_path_buf(),
@@ -78,13 +81,12 @@ pub fn dir_name(step: u64) -> String {
 }
 
 fn fsync(path: &Path) -> Result<(), TrainError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io(path))
+    moelab_io::sync_file(path).map_err(io(path))
 }
 
-/// Writes a checkpoint atomically under `checkpoints_dir`; returns its folder. Saving a step that
-/// already has a complete checkpoint keeps the existing one.
+/// Writes a checkpoint atomically under `checkpoints_dir`; returns its folder. A checkpoint
+/// already under that step's name (from a run resumed at an earlier step) is replaced: the new
+/// folder is complete before the old one is moved out of the way.
 pub fn save(
     checkpoints_dir: &Path,
     model: &HashMap<String, Tensor>,
@@ -94,11 +96,8 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(checkpoints_dir).map_err(io(checkpoints_dir))?;
     let final_dir = checkpoints_dir.join(dir_name(state.step));
-    if final_dir.join(COMPLETE_MARKER).exists() {
-        return Ok(final_dir);
-    }
     let tmp = checkpoints_dir.join(format!(
-        ".tmp-{}-{}",
+        "{TMP_PREFIX}{}-{}",
         dir_name(state.step),
         std::process::id()
     ));
@@ -106,17 +105,23 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let config_path = tmp.join("config.toml");
+    std::fs::write(&config_path, config_toml).map_err(io(&config_path))?;
+    fsync(&config_path)?;
+    // safetensors writes through a private temporary file (mode 0600); the checkpoint's files
+    // get the permissions every other file of the run has.
+    let permissions = std::fs::metadata(&config_path)
+        .map_err(io(&config_path))?
+        .permissions();
     let tensors = |name: &str, map: &HashMap<String, Tensor>| -> Result<(), TrainError> {
         let path = tmp.join(name);
         candle_core::safetensors::save(map, &path)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+        std::fs::set_permissions(&path, permissions.clone()).map_err(io(&path))?;
         fsync(&path)
     };
     tensors("model.safetensors", model)?;
     tensors("optimizer.safetensors", optimizer)?;
-    let config_path = tmp.join("config.toml");
-    std::fs::write(&config_path, config_toml).map_err(io(&config_path))?;
-    fsync(&config_path)?;
     // state.json last: its presence marks the folder complete.
     let state_path = tmp.join(COMPLETE_MARKER);
     let json = serde_json::to_string_pretty(state)
@@ -124,13 +129,22 @@ pub fn save(
     std::fs::write(&state_path, json).map_err(io(&state_path))?;
     fsync(&state_path)?;
     fsync(&tmp)?;
-    if final_dir.exists() {
-        // An incomplete folder under the final name (never written by this code, but possible
-        // after manual copying) must not shadow the new one.
-        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    // Anything under the final name (an older run's checkpoint of this step, or an incomplete
+    // folder copied by hand) is moved aside first and deleted only once the new one is in place.
+    let replaced = checkpoints_dir.join(format!(
+        "{TMP_PREFIX}replaced-{}-{}",
+        dir_name(state.step),
+        std::process::id()
+    ));
+    let had_old = final_dir.exists();
+    if had_old {
+        std::fs::rename(&final_dir, &replaced).map_err(io(&final_dir))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
     fsync(checkpoints_dir)?;
+    if had_old {
+        std::fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
+    }
     Ok(final_dir)
 }
 
@@ -167,7 +181,7 @@ pub fn remove_partial(checkpoints_dir: &Path) -> Result<(), TrainError> {
         if path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(".tmp-"))
+            .is_some_and(|n| n.starts_with(TMP_PREFIX))
         {
             std::fs::remove_dir_all(&path).map_err(io(&path))?;
         }
@@ -194,8 +208,36 @@ pub fn prune(
     Ok(removed)
 }
 
+/// Resolves a checkpoint argument: a checkpoint folder as is, or a run folder's newest
+/// complete checkpoint.
+pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join(COMPLETE_MARKER).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    let run = super::RunDir::new(path);
+    if let Some((_, newest)) = list(&run.checkpoints())?.pop() {
+        return Ok(newest);
+    }
+    Err(TrainError::Checkpoint(format!(
+        "{} is neither a complete checkpoint folder (no {COMPLETE_MARKER}) nor a run folder with one under checkpoints/",
+        path.display()
+    )))
+}
+
 /// Reads a checkpoint folder (tensors onto `device`).
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
+    if !dir.exists() {
+        return Err(TrainError::Checkpoint(format!(
+            "{} does not exist",
+            dir.display()
+        )));
+    }
     if !dir.join(COMPLETE_MARKER).is_file() {
         return Err(TrainError::Checkpoint(format!(
             "{} is not a complete checkpoint (no {COMPLETE_MARKER})",

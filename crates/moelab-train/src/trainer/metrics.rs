@@ -1,0 +1,244 @@
+//! The metrics logger: it decides when a step is logged, measures throughput over the window
+//! since the previous line, and writes metrics.jsonl (one JSON object per line: logged steps,
+//! skipped steps, evaluations), so that one file loads in pandas.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::step::StepOutcome;
+use crate::eval::EvalReport;
+use crate::TrainError;
+
+/// Dense bf16 peak of the H100/H200 class, the denominator of MFU on CUDA.
+pub(crate) const GPU_PEAK_FLOPS: f64 = 989e12;
+
+/// One logged step of metrics.jsonl.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Tokens consumed.
+    pub tokens: u64,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Training objective of this step (LM + weighted aux + z), nats per token.
+    pub loss: f64,
+    /// LM cross-entropy of this step, nats per token.
+    pub lm_loss: f64,
+    /// LM cross-entropy per domain present in this step's batch.
+    pub domain_loss: BTreeMap<String, f64>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Load-balancing loss per MoE layer.
+    pub aux_loss: Vec<f64>,
+    /// Router z-loss per MoE layer.
+    pub z_loss: Vec<f64>,
+    /// max / mean tokens per expert, per MoE layer.
+    pub load_imbalance: Vec<f64>,
+    /// Throughput since the previous line.
+    pub tokens_per_s: f64,
+    /// Model FLOPs utilisation (CUDA only: against 989 TFLOP/s).
+    pub mfu: Option<f64>,
+    /// Wall-clock time of the line (UTC, RFC 3339).
+    pub time: String,
+    /// Seconds since this process started training.
+    pub elapsed_s: f64,
+}
+
+/// Writes metrics.jsonl and keeps the throughput window.
+pub(crate) struct MetricsLogger {
+    file: std::fs::File,
+    path: PathBuf,
+    interval: u64,
+    last_step: u64,
+    flops_per_token: Option<f64>,
+    started: Instant,
+    window_start: Instant,
+    window_tokens: u64,
+    /// Tokens and seconds of all logged windows, for the run's mean throughput.
+    total: (u64, f64),
+}
+
+impl MetricsLogger {
+    /// Opens `path` for a run resuming after `resume_step` steps: lines past that step are
+    /// dropped (they will be produced again). `flops_per_token` is given on CUDA, for MFU.
+    pub(crate) fn open(
+        path: &Path,
+        resume_step: u64,
+        interval: u64,
+        last_step: u64,
+        flops_per_token: Option<f64>,
+    ) -> Result<Self, TrainError> {
+        let io = |source| TrainError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let kept: String = match std::fs::read_to_string(path) {
+            Ok(text) if resume_step > 0 => text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|s| s <= resume_step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect(),
+            _ => String::new(),
+        };
+        moelab_io::write_atomic(path, kept.as_bytes()).map_err(io)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        let now = Instant::now();
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+            interval: interval.max(1),
+            last_step,
+            flops_per_token,
+            started: now,
+            window_start: now,
+            window_tokens: 0,
+            total: (0, 0.0),
+        })
+    }
+
+    /// Records a finished step of `tokens` tokens; returns its line when the step is due for
+    /// logging (every `log.interval` steps and the last), after writing it.
+    pub(crate) fn step(
+        &mut self,
+        step: u64,
+        total_tokens: u64,
+        tokens: u64,
+        lr: f64,
+        outcome: &StepOutcome,
+    ) -> Result<Option<StepMetrics>, TrainError> {
+        self.window_tokens += tokens;
+        if !step.is_multiple_of(self.interval) && step != self.last_step {
+            return Ok(None);
+        }
+        let seconds = self.window_start.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = self.window_tokens as f64 / seconds;
+        self.total.0 += self.window_tokens;
+        self.total.1 += seconds;
+        let line = StepMetrics {
+            step,
+            tokens: total_tokens,
+            lr,
+            loss: outcome.loss,
+            lm_loss: outcome.lm_loss,
+            domain_loss: outcome.domain_loss.clone(),
+            grad_norm: outcome.grad_norm,
+            aux_loss: outcome.aux_loss.clone(),
+            z_loss: outcome.z_loss.clone(),
+            load_imbalance: outcome.load_imbalance(),
+            tokens_per_s,
+            mfu: self
+                .flops_per_token
+                .map(|f| f * tokens_per_s / GPU_PEAK_FLOPS),
+            time: now_rfc3339(),
+            elapsed_s: self.elapsed_s(),
+        };
+        self.write(&line)?;
+        self.window_start = Instant::now();
+        self.window_tokens = 0;
+        Ok(Some(line))
+    }
+
+    /// Records a step whose update was skipped (non-finite loss or gradient).
+    pub(crate) fn skipped(&mut self, step: u64, reason: &str) -> Result<(), TrainError> {
+        let line = serde_json::json!({
+            "step": step,
+            "skipped": true,
+            "reason": reason,
+            "time": now_rfc3339(),
+            "elapsed_s": self.elapsed_s(),
+        });
+        self.write(&line)
+    }
+
+    /// Records an evaluation: `{"step", "eval": {domain: loss}}`.
+    pub(crate) fn eval(&mut self, report: &EvalReport) -> Result<(), TrainError> {
+        let losses: BTreeMap<&str, f64> = report
+            .domains
+            .iter()
+            .filter(|d| d.tokens > 0)
+            .map(|d| (d.domain.as_str(), d.loss))
+            .collect();
+        let line = serde_json::json!({
+            "step": report.step,
+            "eval": losses,
+            "time": now_rfc3339(),
+            "elapsed_s": self.elapsed_s(),
+        });
+        self.write(&line)
+    }
+
+    /// Mean tokens/s over the logged windows of this process.
+    pub(crate) fn mean_tokens_per_s(&self) -> f64 {
+        self.total.0 as f64 / self.total.1.max(1e-9)
+    }
+
+    /// Seconds since this process started training.
+    pub(crate) fn elapsed_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn write<T: Serialize>(&mut self, value: &T) -> Result<(), TrainError> {
+        let line =
+            serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        writeln!(self.file, "{line}").map_err(|source| TrainError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// The current UTC time as RFC 3339 with milliseconds, e.g. `2026-12-01T08:36:30.123Z`.
+fn now_rfc3339() -> String {
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(since_epoch.as_millis() as i64)
+}
+
+/// RFC 3339 of milliseconds since the Unix epoch (civil-from-days, proleptic Gregorian).
+fn rfc3339(millis: i64) -> String {
+    let days = millis.div_euclid(86_400_000);
+    let ms_of_day = millis.rem_euclid(86_400_000);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, ms) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1000 % 60,
+        ms_of_day % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        // 2026-12-01T08:36:30.5Z and a leap day.
+        assert_eq!(rfc3339(1_796_114_190_500), "2026-12-01T08:36:30.500Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,619 @@
+//! The training run. [`Trainer::setup`] validates everything (config, run folder, data,
+//! checkpoint) before it writes anything into the run folder; [`Trainer::run`] is the loop:
+//! step, log, router log, evaluate, checkpoint. The pieces decide their own timing:
+//! `step.rs` (the step `train` and `bench` share), `checkpointer.rs`, `metrics.rs`, `run_dir.rs`.
+
+pub mod checkpoint;
+mod checkpointer;
+mod metrics;
+mod run_dir;
+mod step;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
+use moelab_model::{ModelInfo, MoeTransformer};
+
+use crate::config::DeviceKind;
+use crate::eval::{evaluate, EvalReport};
+use crate::interrupt;
+use crate::routing_counts::RouterAccumulator;
+use crate::schedule::Schedule;
+use crate::{Config, TrainError};
+use checkpoint::TrainState;
+use checkpointer::Checkpointer;
+use metrics::MetricsLogger;
+pub use metrics::StepMetrics;
+pub(crate) use metrics::GPU_PEAK_FLOPS;
+pub use run_dir::{RunDir, RunLock};
+pub use step::{Learner, Phase, StepOutcome};
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest complete checkpoint of the run folder, or a fresh start if there is none.
+    Auto,
+    /// This checkpoint folder.
+    Path(PathBuf),
+}
+
+/// How to run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run folder; default `run.out_dir/run.name`.
+    pub run_dir: Option<PathBuf>,
+    /// Resume instead of starting fresh.
+    pub resume: Option<Resume>,
+    /// Accept a changed `[data.mixture]` on resume (appended as a new data stage).
+    pub allow_mixture_change: bool,
+    /// Start even when the estimated memory exceeds what the device has.
+    pub ignore_memory_check: bool,
+}
+
+/// What the trainer reports to its caller as it goes.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The dataset is being prepared from `data.sources` on first use.
+    Preparing(PrepareEvent),
+    /// The run is set up.
+    Started {
+        /// Run folder.
+        run_dir: PathBuf,
+        /// Steps already done (the first step to run is this + 1).
+        start_step: u64,
+        /// Last step.
+        total_steps: u64,
+        /// Checkpoint resumed from.
+        resumed_from: Option<PathBuf>,
+        /// Where the checkpoints past the resume point were set aside (resuming from an older
+        /// checkpoint than the run's newest).
+        set_aside: Option<PathBuf>,
+    },
+    /// A logged step.
+    Step(StepMetrics),
+    /// A step whose loss or gradient was not finite; its update was skipped.
+    Skipped {
+        /// The step.
+        step: u64,
+        /// What was not finite.
+        reason: String,
+    },
+    /// An evaluation finished.
+    Eval(EvalReport),
+    /// A checkpoint was written.
+    Checkpoint(PathBuf),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Run folder.
+    pub run_dir: PathBuf,
+    /// Steps completed.
+    pub steps: u64,
+    /// Steps this process ran.
+    pub steps_run: u64,
+    /// The last evaluation (None when stopped by a signal).
+    pub final_eval: Option<EvalReport>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// True when SIGINT/SIGTERM stopped the run (after saving a checkpoint).
+    pub interrupted: bool,
+    /// Wall-clock seconds of the training loop in this process.
+    pub wall_s: f64,
+    /// Mean training throughput of this process.
+    pub tokens_per_s: f64,
+}
+
+/// Runs (or resumes) training as configured.
+pub fn train(
+    cfg: Config,
+    options: RunOptions,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary, TrainError> {
+    Trainer::setup(cfg, options, on_event)?.run(on_event)
+}
+
+/// A run, set up and ready to step.
+pub struct Trainer {
+    cfg: Config,
+    run_dir: RunDir,
+    _lock: Option<RunLock>,
+    device: Device,
+    dataset: Arc<Dataset>,
+    stream: Arc<MixtureStream>,
+    learner: Learner,
+    state: TrainState,
+    schedule: Schedule,
+    checkpointer: Checkpointer,
+    metrics: MetricsLogger,
+    router_log: RouterAccumulator,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl Trainer {
+    /// Takes the run folder (lock), checks the config against the data, the device and the
+    /// checkpoint, builds the model and optimizer (fresh or restored), and only then records the
+    /// config and clears what a killed or abandoned continuation left past the resume step. A
+    /// refused run leaves the folder as it was.
+    pub fn setup(
+        cfg: Config,
+        options: RunOptions,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Self, TrainError> {
+        let run_dir = RunDir::new(
+            options
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| cfg.run.out_dir.join(&cfg.run.name)),
+        );
+        let lock = run_dir.lock()?;
+        let (mut trainer, resumed_from, set_aside) =
+            match Self::build(cfg, &options, run_dir, on_event) {
+                Ok(built) => built,
+                Err(e) => {
+                    lock.release_unused();
+                    return Err(e);
+                }
+            };
+        trainer._lock = Some(lock);
+        on_event(&Event::Started {
+            run_dir: trainer.run_dir.root().to_path_buf(),
+            start_step: trainer.state.step,
+            total_steps: trainer.cfg.train.steps,
+            resumed_from,
+            set_aside,
+        });
+        Ok(trainer)
+    }
+
+    /// [`Trainer::setup`] under the lock; also returns the checkpoint resumed from and where
+    /// later checkpoints were set aside.
+    fn build(
+        cfg: Config,
+        options: &RunOptions,
+        run_dir: RunDir,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<(Self, Option<PathBuf>, Option<PathBuf>), TrainError> {
+        let resolved = cfg.to_toml();
+        let resuming = options.resume.is_some();
+        run_dir.check_usable(&resolved, resuming)?;
+        set_threads(cfg.run.threads);
+        let device = open_device(cfg.run.device)?;
+        let dataset = prepare_data(&cfg, on_event)?;
+        if dataset.vocab_size() > cfg.model.vocab_size {
+            return Err(TrainError::Config {
+                path: run_dir.config(),
+                message: format!(
+                    "invalid config key `model.vocab_size`: {} is smaller than the tokenizer's vocabulary ({})",
+                    cfg.model.vocab_size,
+                    dataset.vocab_size()
+                ),
+            });
+        }
+        let dataset = Arc::new(dataset);
+        let mut learner = Learner::new(&cfg, &device)?;
+        let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;
+        let sequences_per_step = cfg.global_sequences() as u64;
+        let (stream, state, resumed_from) = match resume {
+            Some(ckpt) => {
+                learner.restore(&ckpt)?;
+                if ckpt.state.stream.sequences_consumed != ckpt.state.step * sequences_per_step {
+                    return Err(TrainError::Checkpoint(format!(
+                        "{}: the checkpoint consumed {} sequences in {} steps, which does not match {} sequences per step; keep train.global_batch_tokens as it was",
+                        ckpt.dir.display(),
+                        ckpt.state.stream.sequences_consumed,
+                        ckpt.state.step,
+                        sequences_per_step
+                    )));
+                }
+                let stream = MixtureStream::resume(
+                    dataset.clone(),
+                    &cfg.data,
+                    cfg.run.seed,
+                    &ckpt.state.stream,
+                    options.allow_mixture_change,
+                )?;
+                (stream, ckpt.state, Some(ckpt.dir))
+            }
+            None => {
+                let stream = MixtureStream::new(dataset.clone(), &cfg.data, cfg.run.seed)?;
+                let state = TrainState::fresh(&stream, cfg.run.seed);
+                (stream, state, None)
+            }
+        };
+
+        // Everything is valid: from here on the run folder is written.
+        run_dir.record_config(&resolved, resuming)?;
+        checkpoint::remove_partial(&run_dir.checkpoints())?;
+        let set_aside = set_aside_later_checkpoints(&run_dir, state.step)?;
+        remove_evals_after(&run_dir, state.step)?;
+        if run_dir.router().exists() {
+            moelab_trace::router_log::remove_after(&run_dir.router(), state.step)?;
+        }
+        let flops_per_token = (cfg.run.device == DeviceKind::Cuda)
+            .then(|| ModelInfo::new(&cfg.model, cfg.data.seq_len).train_flops_per_token as f64);
+        let metrics = MetricsLogger::open(
+            &run_dir.metrics(),
+            state.step,
+            cfg.log.interval,
+            cfg.train.steps,
+            flops_per_token,
+        )?;
+        let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
+            .filter(|&l| cfg.model.is_moe_layer(l))
+            .collect();
+        let router_log = RouterAccumulator::new(
+            moe_layers,
+            dataset.domains().to_vec(),
+            cfg.model.moe.n_experts,
+            cfg.model.moe.top_k,
+            &device,
+        )?;
+        let schedule = Schedule {
+            kind: cfg.train.schedule,
+            lr: cfg.train.lr,
+            min_lr_ratio: cfg.train.min_lr_ratio,
+            warmup_steps: cfg.train.warmup_steps,
+            total_steps: cfg.train.steps,
+            decay_fraction: cfg.train.decay_fraction,
+        };
+        interrupt::install().map_err(|source| TrainError::Io {
+            path: run_dir.root().to_path_buf(),
+            source,
+        })?;
+        let checkpointer = Checkpointer::new(
+            &run_dir,
+            cfg.checkpoint.clone(),
+            resolved,
+            resumed_from.clone(),
+        );
+        let trainer = Self {
+            cfg,
+            run_dir,
+            _lock: None,
+            device,
+            dataset,
+            stream: Arc::new(stream),
+            learner,
+            state,
+            schedule,
+            checkpointer,
+            metrics,
+            router_log,
+            last_checkpoint: None,
+        };
+        Ok((trainer, resumed_from, set_aside))
+    }
+
+    /// Trains to `train.steps`, or until SIGINT/SIGTERM (which saves a checkpoint first).
+    pub fn run(mut self, on_event: &mut dyn FnMut(&Event)) -> Result<Summary, TrainError> {
+        let first_step = self.state.step;
+        let sequences = self.cfg.global_sequences();
+        let batches = Prefetcher::new(self.stream.clone(), self.state.step, sequences, 0, 1, 2);
+        for batch in batches {
+            if self.state.step >= self.cfg.train.steps {
+                break;
+            }
+            let lr = self.schedule.lr_at(self.state.step);
+            let outcome = self.learner.step(
+                &batch?,
+                self.state.step,
+                lr,
+                &self.cfg,
+                &mut self.router_log,
+                &mut |_| {},
+            )?;
+            self.state.step += 1;
+            let tokens = (sequences * self.cfg.data.seq_len) as u64;
+            self.state.tokens += tokens;
+            self.checkpointer.observe(outcome.applied);
+            self.log_step(&outcome, tokens, lr, on_event)?;
+            if self.after_step(outcome.applied, on_event)? {
+                return Ok(self.summary(first_step, None, true));
+            }
+        }
+        // The final checkpoint comes before the final evaluation, so that a signal during the
+        // evaluation loses nothing: evaluating the checkpoint later gives the same report.
+        if !self.checkpointer.has(self.state.step)? {
+            self.save(on_event)?;
+        }
+        match self.evaluate(on_event) {
+            Ok(report) => Ok(self.summary(first_step, Some(report), false)),
+            Err(TrainError::Interrupted) => Ok(self.summary(first_step, None, true)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the step's metrics line (or its skip line) and stops a non-finite streak that is
+    /// too long, naming the newest checkpoint known to be good.
+    fn log_step(
+        &mut self,
+        outcome: &StepOutcome,
+        tokens: u64,
+        lr: f64,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<(), TrainError> {
+        let step = self.state.step;
+        if outcome.applied {
+            self.state.consecutive_nonfinite = 0;
+            if let Some(line) = self
+                .metrics
+                .step(step, self.state.tokens, tokens, lr, outcome)?
+            {
+                on_event(&Event::Step(line));
+            }
+            return Ok(());
+        }
+        self.state.consecutive_nonfinite += 1;
+        let reason = format!("loss {}, grad norm {}", outcome.loss, outcome.grad_norm);
+        self.metrics.skipped(step, &reason)?;
+        on_event(&Event::Skipped { step, reason });
+        if self.state.consecutive_nonfinite >= self.cfg.train.max_nonfinite_steps {
+            return Err(TrainError::NonFinite {
+                count: self.state.consecutive_nonfinite,
+                step,
+                last_checkpoint: self.checkpointer.known_good().map_or_else(
+                    || "none: no checkpoint of this run is known to give a finite loss".into(),
+                    |p| p.display().to_string(),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The router log, evaluation and checkpoint, each when it is due; true when a signal asks
+    /// the run to stop (a checkpoint has then been saved).
+    fn after_step(
+        &mut self,
+        finite: bool,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<bool, TrainError> {
+        let step = self.state.step;
+        let last = step == self.cfg.train.steps;
+        let checkpoint_due = self.checkpointer.due(step, finite);
+        let mut stop = interrupt::requested();
+        if step.is_multiple_of(self.cfg.log.router_interval) || checkpoint_due || stop || last {
+            self.router_log.flush(&self.run_dir.router(), step)?;
+        }
+        let eval_interval = self.cfg.train.eval_interval;
+        if eval_interval > 0 && step.is_multiple_of(eval_interval) && !last && !stop {
+            match self.evaluate(on_event) {
+                Ok(_) => {}
+                Err(TrainError::Interrupted) => stop = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if checkpoint_due || stop {
+            self.save(on_event)?;
+        }
+        Ok(stop)
+    }
+
+    fn save(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<(), TrainError> {
+        let dir = self.checkpointer.save(
+            &self.learner,
+            &self.state,
+            &self.stream,
+            self.cfg.global_sequences() as u64,
+        )?;
+        on_event(&Event::Checkpoint(dir.clone()));
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// Evaluates the model now, writing eval/ and a metrics line.
+    fn evaluate(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<EvalReport, TrainError> {
+        let report = evaluate(
+            &self.learner.model,
+            &self.dataset,
+            &self.cfg,
+            self.state.step,
+            &self.device,
+        )?;
+        report.write(&self.run_dir)?;
+        self.metrics.eval(&report)?;
+        on_event(&Event::Eval(report.clone()));
+        Ok(report)
+    }
+
+    fn summary(
+        &self,
+        first_step: u64,
+        final_eval: Option<EvalReport>,
+        interrupted: bool,
+    ) -> Summary {
+        Summary {
+            run_dir: self.run_dir.root().to_path_buf(),
+            steps: self.state.step,
+            steps_run: self.state.step - first_step,
+            final_eval,
+            checkpoint: self.last_checkpoint.clone(),
+            interrupted,
+            wall_s: self.metrics.elapsed_s(),
+            tokens_per_s: self.metrics.mean_tokens_per_s(),
+        }
+    }
+}
+
+/// Opens the dataset, preparing it from `data.sources` on first use; the preparation's progress
+/// is forwarded as [`Event::Preparing`] (it runs on a worker thread, this one draws).
+fn prepare_data(cfg: &Config, on_event: &mut dyn FnMut(&Event)) -> Result<Dataset, TrainError> {
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let worker = scope.spawn(move || {
+            let progress = move |event: &PrepareEvent| {
+                let _ = sender.send(event.clone());
+            };
+            moelab_data::ensure_prepared_with(&cfg.data, &progress)
+        });
+        for event in receiver {
+            on_event(&Event::Preparing(event));
+        }
+        match worker.join() {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(TrainError::Argument(format!(
+                "preparing {} failed unexpectedly (a worker thread panicked)",
+                cfg.data.dataset.display()
+            ))),
+        }
+    })
+}
+
+/// Resuming from a checkpoint older than the run's newest: the checkpoints past it belong to a
+/// continuation that is being replaced; they are moved to `abandoned/`, never deleted.
+fn set_aside_later_checkpoints(run_dir: &RunDir, step: u64) -> Result<Option<PathBuf>, TrainError> {
+    let later: Vec<PathBuf> = checkpoint::list(&run_dir.checkpoints())?
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .map(|(_, p)| p)
+        .collect();
+    if later.is_empty() {
+        return Ok(None);
+    }
+    let target = run_dir.abandoned(step);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    };
+    std::fs::create_dir_all(&target).map_err(io(&target))?;
+    for dir in later {
+        let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
+        std::fs::rename(&dir, target.join(name)).map_err(io(&dir))?;
+    }
+    moelab_io::sync_dir(&run_dir.checkpoints()).map_err(io(&run_dir.checkpoints()))?;
+    Ok(Some(target))
+}
+
+/// Removes evaluations past `step` (an interrupted or abandoned continuation's), as metrics and
+/// router chunks past it are removed.
+fn remove_evals_after(run_dir: &RunDir, step: u64) -> Result<(), TrainError> {
+    let eval_dir = run_dir.eval();
+    let Ok(entries) = std::fs::read_dir(&eval_dir) else {
+        return Ok(());
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let eval_step = name
+            .strip_prefix("step-")
+            .map(|n| n.trim_end_matches(".json"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if eval_step.is_some_and(|s| s > step) {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|source| TrainError::Io { path, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// The device `run.device` names; CUDA needs a build with `--features cuda`.
+pub(crate) fn open_device(kind: DeviceKind) -> Result<Device, TrainError> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+            TrainError::Device(format!(
+                "run.device = \"cuda\" but no CUDA device is usable ({e}); this binary needs a build with --features cuda (see scripts/cuda-toolchain.sh), or set run.device = \"cpu\""
+            ))
+        }),
+    }
+}
+
+/// Trainable parameters by name, sorted.
+pub(crate) fn named_params(varmap: &VarMap) -> Result<Vec<(String, Var)>, TrainError> {
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Checkpoint("parameter map lock poisoned".into()))?;
+    let mut params: Vec<(String, Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    params.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(params)
+}
+
+/// Parameters and expert biases as saved in model.safetensors.
+fn model_tensors(params: &[(String, Var)], model: &MoeTransformer) -> HashMap<String, Tensor> {
+    params
+        .iter()
+        .cloned()
+        .chain(model.expert_biases())
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect()
+}
+
+/// Loads checkpoint tensors into the model; every tensor must exist with the right shape and
+/// nothing may be left over, and the error names the tensor otherwise.
+pub fn restore_model(
+    model: &MoeTransformer,
+    params: &[(String, Var)],
+    saved: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let wanted: Vec<(String, Var)> = params
+        .iter()
+        .cloned()
+        .chain(model.expert_biases())
+        .collect();
+    for (name, var) in &wanted {
+        let tensor = saved.get(name).ok_or_else(|| {
+            TrainError::Checkpoint(format!(
+                "{}: model.safetensors lacks tensor `{name}` that the config needs",
+                dir.display()
+            ))
+        })?;
+        if tensor.dims() != var.dims() {
+            return Err(TrainError::Checkpoint(format!(
+                "{}: tensor `{name}` has shape {:?} but the config needs {:?}",
+                dir.display(),
+                tensor.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&tensor.to_dtype(var.dtype())?)?;
+    }
+    if let Some(extra) = saved.keys().find(|k| !wanted.iter().any(|(n, _)| n == *k)) {
+        return Err(TrainError::Checkpoint(format!(
+            "{}: tensor `{extra}` in model.safetensors has no place in the configured model",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint's model for evaluation: its own config, its weights.
+pub fn load_model(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Config, MoeTransformer, checkpoint::Checkpoint), TrainError> {
+    let ckpt = checkpoint::load(dir, device)?;
+    let config_path = dir.join("config.toml");
+    let cfg = Config::load(&config_path, &[])?;
+    let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
+    restore_model(&model, &named_params(&varmap)?, &ckpt.model, dir)?;
+    Ok((cfg, model, ckpt))
+}
+
+/// Evaluates a checkpoint on its run's validation streams.
+pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
+    let device = Device::Cpu;
+    let (cfg, model, ckpt) = load_model(dir, &device)?;
+    let dataset: Dataset = moelab_data::ensure_prepared(&cfg.data)?;
+    evaluate(&model, &dataset, &cfg, ckpt.state.step, &device)
+}
+
+/// Fixes the CPU thread count (0 = all cores) for rayon and candle's GEMM.
+pub(crate) fn set_threads(threads: usize) {
+    if threads == 0 {
+        return;
+    }
+    // candle reads RAYON_NUM_THREADS at every GEMM; rayon reads it when its global pool is first
+    // used, which is after this point.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}

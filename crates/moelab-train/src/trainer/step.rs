@@ -1,0 +1,272 @@
+//! The training step, the one piece of code `moelab train` and `moelab bench` both run:
+//! forward and backward over the batch's micro-batches (gradients summed), the global gradient
+//! norm, and, when the loss and gradient are finite, clipping, AdamW and the expert-bias update.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Tensor, Var};
+use moelab_data::Batch;
+use moelab_model::{ForwardOptions, MoeTransformer};
+
+use super::checkpoint::Checkpoint;
+use crate::optim::{clip_scale, AdamW, AdamWParams};
+use crate::routing_counts::RouterAccumulator;
+use crate::{Config, TrainError};
+
+/// Tensors by name.
+pub type TensorMap = HashMap<String, Tensor>;
+
+/// The model with its trainable parameters (sorted by name) and optimizer.
+pub struct Learner {
+    /// The model (compute dtype from `train.precision`, f32 master weights).
+    pub model: MoeTransformer,
+    params: Vec<(String, Var)>,
+    optimizer: AdamW,
+    device: Device,
+}
+
+/// A point inside a step, reported to the caller as it passes (bench times them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// A micro-batch's forward pass (with its loss) is done.
+    Forward,
+    /// A micro-batch's backward pass is done.
+    Backward,
+    /// The update (norm, clip, AdamW, expert bias) is done or skipped.
+    Optimizer,
+}
+
+/// What one step did.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// Training objective (LM + weighted aux + z), mean over micro-batches.
+    pub loss: f64,
+    /// LM cross-entropy, mean over micro-batches.
+    pub lm_loss: f64,
+    /// LM cross-entropy per domain present in the batch.
+    pub domain_loss: BTreeMap<String, f64>,
+    /// Load-balancing loss per MoE layer.
+    pub aux_loss: Vec<f64>,
+    /// Router z-loss per MoE layer.
+    pub z_loss: Vec<f64>,
+    /// Tokens routed to each expert, per MoE layer.
+    pub tokens_per_expert: Vec<Vec<usize>>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the loss or gradient was not finite; the update was then skipped.
+    pub applied: bool,
+}
+
+impl StepOutcome {
+    /// max / mean tokens per expert, per MoE layer (1 = perfectly balanced).
+    pub fn load_imbalance(&self) -> Vec<f64> {
+        self.tokens_per_expert
+            .iter()
+            .map(|load| {
+                let total: usize = load.iter().sum();
+                if total == 0 {
+                    return 0.0;
+                }
+                let max = load.iter().copied().max().unwrap_or(0) as f64;
+                max * load.len() as f64 / total as f64
+            })
+            .collect()
+    }
+}
+
+impl Learner {
+    /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`.
+    pub fn new(cfg: &Config, device: &Device) -> Result<Self, TrainError> {
+        let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
+        let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
+        let params = super::named_params(&varmap)?;
+        let optimizer = AdamW::new(
+            params.clone(),
+            AdamWParams {
+                beta1: cfg.train.beta1,
+                beta2: cfg.train.beta2,
+                eps: cfg.train.eps,
+                weight_decay: cfg.train.weight_decay,
+            },
+            &cfg.train.no_decay,
+        )?;
+        Ok(Self {
+            model,
+            params,
+            optimizer,
+            device: device.clone(),
+        })
+    }
+
+    /// Loads a checkpoint's weights and optimizer state; every tensor must fit.
+    pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
+        super::restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
+        self.optimizer
+            .load_state(ckpt.state.optimizer_step, &ckpt.optimizer)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
+    }
+
+    /// Model tensors (parameters and expert biases) and optimizer moments, by name, as a
+    /// checkpoint stores them; and the optimizer's update count.
+    pub fn checkpoint_tensors(&self) -> Result<(TensorMap, TensorMap, u64), TrainError> {
+        let model = super::model_tensors(&self.params, &self.model);
+        let (_, moments) = self.optimizer.state()?;
+        Ok((
+            model,
+            moments.into_iter().collect(),
+            self.optimizer.step_count(),
+        ))
+    }
+
+    /// Runs step `step` (0-based) on `batch` at learning rate `lr`; routing choices go to
+    /// `router_log`, and `on_phase` is called as each phase ends.
+    pub fn step(
+        &mut self,
+        batch: &Batch,
+        step: u64,
+        lr: f64,
+        cfg: &Config,
+        router_log: &mut RouterAccumulator,
+        on_phase: &mut dyn FnMut(Phase),
+    ) -> Result<StepOutcome, TrainError> {
+        let micro = cfg.train.micro_batch;
+        let seq_len = batch.seq_len;
+        let accumulation = batch.n_sequences / micro;
+        let n_moe = cfg.model.n_moe_layers();
+        let n_experts = cfg.model.moe.n_experts;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut outcome = StepOutcome {
+            loss: 0.0,
+            lm_loss: 0.0,
+            domain_loss: BTreeMap::new(),
+            aux_loss: vec![0.0; n_moe],
+            z_loss: vec![0.0; n_moe],
+            tokens_per_expert: vec![vec![0; n_experts]; n_moe],
+            grad_norm: 0.0,
+            applied: false,
+        };
+        let mut domain_sums: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
+        let share = 1.0 / accumulation as f64;
+        for m in 0..accumulation {
+            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let shape = (micro, seq_len);
+            let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
+            let target = Tensor::from_slice(&batch.targets[rows], shape, &self.device)?;
+            let out = self.model.forward(
+                &input,
+                Some(&target),
+                ForwardOptions {
+                    step: Some(step),
+                    seed: cfg.run.seed,
+                },
+            )?;
+            let (Some(loss), Some(lm_loss), Some(token_losses)) =
+                (&out.loss, &out.lm_loss, &out.token_losses)
+            else {
+                return Err(TrainError::Argument(
+                    "the model returned no loss for a batch with targets".into(),
+                ));
+            };
+            on_phase(Phase::Forward);
+            let micro_grads = (loss / accumulation as f64)?.backward()?;
+            for (name, var) in &self.params {
+                if let Some(g) = micro_grads.get(var.as_tensor()) {
+                    // Detached: the micro-batch's graph is freed as soon as its backward is done.
+                    let g = g.detach();
+                    let sum = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+            drop(micro_grads);
+            on_phase(Phase::Backward);
+            // One host copy for all scalars of the micro-batch.
+            let mut scalars = vec![loss.clone(), lm_loss.clone()];
+            scalars.extend(out.routing.iter().map(|r| r.aux_loss.clone()));
+            scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
+            let values = Tensor::stack(&scalars, 0)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            outcome.loss += values[0] * share;
+            outcome.lm_loss += values[1] * share;
+            for l in 0..n_moe {
+                outcome.aux_loss[l] += values[2 + l] * share;
+                outcome.z_loss[l] += values[2 + n_moe + l] * share;
+            }
+            let per_sequence = token_losses
+                .mean(1)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            let domains = &batch.domain_ids[m * micro..(m + 1) * micro];
+            for (&d, loss) in domains.iter().zip(per_sequence) {
+                let entry = domain_sums.entry(d).or_insert((0.0, 0));
+                entry.0 += loss;
+                entry.1 += 1;
+            }
+            for (l, record) in out.routing.iter().enumerate() {
+                for (total, n) in outcome.tokens_per_expert[l]
+                    .iter_mut()
+                    .zip(&record.tokens_per_expert)
+                {
+                    *total += n;
+                }
+            }
+            // Router logs number steps like metrics: by steps completed.
+            router_log.record(step + 1, &out.routing, domains, seq_len)?;
+        }
+        let names = router_log.domains();
+        outcome.domain_loss = domain_sums
+            .into_iter()
+            .map(|(d, (sum, n))| {
+                let name = names.get(d as usize).cloned();
+                (name.unwrap_or_else(|| d.to_string()), sum / n as f64)
+            })
+            .collect();
+        if cfg.train.debug_nan_steps.contains(&(step + 1)) {
+            outcome.loss = f64::NAN;
+        }
+        outcome.grad_norm = self.optimizer.grad_norm(&grads)?;
+        outcome.applied = outcome.loss.is_finite() && outcome.grad_norm.is_finite();
+        if outcome.applied {
+            let scale = clip_scale(outcome.grad_norm, cfg.train.grad_clip);
+            self.optimizer.step(&grads, lr, scale)?;
+            update_expert_bias(
+                &self.model,
+                &outcome.tokens_per_expert,
+                cfg.train.expert_bias_rate,
+            )?;
+        }
+        on_phase(Phase::Optimizer);
+        Ok(outcome)
+    }
+}
+
+/// DeepSeek-V3's auxiliary-loss-free update: b_i += rate * sign(mean load - load_i).
+fn update_expert_bias(
+    model: &MoeTransformer,
+    loads: &[Vec<usize>],
+    rate: f64,
+) -> Result<(), TrainError> {
+    for ((_, bias), load) in model.expert_biases().iter().zip(loads) {
+        let mean = load.iter().sum::<usize>() as f64 / load.len().max(1) as f64;
+        let delta: Vec<f32> = load
+            .iter()
+            .map(|&l| {
+                let gap = mean - l as f64;
+                let sign = if gap > 0.0 {
+                    1.0
+                } else if gap < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                (rate * sign) as f32
+            })
+            .collect();
+        let delta = Tensor::from_vec(delta, load.len(), bias.device())?.to_dtype(bias.dtype())?;
+        bias.set(&(bias.as_tensor() + delta)?)?;
+    }
+    Ok(())
+}
