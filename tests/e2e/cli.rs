@@ -1,30 +1,11 @@
-//! End-to-end tests: run the `moelab` binary as a user would.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `moelab model-info` and config validation.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn moelab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use crate::util::{arg, fails, moelab, ok, repo_root, Scratch};
 
 #[test]
 fn model_info_of_tiny_matches_a_hand_count() {
     let out = moelab(&["model-info", "configs/tiny.toml", "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     // tiny: vocab 4096, d 128, 4 layers, 4 heads (head_dim 32), 2 kv heads, qk-norm,
     // 8 experts top-2 of width 256, untied head, seq 128.
     let embedding = 4096 * 128;
@@ -52,14 +33,12 @@ fn model_info_of_tiny_matches_a_hand_count() {
 
 #[test]
 fn model_info_prints_a_table_and_takes_overrides() {
-    let out = moelab(&[
+    let text = ok(&moelab(&[
         "model-info",
         "configs/tiny.toml",
         "--set",
         "model.moe.n_experts=16",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout);
+    ]));
     assert!(
         text.contains("routed_experts") && text.contains("total"),
         "{text}"
@@ -73,8 +52,7 @@ fn model_info_prints_a_table_and_takes_overrides() {
 
 #[test]
 fn bad_configs_fail_naming_the_key() {
-    let dir = std::env::temp_dir().join(format!("moelab-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new("cli-bad-configs");
     let tiny = std::fs::read_to_string(repo_root().join("configs/tiny.toml")).unwrap();
     let cases = [
         (
@@ -87,20 +65,16 @@ fn bad_configs_fail_naming_the_key() {
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
         std::fs::write(&path, text).unwrap();
-        let out = moelab(&["model-info", path.to_str().unwrap()]);
-        assert!(!out.status.success());
-        let err = stderr(&out);
+        let err = fails(&moelab(&["model-info", arg(&path)]));
         assert!(err.contains(key), "expected `{key}` in: {err}");
     }
-    let out = moelab(&[
+    let err = fails(&moelab(&[
         "model-info",
         "configs/tiny.toml",
         "--set",
         "model.moe.topk=1",
-    ]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("topk"), "{}", stderr(&out));
-    let out = moelab(&["model-info", "configs/missing.toml"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("missing.toml"), "{}", stderr(&out));
+    ]));
+    assert!(err.contains("topk"), "{err}");
+    let err = fails(&moelab(&["model-info", "configs/missing.toml"]));
+    assert!(err.contains("missing.toml"), "{err}");
 }

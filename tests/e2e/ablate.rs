@@ -1,116 +1,36 @@
-//! End-to-end tests of `moelab ablate`, `moelab trace` and `moelab analyze`: a three-variant
-//! ablation on a scratch corpus with its comparison, skipping finished variants on a re-run,
-//! deterministic traces, and a report over a run and a trace.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `moelab ablate`, `moelab trace` and `moelab analyze`: a three-variant ablation on a scratch
+//! corpus with its comparison, skipping finished variants on a re-run, deterministic traces, and
+//! a report over a run and a trace.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 
 use moelab_trace::Trace;
+
+use crate::corpus::{Corpus, RunConfig};
+use crate::util::{arg, fails, moelab, ok, Scratch};
 
 /// A scratch folder with a three-domain corpus (math with two sources), a run config and an
 /// ablation file.
 struct Fixture {
-    dir: PathBuf,
+    dir: Scratch,
     ablation: PathBuf,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moelab-ablate-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let corpus = dir.join("corpus");
-        let words = [
-            "the", "model", "routes", "tokens", "to", "experts", "and", "data", "mixture",
-            "changes", "loss", "falls", "when", "training", "runs", "long", "enough", "for",
-            "every", "domain",
-        ];
-        // (domain, source folder or "" for files directly in the domain folder)
-        let units = [
-            ("prose", ""),
-            ("code", ""),
-            ("math", "structured"),
-            ("math", "plain"),
-        ];
-        for (u, (domain, source)) in units.iter().enumerate() {
-            let folder = corpus.join(domain).join(source);
-            std::fs::create_dir_all(&folder).unwrap();
-            let mut text = String::new();
-            for doc in 0..60 {
-                let line: Vec<String> = (0..40)
-                    .map(|i| match (*domain, *source) {
-                        ("code", _) => {
-                            format!("x{} = x{} + {};", (doc + i) % 7, (i * 3) % 5, i % 9)
-                        }
-                        ("math", "structured") => format!(
-                            "step {}: {} + {} = {}",
-                            i % 4,
-                            (doc * i) % 13,
-                            i % 11,
-                            (doc * i) % 13 + i % 11
-                        ),
-                        ("math", _) => format!("{} plus {}", (doc + i) % 17, words[i % 5]),
-                        _ => words[(doc * 7 + i * (u + 3)) % words.len()].to_string(),
-                    })
-                    .collect();
-                text += &format!("{{\"text\": \"{}\"}}\n", line.join(" "));
-            }
-            std::fs::write(folder.join("part.jsonl"), text).unwrap();
-        }
-        std::fs::write(
-            dir.join("run.toml"),
-            format!(
-                r#"
-[run]
-name = "base"
-seed = 11
-out_dir = "{out}"
-threads = 1
-
-[model]
-vocab_size = 512
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 32
-qk_norm = true
-init_std = 0.05
-
-[model.moe]
-n_experts = 4
-top_k = 2
-expert_ff = 32
-
-[data]
-dataset = "{prepared}"
-sources = "{corpus}"
-tokenizer_vocab = 400
-seq_len = 32
-validation_tokens = 256
-
-[data.mixture]
-prose = 0.4
-code = 0.3
-math = 0.3
-
-[train]
-steps = 100
-micro_batch = 4
-global_batch_tokens = 256
-lr = 3e-3
-warmup_steps = 2
-
-[log]
-interval = 1
-router_interval = 3
-"#,
-                out = dir.join("runs").display(),
-                prepared = dir.join("prepared").display(),
-                corpus = corpus.display(),
-            ),
-        )
-        .unwrap();
+        let dir = Scratch::new(&format!("ablate-{name}"));
+        Corpus::with_math_sources().write(&dir.join("corpus"));
+        RunConfig::small(dir.path())
+            .set_all(&[
+                "run.name=\"base\"",
+                "run.seed=11",
+                "data.mixture.prose=0.4",
+                "data.mixture.math=0.3",
+                "train.steps=100",
+                "train.warmup_steps=2",
+                "log.router_interval=3",
+            ])
+            .write(&dir.join("run.toml"));
         std::fs::create_dir_all(dir.join("ablations")).unwrap();
         let ablation = dir.join("ablations").join("study.toml");
         std::fs::write(
@@ -141,32 +61,11 @@ set = ["data.source_mixture.math.structured=0.9", "data.source_mixture.math.plai
     }
 }
 
-fn moelab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "failed\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically() {
     let fx = Fixture::new("e2e");
     let out = fx.out();
-    let stdout = ok(moelab(&["ablate", s(&fx.ablation), "--out", s(&out)]));
+    let stdout = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
     for (i, name) in ["baseline", "no_code", "structured_math"]
         .iter()
         .enumerate()
@@ -236,7 +135,7 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
     // Re-running skips every finished variant and leaves its files alone.
     let metrics = out.join("baseline").join("metrics.jsonl");
     let before = std::fs::metadata(&metrics).unwrap().modified().unwrap();
-    let again = ok(moelab(&["ablate", s(&fx.ablation), "--out", s(&out)]));
+    let again = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
     assert_eq!(again.matches(": skip").count(), 3, "{again}");
     assert!(!again.contains("training in"), "{again}");
     assert_eq!(
@@ -252,7 +151,7 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
         .join("step-00000006");
     let (t1, t2) = (fx.dir.join("trace1"), fx.dir.join("trace2"));
     for t in [&t1, &t2] {
-        ok(moelab(&["trace", s(&checkpoint), "--out", s(t)]));
+        ok(&moelab(&["trace", arg(&checkpoint), "--out", arg(t)]));
     }
     let trace = Trace::read(&t1).unwrap();
     assert!(
@@ -270,16 +169,16 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
     // A subset of domains, fewer tokens, router probabilities; a run folder means its newest
     // checkpoint.
     let t3 = fx.dir.join("trace3");
-    ok(moelab(&[
+    ok(&moelab(&[
         "trace",
-        s(&out.join("no_code")),
+        arg(&out.join("no_code")),
         "--domains",
         "code,math",
         "--tokens",
         "64",
         "--probs",
         "--out",
-        s(&t3),
+        arg(&t3),
     ]));
     let subset = Trace::read(&t3).unwrap();
     assert_eq!(subset.n_tokens(), 2 * 64);
@@ -301,14 +200,13 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
 
     let bad = moelab(&[
         "trace",
-        s(&checkpoint),
+        arg(&checkpoint),
         "--domains",
         "prose,nope",
         "--out",
-        s(&fx.dir.join("trace-bad")),
+        arg(&fx.dir.join("trace-bad")),
     ]);
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    let err = fails(&bad);
     assert!(
         err.contains("unknown domain `nope`") && err.contains("prose") && err.contains("math"),
         "{err}"
@@ -316,18 +214,17 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
 
     // A report over a run folder and a trace.
     let report = fx.dir.join("report");
-    let stdout = ok(moelab(&[
+    let stdout = ok(&moelab(&[
         "analyze",
-        s(&out.join("baseline")),
-        s(&t1),
+        arg(&out.join("baseline")),
+        arg(&t1),
         "--out",
-        s(&report),
+        arg(&report),
         "--json",
     ]));
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(summary["runs"].as_array().unwrap().len(), 2, "{summary}");
     assert!(report.join("report.md").is_file());
-    let _ = std::fs::remove_dir_all(&fx.dir);
 }
 
 #[test]
@@ -353,18 +250,16 @@ fn bad_ablation_files_are_refused_naming_the_key() {
     ];
     for (text, needle) in cases {
         std::fs::write(&fx.ablation, text).unwrap();
-        let out = moelab(&["ablate", s(&fx.ablation), "--out", s(&fx.out())]);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let out = moelab(&["ablate", arg(&fx.ablation), "--out", arg(&fx.out())]);
+        let err = fails(&out);
         assert!(err.contains(needle), "{needle}: {err}");
         assert!(!fx.out().exists(), "nothing is written for a bad file");
     }
     for command in ["trace", "analyze", "ablate"] {
-        let help = ok(moelab(&[command, "--help"]));
+        let help = ok(&moelab(&[command, "--help"]));
         assert!(
             help.contains(&format!("Example: moelab {command}")),
             "{help}"
         );
     }
-    let _ = std::fs::remove_dir_all(&fx.dir);
 }

@@ -1,158 +1,60 @@
-//! End-to-end tests of `moelab export-hf` / `moelab import-hf` / `moelab eval --dump-logits`:
-//! export -> import -> export is exact for an OLMoE-style and a Mixtral-style run, unsupported
-//! features are all listed, a wrong-shape tensor is named, and (when torch and transformers
-//! import) `scripts/hf_parity.py` finds the transformers logits within 1e-4.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `moelab export-hf` / `moelab import-hf` / `moelab eval --dump-logits`: export -> import ->
+//! export is exact for an OLMoE-style and a Mixtral-style run, unsupported features are all
+//! listed, a wrong-shape tensor is named, and (when torch and transformers import)
+//! `scripts/hf_parity.py` finds the transformers logits within 1e-4.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
+use crate::corpus::{Corpus, RunConfig};
+use crate::util::{arg, fails, moelab, ok_for, repo_root, Scratch};
+
 /// A scratch folder with a tiny three-domain corpus; configs are written per test.
 struct Fixture {
-    dir: PathBuf,
+    dir: Scratch,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moelab-hf-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let corpus = dir.join("corpus");
-        let words = [
-            "the", "model", "routes", "tokens", "to", "experts", "and", "data", "mixture",
-            "changes", "loss", "falls", "when", "training", "runs",
-        ];
-        for (d, domain) in ["prose", "code", "math"].iter().enumerate() {
-            std::fs::create_dir_all(corpus.join(domain)).unwrap();
-            let mut text = String::new();
-            for doc in 0..40 {
-                let line: Vec<String> = (0..40)
-                    .map(|i| match *domain {
-                        "code" => format!("x{} = x{} + {};", (doc + i) % 7, (i * 3) % 5, i % 9),
-                        "math" => format!(
-                            "{} + {} = {}",
-                            (doc * i) % 13,
-                            i % 11,
-                            (doc * i) % 13 + i % 11
-                        ),
-                        _ => words[(doc * 7 + i * (d + 3)) % words.len()].to_string(),
-                    })
-                    .collect();
-                text += &format!("{{\"text\": \"{}\"}}\n", line.join(" "));
-            }
-            std::fs::write(corpus.join(domain).join("part.jsonl"), text).unwrap();
-        }
+        let dir = Scratch::new(&format!("hf-{name}"));
+        Corpus::three_domains()
+            .documents(40)
+            .vocabulary(15)
+            .write(&dir.join("corpus"));
         Self { dir }
     }
 
-    /// Writes `{name}.toml` with the given extra `[model]` and `[model.moe]` lines.
-    fn config(&self, name: &str, model: &str, moe: &str) -> PathBuf {
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &path,
-            format!(
-                r#"
-[run]
-name = "{name}"
-seed = 3
-out_dir = "{out}"
-threads = 1
-
-[model]
-vocab_size = 512
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 32
-init_std = 0.05
-{model}
-
-[model.moe]
-n_experts = 4
-top_k = 2
-expert_ff = 16
-{moe}
-
-[data]
-dataset = "{prepared}"
-sources = "{corpus}"
-tokenizer_vocab = 400
-seq_len = 32
-validation_tokens = 128
-
-[data.mixture]
-prose = 0.5
-code = 0.3
-math = 0.2
-
-[train]
-steps = 2
-micro_batch = 4
-global_batch_tokens = 128
-lr = 1e-2
-warmup_steps = 1
-
-[checkpoint]
-interval = 2
-
-[log]
-interval = 1
-router_interval = 5
-"#,
-                out = self.dir.join("runs").display(),
-                prepared = self.dir.join("prepared").display(),
-                corpus = self.dir.join("corpus").display(),
-            ),
-        )
-        .unwrap();
-        path
+    /// Writes `{name}.toml`: 2 steps of 128 tokens, a checkpoint at the end, experts of width
+    /// 16, and `sets` (`key.path=value`) on top.
+    fn config(&self, name: &str, sets: &[&str]) -> PathBuf {
+        RunConfig::small(self.dir.path())
+            .set_all(&[
+                &format!("run.name={name:?}"),
+                "run.seed=3",
+                "model.moe.expert_ff=16",
+                "data.validation_tokens=128",
+                "train.steps=2",
+                "train.global_batch_tokens=128",
+                "train.lr=1e-2",
+                "train.warmup_steps=1",
+                "checkpoint.interval=2",
+            ])
+            .set_all(sets)
+            .write(&self.dir.join(format!("{name}.toml")))
     }
 
     /// Trains `config` for its 2 steps; returns the checkpoint folder.
     fn train(&self, name: &str, config: &Path) -> PathBuf {
-        let out = moelab(&[
+        let run_dir = self.dir.join("runs").join(name);
+        ok_for(
             "train",
-            config.to_str().unwrap(),
-            "--run-dir",
-            self.dir.join("runs").join(name).to_str().unwrap(),
-        ]);
-        assert_ok(&out, "train");
-        self.dir
-            .join("runs")
-            .join(name)
-            .join("checkpoints")
-            .join("step-00000002")
+            &moelab(&["train", arg(config), "--run-dir", arg(&run_dir)]),
+        );
+        run_dir.join("checkpoints").join("step-00000002")
     }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn moelab(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
-fn assert_ok(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
@@ -198,18 +100,14 @@ fn python_has_transformers() -> bool {
 }
 
 /// Export, dump, parity (when possible), import, export again: exact round trip.
-fn round_trip(name: &str, model: &str, moe: &str, arch: &str, expected_names: &[&str]) {
+/// `sets` shape the model (`key.path=value`, see [`Fixture::config`]).
+fn round_trip(name: &str, sets: &[&str], arch: &str, expected_names: &[&str]) {
     let fx = Fixture::new(name);
-    let config = fx.config(name, model, moe);
+    let config = fx.config(name, sets);
     let ckpt = fx.train(name, &config);
     let export = fx.dir.join("export");
-    let out = moelab(&[
-        "export-hf",
-        ckpt.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert_ok(&out, "export-hf");
+    let out = moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]);
+    ok_for("export-hf", &out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(arch));
     for file in [
         "config.json",
@@ -229,42 +127,33 @@ fn round_trip(name: &str, model: &str, moe: &str, arch: &str, expected_names: &[
     }
 
     // Exporting over an existing folder is refused.
-    let again = moelab(&[
-        "export-hf",
-        ckpt.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(!again.status.success());
-    assert!(
-        stderr(&again).contains("already exists"),
-        "{}",
-        stderr(&again)
-    );
+    let again = moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]);
+    let err = fails(&again);
+    assert!(err.contains("already exists"), "{err}");
 
     let dump = fx.dir.join("dump.safetensors");
     let out = moelab(&[
         "eval",
-        ckpt.to_str().unwrap(),
+        arg(&ckpt),
         "--dump-logits",
-        dump.to_str().unwrap(),
+        arg(&dump),
         "--tokens",
         "24",
     ]);
-    assert_ok(&out, "eval --dump-logits");
+    ok_for("eval --dump-logits", &out);
     let dumped = tensors(&dump);
     assert_eq!(dumped["input_ids"].dims(), &[3, 24]);
     assert_eq!(dumped["logits"].dims(), &[3, 24, 512]);
 
     if python_has_transformers() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/hf_parity.py");
+        let script = repo_root().join("scripts/hf_parity.py");
         let out = Command::new(python())
             .arg(script)
             .arg(&export)
             .arg(&dump)
             .output()
             .unwrap();
-        assert_ok(&out, "scripts/hf_parity.py");
+        ok_for("scripts/hf_parity.py", &out);
         println!("{}", String::from_utf8_lossy(&out.stdout));
     } else {
         println!(
@@ -276,55 +165,46 @@ fn round_trip(name: &str, model: &str, moe: &str, arch: &str, expected_names: &[
     let imported = fx.dir.join("imported");
     let out = moelab(&[
         "import-hf",
-        export.to_str().unwrap(),
+        arg(&export),
         "--out",
-        imported.to_str().unwrap(),
+        arg(&imported),
         "--config",
-        config.to_str().unwrap(),
+        arg(&config),
     ]);
-    assert_ok(&out, "import-hf");
+    ok_for("import-hf", &out);
     // The imported model is the trained one, tensor for tensor.
     assert_same_tensors(
         &ckpt.join("model.safetensors"),
         &imported.join("model.safetensors"),
     );
     let export2 = fx.dir.join("export2");
-    let out = moelab(&[
-        "export-hf",
-        imported.to_str().unwrap(),
-        "--out",
-        export2.to_str().unwrap(),
-    ]);
-    assert_ok(&out, "export-hf of the import");
+    let out = moelab(&["export-hf", arg(&imported), "--out", arg(&export2)]);
+    ok_for("export-hf of the import", &out);
     assert_same_tensors(
         &export.join("model.safetensors"),
         &export2.join("model.safetensors"),
     );
 
     // The imported checkpoint evaluates and resumes.
-    assert_ok(
-        &moelab(&["eval", imported.to_str().unwrap()]),
-        "eval of the import",
-    );
+    ok_for("eval of the import", &moelab(&["eval", arg(&imported)]));
     let out = moelab(&[
         "train",
-        config.to_str().unwrap(),
+        arg(&config),
         "--run-dir",
-        fx.dir.join("runs").join("resumed").to_str().unwrap(),
+        arg(&fx.dir.join("runs").join("resumed")),
         "--resume",
-        imported.to_str().unwrap(),
+        arg(&imported),
         "--set",
         "train.steps=1",
     ]);
-    assert_ok(&out, "train --resume of the import");
+    ok_for("train --resume of the import", &out);
 }
 
 #[test]
 fn olmoe_round_trip_is_exact() {
     round_trip(
         "olmoe",
-        "qk_norm = true\nrope_theta = 500000.0",
-        "",
+        &["model.qk_norm=true", "model.rope_theta=500000.0"],
         "OlmoeForCausalLM",
         &[
             "model.layers.1.self_attn.q_norm.weight",
@@ -339,8 +219,11 @@ fn olmoe_round_trip_is_exact() {
 fn mixtral_round_trip_is_exact() {
     round_trip(
         "mixtral",
-        "qk_norm = false\ntie_embeddings = true",
-        "renormalize = true",
+        &[
+            "model.qk_norm=false",
+            "model.tie_embeddings=true",
+            "model.moe.renormalize=true",
+        ],
         "MixtralForCausalLM",
         &[
             "model.layers.0.block_sparse_moe.gate.weight",
@@ -356,19 +239,18 @@ fn unsupported_features_are_all_listed() {
     let fx = Fixture::new("unsupported");
     let config = fx.config(
         "bad",
-        "qk_norm = false\nffn_hidden = 32",
-        "router = \"sigmoid\"\ndense_layers = 1\nexpert_bias = true",
+        &[
+            "model.qk_norm=false",
+            "model.ffn_hidden=32",
+            "model.moe.router=\"sigmoid\"",
+            "model.moe.dense_layers=1",
+            "model.moe.expert_bias=true",
+        ],
     );
     let ckpt = fx.train("bad", &config);
     let export = fx.dir.join("export");
-    let out = moelab(&[
-        "export-hf",
-        ckpt.to_str().unwrap(),
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let out = moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]);
+    let err = fails(&out);
     for feature in [
         "model.moe.router = \"sigmoid\"",
         "model.moe.dense_layers = 1",
@@ -383,17 +265,12 @@ fn unsupported_features_are_all_listed() {
 #[test]
 fn import_names_a_wrong_shape_tensor() {
     let fx = Fixture::new("wrongshape");
-    let config = fx.config("olmoe", "qk_norm = true", "");
+    let config = fx.config("olmoe", &["model.qk_norm=true"]);
     let ckpt = fx.train("olmoe", &config);
     let export = fx.dir.join("export");
-    assert_ok(
-        &moelab(&[
-            "export-hf",
-            ckpt.to_str().unwrap(),
-            "--out",
-            export.to_str().unwrap(),
-        ]),
+    ok_for(
         "export-hf",
+        &moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]),
     );
     let path = export.join("model.safetensors");
     let mut map = tensors(&path);
@@ -406,14 +283,13 @@ fn import_names_a_wrong_shape_tensor() {
     let imported = fx.dir.join("imported");
     let out = moelab(&[
         "import-hf",
-        export.to_str().unwrap(),
+        arg(&export),
         "--out",
-        imported.to_str().unwrap(),
+        arg(&imported),
         "--config",
-        config.to_str().unwrap(),
+        arg(&config),
     ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = fails(&out);
     assert!(err.contains(name) && err.contains("[8, 32]"), "{err}");
     assert!(!imported.exists());
 
@@ -429,14 +305,13 @@ fn import_names_a_wrong_shape_tensor() {
     candle_core::safetensors::save(&map, &path).unwrap();
     let out = moelab(&[
         "import-hf",
-        export.to_str().unwrap(),
+        arg(&export),
         "--out",
-        imported.to_str().unwrap(),
+        arg(&imported),
         "--config",
-        config.to_str().unwrap(),
+        arg(&config),
     ]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
+    let err = fails(&out);
     assert!(
         err.contains("model.layers.0.mlp.shared_expert.up_proj.weight"),
         "{err}"

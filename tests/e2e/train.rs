@@ -1,6 +1,5 @@
-//! End-to-end tests of `moelab train` / `moelab eval`: exact resume after SIGKILL, SIGTERM
-//! checkpoints, the NaN guard, refused resumes and checkpoint pruning.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `moelab train` / `moelab eval` / `moelab bench`: exact resume after SIGKILL, SIGTERM
+//! checkpoints, the NaN guard, refused resumes, checkpoint pruning, bf16 and the bench report.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -8,102 +7,26 @@ use std::time::{Duration, Instant};
 
 use moelab_trace::router_log::read_dir;
 
-/// A scratch folder with a tiny three-domain corpus and a small config.
+use crate::corpus::{Corpus, RunConfig};
+use crate::util::{self, arg, fails, moelab, ok, Scratch};
+
+/// A scratch folder with a three-domain corpus and a small config (checkpoints every 20 steps).
 struct Fixture {
-    dir: PathBuf,
+    dir: Scratch,
     config: PathBuf,
 }
 
 impl Fixture {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("moelab-train-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let corpus = dir.join("corpus");
-        let words = [
-            "the", "model", "routes", "tokens", "to", "experts", "and", "data", "mixture",
-            "changes", "loss", "falls", "when", "training", "runs", "long", "enough", "for",
-            "every", "domain",
-        ];
-        for (d, domain) in ["prose", "code", "math"].iter().enumerate() {
-            std::fs::create_dir_all(corpus.join(domain)).unwrap();
-            let mut text = String::new();
-            for doc in 0..60 {
-                let line: Vec<String> = (0..40)
-                    .map(|i| match *domain {
-                        "code" => format!("x{} = x{} + {};", (doc + i) % 7, (i * 3) % 5, i % 9),
-                        "math" => format!(
-                            "{} + {} = {}",
-                            (doc * i) % 13,
-                            i % 11,
-                            (doc * i) % 13 + i % 11
-                        ),
-                        _ => words[(doc * 7 + i * (d + 3)) % words.len()].to_string(),
-                    })
-                    .collect();
-                text += &format!("{{\"text\": \"{}\"}}\n", line.join(" "));
-            }
-            std::fs::write(corpus.join(domain).join("part.jsonl"), text).unwrap();
-        }
-        let config = dir.join("run.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[run]
-name = "e2e"
-seed = 7
-out_dir = "{out}"
-threads = 1
-
-[model]
-vocab_size = 512
-d_model = 32
-n_layers = 2
-n_heads = 4
-n_kv_heads = 2
-max_seq_len = 32
-qk_norm = true
-init_std = 0.05
-
-[model.moe]
-n_experts = 4
-top_k = 2
-expert_ff = 32
-expert_bias = true
-
-[data]
-dataset = "{prepared}"
-sources = "{corpus}"
-tokenizer_vocab = 400
-seq_len = 32
-validation_tokens = 256
-
-[data.mixture]
-prose = 0.5
-code = 0.3
-math = 0.2
-
-[train]
-steps = 40
-micro_batch = 4
-global_batch_tokens = 256
-lr = 3e-3
-warmup_steps = 4
-
-[checkpoint]
-interval = 20
-keep_last = 5
-
-[log]
-interval = 1
-router_interval = 5
-"#,
-                out = dir.join("runs").display(),
-                prepared = dir.join("prepared").display(),
-                corpus = corpus.display(),
-            ),
-        )
-        .unwrap();
+        let dir = Scratch::new(&format!("train-{name}"));
+        Corpus::three_domains().write(&dir.join("corpus"));
+        let config = RunConfig::small(dir.path())
+            .set_all(&[
+                "model.moe.expert_bias=true",
+                "checkpoint.interval=20",
+                "checkpoint.keep_last=5",
+            ])
+            .write(&dir.join("run.toml"));
         Self { dir, config }
     }
 
@@ -112,9 +35,8 @@ router_interval = 5
     }
 
     fn command(&self, run: &str, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moelab"));
-        cmd.arg("train")
-            .arg(&self.config)
+        let mut cmd = util::command(&["train"]);
+        cmd.arg(&self.config)
             .arg("--run-dir")
             .arg(self.run_dir(run))
             .args(extra);
@@ -124,16 +46,6 @@ router_interval = 5
     fn train(&self, run: &str, extra: &[&str]) -> Output {
         self.command(run, extra).output().unwrap()
     }
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn steps_of(run_dir: &Path) -> Vec<u64> {
@@ -296,8 +208,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
             "train.debug_nan_steps=[4,5,6]",
         ],
     );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&out);
     assert!(
         err.contains("3 consecutive steps") && err.contains("step-00000002"),
         "{err}"
@@ -326,15 +237,15 @@ fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
     ));
     // Another config in the same folder without --resume.
     let out = fx.train("run", &["--set", "train.steps=2", "--set", "train.lr=1e-3"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("another run's config"));
+    let err = fails(&out);
+    assert!(err.contains("another run's config"), "{err}");
     // Same config, but checkpoints exist.
     let out = fx.train(
         "run",
         &["--set", "train.steps=2", "--set", "checkpoint.interval=2"],
     );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume auto"));
+    let err = fails(&out);
+    assert!(err.contains("--resume auto"), "{err}");
     // A checkpoint whose shapes do not fit the config.
     let out = fx.train(
         "run",
@@ -347,8 +258,7 @@ fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
             "model.moe.expert_ff=48",
         ],
     );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(&out);
     assert!(
         err.contains("moe.experts.") && err.contains("shape"),
         "{err}"
@@ -362,13 +272,8 @@ fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
         "--set",
         "data.mixture.math=0.6",
     ];
-    let out = fx.train("run", &changed);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("mixture"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = fails(&fx.train("run", &changed));
+    assert!(err.contains("mixture"), "{err}");
     // ...with which it continues as a new data stage.
     let mut allowed = changed.to_vec();
     allowed.push("--allow-mixture-change");
@@ -394,13 +299,9 @@ fn keep_last_prunes_old_checkpoints_but_keeps_milestones() {
     ));
     assert_eq!(steps_of(&fx.run_dir("run")), vec![1, 5, 6]);
     // eval on demand for a checkpoint.
-    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args(["eval", "--json"])
-        .arg(fx.run_dir("run").join("checkpoints/step-00000006"))
-        .output()
-        .unwrap();
-    ok(&out);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checkpoint = fx.run_dir("run").join("checkpoints/step-00000006");
+    let out = moelab(&["eval", "--json", arg(&checkpoint)]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(report["step"], 6);
     assert_eq!(report["domains"].as_array().unwrap().len(), 3);
     let shares = &report["expert_share"]["0"]["code"];
@@ -455,36 +356,27 @@ fn bf16_precision_tracks_the_f32_run_and_checkpoints_stay_f32() {
 #[test]
 fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
     let fx = Fixture::new("bench");
-    let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
-        .args([
-            "bench",
-            fx.config.to_str().unwrap(),
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    ok(&out);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = moelab(&[
+        "bench",
+        arg(&fx.config),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["steps"], 2);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["last_loss"].as_f64().unwrap().is_finite());
     if !cfg!(feature = "cuda") {
-        let out = Command::new(env!("CARGO_BIN_EXE_moelab"))
-            .args([
-                "bench",
-                fx.config.to_str().unwrap(),
-                "--set",
-                "run.device=cuda",
-            ])
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = fails(&moelab(&[
+            "bench",
+            arg(&fx.config),
+            "--set",
+            "run.device=cuda",
+        ]));
         assert!(
             stderr.contains("run.device") && stderr.contains("--features cuda"),
             "{stderr}"

@@ -1,0 +1,14 @@
+//! End-to-end tests: run the built `moelab` binary as a user would. One test binary (one link,
+//! one process whose test threads run in parallel) with shared helpers, after ripgrep's layout:
+//! `util` runs the binary and makes scratch folders, `corpus` writes inputs, and each other
+//! module covers one area of the CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod corpus;
+mod util;
+
+mod ablate;
+mod cli;
+mod data;
+mod hf;
+mod train;
