@@ -263,3 +263,79 @@ fn bad_ablation_files_are_refused_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn ctrl_c_stops_ablate_in_its_evaluation_phase_and_a_rerun_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let fx = Fixture::new("sigint");
+    let out = fx.out();
+    // --json: stdout is one JSON document, the progress went to stderr.
+    let json = ok(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&out),
+        "--json",
+    ]));
+    let parsed: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("stdout of --json is not one JSON document ({e}): {json}"));
+    assert!(parsed["rows"].as_array().is_some_and(|r| !r.is_empty()));
+
+    // Every variant is trained: a re-run goes straight to the final evaluations and the
+    // comparison. Ctrl-C there stops it (it was ignored before). The evaluation is short, so
+    // the child is paused while the signal is sent, and a run that outran the signal is retried.
+    let signal = |name: &str, pid: u32| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    let mut stopped = false;
+    for _attempt in 0..5 {
+        for variant in ["baseline", "no_code", "structured_math"] {
+            let _ = std::fs::remove_dir_all(out.join(variant).join("eval"));
+        }
+        let _ = std::fs::remove_dir_all(out.join("comparison"));
+        let mut child = crate::util::command(&["ablate", arg(&fx.ablation), "--out", arg(&out)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut text = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            text += &line;
+            text.push('\n');
+            if line.starts_with("[3/3]") {
+                signal("-STOP", child.id());
+                signal("-INT", child.id());
+                signal("-CONT", child.id());
+                break;
+            }
+        }
+        for line in lines {
+            text += &line.unwrap();
+            text.push('\n');
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "exit {status:?}: {text}");
+        if text.contains("stopped by signal") {
+            assert!(!out.join("comparison").exists(), "{text}");
+            stopped = true;
+            break;
+        }
+    }
+    assert!(
+        stopped,
+        "Ctrl-C during the evaluations never stopped ablate"
+    );
+    let again = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
+    assert!(
+        out.join("comparison").join("comparison.md").is_file(),
+        "{again}"
+    );
+}

@@ -11,4 +11,5 @@ mod ablate;
 mod cli;
 mod data;
 mod hf;
+mod runs;
 mod train;

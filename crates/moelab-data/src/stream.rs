@@ -214,8 +214,8 @@ impl MixtureStream {
             if !allow_mixture_change {
                 return Err(DataError::Resume(format!(
                     "the config's mixture stages differ from the checkpoint's (at sequence {consumed}: config {} \
-                     vs checkpoint {}); restore the checkpoint's [data.mixture]/[[data.stages]], or allow the \
-                     change to append a stage at the current position",
+                     vs checkpoint {}); restore the checkpoint's [data.mixture]/[[data.stages]], or pass \
+                     --allow-mixture-change to append a stage at the current position",
                     show(&now.mixture),
                     show(&current.mixture)
                 )));

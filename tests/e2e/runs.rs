@@ -1,0 +1,332 @@
+//! Trustworthy runs: a resumed run owns its results, one process per run folder, refused runs
+//! change nothing, the non-finite stop names only a good checkpoint, a closed stdout never
+//! kills a command, and the messages a new user meets name what and where.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::corpus::{Corpus, RunConfig};
+use crate::util::{self, arg, fails, moelab, ok, stdout, Scratch};
+
+/// A scratch folder with a three-domain corpus and a small 40-step config (checkpoints every 20).
+struct Fixture {
+    dir: Scratch,
+    config: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str, settings: &[&str]) -> Self {
+        let dir = Scratch::new(&format!("runs-{name}"));
+        Corpus::three_domains().write(&dir.join("corpus"));
+        let config = RunConfig::small(dir.path())
+            .set_all(&["checkpoint.interval=20", "checkpoint.keep_last=5"])
+            .set_all(settings)
+            .write(&dir.join("run.toml"));
+        Self { dir, config }
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("runs").join(name)
+    }
+
+    fn command(&self, run: &str, extra: &[&str]) -> Command {
+        let mut cmd = util::command(&["train"]);
+        cmd.arg(&self.config)
+            .arg("--run-dir")
+            .arg(self.run_dir(run))
+            .args(extra);
+        cmd
+    }
+
+    fn train(&self, run: &str, extra: &[&str]) -> Output {
+        self.command(run, extra).output().unwrap()
+    }
+
+    fn checkpoint(&self, run: &str, step: u64) -> PathBuf {
+        self.run_dir(run)
+            .join("checkpoints")
+            .join(format!("step-{step:08}"))
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn wait_for(path: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before {} appeared",
+            path.display()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Validation losses of `moelab eval TARGET --json`.
+fn eval_losses(target: &Path) -> Vec<f64> {
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&moelab(&["eval", arg(target), "--json"]))).unwrap();
+    json["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["loss"].as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+#[test]
+fn resuming_from_an_older_checkpoint_replaces_what_came_after_it() {
+    let fx = Fixture::new("older", &[]);
+    ok(&fx.train("run", &[]));
+    let original = read(&fx.checkpoint("run", 40).join("model.safetensors"));
+
+    // Back to step 20 with another learning rate: the new continuation owns step 40.
+    let from = fx.checkpoint("run", 20);
+    let out = ok(&fx.train("run", &["--resume", arg(&from), "--set", "train.lr=1e-2"]));
+    assert!(out.contains("moved to"), "{out}");
+    let resumed = read(&fx.checkpoint("run", 40).join("model.safetensors"));
+    assert!(resumed != original, "step 40 is still the old run's model");
+    assert!(eval_losses(&fx.checkpoint("run", 40))
+        .iter()
+        .all(|l| l.is_finite()));
+    // The old continuation is set aside, not lost.
+    let abandoned = fx
+        .run_dir("run")
+        .join("abandoned/after-step-00000020-1/step-00000040/model.safetensors");
+    assert_eq!(read(&abandoned), original);
+    // Everything logged past step 20 is the new run's: one line per step, the new rate.
+    let metrics = std::fs::read_to_string(fx.run_dir("run").join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>());
+    let config = std::fs::read_to_string(fx.run_dir("run").join("config.toml")).unwrap();
+    assert!(config.contains("lr = 0.01"), "{config}");
+    assert!(fx.run_dir("run").join("config.previous-1.toml").exists());
+}
+
+#[test]
+fn a_second_trainer_on_a_run_folder_is_refused_and_the_first_is_undisturbed() {
+    let fx = Fixture::new("lock", &[]);
+    let mut first = fx
+        .command("shared", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&fx.run_dir("shared").join("metrics.jsonl"), &mut first);
+    let err = fails(&fx.train("shared", &[]));
+    assert!(
+        err.contains(&format!("in use by process {}", first.id())),
+        "{err}"
+    );
+    let err = fails(&fx.train("shared", &["--resume", "auto"]));
+    assert!(err.contains("in use by process"), "{err}");
+    assert!(first.wait().unwrap().success());
+    ok(&fx.train("alone", &[]));
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            read(&fx.checkpoint("shared", 40).join(file))
+                == read(&fx.checkpoint("alone", 40).join(file)),
+            "{file} differs from an undisturbed run"
+        );
+    }
+}
+
+#[test]
+fn refused_runs_leave_the_run_folder_as_it_was() {
+    let fx = Fixture::new("refused", &["train.steps=2", "checkpoint.interval=2"]);
+    // A run that fails before its first step does not keep (or block) its folder.
+    let err = fails(&fx.train("run", &["--set", "model.vocab_size=64"]));
+    assert!(err.contains("model.vocab_size"), "{err}");
+    assert!(!fx.run_dir("run").exists());
+    ok(&fx.train("run", &[]));
+    let config = read(&fx.run_dir("run").join("config.toml"));
+    let metrics = read(&fx.run_dir("run").join("metrics.jsonl"));
+
+    let refusals: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--resume",
+                "auto",
+                "--set",
+                "train.steps=4",
+                "--set",
+                "data.mixture.math=0.6",
+            ],
+            "--allow-mixture-change",
+        ),
+        (
+            &[
+                "--resume",
+                "auto",
+                "--set",
+                "train.steps=4",
+                "--set",
+                "model.moe.expert_ff=48",
+            ],
+            "shape",
+        ),
+        (
+            &[
+                "--resume",
+                "auto",
+                "--set",
+                "train.steps=4",
+                "--set",
+                "model.vocab_size=64",
+            ],
+            "model.vocab_size",
+        ),
+    ];
+    for (args, needle) in refusals {
+        let err = fails(&fx.train("run", args));
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert_eq!(read(&fx.run_dir("run").join("config.toml")), config);
+        assert_eq!(read(&fx.run_dir("run").join("metrics.jsonl")), metrics);
+        assert!(!fx.run_dir("run").join("config.previous-1.toml").exists());
+    }
+    // A resume from a path that does not exist says so.
+    let missing = fx.run_dir("run").join("checkpoints/step-00000099");
+    let err = fails(&fx.train("run", &["--resume", arg(&missing)]));
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn the_nonfinite_stop_names_only_a_checkpoint_that_gives_a_finite_loss() {
+    let fx = Fixture::new(
+        "nan",
+        &[
+            "train.steps=2",
+            "checkpoint.interval=1",
+            "train.max_nonfinite_steps=2",
+        ],
+    );
+    ok(&fx.train("run", &[]));
+    // A learning rate that ruins the weights: the loss of a step is finite, the update after
+    // it is not, and the checkpoint written then gives non-finite losses.
+    let err = fails(&fx.train(
+        "run",
+        &[
+            "--resume",
+            "auto",
+            "--set",
+            "train.steps=10",
+            "--set",
+            "train.lr=1e8",
+            "--set",
+            "train.warmup_steps=0",
+        ],
+    ));
+    assert!(err.contains("non-finite"), "{err}");
+    let named = err
+        .split("finite loss: ")
+        .nth(1)
+        .map(|rest| PathBuf::from(rest.trim()))
+        .unwrap_or_else(|| panic!("no checkpoint named: {err}"));
+    assert!(eval_losses(&named).iter().all(|l| l.is_finite()), "{err}");
+    // The newest checkpoint was written after a finite step whose update ruined the weights.
+    let newest = std::fs::read_dir(fx.run_dir("run").join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    assert!(named != newest, "{err}");
+    assert!(eval_losses(&newest).iter().any(|l| !l.is_finite()));
+}
+
+#[test]
+fn a_closed_stdout_never_kills_a_command() {
+    let fx = Fixture::new("pipe", &["train.steps=30", "checkpoint.interval=10"]);
+    // `moelab train ... | head -3`: the run goes on after its reader is gone.
+    let mut child = fx
+        .command("run", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        for _ in 0..3 {
+            lines.next().unwrap().unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", util::stderr(&out));
+    assert!(!util::stderr(&out).contains("panicked"));
+    assert!(fx.checkpoint("run", 30).join("state.json").exists());
+
+    // Commands whose reader is gone before they print anything.
+    let run = fx.run_dir("run");
+    let prepared = fx.dir.join("prepared");
+    let commands: [&[&str]; 4] = [
+        &["model-info", arg(&fx.config)],
+        &["data", "inspect", arg(&prepared)],
+        &["eval", arg(&run), "--json"],
+        &["eval", arg(&run)],
+    ];
+    for args in commands {
+        let mut child = util::command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && !util::stderr(&out).contains("panicked"),
+            "{args:?}: {:?} {}",
+            out.status,
+            util::stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn checkpoints_are_read_written_and_found_as_a_user_expects() {
+    let fx = Fixture::new("ckpt", &["train.steps=4", "checkpoint.interval=2"]);
+    ok(&fx.train("run", &[]));
+    // Every file of a checkpoint has the permissions of the rest of the run folder.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let expected = mode(&fx.run_dir("run").join("config.toml"));
+    for file in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert_eq!(
+            mode(&fx.checkpoint("run", 4).join(file)),
+            expected,
+            "{file}"
+        );
+    }
+    // `eval` takes a run folder (its newest checkpoint), as `trace` does.
+    assert_eq!(
+        eval_losses(&fx.run_dir("run")),
+        eval_losses(&fx.checkpoint("run", 4))
+    );
+    // A corrupt newest checkpoint: the error names the older one that loads.
+    std::fs::write(
+        fx.checkpoint("run", 4).join("model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let err = fails(&fx.train("run", &["--resume", "auto", "--set", "train.steps=6"]));
+    let older = fx.checkpoint("run", 2);
+    assert!(
+        err.contains("step-00000004") && err.contains(&format!("--resume {}", arg(&older))),
+        "{err}"
+    );
+    ok(&fx.train("run", &["--resume", arg(&older), "--set", "train.steps=6"]));
+    assert!(stdout(&moelab(&["eval", arg(&fx.run_dir("run"))])).contains("step 6"));
+}
