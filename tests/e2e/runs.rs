@@ -330,3 +330,39 @@ fn checkpoints_are_read_written_and_found_as_a_user_expects() {
     ok(&fx.train("run", &["--resume", arg(&older), "--set", "train.steps=6"]));
     assert!(stdout(&moelab(&["eval", arg(&fx.run_dir("run"))])).contains("step 6"));
 }
+
+#[test]
+fn eval_and_trace_from_another_folder_say_that_data_paths_are_relative() {
+    let fx = Fixture::new("relative", &["train.steps=2", "checkpoint.interval=2"]);
+    // The run config with data paths relative to the scratch folder, trained from there.
+    let text = std::fs::read_to_string(&fx.config)
+        .unwrap()
+        .replace(&format!("{}/", arg(fx.dir.path())), "");
+    let config = fx.dir.join("relative.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = fx.dir.join("rel-run");
+    let train = |dir: &Path| {
+        util::command(&["train", arg(&config), "--run-dir", arg(&run)])
+            .current_dir(dir)
+            .output()
+            .unwrap()
+    };
+    ok(&train(fx.dir.path()));
+    for command in ["eval", "trace"] {
+        let mut args = vec![command, arg(&run)];
+        let trace_out = fx.dir.join("trace");
+        if command == "trace" {
+            args.extend(["--out", arg(&trace_out)]);
+        }
+        let err = fails(&moelab(&args));
+        assert!(
+            err.contains("relative to the folder the run was started from")
+                && err.contains("data.dataset"),
+            "{command}: {err}"
+        );
+        ok(&util::command(&args)
+            .current_dir(fx.dir.path())
+            .output()
+            .unwrap());
+    }
+}

@@ -35,7 +35,7 @@ pub fn trace_checkpoint(checkpoint: &Path, options: &TraceOptions) -> Result<Tra
     let (cfg, model, ckpt) = load_model(&checkpoint, &device)?;
     // The trainer's thread setting, so a trace is reproducible.
     crate::trainer::set_threads(cfg.run.threads);
-    let dataset: Dataset = moelab_data::ensure_prepared(&cfg.data)?;
+    let dataset: Dataset = crate::trainer::open_run_data(&cfg, &checkpoint)?;
     let selected = select_domains(&dataset, &options.domains)?;
     let layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))

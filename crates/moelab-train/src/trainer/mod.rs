@@ -600,11 +600,29 @@ pub fn load_model(
     Ok((cfg, model, ckpt))
 }
 
+/// Opens the dataset of the run that wrote `checkpoint`, for evaluating or tracing it. A relative
+/// `data.dataset` is relative to the folder the run was started from; from anywhere else it is
+/// missing, which is said as such (rather than preparing a new dataset in the wrong place).
+pub fn open_run_data(cfg: &Config, checkpoint: &Path) -> Result<Dataset, TrainError> {
+    let dataset = &cfg.data.dataset;
+    if dataset.is_relative() && !dataset.exists() {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        return Err(TrainError::Argument(format!(
+            "{}: its run's data.dataset = \"{}\" is relative to the folder the run was started from, and {} has no such folder; run this command from that folder, or make data.dataset absolute in {}",
+            checkpoint.display(),
+            dataset.display(),
+            cwd.display(),
+            checkpoint.join("config.toml").display()
+        )));
+    }
+    Ok(moelab_data::ensure_prepared(&cfg.data)?)
+}
+
 /// Evaluates a checkpoint on its run's validation streams.
 pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(dir, &device)?;
-    let dataset: Dataset = moelab_data::ensure_prepared(&cfg.data)?;
+    let dataset = open_run_data(&cfg, dir)?;
     evaluate(&model, &dataset, &cfg, ckpt.state.step, &device)
 }
 
