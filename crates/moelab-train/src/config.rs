@@ -468,3 +468,158 @@ lr = 1e-3
         assert_eq!(cfg, again);
     }
 }
+
+/// The config reference (docs/CONFIG.md) checked against the types: every key a run config can
+/// hold is listed there with the default the types give it.
+#[cfg(test)]
+mod reference {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Only the required keys; map keys are placeholders (`<domain>`, `<source>`), one stage.
+    const REQUIRED: &str = r#"
+[run]
+name = "REQUIRED"
+[model]
+vocab_size = 0
+d_model = 0
+n_layers = 0
+n_heads = 0
+max_seq_len = 0
+[model.moe]
+n_experts = 0
+top_k = 0
+expert_ff = 0
+[data]
+dataset = "REQUIRED"
+seq_len = 0
+[data.mixture]
+"<domain>" = 0.0
+[data.source_mixture."<domain>"]
+"<source>" = 0.0
+[[data.stages]]
+start_token = 0
+[data.stages.mixture]
+"<domain>" = 0.0
+[train]
+steps = 0
+micro_batch = 0
+lr = 0.0
+"#;
+
+    /// The field names the types accept in the table at `path` (e.g. `["model", "moe"]`), read
+    /// from serde's refusal of an unknown key: the types are the source, not a hand-kept list.
+    fn accepted(path: &[&str]) -> Vec<String> {
+        let mut root: toml::Table = REQUIRED.parse().unwrap();
+        let mut table = &mut root;
+        for part in path {
+            let entry = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table = match entry {
+                toml::Value::Table(t) => t,
+                toml::Value::Array(items) => items[0].as_table_mut().unwrap(),
+                other => panic!("{part} is {other:?}"),
+            };
+        }
+        table.insert("__probe__".into(), toml::Value::Integer(0));
+        let err = toml::from_str::<Config>(&toml::to_string(&root).unwrap())
+            .unwrap_err()
+            .to_string();
+        let expected = err
+            .split("expected")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no field list in: {err}"));
+        expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The value at `path`, stepping into the first item of arrays.
+    fn at<'a>(value: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
+        path.iter().try_fold(value, |v, part| match v {
+            serde_json::Value::Array(items) => items.first()?.get(part),
+            v => v.get(part),
+        })
+    }
+
+    /// Every key of the config as `(dotted key, default)`; required keys read `required`.
+    fn keys() -> Vec<(String, String)> {
+        let resolved = serde_json::to_value(toml::from_str::<Config>(REQUIRED).unwrap()).unwrap();
+        let required = serde_json::to_value(REQUIRED.parse::<toml::Table>().unwrap()).unwrap();
+        let mut out = Vec::new();
+        let mut pending: Vec<Vec<String>> = vec![Vec::new()];
+        while let Some(path) = pending.pop() {
+            let fields = accepted(&path.iter().map(String::as_str).collect::<Vec<_>>());
+            for field in fields {
+                let mut key_path = path.clone();
+                key_path.push(field);
+                let dotted = key_path.join(".").replace("stages.", "stages[].");
+                let value = at(&resolved, &key_path);
+                let given = at(&required, &key_path);
+                match value {
+                    // A map keyed by the user's names: its placeholder entries are the keys.
+                    Some(serde_json::Value::Object(map))
+                        if map.keys().any(|k| k.starts_with('<')) =>
+                    {
+                        for (name, inner) in map {
+                            match inner.as_object() {
+                                Some(sources) => out.extend(sources.keys().map(|source| {
+                                    (format!("{dotted}.{name}.{source}"), "required".into())
+                                })),
+                                None => out.push((format!("{dotted}.{name}"), "required".into())),
+                            }
+                        }
+                    }
+                    Some(serde_json::Value::Object(_)) => pending.push(key_path),
+                    Some(serde_json::Value::Array(items))
+                        if items.first().is_some_and(|i| i.is_object()) =>
+                    {
+                        pending.push(key_path)
+                    }
+                    _ if given.is_some() => out.push((dotted, "required".into())),
+                    None | Some(serde_json::Value::Null) => out.push((dotted, "none".into())),
+                    Some(v) => out.push((dotted, v.to_string())),
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn reference() -> String {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/CONFIG.md");
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    #[test]
+    fn every_config_key_is_in_the_reference_with_its_default() {
+        let text = reference();
+        let mut missing = Vec::new();
+        for (key, default) in keys() {
+            let row = text
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{key}` |")));
+            match row {
+                Some(row) => {
+                    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                    if cells.get(2) != Some(&format!("`{default}`").as_str()) {
+                        missing.push(format!("{key}: default `{default}`, reference: {row}"));
+                    }
+                    if cells.get(3).is_none_or(|meaning| meaning.is_empty()) {
+                        missing.push(format!("{key}: no meaning in the reference"));
+                    }
+                }
+                None => missing.push(format!("| `{key}` | `{default}` | |")),
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "docs/CONFIG.md lacks or misstates these keys:\n{}",
+            missing.join("\n")
+        );
+    }
+}
