@@ -7,7 +7,7 @@
 //! resumes where it stopped.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ use crate::manifest::{
     Counts, DomainEntry, InputStats, Manifest, ShardEntry, SourceEntry, Split, TokenDtype,
     TokenizerInfo, EOS_TOKEN, FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE,
 };
-use crate::util::{sha256_hex, sha256_u64, tmp_path, Hasher};
+use crate::util::{sha256_hex, sha256_u64, Hasher};
 use crate::{DataError, Result};
 
 /// Which tokenizer `prepare` encodes with.
@@ -291,7 +291,7 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
                     let text = serde_json::to_vec_pretty(&record).map_err(|e| {
                         DataError::Prepare(format!("cannot serialise unit record: {e}"))
                     })?;
-                    crate::util::write_atomic(&path, &text)?;
+                    write_file(&path, &text)?;
                     (record, false)
                 }
             };
@@ -658,8 +658,8 @@ fn load_or_train_tokenizer(
                 let text = tokenizer
                     .to_string(false)
                     .map_err(|e| tok_err(&out_path, &e))?;
-                crate::util::write_atomic(&out_path, text.as_bytes())?;
-                crate::util::write_atomic(&stamp_path, stamp.as_bytes())?;
+                write_file(&out_path, text.as_bytes())?;
+                write_file(&stamp_path, stamp.as_bytes())?;
             }
             (tokenizer, Some(*vocab))
         }
@@ -680,7 +680,7 @@ fn load_or_train_tokenizer(
             .ok()
             .is_some_and(|b| b == text.as_bytes());
         if !unchanged {
-            crate::util::write_atomic(&out_path, text.as_bytes())?;
+            write_file(&out_path, text.as_bytes())?;
         }
     }
     let bytes = std::fs::read(&out_path).map_err(|e| DataError::io(&out_path, e))?;
@@ -848,7 +848,7 @@ fn encode_unit(
             end += d.len() as u64;
             index.extend_from_slice(&end.to_le_bytes());
         }
-        crate::util::write_atomic(&opts.out.join(&docs_file), &index)?;
+        write_file(&opts.out.join(&docs_file), &index)?;
         shards.push(UnitShard {
             domain: domain.to_string(),
             source: source.to_string(),
@@ -871,42 +871,42 @@ fn encode_unit(
     })
 }
 
-/// Writes documents' ids as little-endian `dtype` under a temp name, then renames.
+/// Writes documents' ids as little-endian `dtype`, atomically; returns their count and sha256.
 fn write_tokens(path: &Path, docs: &[&[u32]], dtype: TokenDtype) -> Result<(u64, String)> {
-    let tmp = tmp_path(path);
-    let file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    let mut writer = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Hasher::new();
-    let mut buf = Vec::with_capacity(1 << 16);
     let mut n = 0u64;
-    for doc in docs {
-        for chunk in doc.chunks(1 << 14) {
-            buf.clear();
-            match dtype {
-                TokenDtype::U16 => {
-                    for &id in chunk {
-                        // Ids fit: the dtype was chosen from the vocabulary size.
-                        buf.extend_from_slice(&(id as u16).to_le_bytes());
+    moelab_io::write_atomic_with(path, |writer| {
+        let mut buf = Vec::with_capacity(1 << 16);
+        for doc in docs {
+            for chunk in doc.chunks(1 << 14) {
+                buf.clear();
+                match dtype {
+                    TokenDtype::U16 => {
+                        for &id in chunk {
+                            // Ids fit: the dtype was chosen from the vocabulary size.
+                            buf.extend_from_slice(&(id as u16).to_le_bytes());
+                        }
+                    }
+                    TokenDtype::U32 => {
+                        for &id in chunk {
+                            buf.extend_from_slice(&id.to_le_bytes());
+                        }
                     }
                 }
-                TokenDtype::U32 => {
-                    for &id in chunk {
-                        buf.extend_from_slice(&id.to_le_bytes());
-                    }
-                }
+                hasher.update(&buf);
+                writer.write_all(&buf)?;
+                n += chunk.len() as u64;
             }
-            hasher.update(&buf);
-            writer.write_all(&buf).map_err(|e| DataError::io(&tmp, e))?;
-            n += chunk.len() as u64;
         }
-    }
-    let file = writer
-        .into_inner()
-        .map_err(|e| DataError::io(&tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
+        Ok(())
+    })
+    .map_err(|e| DataError::io(path, e))?;
     Ok((n, hasher.hex()))
+}
+
+/// Writes a whole file atomically (the one helper every moelab crate shares).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    moelab_io::write_atomic(path, bytes).map_err(|e| DataError::io(path, e))
 }
 
 fn build_manifest(
