@@ -260,12 +260,75 @@ impl Dataset {
         self.sources.get(domain).map_or(0, Vec::len)
     }
 
+    /// Checks, without reading any token, that [`Dataset::validation_batches`] will give every
+    /// domain at least one sequence with `data.validation_tokens = validation_tokens`, so a
+    /// run can refuse a config before step 1 instead of failing at its first evaluation.
+    ///
+    /// Call it with the run's `data.seq_len`, `data.validation_tokens` and micro-batch size
+    /// once the dataset is open. The error (a [`DataError::Config`] for key
+    /// `data.validation_tokens`) lists each domain that would get no sequence, with its
+    /// numbers and the fix: raise `data.validation_tokens` to at least seq_len, or re-run
+    /// `moelab prepare` with a larger `--validation-fraction` for a domain with too few
+    /// validation tokens.
+    pub fn check_validation(
+        &self,
+        seq_len: usize,
+        validation_tokens: u64,
+        micro_batch: usize,
+    ) -> Result<()> {
+        if seq_len == 0 || micro_batch == 0 {
+            return Err(DataError::Argument(format!(
+                "validation needs seq_len >= 1 and a micro-batch >= 1, got seq_len {seq_len} and micro-batch {micro_batch}"
+            )));
+        }
+        if validation_tokens < seq_len as u64 {
+            return Err(DataError::config(
+                "data.validation_tokens",
+                too_few_validation_tokens(validation_tokens, seq_len, &self.domains.join(", ")),
+            ));
+        }
+        let problems: Vec<String> = (0..self.domains.len())
+            .filter_map(|d| self.validation_shortfall(d, seq_len))
+            .collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(DataError::config(
+            "data.validation_tokens",
+            problems.join("; "),
+        ))
+    }
+
+    /// Why `domain`'s validation stream would hold no sequence, with the fix (None: it is fine).
+    fn validation_shortfall(&self, domain: usize, seq_len: usize) -> Option<String> {
+        let name = self.domains.get(domain)?;
+        let chunk = seq_len as u64 + 1;
+        let counts = self.validation_counts(domain);
+        if counts.tokens < chunk {
+            let what = if counts.documents == 0 {
+                "no validation documents".to_string()
+            } else {
+                format!(
+                    "{} validation tokens in {} documents, fewer than one sequence of seq_len + 1 = {chunk}",
+                    counts.tokens, counts.documents
+                )
+            };
+            return Some(format!(
+                "domain `{name}` has {what}; re-run `moelab prepare` with a larger --validation-fraction \
+                 (it was {}) or add documents to the domain, or lower data.seq_len",
+                self.manifest.validation_fraction
+            ));
+        }
+        None
+    }
+
     /// The fixed validation stream of one domain, as batches of up to `batch_sequences`
     /// sequences of seq_len (+1 for targets); identical across ablations whatever the mixture.
     ///
     /// The stream is the domain's validation documents (sources in name order, documents in
     /// prepare order) cut into chunks of seq_len + 1 tokens, at most `max_tokens / seq_len`
-    /// of them. It is an error if the domain has too few validation tokens for one sequence.
+    /// of them. It is an error (the one [`Dataset::check_validation`] gives up front) if that
+    /// is not even one sequence.
     pub fn validation_batches(
         &self,
         domain: usize,
@@ -284,17 +347,18 @@ impl Dataset {
                 "validation_batches needs seq_len >= 1 and batch_sequences >= 1".into(),
             ));
         }
+        if max_tokens < seq_len as u64 {
+            return Err(DataError::config(
+                "data.validation_tokens",
+                too_few_validation_tokens(max_tokens, seq_len, &self.domains[domain]),
+            ));
+        }
+        if let Some(shortfall) = self.validation_shortfall(domain, seq_len) {
+            return Err(DataError::config("data.validation_tokens", shortfall));
+        }
         let chunk = seq_len as u64 + 1;
         let total: u64 = sources.iter().map(|s| s.validation.len()).sum();
-        let available = total / chunk;
-        let wanted = (max_tokens / seq_len as u64).min(available);
-        if wanted == 0 {
-            return Err(DataError::Mixture(format!(
-                "domain `{}` has {total} validation tokens, fewer than one sequence of seq_len + 1 = {chunk} \
-                 (or data.validation_tokens < seq_len); prepare with a larger --validation-fraction",
-                self.domains[domain]
-            )));
-        }
+        let wanted = (max_tokens / seq_len as u64).min(total / chunk);
         let mut batches = Vec::new();
         let mut next = 0u64;
         let mut buf = Vec::with_capacity(chunk as usize);
@@ -313,6 +377,14 @@ impl Dataset {
         }
         Ok(batches)
     }
+}
+
+/// The error of a validation cap below one sequence, for the named domain(s).
+fn too_few_validation_tokens(validation_tokens: u64, seq_len: usize, domains: &str) -> String {
+    format!(
+        "{validation_tokens} is below data.seq_len = {seq_len}, so no validation sequence fits (domains: \
+         {domains}); raise data.validation_tokens to at least {seq_len}"
+    )
 }
 
 /// Copies from the concatenation of the sources' validation streams.

@@ -221,7 +221,7 @@ impl Manifest {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        crate::util::write_atomic(path, &text)
+        moelab_io::write_atomic(path, &text).map_err(|e| DataError::io(path, e))
     }
 
     /// Hash of the manifest's content (identifies the dataset in stream fingerprints).

@@ -7,7 +7,7 @@
 //! resumes where it stopped.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -21,7 +21,7 @@ use crate::manifest::{
     Counts, DomainEntry, InputStats, Manifest, ShardEntry, SourceEntry, Split, TokenDtype,
     TokenizerInfo, EOS_TOKEN, FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE,
 };
-use crate::util::{sha256_hex, sha256_u64, tmp_path, Hasher};
+use crate::util::{sha256_hex, sha256_u64, Hasher};
 use crate::{DataError, Result};
 
 /// Which tokenizer `prepare` encodes with.
@@ -291,7 +291,7 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
                     let text = serde_json::to_vec_pretty(&record).map_err(|e| {
                         DataError::Prepare(format!("cannot serialise unit record: {e}"))
                     })?;
-                    crate::util::write_atomic(&path, &text)?;
+                    write_file(&path, &text)?;
                     (record, false)
                 }
             };
@@ -642,13 +642,15 @@ fn load_or_train_tokenizer(
             let tokenizer = if reuse {
                 Tokenizer::from_file(&out_path).map_err(|e| tok_err(&out_path, &e))?
             } else {
+                // The trainer gets the same pieces the encoder does: word counts are the same
+                // (pieces end at pre-token boundaries) and its memory per call stays bounded.
                 let texts: Vec<&str> = unit_docs
                     .iter()
                     .flatten()
-                    .map(|d| d.text.as_str())
+                    .flat_map(|d| text_pieces(&d.text, PIECE_BYTES))
                     .collect();
                 progress(&PrepareEvent::TrainingTokenizer {
-                    documents: texts.len(),
+                    documents: unit_docs.iter().map(Vec::len).sum(),
                 });
                 let t = train_bpe(*vocab, &texts).map_err(|e| tok_err(&out_path, &e))?;
                 let _ = std::fs::remove_file(&stamp_path);
@@ -658,8 +660,8 @@ fn load_or_train_tokenizer(
                 let text = tokenizer
                     .to_string(false)
                     .map_err(|e| tok_err(&out_path, &e))?;
-                crate::util::write_atomic(&out_path, text.as_bytes())?;
-                crate::util::write_atomic(&stamp_path, stamp.as_bytes())?;
+                write_file(&out_path, text.as_bytes())?;
+                write_file(&stamp_path, stamp.as_bytes())?;
             }
             (tokenizer, Some(*vocab))
         }
@@ -680,7 +682,7 @@ fn load_or_train_tokenizer(
             .ok()
             .is_some_and(|b| b == text.as_bytes());
         if !unchanged {
-            crate::util::write_atomic(&out_path, text.as_bytes())?;
+            write_file(&out_path, text.as_bytes())?;
         }
     }
     let bytes = std::fs::read(&out_path).map_err(|e| DataError::io(&out_path, e))?;
@@ -697,6 +699,70 @@ fn load_or_train_tokenizer(
             trained_vocab,
         },
     ))
+}
+
+/// Longest text handed to the tokenizer in one call. The Hugging Face tokenizer keeps about
+/// 100-200 bytes of bookkeeping per input byte while it works on a text, so a 50 MB document
+/// encoded whole peaked at 6.6 GB; documents up to this size are encoded whole, exactly as
+/// before, longer ones in pieces of about this size.
+pub const PIECE_BYTES: usize = 1 << 20;
+
+/// Cuts `text` into pieces of at most `max` bytes (one piece when it fits).
+///
+/// A cut goes just before a whitespace run that follows a non-whitespace character, as late as
+/// possible (a space preferred over other whitespace within the last half). GPT-2 style
+/// pre-tokenizers (byte-level BPE, ours included) never join text across such a point, so the
+/// ids are the same as for the whole text; a space rather than a newline keeps that true for
+/// tokenizers that add a prefix space to each input. Only text with no whitespace at all in a
+/// window (no such point exists) is cut at a character boundary, which can split one word.
+pub(crate) fn text_pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
+    let max = max.max(8);
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= max {
+            return Some(std::mem::take(&mut rest));
+        }
+        let cut = piece_end(rest, max);
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// Where the first piece of `text` (longer than `max`) ends; see [`text_pieces`].
+fn piece_end(text: &str, max: usize) -> usize {
+    let bytes = text.as_bytes();
+    let mut whitespace = None;
+    for p in (1..=max).rev() {
+        // ASCII whitespace bytes are always character boundaries.
+        if bytes[p].is_ascii_whitespace()
+            && text[..p]
+                .chars()
+                .next_back()
+                .is_some_and(|c| !c.is_whitespace())
+        {
+            if bytes[p] == b' ' {
+                return p;
+            }
+            whitespace.get_or_insert(p);
+        }
+        // A space is worth a shorter piece, but not one below half the size.
+        if p <= max / 2 {
+            if let Some(p) = whitespace {
+                return p;
+            }
+        }
+    }
+    whitespace.unwrap_or_else(|| {
+        let mut p = max;
+        while !text.is_char_boundary(p) {
+            p -= 1;
+        }
+        p
+    })
 }
 
 /// A GPT-2 style byte-level BPE with `<|endoftext|>` as its only special token.
@@ -803,16 +869,30 @@ fn encode_unit(
     let encoded: Vec<Vec<u32>> = docs
         .par_iter()
         .map(|doc| {
-            let enc = tokenizer
-                .encode_fast(doc.text.as_str(), false)
-                .map_err(|e| DataError::Tokenizer {
-                    path: opts.out.join(TOKENIZER_FILE),
-                    reason: format!(
-                        "cannot encode a document of {}/{}: {e}",
-                        doc.domain, doc.source
-                    ),
-                })?;
-            let mut ids = enc.get_ids().to_vec();
+            let encode = |piece: &&str| {
+                tokenizer
+                    .encode_fast(*piece, false)
+                    .map(|enc| enc.get_ids().to_vec())
+                    .map_err(|e| DataError::Tokenizer {
+                        path: opts.out.join(TOKENIZER_FILE),
+                        reason: format!(
+                            "cannot encode a document of {}/{}: {e}",
+                            doc.domain, doc.source
+                        ),
+                    })
+            };
+            // Piece by piece: the tokenizer's per-token bookkeeping (an Encoding, alignments
+            // per byte) then lives for one piece per thread, not for the whole document.
+            let pieces: Vec<&str> = text_pieces(&doc.text, PIECE_BYTES).collect();
+            let mut ids = match pieces.as_slice() {
+                [] => Vec::new(),
+                [whole] => encode(whole)?,
+                _ => pieces
+                    .par_iter()
+                    .map(encode)
+                    .collect::<Result<Vec<_>>>()?
+                    .concat(),
+            };
             ids.push(eos_id);
             Ok(ids)
         })
@@ -848,7 +928,7 @@ fn encode_unit(
             end += d.len() as u64;
             index.extend_from_slice(&end.to_le_bytes());
         }
-        crate::util::write_atomic(&opts.out.join(&docs_file), &index)?;
+        write_file(&opts.out.join(&docs_file), &index)?;
         shards.push(UnitShard {
             domain: domain.to_string(),
             source: source.to_string(),
@@ -871,42 +951,42 @@ fn encode_unit(
     })
 }
 
-/// Writes documents' ids as little-endian `dtype` under a temp name, then renames.
+/// Writes documents' ids as little-endian `dtype`, atomically; returns their count and sha256.
 fn write_tokens(path: &Path, docs: &[&[u32]], dtype: TokenDtype) -> Result<(u64, String)> {
-    let tmp = tmp_path(path);
-    let file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    let mut writer = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Hasher::new();
-    let mut buf = Vec::with_capacity(1 << 16);
     let mut n = 0u64;
-    for doc in docs {
-        for chunk in doc.chunks(1 << 14) {
-            buf.clear();
-            match dtype {
-                TokenDtype::U16 => {
-                    for &id in chunk {
-                        // Ids fit: the dtype was chosen from the vocabulary size.
-                        buf.extend_from_slice(&(id as u16).to_le_bytes());
+    moelab_io::write_atomic_with(path, |writer| {
+        let mut buf = Vec::with_capacity(1 << 16);
+        for doc in docs {
+            for chunk in doc.chunks(1 << 14) {
+                buf.clear();
+                match dtype {
+                    TokenDtype::U16 => {
+                        for &id in chunk {
+                            // Ids fit: the dtype was chosen from the vocabulary size.
+                            buf.extend_from_slice(&(id as u16).to_le_bytes());
+                        }
+                    }
+                    TokenDtype::U32 => {
+                        for &id in chunk {
+                            buf.extend_from_slice(&id.to_le_bytes());
+                        }
                     }
                 }
-                TokenDtype::U32 => {
-                    for &id in chunk {
-                        buf.extend_from_slice(&id.to_le_bytes());
-                    }
-                }
+                hasher.update(&buf);
+                writer.write_all(&buf)?;
+                n += chunk.len() as u64;
             }
-            hasher.update(&buf);
-            writer.write_all(&buf).map_err(|e| DataError::io(&tmp, e))?;
-            n += chunk.len() as u64;
         }
-    }
-    let file = writer
-        .into_inner()
-        .map_err(|e| DataError::io(&tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))?;
+        Ok(())
+    })
+    .map_err(|e| DataError::io(path, e))?;
     Ok((n, hasher.hex()))
+}
+
+/// Writes a whole file atomically (the one helper every moelab crate shares).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    moelab_io::write_atomic(path, bytes).map_err(|e| DataError::io(path, e))
 }
 
 fn build_manifest(
@@ -959,5 +1039,106 @@ fn build_manifest(
         validation_fraction,
         domains,
         inputs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::util::mix64;
+
+    /// Text with the whitespace a cut must respect: runs of spaces, newlines, tabs, CRLF,
+    /// non-ASCII letters and whitespace, punctuation and digits.
+    fn awkward_text(words: usize) -> String {
+        let parts = [
+            "the",
+            " ",
+            "river",
+            "  ",
+            "stone",
+            "\n",
+            "\n\n",
+            "x=1;",
+            "\t",
+            "déjà",
+            "\u{3000}",
+            "vu",
+            "\r\n",
+            "42",
+            "   ",
+            "(proof)",
+            " ",
+            "ünïcode",
+            "\n ",
+            "end.",
+        ];
+        let mut s = String::new();
+        let mut state = 7u64;
+        for _ in 0..words {
+            state = mix64(state);
+            s.push_str(parts[(state % parts.len() as u64) as usize]);
+        }
+        s
+    }
+
+    #[test]
+    fn pieces_cover_the_text_within_the_size() {
+        let text = awkward_text(3000);
+        for max in [8, 50, 64, 200, 1000] {
+            let pieces: Vec<&str> = text_pieces(&text, max).collect();
+            assert_eq!(pieces.concat(), text, "max {max}");
+            assert!(pieces.iter().all(|p| p.len() <= max && !p.is_empty()));
+        }
+        assert_eq!(text_pieces("short", 64).collect::<Vec<_>>(), ["short"]);
+        assert_eq!(text_pieces("", 64).count(), 0);
+        // No whitespace at all: cut at character boundaries.
+        let dense = "é".repeat(100);
+        let pieces: Vec<&str> = text_pieces(&dense, 11).collect();
+        assert_eq!(pieces.concat(), dense);
+        assert!(pieces.iter().all(|p| p.len() <= 11));
+    }
+
+    #[test]
+    fn pieces_give_the_same_ids_as_the_whole_text() {
+        let train = awkward_text(4000);
+        let mut tokenizer = train_bpe(400, &[train.as_str()]).unwrap();
+        let text = awkward_text(20_000);
+        let whole = |t: &Tokenizer| {
+            t.encode_fast(text.as_str(), false)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        };
+        let pieced = |t: &Tokenizer, max: usize| -> Vec<u32> {
+            text_pieces(&text, max)
+                .flat_map(|p| t.encode_fast(p, false).unwrap().get_ids().to_vec())
+                .collect()
+        };
+        let expected = whole(&tokenizer);
+        assert!(expected.len() > 1000);
+        // (At 300 bytes and more no run of non-whitespace in this text fills a window.)
+        for max in [300, 4096] {
+            let got = pieced(&tokenizer, max);
+            let first = (0..expected.len().min(got.len())).find(|&i| expected[i] != got[i]);
+            assert_eq!(first, None, "max {max}: ids differ");
+            assert_eq!(got.len(), expected.len(), "max {max}");
+        }
+        // A byte-level tokenizer that adds a prefix space to every input (GPT-2 style
+        // configurations): pieces start with a space where one is available.
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(true, true, true)));
+        let expected = whole(&tokenizer);
+        let got = pieced(&tokenizer, 4096);
+        let differing = expected.iter().zip(&got).filter(|(a, b)| a != b).count()
+            + expected.len().abs_diff(got.len());
+        assert_eq!(differing, 0);
+        // The trainer sees the same words in pieces as whole.
+        let whole_bpe = train_bpe(400, &[text.as_str()]).unwrap();
+        let pieces: Vec<&str> = text_pieces(&text, 300).collect();
+        let pieced_bpe = train_bpe(400, &pieces).unwrap();
+        assert_eq!(
+            whole_bpe.to_string(false).unwrap(),
+            pieced_bpe.to_string(false).unwrap()
+        );
     }
 }

@@ -1,6 +1,5 @@
-//! Small helpers: hashing, atomic writes.
+//! Small helpers: hashing and seeded mixing (atomic writes live in `moelab_io`).
 
-use std::io::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -63,27 +62,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut file, &mut h).map_err(|e| DataError::io(path, e))?;
     Ok(hex(&h.finalize()))
-}
-
-/// Writes a file so that it either exists complete or not at all: temp name, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    {
-        let mut file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-        file.write_all(bytes).map_err(|e| DataError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| DataError::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
-}
-
-/// The temp name a file is written under before its final rename.
-pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
 }
 
 /// splitmix64: a fast, well-mixed 64-bit hash used for seeded permutations.

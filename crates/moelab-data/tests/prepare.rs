@@ -341,3 +341,50 @@ fn bundled_sample_prepares() {
     let example = include_str!("../src/config.rs");
     assert!(example.contains("[data.source_mixture.math]"));
 }
+
+/// Little-endian u16 ids of a shard's token file.
+fn shard_ids(out: &Path, tokens_file: &str) -> Vec<u32> {
+    std::fs::read(out.join(tokens_file))
+        .unwrap()
+        .chunks_exact(2)
+        .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+#[test]
+fn documents_get_the_ids_of_their_whole_text_even_when_encoded_in_pieces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = text(11, 3000);
+    let mut long = String::new();
+    let mut seed = 100;
+    while long.len() < moelab_data::prepare::PIECE_BYTES * 5 / 2 {
+        long.push_str(&text(seed, 2000));
+        long.push_str(if seed % 3 == 0 { "\n\n" } else { "  " });
+        seed += 1;
+    }
+    let dir = tmp.path().join("c");
+    write(&dir.join("books/long.txt"), &long);
+    write(&dir.join("web/small.txt"), &small);
+    let out = tmp.path().join("out");
+    let mut opts = options(&dir, &out);
+    opts.validation_fraction = 0.0;
+    prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(ds.tokenizer_path()).unwrap();
+    for (domain, doc) in [("books", &long), ("web", &small)] {
+        let d = ds.domain_id(domain).unwrap();
+        let shard = &ds.manifest().domains[d].sources[0].shards[0];
+        let mut expected = tok
+            .encode_fast(doc.as_str(), false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        expected.push(ds.eos_id());
+        let got = shard_ids(&out, &shard.tokens_file);
+        assert_eq!(got.len(), expected.len(), "{domain}");
+        assert!(
+            got == expected,
+            "{domain}: ids differ from the whole text's"
+        );
+    }
+}

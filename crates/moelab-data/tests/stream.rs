@@ -375,3 +375,61 @@ fn natural_mixture_when_none_is_given() {
         report.max_prefix_deviation
     );
 }
+
+#[test]
+fn validation_shortfalls_are_caught_up_front_naming_the_key_domain_and_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = common::corpus(tmp.path(), 12);
+    // A domain of one document gets no validation split.
+    common::write(&corpus.join("books/only.txt"), common::text(9, 400));
+    let out = tmp.path().join("out");
+    moelab_data::prepare(&common::options(&corpus, &out), &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let books = ds.domain_id("books").unwrap();
+    assert_eq!(ds.validation_counts(books).documents, 0);
+
+    let err = ds.check_validation(16, 4096, 4).unwrap_err().to_string();
+    for part in [
+        "data.validation_tokens",
+        "`books` has no validation documents",
+        "--validation-fraction (it was 0.1)",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    assert!(!err.contains("`web`"), "only the failing domain: {err}");
+    // The late failure says the same.
+    let late = ds
+        .validation_batches(books, 16, 4096, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        late.contains("data.validation_tokens") && late.contains("no validation documents"),
+        "{late}"
+    );
+
+    // A cap below one sequence: every domain, with the number to raise it to.
+    let web = ds.domain_id("web").unwrap();
+    let err = ds.check_validation(64, 32, 4).unwrap_err().to_string();
+    assert!(
+        err.contains("data.validation_tokens")
+            && err.contains("32 is below data.seq_len = 64")
+            && err.contains("at least 64"),
+        "{err}"
+    );
+    let late = ds
+        .validation_batches(web, 64, 32, 4)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        late.contains("at least 64") && late.contains("web"),
+        "{late}"
+    );
+
+    assert!(ds.check_validation(16, 4096, 0).is_err());
+    // Without the one-document domain everything passes, and batches follow.
+    let ds = common::prepared(&tmp.path().join("fine"));
+    ds.check_validation(16, 4096, 4).unwrap();
+    for d in 0..ds.domains().len() {
+        assert!(!ds.validation_batches(d, 16, 4096, 4).unwrap().is_empty());
+    }
+}
