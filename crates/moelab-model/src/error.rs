@@ -14,6 +14,10 @@ pub enum ModelError {
     /// An input batch that does not fit the model (shape, dtype or token range).
     #[error("invalid model input: {0}")]
     Input(String),
+    /// No exact Hugging Face mapping: an unsupported feature, a config.json moelab cannot
+    /// represent, or a tensor map that does not fit the config; names the key or tensor.
+    #[error("{0}")]
+    Hf(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,5 +1,5 @@
 //! The mixture-of-experts transformer on candle: config, attention, routers, experts, losses,
-//! parameter and FLOP counts.
+//! parameter and FLOP counts, and the exact mapping to Hugging Face OLMoE / Mixtral.
 //!
 //! Knows nothing of files, domains or training: it maps token ids to logits, losses and a
 //! per-layer routing record. Every op on the gradient path has a backward (see moelab-kernels).
@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod hf;
 pub mod info;
 pub mod init;
 pub mod layers;

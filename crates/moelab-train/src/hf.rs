@@ -1,423 +1,40 @@
-//! Hugging Face interoperability: export a checkpoint as a `transformers` model folder
-//! (`OlmoeForCausalLM` or `MixtralForCausalLM`), import such a folder back into a checkpoint,
-//! and dump a checkpoint's logits for the parity check (`scripts/hf_parity.py`).
+//! Hugging Face interoperability, the file side: export a checkpoint as a `transformers` model
+//! folder (`OlmoeForCausalLM` or `MixtralForCausalLM`), import such a folder back into a
+//! checkpoint, and dump a checkpoint's logits for the parity check (`scripts/hf_parity.py`).
 //!
-//! Only exact mappings are offered: a config that no supported architecture computes the same
-//! function for is refused with every offending feature listed.
-//!
-//! Name mapping (moelab -> HF; `{i}` block, `{j}` expert):
-//!
-//! | moelab | OLMoE | Mixtral |
-//! |---|---|---|
-//! | `embed.weight` | `model.embed_tokens.weight` | same |
-//! | `lm_head.weight` (absent when tied) | `lm_head.weight` | same |
-//! | `final_norm.weight` | `model.norm.weight` | same |
-//! | `blocks.{i}.attn_norm.weight` | `model.layers.{i}.input_layernorm.weight` | same |
-//! | `blocks.{i}.ffn_norm.weight` | `model.layers.{i}.post_attention_layernorm.weight` | same |
-//! | `blocks.{i}.attn.{q,k,v,o}_proj.weight` | `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight` | same |
-//! | `blocks.{i}.attn.{q,k}_norm.weight` | `model.layers.{i}.self_attn.{q,k}_norm.weight` | — |
-//! | `blocks.{i}.moe.router.weight` | `model.layers.{i}.mlp.gate.weight` | `model.layers.{i}.block_sparse_moe.gate.weight` |
-//! | `blocks.{i}.moe.experts.gate_proj[j]` | `model.layers.{i}.mlp.experts.{j}.gate_proj.weight` | `….block_sparse_moe.experts.{j}.w1.weight` |
-//! | `blocks.{i}.moe.experts.up_proj[j]` | `model.layers.{i}.mlp.experts.{j}.up_proj.weight` | `….block_sparse_moe.experts.{j}.w3.weight` |
-//! | `blocks.{i}.moe.experts.down_proj[j]` | `model.layers.{i}.mlp.experts.{j}.down_proj.weight` | `….block_sparse_moe.experts.{j}.w2.weight` |
-//!
-//! Exports use the classic per-expert layout, which every `transformers` version loads (newer
-//! ones fuse it into `mlp.experts.gate_up_proj` on load). Imports also accept the fused layout
-//! and Mixtral's `mlp.` spelling.
+//! The mapping itself (which architecture, config.json, tensor names) is the model's:
+//! [`moelab_model::hf`]. This module reads and writes the folders around it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use moelab_model::{ForwardOptions, ModelConfig, MoeConfig, MoeTransformer, RouterKind};
+use moelab_model::hf::{
+    choose_arch, from_hf_tensors, to_hf_tensors, HfArch, HfConfig, SpecialTokens,
+};
+use moelab_model::{ForwardOptions, ModelConfig, ModelError, MoeTransformer};
 use serde_json::{json, Value};
 
 use crate::checkpoint::io;
 use crate::checkpoint::{self, TrainState};
 use crate::{Config, TrainError};
 
-/// The `transformers` architectures an export can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HfArch {
-    /// `OlmoeForCausalLM`: QK-norm over the whole projection, optional top-k renormalisation.
-    Olmoe,
-    /// `MixtralForCausalLM`: no QK-norm, top-k probabilities always renormalised.
-    Mixtral,
-}
-
-impl HfArch {
-    /// The `architectures[0]` string of config.json.
-    pub fn class_name(self) -> &'static str {
-        match self {
-            HfArch::Olmoe => "OlmoeForCausalLM",
-            HfArch::Mixtral => "MixtralForCausalLM",
-        }
-    }
-
-    /// The `model_type` of config.json.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            HfArch::Olmoe => "olmoe",
-            HfArch::Mixtral => "mixtral",
-        }
-    }
-
-    /// The prefix of a block's MoE module in classic checkpoints.
-    fn moe_prefix(self) -> &'static str {
-        match self {
-            HfArch::Olmoe => "mlp",
-            HfArch::Mixtral => "block_sparse_moe",
-        }
-    }
-
-    /// Per-expert (gate, up, down) tensor names in classic checkpoints.
-    fn expert_names(self) -> [&'static str; 3] {
-        match self {
-            HfArch::Olmoe => ["gate_proj", "up_proj", "down_proj"],
-            HfArch::Mixtral => ["w1", "w3", "w2"],
-        }
-    }
-}
+/// The end-of-document token of the lab's tokenizers.
+pub const EOS_TOKEN: &str = "<|endoftext|>";
 
 fn hf_err(message: String) -> TrainError {
     TrainError::Hf(message)
 }
 
-/// Picks the architecture that computes exactly what `cfg` computes, or lists every feature
-/// that no supported architecture can express.
-pub fn choose_arch(cfg: &ModelConfig) -> Result<HfArch, TrainError> {
-    let moe = &cfg.moe;
-    let mut problems = Vec::new();
-    if moe.n_experts == 0 {
-        problems.push(
-            "model.moe.n_experts = 0 (a dense model; OLMoE and Mixtral are MoE-only)".to_string(),
-        );
+/// The model crate's mapping errors become [`TrainError::Hf`], prefixed with the file they
+/// concern (`""`: none); its other errors keep their own variant.
+fn mapping_err(file: &str) -> impl Fn(ModelError) -> TrainError + '_ {
+    move |e| match e {
+        ModelError::Hf(message) if file.is_empty() => TrainError::Hf(message),
+        ModelError::Hf(message) => TrainError::Hf(format!("{file}: {message}")),
+        other => TrainError::Model(other),
     }
-    if moe.dense_layers > 0 {
-        problems.push(format!(
-            "model.moe.dense_layers = {} (OLMoE and Mixtral use experts in every block)",
-            moe.dense_layers
-        ));
-    }
-    if moe.router != RouterKind::Softmax {
-        problems.push(
-            "model.moe.router = \"sigmoid\" (OLMoE and Mixtral route by softmax)".to_string(),
-        );
-    }
-    if let Some(cf) = moe.capacity_factor {
-        problems.push(format!(
-            "model.moe.capacity_factor = {cf} (OLMoE and Mixtral are dropless)"
-        ));
-    }
-    if moe.expert_bias {
-        problems.push(
-            "model.moe.expert_bias = true (no selection-only router bias in OLMoE or Mixtral)"
-                .to_string(),
-        );
-    }
-    if moe.n_shared_experts > 0 {
-        problems.push(format!(
-            "model.moe.n_shared_experts = {} (OLMoE and Mixtral have no shared experts; Qwen2-MoE gates its shared expert with a sigmoid, which is not the same function)",
-            moe.n_shared_experts
-        ));
-    }
-    if !cfg.qk_norm && !moe.renormalize {
-        problems.push(
-            "model.qk_norm = false with model.moe.renormalize = false (OLMoE always has QK-norm; Mixtral always renormalises the top-k probabilities)"
-                .to_string(),
-        );
-    }
-    if !problems.is_empty() {
-        return Err(hf_err(format!(
-            "no supported Hugging Face architecture (OlmoeForCausalLM, MixtralForCausalLM) computes this model exactly; unsupported: {}",
-            problems.join("; ")
-        )));
-    }
-    Ok(if cfg.qk_norm {
-        HfArch::Olmoe
-    } else {
-        HfArch::Mixtral
-    })
-}
-
-/// Token ids and strings written into config.json and tokenizer_config.json.
-#[derive(Debug, Clone, Default)]
-pub struct SpecialTokens {
-    /// The end-of-document token id (also used as padding).
-    pub eos_id: Option<u32>,
-}
-
-/// The end-of-document token of the lab's tokenizers.
-pub const EOS_TOKEN: &str = "<|endoftext|>";
-
-/// config.json for `cfg` as `arch`.
-pub fn config_json(cfg: &ModelConfig, arch: HfArch, tokens: &SpecialTokens) -> Value {
-    let moe = &cfg.moe;
-    let mut v = json!({
-        "architectures": [arch.class_name()],
-        "model_type": arch.model_type(),
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": moe.expert_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads(),
-        "head_dim": cfg.head_dim(),
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coef,
-        "output_router_logits": false,
-        "attention_dropout": 0.0,
-        "use_cache": true,
-        "bos_token_id": Value::Null,
-        "eos_token_id": tokens.eos_id,
-        "pad_token_id": tokens.eos_id,
-        "torch_dtype": "float32",
-    });
-    if let Some(obj) = v.as_object_mut() {
-        match arch {
-            HfArch::Olmoe => {
-                obj.insert("num_experts".into(), json!(moe.n_experts));
-                obj.insert("norm_topk_prob".into(), json!(moe.renormalize));
-                obj.insert("attention_bias".into(), json!(false));
-                obj.insert("clip_qkv".into(), Value::Null);
-            }
-            HfArch::Mixtral => {
-                obj.insert("num_local_experts".into(), json!(moe.n_experts));
-                obj.insert("sliding_window".into(), Value::Null);
-                obj.insert("router_jitter_noise".into(), json!(0.0));
-            }
-        }
-    }
-    v
-}
-
-fn get_tensor<'a>(
-    map: &'a HashMap<String, Tensor>,
-    name: &str,
-    shape: &[usize],
-    what: &str,
-) -> Result<&'a Tensor, TrainError> {
-    let t = map
-        .get(name)
-        .ok_or_else(|| hf_err(format!("{what} lacks tensor `{name}`")))?;
-    if t.dims() != shape {
-        return Err(hf_err(format!(
-            "{what}: tensor `{name}` has shape {:?}, the config needs {shape:?}",
-            t.dims()
-        )));
-    }
-    Ok(t)
-}
-
-/// (moelab name, HF name, shape) of every tensor that maps one to one.
-fn plain_pairs(cfg: &ModelConfig, arch: HfArch) -> Vec<(String, String, Vec<usize>)> {
-    let (d, v) = (cfg.d_model, cfg.vocab_size);
-    let q_dim = cfg.n_heads * cfg.head_dim();
-    let kv_dim = cfg.kv_heads() * cfg.head_dim();
-    let mut out = vec![
-        (
-            "embed.weight".to_string(),
-            "model.embed_tokens.weight".to_string(),
-            vec![v, d],
-        ),
-        (
-            "final_norm.weight".into(),
-            "model.norm.weight".into(),
-            vec![d],
-        ),
-    ];
-    if !cfg.tie_embeddings {
-        out.push(("lm_head.weight".into(), "lm_head.weight".into(), vec![v, d]));
-    }
-    for i in 0..cfg.n_layers {
-        let (b, l) = (format!("blocks.{i}"), format!("model.layers.{i}"));
-        let mut push = |ours: String, theirs: String, shape: Vec<usize>| {
-            out.push((format!("{b}.{ours}"), format!("{l}.{theirs}"), shape))
-        };
-        push(
-            "attn_norm.weight".into(),
-            "input_layernorm.weight".into(),
-            vec![d],
-        );
-        push(
-            "ffn_norm.weight".into(),
-            "post_attention_layernorm.weight".into(),
-            vec![d],
-        );
-        for (p, rows) in [("q", q_dim), ("k", kv_dim), ("v", kv_dim)] {
-            push(
-                format!("attn.{p}_proj.weight"),
-                format!("self_attn.{p}_proj.weight"),
-                vec![rows, d],
-            );
-        }
-        push(
-            "attn.o_proj.weight".into(),
-            "self_attn.o_proj.weight".into(),
-            vec![d, q_dim],
-        );
-        if cfg.qk_norm {
-            push(
-                "attn.q_norm.weight".into(),
-                "self_attn.q_norm.weight".into(),
-                vec![q_dim],
-            );
-            push(
-                "attn.k_norm.weight".into(),
-                "self_attn.k_norm.weight".into(),
-                vec![kv_dim],
-            );
-        }
-        push(
-            "moe.router.weight".into(),
-            format!("{}.gate.weight", arch.moe_prefix()),
-            vec![cfg.moe.n_experts, d],
-        );
-    }
-    out
-}
-
-fn expert_shapes(cfg: &ModelConfig) -> [Vec<usize>; 3] {
-    let (e, ff, d) = (cfg.moe.n_experts, cfg.moe.expert_ff, cfg.d_model);
-    [vec![e, ff, d], vec![e, ff, d], vec![e, d, ff]]
-}
-
-const OUR_EXPERTS: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
-
-/// Renames (and splits the stacked experts of) a moelab model map into HF tensors.
-pub fn to_hf_tensors(
-    cfg: &ModelConfig,
-    arch: HfArch,
-    model: &HashMap<String, Tensor>,
-) -> Result<HashMap<String, Tensor>, TrainError> {
-    let what = "the checkpoint's model.safetensors";
-    let mut used = HashSet::new();
-    let mut out = HashMap::new();
-    for (ours, theirs, shape) in plain_pairs(cfg, arch) {
-        let t = get_tensor(model, &ours, &shape, what)?;
-        out.insert(theirs, t.to_dtype(DType::F32)?.contiguous()?);
-        used.insert(ours);
-    }
-    let shapes = expert_shapes(cfg);
-    for i in 0..cfg.n_layers {
-        for (k, ours) in OUR_EXPERTS.iter().enumerate() {
-            let name = format!("blocks.{i}.moe.experts.{ours}");
-            let stacked = get_tensor(model, &name, &shapes[k], what)?.to_dtype(DType::F32)?;
-            for j in 0..cfg.moe.n_experts {
-                out.insert(
-                    format!(
-                        "model.layers.{i}.{}.experts.{j}.{}.weight",
-                        arch.moe_prefix(),
-                        arch.expert_names()[k]
-                    ),
-                    stacked.get(j)?.contiguous()?,
-                );
-            }
-            used.insert(name);
-        }
-    }
-    let mut extra: Vec<&String> = model.keys().filter(|k| !used.contains(*k)).collect();
-    extra.sort();
-    if let Some(name) = extra.first() {
-        return Err(hf_err(format!(
-            "{what}: tensor `{name}` has no place in the {} export",
-            arch.class_name()
-        )));
-    }
-    Ok(out)
-}
-
-/// Builds the moelab model map from HF tensors; every tensor must be used exactly once.
-pub fn from_hf_tensors(
-    cfg: &ModelConfig,
-    arch: HfArch,
-    hf: &HashMap<String, Tensor>,
-) -> Result<HashMap<String, Tensor>, TrainError> {
-    let what = "the Hugging Face model.safetensors";
-    let f32 = |t: &Tensor| -> Result<Tensor, TrainError> { Ok(t.to_dtype(DType::F32)?) };
-    let mut used = HashSet::new();
-    let mut out = HashMap::new();
-    for (ours, theirs, shape) in plain_pairs(cfg, arch) {
-        // Mixtral checkpoints written by newer transformers spell the MoE module `mlp`.
-        let theirs = if arch == HfArch::Mixtral && !hf.contains_key(&theirs) {
-            theirs.replace(".block_sparse_moe.", ".mlp.")
-        } else {
-            theirs
-        };
-        let t = get_tensor(hf, &theirs, &shape, what)?;
-        out.insert(ours, f32(t)?);
-        used.insert(theirs);
-    }
-    let (e, ff, d) = (cfg.moe.n_experts, cfg.moe.expert_ff, cfg.d_model);
-    for i in 0..cfg.n_layers {
-        let fused_prefix = format!("model.layers.{i}.mlp.experts");
-        let fused_gate_up = format!("{fused_prefix}.gate_up_proj");
-        if hf.contains_key(&fused_gate_up) {
-            // The fused layout: gate_up_proj (E, 2 ff, d) = [gate; up], down_proj (E, d, ff).
-            let gu = get_tensor(hf, &fused_gate_up, &[e, 2 * ff, d], what)?;
-            let down_name = format!("{fused_prefix}.down_proj");
-            let down = get_tensor(hf, &down_name, &[e, d, ff], what)?;
-            let b = format!("blocks.{i}.moe.experts");
-            out.insert(
-                format!("{b}.gate_proj"),
-                f32(&gu.narrow(1, 0, ff)?.contiguous()?)?,
-            );
-            out.insert(
-                format!("{b}.up_proj"),
-                f32(&gu.narrow(1, ff, ff)?.contiguous()?)?,
-            );
-            out.insert(format!("{b}.down_proj"), f32(down)?);
-            used.insert(fused_gate_up);
-            used.insert(down_name);
-            continue;
-        }
-        let shapes = expert_shapes(cfg);
-        for (k, ours) in OUR_EXPERTS.iter().enumerate() {
-            let mut experts = Vec::with_capacity(e);
-            for j in 0..e {
-                let classic = format!(
-                    "model.layers.{i}.{}.experts.{j}.{}.weight",
-                    arch.moe_prefix(),
-                    arch.expert_names()[k]
-                );
-                let name = if arch == HfArch::Mixtral && !hf.contains_key(&classic) {
-                    classic.replace(".block_sparse_moe.", ".mlp.")
-                } else {
-                    classic
-                };
-                experts.push(f32(get_tensor(hf, &name, &shapes[k][1..], what)?)?);
-                used.insert(name);
-            }
-            out.insert(
-                format!("blocks.{i}.moe.experts.{ours}"),
-                Tensor::stack(&experts, 0)?,
-            );
-        }
-    }
-    let mut extra: Vec<&String> = hf
-        .keys()
-        .filter(|k| !used.contains(*k) && !k.ends_with("rotary_emb.inv_freq"))
-        .collect();
-    extra.sort();
-    if let Some(name) = extra.first() {
-        let hint = if cfg.tie_embeddings && name.as_str() == "lm_head.weight" {
-            " (config.json has tie_word_embeddings = true)"
-        } else {
-            ""
-        };
-        return Err(hf_err(format!(
-            "{what}: unexpected tensor `{name}`: it has no place in the model config.json describes{hint}"
-        )));
-    }
-    Ok(out)
 }
 
 /// What `moelab export-hf` wrote.
@@ -470,11 +87,12 @@ fn refuse_existing(out: &Path) -> Result<(), TrainError> {
 pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError> {
     refuse_existing(out)?;
     let cfg = Config::load(&checkpoint.join("config.toml"), &[])?;
-    let arch = choose_arch(&cfg.model)?;
+    let arch = choose_arch(&cfg.model).map_err(mapping_err(""))?;
     let model_path = checkpoint.join("model.safetensors");
     let model = candle_core::safetensors::load(&model_path, &Device::Cpu)
         .map_err(|e| hf_err(format!("{}: {e}", model_path.display())))?;
-    let tensors = to_hf_tensors(&cfg.model, arch, &model)?;
+    let tensors = to_hf_tensors(&cfg.model, arch, &model)
+        .map_err(mapping_err("the checkpoint's model.safetensors"))?;
 
     let mut notes = Vec::new();
     let dataset = moelab_data::Dataset::open(&cfg.data.dataset);
@@ -497,10 +115,11 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
     let tmp = temp_sibling(out)?;
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| -> Result<(), TrainError> {
-        write_json(
-            &tmp.join("config.json"),
-            &config_json(&cfg.model, arch, &tokens),
-        )?;
+        let config_path = tmp.join("config.json");
+        let config_text = HfConfig::new(&cfg.model, arch, &tokens)
+            .to_json()
+            .map_err(mapping_err(""))?;
+        std::fs::write(&config_path, config_text).map_err(io(&config_path))?;
         let path = tmp.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &path)
             .map_err(|e| hf_err(format!("{}: {e}", path.display())))?;
@@ -538,170 +157,6 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
         tensors: tensors.len(),
         notes,
     })
-}
-
-fn json_usize(cfg: &Value, key: &str) -> Result<Option<usize>, TrainError> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-            hf_err(format!(
-                "config.json: `{key}` must be a non-negative integer, got {v}"
-            ))
-        }),
-    }
-}
-
-fn json_f64(cfg: &Value, key: &str) -> Result<Option<f64>, TrainError> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| hf_err(format!("config.json: `{key}` must be a number, got {v}"))),
-    }
-}
-
-fn json_bool(cfg: &Value, key: &str) -> Result<Option<bool>, TrainError> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| {
-            hf_err(format!(
-                "config.json: `{key}` must be true or false, got {v}"
-            ))
-        }),
-    }
-}
-
-fn required(v: Option<usize>, key: &str) -> Result<usize, TrainError> {
-    v.ok_or_else(|| hf_err(format!("config.json lacks `{key}`")))
-}
-
-/// The moelab `[model]` that computes what config.json describes. Keys HF does not store
-/// (init_std, the balancing-loss scope, z-loss, routing warm-up) come from `base` when given.
-pub fn model_config_from_json(
-    cfg: &Value,
-    base: Option<&ModelConfig>,
-) -> Result<(HfArch, ModelConfig), TrainError> {
-    let arch_name = cfg
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str)
-        .or_else(|| cfg.get("model_type").and_then(Value::as_str))
-        .unwrap_or("");
-    let arch = match arch_name {
-        "OlmoeForCausalLM" | "olmoe" => HfArch::Olmoe,
-        "MixtralForCausalLM" | "mixtral" => HfArch::Mixtral,
-        other => {
-            return Err(hf_err(format!(
-                "config.json: architecture `{other}` is not supported (OlmoeForCausalLM, MixtralForCausalLM)"
-            )))
-        }
-    };
-    let mut problems = Vec::new();
-    let act = cfg
-        .get("hidden_act")
-        .and_then(Value::as_str)
-        .unwrap_or("silu");
-    if act != "silu" {
-        problems.push(format!("hidden_act = {act} (moelab experts use SiLU)"));
-    }
-    if json_bool(cfg, "attention_bias")?.unwrap_or(false) {
-        problems.push("attention_bias = true".to_string());
-    }
-    if let Some(c) = json_f64(cfg, "clip_qkv")? {
-        problems.push(format!("clip_qkv = {c}"));
-    }
-    if let Some(w) = json_usize(cfg, "sliding_window")? {
-        problems.push(format!("sliding_window = {w}"));
-    }
-    let rope_type = cfg
-        .get("rope_parameters")
-        .and_then(|r| r.get("rope_type"))
-        .or_else(|| {
-            cfg.get("rope_scaling")
-                .and_then(|r| r.get("rope_type").or(r.get("type")))
-        })
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    if rope_type != "default" {
-        problems.push(format!("rope_type = {rope_type} (moelab has plain RoPE)"));
-    }
-    let d_model = required(json_usize(cfg, "hidden_size")?, "hidden_size")?;
-    let n_heads = required(
-        json_usize(cfg, "num_attention_heads")?,
-        "num_attention_heads",
-    )?;
-    if let Some(hd) = json_usize(cfg, "head_dim")? {
-        if n_heads > 0 && hd * n_heads != d_model {
-            problems.push(format!(
-                "head_dim = {hd} != hidden_size / num_attention_heads = {}",
-                d_model / n_heads
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(hf_err(format!(
-            "config.json describes a model moelab cannot represent exactly: {}",
-            problems.join("; ")
-        )));
-    }
-    let experts_key = match arch {
-        HfArch::Olmoe => "num_experts",
-        HfArch::Mixtral => "num_local_experts",
-    };
-    let rope_theta = json_f64(cfg, "rope_theta")?
-        .or(cfg
-            .get("rope_parameters")
-            .and_then(|r| r.get("rope_theta"))
-            .and_then(Value::as_f64))
-        .unwrap_or(match arch {
-            HfArch::Olmoe => 10_000.0,
-            HfArch::Mixtral => 1_000_000.0,
-        });
-    let defaults = MoeConfig::default();
-    let base_moe = base.map(|b| &b.moe).unwrap_or(&defaults);
-    let model = ModelConfig {
-        vocab_size: required(json_usize(cfg, "vocab_size")?, "vocab_size")?,
-        d_model,
-        n_layers: required(json_usize(cfg, "num_hidden_layers")?, "num_hidden_layers")?,
-        n_heads,
-        n_kv_heads: Some(json_usize(cfg, "num_key_value_heads")?.unwrap_or(n_heads)),
-        max_seq_len: required(
-            json_usize(cfg, "max_position_embeddings")?,
-            "max_position_embeddings",
-        )?,
-        rope_theta,
-        norm_eps: json_f64(cfg, "rms_norm_eps")?.unwrap_or(1e-5),
-        qk_norm: arch == HfArch::Olmoe,
-        tie_embeddings: json_bool(cfg, "tie_word_embeddings")?.unwrap_or(false),
-        ffn_hidden: None,
-        init_std: json_f64(cfg, "initializer_range")?
-            .or(base.map(|b| b.init_std))
-            .unwrap_or(0.02),
-        moe: MoeConfig {
-            n_experts: required(json_usize(cfg, experts_key)?, experts_key)?,
-            top_k: required(
-                json_usize(cfg, "num_experts_per_tok")?,
-                "num_experts_per_tok",
-            )?,
-            expert_ff: required(json_usize(cfg, "intermediate_size")?, "intermediate_size")?,
-            n_shared_experts: 0,
-            dense_layers: 0,
-            router: RouterKind::Softmax,
-            renormalize: match arch {
-                HfArch::Olmoe => json_bool(cfg, "norm_topk_prob")?.unwrap_or(false),
-                HfArch::Mixtral => true,
-            },
-            capacity_factor: None,
-            aux_loss_coef: json_f64(cfg, "router_aux_loss_coef")?.unwrap_or(base_moe.aux_loss_coef),
-            aux_loss_scope: base_moe.aux_loss_scope,
-            z_loss_coef: base_moe.z_loss_coef,
-            routing_warmup_steps: base_moe.routing_warmup_steps,
-            expert_bias: false,
-        },
-    };
-    model.validate()?;
-    Ok((arch, model))
 }
 
 /// Reads `model.safetensors` (or the shards of `model.safetensors.index.json`) of `dir`.
@@ -756,12 +211,15 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
     refuse_existing(out)?;
     let cfg_path = hf_dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
-    let json: Value =
-        serde_json::from_str(&text).map_err(|e| hf_err(format!("{}: {e}", cfg_path.display())))?;
+    let cfg_file = cfg_path.display().to_string();
+    let hf_config = HfConfig::from_json(&text).map_err(mapping_err(&cfg_file))?;
     let base = Config::load(run_config, &[])?;
-    let (arch, model_cfg) = model_config_from_json(&json, Some(&base.model))?;
+    let (arch, model_cfg) = hf_config
+        .to_model_config(Some(&base.model))
+        .map_err(mapping_err(""))?;
     let hf = load_hf_tensors(hf_dir)?;
-    let tensors = from_hf_tensors(&model_cfg, arch, &hf)?;
+    let tensors = from_hf_tensors(&model_cfg, arch, &hf)
+        .map_err(mapping_err("the Hugging Face model.safetensors"))?;
 
     // The run config with the derived [model]; loading it again runs every cross-section check.
     let run_text = std::fs::read_to_string(run_config).map_err(io(run_config))?;
@@ -899,67 +357,23 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    fn model(qk_norm: bool, renormalize: bool) -> ModelConfig {
-        ModelConfig {
-            vocab_size: 64,
-            d_model: 32,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: Some(2),
-            max_seq_len: 16,
-            rope_theta: 500_000.0,
-            norm_eps: 1e-6,
-            qk_norm,
-            tie_embeddings: false,
-            ffn_hidden: None,
-            init_std: 0.02,
-            moe: MoeConfig {
-                n_experts: 4,
-                top_k: 2,
-                expert_ff: 8,
-                renormalize,
-                ..MoeConfig::default()
-            },
-        }
-    }
-
     #[test]
-    fn config_json_round_trips_for_both_architectures() {
-        for (qk, renorm, arch) in [
-            (true, false, HfArch::Olmoe),
-            (true, true, HfArch::Olmoe),
-            (false, true, HfArch::Mixtral),
-        ] {
-            let cfg = model(qk, renorm);
-            assert_eq!(choose_arch(&cfg).unwrap(), arch);
-            let json = config_json(&cfg, arch, &SpecialTokens { eos_id: Some(0) });
-            let (back_arch, back) = model_config_from_json(&json, Some(&cfg)).unwrap();
-            assert_eq!(back_arch, arch);
-            assert_eq!(back, cfg);
-        }
-    }
-
-    #[test]
-    fn every_unsupported_feature_is_listed() {
-        let mut cfg = model(false, false);
-        cfg.moe.router = RouterKind::Sigmoid;
-        cfg.moe.capacity_factor = Some(1.0);
-        let err = choose_arch(&cfg).unwrap_err().to_string();
-        for feature in ["sigmoid", "capacity_factor", "renormalize = false"] {
-            assert!(err.contains(feature), "{feature}: {err}");
-        }
-    }
-
-    #[test]
-    fn unrepresentable_config_json_is_refused() {
-        let cfg = model(true, false);
-        let mut json = config_json(&cfg, HfArch::Olmoe, &SpecialTokens::default());
-        json["clip_qkv"] = json!(8.0);
-        json["attention_bias"] = json!(true);
-        let err = model_config_from_json(&json, None).unwrap_err().to_string();
-        assert!(
-            err.contains("clip_qkv") && err.contains("attention_bias"),
-            "{err}"
+    fn mapping_errors_name_their_file_and_keep_the_hf_prefix() {
+        let tensor = ModelError::Hf("tensor `x` is missing".into());
+        let err = mapping_err("the Hugging Face model.safetensors")(tensor).to_string();
+        assert_eq!(
+            err,
+            "hugging face: the Hugging Face model.safetensors: tensor `x` is missing"
         );
+        let unsupported = ModelError::Hf("unsupported: model.moe.router".into());
+        assert_eq!(
+            mapping_err("")(unsupported).to_string(),
+            "hugging face: unsupported: model.moe.router"
+        );
+        let config = ModelError::Config {
+            key: "model.moe.top_k".into(),
+            reason: "too large".into(),
+        };
+        assert!(matches!(mapping_err("f")(config), TrainError::Model(_)));
     }
 }
