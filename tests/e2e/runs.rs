@@ -154,6 +154,10 @@ fn refused_runs_leave_the_run_folder_as_it_was() {
     let err = fails(&fx.train("run", &["--set", "model.vocab_size=64"]));
     assert!(err.contains("model.vocab_size"), "{err}");
     assert!(!fx.run_dir("run").exists());
+    // Evaluation data that cannot give a sequence is refused before step 1, not after training.
+    let err = fails(&fx.train("run", &["--set", "data.validation_tokens=8"]));
+    assert!(err.contains("data.validation_tokens"), "{err}");
+    assert!(!fx.run_dir("run").exists());
     ok(&fx.train("run", &[]));
     let config = read(&fx.run_dir("run").join("config.toml"));
     let metrics = read(&fx.run_dir("run").join("metrics.jsonl"));

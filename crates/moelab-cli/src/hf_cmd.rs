@@ -36,7 +36,7 @@ pub struct ImportHfArgs {
 
 /// Runs `moelab export-hf`.
 pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
-    let summary = moelab_train::hf::export(&args.checkpoint, &args.out)?;
+    let summary = moelab_train::hf_io::export(&args.checkpoint, &args.out)?;
     for note in &summary.notes {
         eprintln!("note: {note}");
     }
@@ -51,7 +51,7 @@ pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
 
 /// Runs `moelab import-hf`.
 pub fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
-    let summary = moelab_train::hf::import(&args.dir, &args.out, &args.config)?;
+    let summary = moelab_train::hf_io::import(&args.dir, &args.out, &args.config)?;
     outln!(
         "imported {} ({} layers, {} experts, top-{}) as checkpoint {}",
         summary.arch.class_name(),

@@ -80,7 +80,7 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let checkpoint = checkpoint::resolve(&args.checkpoint)?;
     if let Some(file) = &args.dump_logits {
-        let dump = moelab_train::hf::dump_logits(&checkpoint, file, args.tokens)?;
+        let dump = moelab_train::hf_io::dump_logits(&checkpoint, file, args.tokens)?;
         outln!(
             "wrote logits of {} sequences x {} tokens ({}) to {}",
             dump.sequences,

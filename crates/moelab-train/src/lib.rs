@@ -7,7 +7,7 @@ pub mod checkpoint_trace;
 pub mod config;
 pub mod error;
 pub mod eval;
-pub mod hf;
+pub mod hf_io;
 pub mod interrupt;
 pub mod optim;
 pub mod routing_counts;

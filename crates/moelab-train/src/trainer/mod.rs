@@ -195,6 +195,12 @@ impl Trainer {
                 ),
             });
         }
+        // Evaluation runs after training; its data is checked before the first step.
+        dataset.check_validation(
+            cfg.data.seq_len,
+            cfg.data.validation_tokens,
+            cfg.train.micro_batch,
+        )?;
         let dataset = Arc::new(dataset);
         let mut learner = Learner::new(&cfg, &device)?;
         let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;

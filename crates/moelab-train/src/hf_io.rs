@@ -307,7 +307,7 @@ pub fn dump_logits(
 ) -> Result<DumpSummary, TrainError> {
     let device = Device::Cpu;
     let (cfg, model, _) = crate::trainer::load_model(checkpoint, &device)?;
-    let dataset = moelab_data::ensure_prepared(&cfg.data)?;
+    let dataset = crate::trainer::open_run_data(&cfg, checkpoint)?;
     let seq_len = tokens.unwrap_or(cfg.data.seq_len).min(cfg.data.seq_len);
     if seq_len == 0 {
         return Err(TrainError::Argument("--tokens must be at least 1".into()));
