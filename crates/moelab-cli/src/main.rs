@@ -57,7 +57,8 @@ enum Command {
     /// Import a Hugging Face OLMoE or Mixtral folder as a step-0 checkpoint.
     #[command(name = "import-hf")]
     ImportHf(hf_cmd::ImportHfArgs),
-    /// Print total and active parameters and training FLOPs per token, per component.
+    /// Print total and active parameters and training FLOPs per token, per component, and the
+    /// memory a training run needs (weights, gradients, optimizer state, activations).
     ///
     /// Example: moelab model-info configs/tiny.toml --json
     #[command(name = "model-info")]
@@ -124,7 +125,15 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             let cfg = Config::load(&config, &overrides)?;
-            let info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len));
+            // Memory at the run's own batch shape: what `train` would need for this config.
+            let memory = moelab_model::MemoryEstimate::new(
+                &cfg.model,
+                cfg.train.micro_batch,
+                cfg.data.seq_len,
+                cfg.train.precision.compute_dtype(),
+            );
+            let info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len))
+                .with_memory(memory);
             if json {
                 outln!(
                     "{}",

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use crate::ModelConfig;
+use crate::{MemoryEstimate, ModelConfig};
 
 /// One row of the accounting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,6 +35,9 @@ pub struct ModelInfo {
     pub train_flops_per_token: u64,
     /// The breakdown; rows sum to the totals.
     pub components: Vec<Component>,
+    /// Memory a training run of this model needs, when a run's batch shape was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryEstimate>,
 }
 
 impl ModelInfo {
@@ -92,7 +95,14 @@ impl ModelInfo {
             active_params: components.iter().map(|c| c.active_params).sum(),
             train_flops_per_token: components.iter().map(|c| c.train_flops_per_token).sum(),
             components,
+            memory: None,
         }
+    }
+
+    /// Adds the memory a training run needs (printed and serialised as `memory`).
+    pub fn with_memory(mut self, memory: MemoryEstimate) -> Self {
+        self.memory = Some(memory);
+        self
     }
 
     /// A human-readable table.
@@ -115,6 +125,9 @@ impl ModelInfo {
             self.train_flops_per_token,
             self.seq_len
         );
+        if let Some(memory) = &self.memory {
+            out += &memory.table();
+        }
         out
     }
 }
@@ -164,6 +177,22 @@ dense_layers = 1
             info.train_flops_per_token,
             6 * (active - 1600) + 6 * 3 * 8 * 16
         );
+    }
+
+    #[test]
+    fn memory_is_an_added_object_and_a_table_section() {
+        let cfg = config(MOE);
+        let bare = ModelInfo::new(&cfg, 8);
+        let json = serde_json::to_value(&bare).unwrap();
+        assert!(json.get("memory").is_none());
+        let memory = MemoryEstimate::new(&cfg, 2, 8, DType::F32);
+        let total = memory.total_bytes();
+        let info = bare.clone().with_memory(memory);
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["memory"]["total_bytes"], total);
+        assert_eq!(json["total_params"], bare.total_params);
+        assert!(info.table().starts_with(&bare.table()));
+        assert!(info.table().contains("activations"), "{}", info.table());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The mixture-of-experts transformer on candle: config, attention, routers, experts, losses,
-//! parameter and FLOP counts, and the exact mapping to Hugging Face OLMoE / Mixtral.
+//! parameter, FLOP and memory counts, and the exact mapping to Hugging Face OLMoE / Mixtral.
 //!
 //! Knows nothing of files, domains or training: it maps token ids to logits, losses and a
 //! per-layer routing record. Every op on the gradient path has a backward (see moelab-kernels).
@@ -11,6 +11,7 @@ pub mod hf;
 pub mod info;
 pub mod init;
 pub mod layers;
+pub mod memory;
 pub mod model;
 pub mod moe;
 pub mod rng;
@@ -18,5 +19,6 @@ pub mod rng;
 pub use config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;
+pub use memory::{fmt_bytes, MemoryEstimate, MemoryTerm};
 pub use model::{Block, ForwardOptions, MoeTransformer, Output};
 pub use moe::LayerRouting;
