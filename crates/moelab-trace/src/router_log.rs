@@ -332,6 +332,60 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
     let counts = file.i64s("counts", &shape)?;
     let gate_sums = file.f64s("gate_sums", &shape)?;
     let tokens = file.i64s("tokens", &[domains.len()])?;
+    // Analyses divide by and take logs of these; a negative count or a NaN gate sum (a corrupt
+    // or hand-edited file) would surface as a plausible-looking but wrong report, not an error.
+    let bad = |name: &str, index: Vec<usize>, flat: usize, value: String, why: &str| {
+        let cell = match index.as_slice() {
+            [l, d, e] => format!(
+                "MoE layer {l} (block {}), domain `{}`, expert {e}",
+                layers.get(*l).copied().unwrap_or_default(),
+                domains.get(*d).map_or("?", String::as_str)
+            ),
+            [d] => format!("domain `{}`", domains.get(*d).map_or("?", String::as_str)),
+            _ => String::new(),
+        };
+        TraceError::BadTensor {
+            path: file.path.to_path_buf(),
+            name: name.to_string(),
+            reason: format!(
+                "value {value} at index {index:?} (flat {flat}; {cell}) {why}; the file is \
+                 corrupt or was edited by hand"
+            ),
+        }
+    };
+    let cell_index = |flat: usize| {
+        let n_experts = n_experts.max(1);
+        let n_domains = domains.len().max(1);
+        vec![
+            flat / (n_domains * n_experts),
+            flat / n_experts % n_domains,
+            flat % n_experts,
+        ]
+    };
+    if let Some((i, v)) = counts.iter().enumerate().find(|(_, v)| **v < 0) {
+        return Err(bad(
+            "counts",
+            cell_index(i),
+            i,
+            v.to_string(),
+            "is negative",
+        ));
+    }
+    if let Some((i, v)) = tokens.iter().enumerate().find(|(_, v)| **v < 0) {
+        return Err(bad("tokens", vec![i], i, v.to_string(), "is negative"));
+    }
+    if let Some((i, v)) = gate_sums
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite() || **v < 0.0)
+    {
+        let why = if v.is_finite() {
+            "is negative"
+        } else {
+            "is not finite"
+        };
+        return Err(bad("gate_sums", cell_index(i), i, v.to_string(), why));
+    }
     let chunk = RouterCounts {
         layers,
         domains,
@@ -560,6 +614,68 @@ mod tests {
         fs::write(&path, b"not safetensors").unwrap();
         assert!(read_chunk(&path).is_err());
         assert!(read_chunk(&dir.join("missing.safetensors")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn negative_counts_and_non_finite_gate_sums_are_refused_naming_the_first() {
+        let dir = tmp_dir("negative");
+        // (tensor, flat index, value); each case also spoils a later cell, which must not be the
+        // one named.
+        let cases: [(&str, usize, f64, &str); 5] = [
+            (
+                "counts",
+                4,
+                -3.0,
+                "index [0, 1, 1] (flat 4; MoE layer 0 (block 1), domain `code`",
+            ),
+            ("tokens", 1, -1.0, "index [1] (flat 1; domain `code`)"),
+            (
+                "gate_sums",
+                7,
+                f64::NAN,
+                "index [1, 0, 1] (flat 7; MoE layer 1 (block 3)",
+            ),
+            ("gate_sums", 2, -0.5, "index [0, 0, 2] (flat 2;"),
+            ("gate_sums", 0, f64::INFINITY, "index [0, 0, 0] (flat 0;"),
+        ];
+        for (name, index, value, place) in cases {
+            let mut c = sample(0, 3);
+            match name {
+                "counts" => {
+                    c.counts[index] = value as i64;
+                    c.counts[index + 3] = -9;
+                }
+                "tokens" => c.tokens[index] = value as i64,
+                _ => {
+                    c.gate_sums[index] = value;
+                    c.gate_sums[index + 3] = f64::NEG_INFINITY;
+                }
+            }
+            let (tensors, meta) = c.to_tensors();
+            let path = dir.join("chunk-00000003.safetensors");
+            st::write_safetensors(&path, &tensors, meta).unwrap();
+            let err = read_chunk(&path).unwrap_err();
+            assert!(
+                matches!(&err, TraceError::BadTensor { name: n, .. } if n == name),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("chunk-00000003.safetensors")
+                    && text.contains(&format!("tensor `{name}`"))
+                    && text.contains(place),
+                "{name}[{index}] = {value}: {text}"
+            );
+            let why = if value.is_finite() {
+                "is negative"
+            } else {
+                "is not finite"
+            };
+            assert!(text.contains(why), "{text}");
+            // The same file through a directory listing (what `moelab analyze` reads) fails too.
+            assert!(read_dir(&dir).is_err());
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,8 +4,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 
 use safetensors::{Dtype, SafeTensors, View};
@@ -109,37 +108,11 @@ fn sort_metadata(bytes: &mut [u8]) {
     }
 }
 
-/// Writes `bytes` to `path` so that readers see either the old file or the complete new one:
-/// temp file in the same directory, fsync, rename, fsync the directory.
+/// Writes `bytes` to `path` so that readers see either the old file or the complete new one
+/// (moelab-io's shared helper: a hidden temp file beside it, which `read_dir`'s chunk pattern
+/// skips, fsync, rename, fsync of the folder).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".to_string());
-    // A leading dot and a .tmp suffix keep half-written files out of `read_dir`'s chunk pattern.
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp).map_err(|e| TraceError::io("creating", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| TraceError::io("writing", &tmp, e))?;
-        f.sync_all()
-            .map_err(|e| TraceError::io("syncing", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| TraceError::io("renaming temp file to", path, e))
-    })();
-    if result.is_err() {
-        // Best effort: the error already names the real problem.
-        let _ = fs::remove_file(&tmp);
-    }
-    result?;
-    // Persist the rename itself; directories cannot be opened for sync on every platform.
-    if let Ok(d) = fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    moelab_io::write_atomic(path, bytes).map_err(|e| TraceError::io("writing", path, e))
 }
 
 /// A parsed safetensors file with its path, for typed reads with good errors.
@@ -281,5 +254,34 @@ impl<'a> Loaded<'a> {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::test_util::tmp_dir;
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_fail_as_io_errors_naming_the_path() {
+        let dir = tmp_dir("atomic");
+        let path = dir.join("a.json");
+        write_atomic(&path, b"old").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "a temp file was left"
+        );
+        let missing = dir.join("no-such-folder").join("b.json");
+        let err = write_atomic(&missing, b"x").unwrap_err();
+        assert!(
+            matches!(&err, TraceError::Io { action: "writing", path, .. } if *path == missing),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no-such-folder"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,8 @@
 //! CPU benchmarks of our differentiable ops against candle's own (the peer, measured in the same
 //! run): forward + backward where both sides have a backward, forward only where candle's op has
 //! none. Shapes are those of configs/tiny.toml (d 128, 4 heads, seq 256, micro-batch 16).
+//!
+//! Run: `cargo bench -p moelab-benches --bench ops`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -1,5 +1,7 @@
 //! The training step's hot paths on CPU: forward + backward of one micro-batch of the tiny
 //! config, and the router-activation logging added to it (its overhead is the ratio of the two).
+//!
+//! Run: `cargo bench -p moelab-benches --bench step`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Tensor};
@@ -8,11 +10,9 @@ use moelab_model::{ForwardOptions, ModelConfig, MoeTransformer};
 use moelab_train::routing_counts::RouterAccumulator;
 
 fn tiny() -> ModelConfig {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../configs/tiny.toml"
-    ))
-    .unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tiny.toml"))
+            .unwrap();
     let table: toml::Table = text.parse().unwrap();
     table["model"].clone().try_into().unwrap()
 }

@@ -1,7 +1,7 @@
 //! Data benchmarks: batch assembly from memory-mapped shards (tokens/s on one core) and
 //! `prepare` throughput (MB/s of corpus) with 1 and 2 worker threads.
 //!
-//! Run: `cargo bench -p moelab-data --bench data -- --measurement-time 3 --warm-up-time 1`
+//! Run: `cargo bench -p moelab-benches --bench data -- --measurement-time 3 --warm-up-time 1`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use moelab_data::{prepare, DataConfig, Dataset, MixtureStream, PrepareOptions, TokenizerChoice};
 
 fn sample_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/sample")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/sample")
 }
 
 fn corpus_bytes(dir: &Path) -> u64 {

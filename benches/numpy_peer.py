@@ -5,7 +5,7 @@ Assembles batches of n random seq_len+1 windows of one source's training shard i
 uint32 (inputs, targets) arrays, as a typical numpy data loader (nanoGPT style) does, and
 prints tokens/s. It does no mixing at all, so it is a lower bound on the work moelab does.
 
-Usage: python3 crates/moelab-data/benches/numpy_peer.py PREPARED_DIR
+Usage: python3 benches/numpy_peer.py PREPARED_DIR
 """
 import json
 import sys
