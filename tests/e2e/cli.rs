@@ -29,6 +29,39 @@ fn model_info_of_tiny_matches_a_hand_count() {
         .unwrap();
     assert_eq!(experts["params"], 4 * 8 * expert);
     assert_eq!(experts["active_params"], 4 * 2 * expert);
+
+    // The memory a run needs: f32 weights, gradients and two AdamW moments, plus activations
+    // that scale with the micro-batch.
+    let memory = &info["memory"];
+    assert_eq!(memory["micro_batch"], 8);
+    assert_eq!(memory["seq_len"], 128);
+    assert_eq!(memory["weights_bytes"], 4 * total);
+    assert_eq!(memory["gradients_bytes"], 4 * total);
+    assert_eq!(memory["optimizer_bytes"], 8 * total);
+    let field = |m: &serde_json::Value, k: &str| m[k].as_u64().unwrap();
+    let sum: u64 = [
+        "weights_bytes",
+        "gradients_bytes",
+        "optimizer_bytes",
+        "compute_weights_bytes",
+        "activations_bytes",
+    ]
+    .iter()
+    .map(|k| field(memory, k))
+    .sum();
+    assert_eq!(field(memory, "total_bytes"), sum);
+    let doubled: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+        "model-info",
+        "configs/tiny.toml",
+        "--json",
+        "--set",
+        "train.micro_batch=16",
+    ])))
+    .unwrap();
+    assert_eq!(
+        field(&doubled["memory"], "activations_bytes"),
+        2 * field(memory, "activations_bytes")
+    );
 }
 
 #[test]

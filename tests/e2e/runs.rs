@@ -158,6 +158,15 @@ fn refused_runs_leave_the_run_folder_as_it_was() {
     let err = fails(&fx.train("run", &["--set", "data.validation_tokens=8"]));
     assert!(err.contains("data.validation_tokens"), "{err}");
     assert!(!fx.run_dir("run").exists());
+    // A model that cannot fit is refused before anything is allocated, naming both figures.
+    let err = fails(&fx.train("run", &["--set", "model.d_model=65536"]));
+    assert!(
+        err.contains("needs about")
+            && err.contains("available")
+            && err.contains("--ignore-memory-check"),
+        "{err}"
+    );
+    assert!(!fx.run_dir("run").exists());
     ok(&fx.train("run", &[]));
     let config = read(&fx.run_dir("run").join("config.toml"));
     let metrics = read(&fx.run_dir("run").join("metrics.jsonl"));

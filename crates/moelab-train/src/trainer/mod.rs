@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
-use moelab_model::{ModelInfo, MoeTransformer};
+use moelab_model::{fmt_bytes, MemoryEstimate, ModelInfo, MoeTransformer};
 
 use crate::config::DeviceKind;
 use crate::eval::{evaluate, EvalReport};
@@ -184,6 +184,9 @@ impl Trainer {
         run_dir.check_usable(&resolved, resuming)?;
         set_threads(cfg.run.threads);
         let device = open_device(cfg.run.device)?;
+        if !options.ignore_memory_check {
+            check_memory(&cfg, &device)?;
+        }
         let dataset = prepare_data(&cfg, on_event)?;
         if dataset.vocab_size() > cfg.model.vocab_size {
             return Err(TrainError::Config {
@@ -444,6 +447,56 @@ impl Trainer {
             tokens_per_s: self.metrics.mean_tokens_per_s(),
         }
     }
+}
+
+/// Refuses, before anything is allocated, a run whose estimated memory (weights, gradients,
+/// AdamW state and one micro-batch's activations) exceeds what the device has free; a model that
+/// cannot fit would otherwise swap or thrash for minutes before failing.
+fn check_memory(cfg: &Config, device: &Device) -> Result<(), TrainError> {
+    let estimate = MemoryEstimate::new(
+        &cfg.model,
+        cfg.train.micro_batch,
+        cfg.data.seq_len,
+        cfg.train.precision.compute_dtype(),
+    );
+    let needed = estimate.total_bytes();
+    let Some((available, what)) = available_memory(device) else {
+        return Ok(());
+    };
+    if needed > available {
+        return Err(TrainError::Device(format!(
+            "the run needs about {} ({} weights, {} gradients, {} optimizer state, {} activations per micro-batch of {}) but {what} has {} available; shrink the model or train.micro_batch, or pass --ignore-memory-check to try anyway (`moelab model-info CONFIG` shows the estimate)",
+            fmt_bytes(needed),
+            fmt_bytes(estimate.weights_bytes + estimate.compute_weights_bytes),
+            fmt_bytes(estimate.gradients_bytes),
+            fmt_bytes(estimate.optimizer_bytes),
+            fmt_bytes(estimate.activations_bytes),
+            cfg.train.micro_batch,
+            fmt_bytes(available),
+        )));
+    }
+    Ok(())
+}
+
+/// Free memory of `device` in bytes and what it is: the GPU's free memory, or on CPU the
+/// kernel's MemAvailable; `None` where it cannot be read.
+fn available_memory(device: &Device) -> Option<(u64, &'static str)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some((free as u64, "the GPU"));
+    }
+    let _ = device;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib * 1024, "this machine"))
 }
 
 /// Opens the dataset, preparing it from `data.sources` on first use; the preparation's progress
