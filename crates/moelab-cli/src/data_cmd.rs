@@ -61,7 +61,8 @@ pub struct PrepareArgs {
 pub struct InspectArgs {
     /// Prepared dataset folder.
     pub dir: PathBuf,
-    /// Also recompute every shard's sha256 against the manifest.
+    /// Also check every shard against the manifest (sha256, ids below the vocabulary size,
+    /// document index) and report the first problem with its file, offset and fix.
     #[arg(long)]
     pub verify: bool,
     /// Machine-readable output.
@@ -214,7 +215,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     println!("{}", args.dir.display());
     print!("{}", inspect_table(&dataset));
     if args.verify {
-        println!("verified: every shard matches its sha256 in the manifest");
+        println!(
+            "verified: every shard matches the manifest (sha256, sizes, document index) and holds only ids below {}",
+            dataset.vocab_size()
+        );
     }
     Ok(())
 }
