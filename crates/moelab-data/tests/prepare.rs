@@ -434,3 +434,27 @@ fn out_of_range_ids_name_the_shard_the_offset_and_the_fix() {
         assert!(err.contains(part), "{part}: {err}");
     }
 }
+
+#[test]
+fn no_documents_lists_each_file_and_why_its_lines_were_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    write(
+        &dir.join("web/a.jsonl"),
+        "{\"body\": \"wrong field\"}\nnot json\n{\"text\": \"  \"}\n",
+    );
+    write(&dir.join("web/b.txt"), b"caf\xe9\n");
+    let err = prepare(&options(&dir, &tmp.path().join("out")), &|_| {})
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "no documents found in the 2 input files",
+        "a.jsonl: 0 kept, 2 malformed (bad JSON or no string `text`/`domain` field), 0 invalid UTF-8, 1 empty",
+        "b.txt: 0 kept, 0 malformed",
+        "1 invalid UTF-8",
+        "--text-field (now `text`)",
+        "--strict",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+}
