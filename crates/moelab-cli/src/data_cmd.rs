@@ -2,14 +2,15 @@
 //! and check what a mixture will really feed the model.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressStyle};
 use moelab_data::{
     prepare as run_prepare, DataConfig, Dataset, MixtureStream, PrepareEvent, PrepareOptions,
     TokenizerChoice,
 };
+
+use crate::progress::PrepareProgress;
 
 /// Tokenize domain-tagged corpora into shards with a manifest and a validation split.
 #[derive(Debug, clap::Args)]
@@ -61,7 +62,8 @@ pub struct PrepareArgs {
 pub struct InspectArgs {
     /// Prepared dataset folder.
     pub dir: PathBuf,
-    /// Also recompute every shard's sha256 against the manifest.
+    /// Also check every shard against the manifest (sha256, ids below the vocabulary size,
+    /// document index) and report the first problem with its file, offset and fix.
     #[arg(long)]
     pub verify: bool,
     /// Machine-readable output.
@@ -100,41 +102,10 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     opts.validation_fraction = args.validation_fraction;
     opts.threads = args.threads;
 
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .context("progress bar template")?
-        .progress_chars("=> "),
-    );
-    let encode_total = Mutex::new(0u64);
-    let progress = |event: &PrepareEvent| match event {
-        PrepareEvent::Found { bytes, .. } => {
-            bar.set_length(*bytes);
-            bar.set_message("reading");
-        }
-        PrepareEvent::FileRead { bytes, .. } => bar.inc(*bytes),
-        PrepareEvent::TrainingTokenizer { documents } => {
-            bar.set_message("training");
-            bar.println(format!("training a BPE tokenizer on {documents} documents"));
-        }
-        PrepareEvent::Encoding { units, reused } => {
-            if let Ok(mut total) = encode_total.lock() {
-                *total = bar.length().unwrap_or(0);
-            }
-            bar.set_position(0);
-            bar.set_message("encoding");
-            if *reused > 0 {
-                bar.println(format!(
-                    "{reused} of {units} units are complete from a previous run: kept"
-                ));
-            }
-        }
-        PrepareEvent::UnitDone { bytes, .. } => bar.inc(*bytes),
-    };
+    let bar = PrepareProgress::new("")?.lines_to_stderr();
+    let progress = |event: &PrepareEvent| bar.on_event(event);
     let report = run_prepare(&opts, &progress);
-    bar.finish_and_clear();
+    bar.finish();
     let report = report.with_context(|| format!("preparing {}", args.out.display()))?;
 
     if args.json {
@@ -214,7 +185,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     outln!("{}", args.dir.display());
     out!("{}", inspect_table(&dataset));
     if args.verify {
-        outln!("verified: every shard matches its sha256 in the manifest");
+        outln!(
+            "verified: every shard matches the manifest (sha256, sizes, document index) and holds only ids below {}",
+            dataset.vocab_size()
+        );
     }
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! lines on stdout otherwise (logs, pipes). The bar is cleared at the end; the lines stay.
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -62,8 +61,6 @@ impl Bar {
 /// Draws the progress of preparing a corpus (`moelab prepare`, and `train` on first use).
 pub(crate) struct PrepareProgress {
     bar: Bar,
-    /// Bytes to encode, known once the files are read.
-    encode_total: Mutex<u64>,
 }
 
 impl PrepareProgress {
@@ -75,8 +72,13 @@ impl PrepareProgress {
                 "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
                 prefix,
             )?,
-            encode_total: Mutex::new(0),
         })
+    }
+
+    /// Sends the plain lines to stderr, keeping stdout for the command's own output.
+    pub(crate) fn lines_to_stderr(mut self) -> Self {
+        self.bar.stderr = true;
+        self
     }
 
     /// Draws one event.
@@ -99,9 +101,6 @@ impl PrepareProgress {
                 ));
             }
             PrepareEvent::Encoding { units, reused } => {
-                if let Ok(mut total) = self.encode_total.lock() {
-                    *total = bar.length().unwrap_or(0);
-                }
                 bar.set_position(0);
                 bar.set_message("encoding");
                 if *reused > 0 {
@@ -167,9 +166,13 @@ impl TrainProgress {
             Event::Preparing(e) => {
                 if self.prepare.is_none() {
                     self.say("preparing the dataset from data.sources (first use)");
-                    self.prepare = PrepareProgress::new(&self.prefix).ok().map(|mut p| {
-                        p.bar.stderr = self.bar.stderr;
-                        p
+                    let stderr = self.bar.stderr;
+                    self.prepare = PrepareProgress::new(&self.prefix).ok().map(|p| {
+                        if stderr {
+                            p.lines_to_stderr()
+                        } else {
+                            p
+                        }
                     });
                 }
                 if let Some(prepare) = &self.prepare {

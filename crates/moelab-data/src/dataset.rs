@@ -12,6 +12,8 @@ use crate::{DataError, Result};
 
 /// A read-only view of one shard's token file.
 struct ShardTokens {
+    /// The token file (named in errors).
+    path: PathBuf,
     /// None for an empty file (zero-length files cannot be mapped everywhere).
     map: Option<Mmap>,
     tokens: u64,
@@ -23,6 +25,10 @@ pub(crate) struct TokenStream {
     /// Token offset at which each shard starts, plus the total at the end.
     starts: Vec<u64>,
     dtype: TokenDtype,
+    /// Ids must be below this (the tokenizer's vocabulary size).
+    vocab_size: u64,
+    /// The dataset folder (named in the fix of an out-of-range id).
+    dir: PathBuf,
 }
 
 impl TokenStream {
@@ -55,7 +61,26 @@ impl TokenStream {
                 let width = self.dtype.bytes();
                 let lo = (pos - shard_start) as usize * width;
                 let hi = (take_end - shard_start) as usize * width;
+                let first = out.len();
                 decode_into(self.dtype, &bytes[lo..hi], out);
+                // A damaged shard or one written with another tokenizer: stop here, naming the
+                // file and offset, rather than let the model fail on an id it cannot embed.
+                if let Some(k) = out[first..]
+                    .iter()
+                    .position(|&id| u64::from(id) >= self.vocab_size)
+                {
+                    return Err(DataError::CorruptShard {
+                        path: self.shards[shard].path.clone(),
+                        reason: format!(
+                            "token {} is id {}, outside the tokenizer's {} ids (the shard is damaged or was \
+                             written with another tokenizer); `moelab data inspect {} --verify` checks every shard",
+                            pos - shard_start + k as u64,
+                            out[first + k],
+                            self.vocab_size,
+                            self.dir.display()
+                        ),
+                    });
+                }
             }
             pos = take_end;
             shard += 1;
@@ -121,9 +146,15 @@ impl Dataset {
         for domain in &manifest.domains {
             let mut list = Vec::with_capacity(domain.sources.len());
             for source in &domain.sources {
-                let train = open_stream(dir, manifest.dtype, &source.shards, Split::Train)?;
-                let validation =
-                    open_stream(dir, manifest.dtype, &source.shards, Split::Validation)?;
+                let vocab = manifest.tokenizer.vocab_size;
+                let train = open_stream(dir, manifest.dtype, vocab, &source.shards, Split::Train)?;
+                let validation = open_stream(
+                    dir,
+                    manifest.dtype,
+                    vocab,
+                    &source.shards,
+                    Split::Validation,
+                )?;
                 if train.len() != source.train.tokens
                     || validation.len() != source.validation.tokens
                 {
@@ -152,7 +183,10 @@ impl Dataset {
         })
     }
 
-    /// Full check: recomputes every shard's and the tokenizer's sha256 against the manifest.
+    /// Full check of every shard against the manifest (what `moelab data inspect --verify`
+    /// runs): the tokenizer's and every file's sha256, sizes, every id below the vocabulary
+    /// size, and a document index whose every document ends with `<|endoftext|>`. The error
+    /// names the first bad file and the token and document offset of the first bad id.
     pub fn verify(&self) -> Result<()> {
         let tokenizer = self.tokenizer_path();
         let hash = crate::util::sha256_file(&tokenizer)?;
@@ -160,7 +194,8 @@ impl Dataset {
             return Err(DataError::Manifest {
                 path: self.dir.join(MANIFEST_FILE),
                 reason: format!(
-                    "{} has sha256 {hash}, the manifest says {}",
+                    "{} has sha256 {hash}, the manifest says {}: the tokenizer was replaced after \
+                     `moelab prepare` wrote the shards; restore it or re-run `moelab prepare` into a new folder",
                     tokenizer.display(),
                     self.manifest.tokenizer.sha256
                 ),
@@ -169,19 +204,7 @@ impl Dataset {
         for domain in &self.manifest.domains {
             for source in &domain.sources {
                 for shard in &source.shards {
-                    for (file, expected) in [
-                        (&shard.tokens_file, &shard.tokens_sha256),
-                        (&shard.docs_file, &shard.docs_sha256),
-                    ] {
-                        let path = self.dir.join(file);
-                        let got = crate::util::sha256_file(&path)?;
-                        if &got != expected {
-                            return Err(DataError::CorruptShard {
-                                path,
-                                reason: format!("sha256 {got}, the manifest says {expected}"),
-                            });
-                        }
-                    }
+                    verify_shard(&self.dir, &self.manifest, shard)?;
                 }
             }
         }
@@ -423,6 +446,7 @@ fn source_at(sources: &[SourceData], token: u64) -> usize {
 fn open_stream(
     dir: &Path,
     dtype: TokenDtype,
+    vocab_size: usize,
     shards: &[ShardEntry],
     split: Split,
 ) -> Result<TokenStream> {
@@ -438,6 +462,8 @@ fn open_stream(
         shards: maps,
         starts,
         dtype,
+        vocab_size: vocab_size as u64,
+        dir: dir.to_path_buf(),
     })
 }
 
@@ -485,6 +511,7 @@ fn open_shard(dir: &Path, dtype: TokenDtype, shard: &ShardEntry) -> Result<Shard
         });
     }
     Ok(ShardTokens {
+        path: tokens_path,
         map,
         tokens: shard.counts.tokens,
     })
@@ -508,6 +535,99 @@ fn map_file(path: &Path, expected_bytes: u64) -> Result<Option<Mmap>> {
     // moelab modifies them afterwards, and sizes were just checked against the manifest.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
     Ok(Some(map))
+}
+
+/// [`Dataset::verify`] of one shard: index, then one streamed pass over the tokens that
+/// hashes them and finds the first bad id.
+fn verify_shard(dir: &Path, manifest: &Manifest, shard: &ShardEntry) -> Result<()> {
+    let docs_path = dir.join(&shard.docs_file);
+    let index = std::fs::read(&docs_path).map_err(|e| DataError::io(&docs_path, e))?;
+    let got = crate::util::sha256_hex(&index);
+    if got != shard.docs_sha256 {
+        return Err(DataError::CorruptShard {
+            path: docs_path,
+            reason: format!("sha256 {got}, the manifest says {}", shard.docs_sha256),
+        });
+    }
+    // Sizes and order were checked when the dataset was opened.
+    let ends: Vec<u64> = index
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+
+    let tokens_path = dir.join(&shard.tokens_file);
+    let vocab = manifest.tokenizer.vocab_size as u64;
+    let eos = manifest.tokenizer.eos_id;
+    let width = manifest.dtype.bytes();
+    let mut file = File::open(&tokens_path).map_err(|e| DataError::io(&tokens_path, e))?;
+    let mut hasher = Hasher::new();
+    let mut buf = vec![0u8; (1 << 20) * width];
+    let mut ids = Vec::with_capacity(1 << 20);
+    let mut token = 0u64;
+    let mut document = 0usize;
+    let mut problem: Option<String> = None;
+    loop {
+        let n = read_full(&mut file, &mut buf).map_err(|e| DataError::io(&tokens_path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        ids.clear();
+        decode_into(manifest.dtype, &buf[..n - n % width], &mut ids);
+        for &id in &ids {
+            if problem.is_none() {
+                if u64::from(id) >= vocab {
+                    problem = Some(format!(
+                        "token {token} (document {document}) is id {id}, outside the tokenizer's {vocab} ids: \
+                         the shard is damaged or was written with another tokenizer"
+                    ));
+                } else if ends.get(document) == Some(&(token + 1)) && id != eos {
+                    problem = Some(format!(
+                        "document {document} ends at token {token} with id {id}, not <|endoftext|> = {eos}: \
+                         the document index {} does not describe these tokens",
+                        shard.docs_file
+                    ));
+                }
+            }
+            if ends.get(document) == Some(&(token + 1)) {
+                document += 1;
+            }
+            token += 1;
+        }
+    }
+    let got = hasher.hex();
+    let hash_note = if got == shard.tokens_sha256 {
+        String::new()
+    } else {
+        format!("sha256 {got}, the manifest says {}", shard.tokens_sha256)
+    };
+    let reason = match (problem, hash_note.is_empty()) {
+        (Some(problem), true) => problem,
+        (Some(problem), false) => format!("{problem}; {hash_note}"),
+        (None, false) => hash_note,
+        (None, true) if token != shard.counts.tokens => {
+            format!("{token} tokens, the manifest says {}", shard.counts.tokens)
+        }
+        (None, true) => return Ok(()),
+    };
+    Err(DataError::CorruptShard {
+        path: tokens_path,
+        reason,
+    })
+}
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match std::io::Read::read(file, &mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Hash of a dataset folder's identity used in stream fingerprints.

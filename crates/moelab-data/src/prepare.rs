@@ -224,10 +224,7 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
         inputs.push(stats);
     }
     if unit_docs.iter().all(Vec::is_empty) {
-        return Err(DataError::Prepare(
-            "no documents found in the inputs (see the per-file counts of skipped documents)"
-                .into(),
-        ));
+        return Err(DataError::Prepare(no_documents(&inputs, opts)));
     }
 
     let (tokenizer, info) = load_or_train_tokenizer(opts, &unit_docs, &inputs, progress)?;
@@ -314,6 +311,39 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
         reused_units,
         ignored_files,
     })
+}
+
+/// The error of a corpus with no usable document: what each file held and why it was skipped.
+fn no_documents(inputs: &[InputStats], opts: &PrepareOptions) -> String {
+    const SHOWN: usize = 20;
+    let mut lines: Vec<String> = inputs
+        .iter()
+        .take(SHOWN)
+        .map(|s| {
+            format!(
+                "{}: {} kept, {} malformed (bad JSON or no string `{}`/`{}` field), {} invalid UTF-8, {} empty",
+                s.path, s.documents, s.malformed, opts.text_field, opts.domain_field, s.invalid_utf8, s.empty
+            )
+        })
+        .collect();
+    if inputs.len() > SHOWN {
+        lines.push(format!("... and {} more files", inputs.len() - SHOWN));
+    }
+    let malformed: u64 = inputs.iter().map(|s| s.malformed).sum();
+    let hint = if malformed > 0 {
+        format!(
+            "check --text-field (now `{}`) and --domain-field (now `{}`), or run with --strict to stop at the \
+             first bad line with its file and line number",
+            opts.text_field, opts.domain_field
+        )
+    } else {
+        "run with --strict to stop at the first bad document with its file and line number".into()
+    };
+    format!(
+        "no documents found in the {} input files; per file:\n  {}\n{hint}",
+        inputs.len(),
+        lines.join("\n  ")
+    )
 }
 
 fn is_name(s: &str) -> bool {

@@ -388,3 +388,73 @@ fn documents_get_the_ids_of_their_whole_text_even_when_encoded_in_pieces() {
         );
     }
 }
+
+#[test]
+fn out_of_range_ids_name_the_shard_the_offset_and_the_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let out = ds.dir().to_path_buf();
+    let code = ds.domain_id("code").unwrap();
+    let shard = ds.manifest().domains[code].sources[0]
+        .shards
+        .iter()
+        .find(|s| s.split == Split::Train)
+        .unwrap()
+        .tokens_file
+        .clone();
+    drop(ds);
+    // Token 7 becomes an id no tokenizer of this dataset has; the size stays right.
+    let path = out.join(&shard);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[14..16].copy_from_slice(&65535u16.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+
+    let err = ds.verify().unwrap_err().to_string();
+    for part in [
+        shard.as_str(),
+        "token 7 (document 0) is id 65535",
+        "re-run `moelab prepare`",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+
+    // Reading it in a stream fails on that chunk, naming shard, offset and the check to run.
+    let mut cfg = DataConfig::new(&out, 8);
+    cfg.mixture.insert("code".into(), 1.0);
+    let chunks = ds.train_counts(code, 0).tokens / 9;
+    let stream = moelab_data::MixtureStream::new(std::sync::Arc::new(ds), &cfg, 0).unwrap();
+    let err = stream.batch(0, chunks as usize).unwrap_err().to_string();
+    for part in [
+        shard.as_str(),
+        "token 7 is id 65535",
+        "moelab data inspect",
+        "--verify",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+}
+
+#[test]
+fn no_documents_lists_each_file_and_why_its_lines_were_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    write(
+        &dir.join("web/a.jsonl"),
+        "{\"body\": \"wrong field\"}\nnot json\n{\"text\": \"  \"}\n",
+    );
+    write(&dir.join("web/b.txt"), b"caf\xe9\n");
+    let err = prepare(&options(&dir, &tmp.path().join("out")), &|_| {})
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "no documents found in the 2 input files",
+        "a.jsonl: 0 kept, 2 malformed (bad JSON or no string `text`/`domain` field), 0 invalid UTF-8, 1 empty",
+        "b.txt: 0 kept, 0 malformed",
+        "1 invalid UTF-8",
+        "--text-field (now `text`)",
+        "--strict",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+}
