@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! Event      { wall_time: double = 1; step: int64 = 2; file_version: string = 3;
-//!              summary: Summary = 5; session_log: SessionLog = 6 }
+//!              summary: Summary = 5; session_log: SessionLog = 7 }
 //! Summary    { repeated Value value = 1 }
 //! Value      { tag: string = 1; simple_value: float = 2 }
 //! SessionLog { status: enum = 1 (START = 1) }
@@ -40,8 +40,8 @@ pub(crate) struct EventWriter {
 }
 
 impl EventWriter {
-    /// Creates `dir` if needed and a new event file in it, for a run whose first new step is
-    /// `resume_step + 1` (0 for a fresh run).
+    /// Creates `dir` if needed and a new event file in it; `resume_step` is the checkpoint step
+    /// a resumed run continues from (0 for a fresh run).
     pub(crate) fn create(dir: &Path, resume_step: u64) -> Result<Self, TrainError> {
         std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
             path: dir.to_path_buf(),
@@ -65,18 +65,12 @@ impl EventWriter {
             path,
         };
         let wall_time = unix_seconds();
-        let mut header = Vec::new();
-        put_f64(&mut header, 1, wall_time);
-        put_bytes(&mut header, 3, FILE_VERSION.as_bytes());
-        writer.record(&header)?;
+        writer.record(&header_event(wall_time))?;
         if resume_step > 0 {
-            let mut session_log = Vec::new();
-            put_varint_field(&mut session_log, 1, 1);
-            let mut event = Vec::new();
-            put_f64(&mut event, 1, wall_time);
-            put_varint_field(&mut event, 2, resume_step.saturating_add(1));
-            put_bytes(&mut event, 6, &session_log);
-            writer.record(&event)?;
+            writer.record(&session_start_event(
+                wall_time,
+                resume_step.saturating_add(1),
+            ))?;
         }
         writer.flush()?;
         Ok(writer)
@@ -84,17 +78,7 @@ impl EventWriter {
 
     /// Appends one scalar (buffered until [`EventWriter::flush`]).
     pub(crate) fn scalar(&mut self, tag: &str, step: u64, value: f64) -> Result<(), TrainError> {
-        let mut summary_value = Vec::new();
-        put_bytes(&mut summary_value, 1, tag.as_bytes());
-        // simple_value is a 32-bit float in the format.
-        put_f32(&mut summary_value, 2, value as f32);
-        let mut summary = Vec::new();
-        put_bytes(&mut summary, 1, &summary_value);
-        let mut event = Vec::new();
-        put_f64(&mut event, 1, unix_seconds());
-        put_varint_field(&mut event, 2, step);
-        put_bytes(&mut event, 5, &summary);
-        self.record(&event)
+        self.record(&scalar_event(unix_seconds(), step, tag, value))
     }
 
     /// Hands buffered events to the OS, so that a killed run loses at most its last step.
@@ -126,6 +110,42 @@ impl EventWriter {
                 source,
             })
     }
+}
+
+/// The first Event of a file: its wall time and format version.
+fn header_event(wall_time: f64) -> Vec<u8> {
+    let mut event = Vec::new();
+    put_f64(&mut event, 1, wall_time);
+    put_bytes(&mut event, 3, FILE_VERSION.as_bytes());
+    event
+}
+
+/// An Event marking a (re)start at `step`: TensorBoard then drops what it read at `step` and
+/// later, which on resume is the abandoned continuation.
+fn session_start_event(wall_time: f64, step: u64) -> Vec<u8> {
+    let mut session_log = Vec::new();
+    put_varint_field(&mut session_log, 1, 1);
+    let mut event = Vec::new();
+    put_f64(&mut event, 1, wall_time);
+    put_varint_field(&mut event, 2, step);
+    // Field 7: 6 is the deprecated log_message, which TensorBoard does not act on.
+    put_bytes(&mut event, 7, &session_log);
+    event
+}
+
+/// An Event holding one scalar summary value.
+fn scalar_event(wall_time: f64, step: u64, tag: &str, value: f64) -> Vec<u8> {
+    let mut summary_value = Vec::new();
+    put_bytes(&mut summary_value, 1, tag.as_bytes());
+    // simple_value is a 32-bit float in the format.
+    put_f32(&mut summary_value, 2, value as f32);
+    let mut summary = Vec::new();
+    put_bytes(&mut summary, 1, &summary_value);
+    let mut event = Vec::new();
+    put_f64(&mut event, 1, wall_time);
+    put_varint_field(&mut event, 2, step);
+    put_bytes(&mut event, 5, &summary);
+    event
 }
 
 /// The TFRecord checksum: CRC32C, rotated and offset so that a CRC of data that itself holds
@@ -326,7 +346,7 @@ pub(crate) mod tests {
                         event.values.push((tag.unwrap(), simple.unwrap()));
                     }
                 }
-                (6, WIRE_LENGTH_DELIMITED) => {
+                (7, WIRE_LENGTH_DELIMITED) => {
                     let status = fields(&payload)
                         .into_iter()
                         .find(|(f, w, _)| (*f, *w) == (1, WIRE_VARINT))
@@ -372,6 +392,27 @@ pub(crate) mod tests {
             put_varint(&mut out, value);
             assert_eq!(out, expected, "{value}");
         }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn events_match_the_protobuf_library_bytes() {
+        // Serialized by TensorBoard's own event_pb2 (Python protobuf), wall_time 1.5.
+        assert_eq!(
+            hex(&header_event(1.5)),
+            "09000000000000f83f1a0d627261696e2e4576656e743a32"
+        );
+        assert_eq!(
+            hex(&scalar_event(1.5, 300, "eval/loss/math", 2.5)),
+            "09000000000000f83f10ac022a170a150a0e6576616c2f6c6f73732f6d6174681500002040"
+        );
+        assert_eq!(
+            hex(&session_start_event(1.5, 41)),
+            "09000000000000f83f10293a020801"
+        );
     }
 
     #[test]
