@@ -155,7 +155,7 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// `[log]`: how often metrics and router logs are written.
+/// `[log]`: how often metrics and router logs are written, and whether TensorBoard files are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -163,6 +163,8 @@ pub struct LogConfig {
     pub interval: u64,
     /// Flush router-activation counts to router/ every N steps.
     pub router_interval: u64,
+    /// Also write the logged scalars as TensorBoard event files in the run's tensorboard/.
+    pub tensorboard: bool,
 }
 
 impl Default for LogConfig {
@@ -170,6 +172,7 @@ impl Default for LogConfig {
         Self {
             interval: 10,
             router_interval: 50,
+            tensorboard: false,
         }
     }
 }

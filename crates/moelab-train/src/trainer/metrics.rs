@@ -1,15 +1,19 @@
 //! The metrics logger: it decides when a step is logged, measures throughput over the window
 //! since the previous line, and writes metrics.jsonl (one JSON object per line: logged steps,
-//! skipped steps, evaluations), so that one file loads in pandas.
+//! skipped steps, evaluations), so that one file loads in pandas. With `log.tensorboard` it
+//! also writes the same scalars as TensorBoard event files.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
 use super::step::StepOutcome;
+use super::tensorboard::EventWriter;
+use super::RunDir;
+use crate::config::Config;
 use crate::eval::EvalReport;
 use crate::TrainError;
 
@@ -49,10 +53,15 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
 }
 
-/// Writes metrics.jsonl and keeps the throughput window.
+/// Writes metrics.jsonl (and TensorBoard events) and keeps the throughput window.
 pub(crate) struct MetricsLogger {
     file: std::fs::File,
     path: PathBuf,
+    /// The event file, when `log.tensorboard` is on.
+    tensorboard: Option<EventWriter>,
+    /// Model layer index of each MoE layer, naming the per-layer router scalars the way the
+    /// router logs and traces do (dense layers have no router).
+    moe_layers: Vec<usize>,
     interval: u64,
     last_step: u64,
     flops_per_token: Option<f64>,
@@ -64,15 +73,17 @@ pub(crate) struct MetricsLogger {
 }
 
 impl MetricsLogger {
-    /// Opens `path` for a run resuming after `resume_step` steps: lines past that step are
-    /// dropped (they will be produced again). `flops_per_token` is given on CUDA, for MFU.
+    /// Opens the run's metrics.jsonl for a run resuming after `resume_step` steps: lines past
+    /// that step are dropped (they will be produced again). With `log.tensorboard`, a new event
+    /// file is started (old ones are left as they are; see the tensorboard module).
+    /// `flops_per_token` is given on CUDA, for MFU.
     pub(crate) fn open(
-        path: &Path,
+        run_dir: &RunDir,
+        cfg: &Config,
         resume_step: u64,
-        interval: u64,
-        last_step: u64,
         flops_per_token: Option<f64>,
     ) -> Result<Self, TrainError> {
+        let path = &run_dir.metrics();
         let io = |source| TrainError::Io {
             path: path.to_path_buf(),
             source,
@@ -95,12 +106,22 @@ impl MetricsLogger {
             .append(true)
             .open(path)
             .map_err(io)?;
+        let tensorboard = if cfg.log.tensorboard {
+            Some(EventWriter::create(&run_dir.tensorboard(), resume_step)?)
+        } else {
+            None
+        };
+        let moe_layers = (0..cfg.model.n_layers)
+            .filter(|&l| cfg.model.is_moe_layer(l))
+            .collect();
         let now = Instant::now();
         Ok(Self {
             file,
             path: path.to_path_buf(),
-            interval: interval.max(1),
-            last_step,
+            tensorboard,
+            moe_layers,
+            interval: cfg.log.interval.max(1),
+            last_step: cfg.train.steps,
             flops_per_token,
             started: now,
             window_start: now,
@@ -146,6 +167,7 @@ impl MetricsLogger {
             elapsed_s: self.elapsed_s(),
         };
         self.write(&line)?;
+        self.write_step_scalars(&line)?;
         self.window_start = Instant::now();
         self.window_tokens = 0;
         Ok(Some(line))
@@ -177,7 +199,48 @@ impl MetricsLogger {
             "time": now_rfc3339(),
             "elapsed_s": self.elapsed_s(),
         });
-        self.write(&line)
+        self.write(&line)?;
+        if let Some(events) = &mut self.tensorboard {
+            for (domain, loss) in &losses {
+                events.scalar(&format!("eval/loss/{domain}"), report.step, *loss)?;
+            }
+            events.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The scalars of a logged step as TensorBoard events, flushed together.
+    fn write_step_scalars(&mut self, line: &StepMetrics) -> Result<(), TrainError> {
+        let Some(events) = &mut self.tensorboard else {
+            return Ok(());
+        };
+        let step = line.step;
+        for (tag, value) in [
+            ("train/loss", Some(line.loss)),
+            ("train/lm_loss", Some(line.lm_loss)),
+            ("train/lr", Some(line.lr)),
+            ("train/grad_norm", Some(line.grad_norm)),
+            ("train/tokens_per_s", Some(line.tokens_per_s)),
+            ("train/mfu", line.mfu),
+        ] {
+            if let Some(value) = value {
+                events.scalar(tag, step, value)?;
+            }
+        }
+        for (domain, loss) in &line.domain_loss {
+            events.scalar(&format!("train/domain_loss/{domain}"), step, *loss)?;
+        }
+        for (name, per_layer) in [
+            ("aux_loss", &line.aux_loss),
+            ("z_loss", &line.z_loss),
+            ("load_imbalance", &line.load_imbalance),
+        ] {
+            for (ordinal, value) in per_layer.iter().enumerate() {
+                let layer = self.moe_layers.get(ordinal).copied().unwrap_or(ordinal);
+                events.scalar(&format!("router/{name}/layer_{layer}"), step, *value)?;
+            }
+        }
+        events.flush()
     }
 
     /// Mean tokens/s over the logged windows of this process.
@@ -232,7 +295,115 @@ fn rfc3339(millis: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::trainer::tensorboard::tests::read_events;
+    use moelab_trace::router_log::RouterCounts;
+
+    fn scratch(name: &str) -> RunDir {
+        let root =
+            std::env::temp_dir().join(format!("moelab-metrics-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        RunDir::new(root)
+    }
+
+    /// Two layers, the first dense, so the one MoE layer is layer 1; every step is logged.
+    fn config(tensorboard: bool) -> Config {
+        let mut cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        cfg.model.moe.dense_layers = 1;
+        cfg.log.interval = 1;
+        cfg.log.tensorboard = tensorboard;
+        cfg
+    }
+
+    fn domain_eval(domain: &str, loss: f64, tokens: u64) -> crate::eval::DomainEval {
+        crate::eval::DomainEval {
+            domain: domain.to_string(),
+            loss,
+            tokens,
+        }
+    }
+
+    fn outcome() -> StepOutcome {
+        StepOutcome {
+            loss: 2.5,
+            lm_loss: 2.25,
+            domain_loss: [("math".to_string(), 3.0), ("web".to_string(), 2.0)].into(),
+            aux_loss: vec![0.5],
+            z_loss: vec![0.125],
+            tokens_per_expert: vec![vec![3, 1, 0, 0]],
+            grad_norm: 1.5,
+            applied: true,
+        }
+    }
+
+    #[test]
+    fn tensorboard_off_creates_no_folder() {
+        let run_dir = scratch("off");
+        let mut logger = MetricsLogger::open(&run_dir, &config(false), 0, None).unwrap();
+        assert!(logger.step(1, 64, 64, 1e-3, &outcome()).unwrap().is_some());
+        assert!(std::fs::read_to_string(run_dir.metrics())
+            .unwrap()
+            .contains("\"step\":1"));
+        assert!(!run_dir.tensorboard().exists());
+        std::fs::remove_dir_all(run_dir.root()).unwrap();
+    }
+
+    #[test]
+    fn tensorboard_on_writes_the_logged_scalars() {
+        let run_dir = scratch("on");
+        let mut logger = MetricsLogger::open(&run_dir, &config(true), 0, None).unwrap();
+        logger.step(1, 64, 64, 1e-3, &outcome()).unwrap();
+        let report = EvalReport {
+            step: 1,
+            domains: vec![
+                domain_eval("web", 2.75, 100),
+                // Domains without validation tokens have no loss, as in metrics.jsonl.
+                domain_eval("math", 0.0, 0),
+            ],
+            routing: RouterCounts::new(vec![1], vec!["web".into(), "math".into()], 4, 2),
+        };
+        logger.eval(&report).unwrap();
+
+        let files: Vec<_> = std::fs::read_dir(run_dir.tensorboard())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1);
+        let events = read_events(&files[0]);
+        let scalars: Vec<(u64, String, f32)> = events[1..]
+            .iter()
+            .map(|e| (e.step, e.values[0].0.clone(), e.values[0].1))
+            .collect();
+        let tags: Vec<&str> = scalars.iter().map(|(_, tag, _)| tag.as_str()).collect();
+        assert_eq!(
+            tags,
+            [
+                "train/loss",
+                "train/lm_loss",
+                "train/lr",
+                "train/grad_norm",
+                "train/tokens_per_s",
+                "train/domain_loss/math",
+                "train/domain_loss/web",
+                "router/aux_loss/layer_1",
+                "router/z_loss/layer_1",
+                "router/load_imbalance/layer_1",
+                "eval/loss/web",
+            ]
+        );
+        let value = |tag: &str| scalars.iter().find(|(_, t, _)| t == tag).unwrap().2;
+        assert_eq!(value("train/loss"), 2.5);
+        assert_eq!(value("train/lr"), 1e-3);
+        assert_eq!(value("train/domain_loss/math"), 3.0);
+        assert_eq!(value("router/z_loss/layer_1"), 0.125);
+        // max 3 over a mean of 1 token per expert.
+        assert_eq!(value("router/load_imbalance/layer_1"), 3.0);
+        assert_eq!(value("eval/loss/web"), 2.75);
+        assert!(scalars.iter().all(|(step, _, _)| *step == 1));
+        std::fs::remove_dir_all(run_dir.root()).unwrap();
+    }
 
     #[test]
     fn rfc3339_of_known_instants() {

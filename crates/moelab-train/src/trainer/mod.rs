@@ -8,6 +8,7 @@ mod checkpointer;
 mod metrics;
 mod run_dir;
 mod step;
+mod tensorboard;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -246,13 +247,7 @@ impl Trainer {
         }
         let flops_per_token = (cfg.run.device == DeviceKind::Cuda)
             .then(|| ModelInfo::new(&cfg.model, cfg.data.seq_len).train_flops_per_token as f64);
-        let metrics = MetricsLogger::open(
-            &run_dir.metrics(),
-            state.step,
-            cfg.log.interval,
-            cfg.train.steps,
-            flops_per_token,
-        )?;
+        let metrics = MetricsLogger::open(&run_dir, &cfg, state.step, flops_per_token)?;
         let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
             .filter(|&l| cfg.model.is_moe_layer(l))
             .collect();
