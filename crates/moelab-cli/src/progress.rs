@@ -265,9 +265,6 @@ pub(crate) fn summary_lines(summary: &Summary) -> String {
             losses.join(", ")
         ));
     }
-    if let Some(checkpoint) = &summary.checkpoint {
-        lines.push(format!("checkpoint {}", checkpoint.display()));
-    }
     if !summary.interrupted {
         let run = summary.run_dir.display();
         lines.push(format!(

@@ -100,8 +100,6 @@ pub struct Summary {
     pub steps_run: u64,
     /// The last evaluation (None when stopped by a signal).
     pub final_eval: Option<EvalReport>,
-    /// The last checkpoint written.
-    pub checkpoint: Option<PathBuf>,
     /// True when SIGINT/SIGTERM stopped the run (after saving a checkpoint).
     pub interrupted: bool,
     /// Wall-clock seconds of the training loop in this process.
@@ -133,7 +131,6 @@ pub struct Trainer {
     checkpointer: Checkpointer,
     metrics: MetricsLogger,
     router_log: RouterAccumulator,
-    last_checkpoint: Option<PathBuf>,
 }
 
 impl Trainer {
@@ -289,7 +286,6 @@ impl Trainer {
             checkpointer,
             metrics,
             router_log,
-            last_checkpoint: None,
         };
         Ok((trainer, resumed_from, set_aside))
     }
@@ -405,8 +401,7 @@ impl Trainer {
             &self.stream,
             self.cfg.global_sequences() as u64,
         )?;
-        on_event(&Event::Checkpoint(dir.clone()));
-        self.last_checkpoint = Some(dir);
+        on_event(&Event::Checkpoint(dir));
         Ok(())
     }
 
@@ -436,7 +431,6 @@ impl Trainer {
             steps: self.state.step,
             steps_run: self.state.step - first_step,
             final_eval,
-            checkpoint: self.last_checkpoint.clone(),
             interrupted,
             wall_s: self.metrics.elapsed_s(),
             tokens_per_s: self.metrics.mean_tokens_per_s(),
