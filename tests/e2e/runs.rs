@@ -5,73 +5,10 @@
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
-use crate::corpus::{Corpus, RunConfig};
-use crate::util::{self, arg, fails, moelab, ok, stdout, Scratch};
-
-/// A scratch folder with a three-domain corpus and a small 40-step config (checkpoints every 20).
-struct Fixture {
-    dir: Scratch,
-    config: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str, settings: &[&str]) -> Self {
-        let dir = Scratch::new(&format!("runs-{name}"));
-        Corpus::three_domains().write(&dir.join("corpus"));
-        let config = RunConfig::small(dir.path())
-            .set_all(&["checkpoint.interval=20", "checkpoint.keep_last=5"])
-            .set_all(settings)
-            .write(&dir.join("run.toml"));
-        Self { dir, config }
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        self.dir.join("runs").join(name)
-    }
-
-    fn command(&self, run: &str, extra: &[&str]) -> Command {
-        let mut cmd = util::command(&["train"]);
-        cmd.arg(&self.config)
-            .arg("--run-dir")
-            .arg(self.run_dir(run))
-            .args(extra);
-        cmd
-    }
-
-    fn train(&self, run: &str, extra: &[&str]) -> Output {
-        self.command(run, extra).output().unwrap()
-    }
-
-    fn checkpoint(&self, run: &str, step: u64) -> PathBuf {
-        self.run_dir(run)
-            .join("checkpoints")
-            .join(format!("step-{step:08}"))
-    }
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn wait_for(path: &Path, child: &mut Child) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before {} appeared",
-            path.display()
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use crate::fixture::{read, wait_for, Fixture};
+use crate::util::{self, arg, fails, moelab, ok, stdout};
 
 /// Validation losses of `moelab eval TARGET --json`.
 fn eval_losses(target: &Path) -> Vec<f64> {
@@ -87,7 +24,7 @@ fn eval_losses(target: &Path) -> Vec<f64> {
 
 #[test]
 fn resuming_from_an_older_checkpoint_replaces_what_came_after_it() {
-    let fx = Fixture::new("older", &[]);
+    let fx = Fixture::new("runs-older", &[]);
     ok(&fx.train("run", &[]));
     let original = read(&fx.checkpoint("run", 40).join("model.safetensors"));
 
@@ -121,7 +58,7 @@ fn resuming_from_an_older_checkpoint_replaces_what_came_after_it() {
 
 #[test]
 fn a_second_trainer_on_a_run_folder_is_refused_and_the_first_is_undisturbed() {
-    let fx = Fixture::new("lock", &[]);
+    let fx = Fixture::new("runs-lock", &[]);
     let mut first = fx
         .command("shared", &[])
         .stdout(Stdio::null())
@@ -149,7 +86,7 @@ fn a_second_trainer_on_a_run_folder_is_refused_and_the_first_is_undisturbed() {
 
 #[test]
 fn refused_runs_leave_the_run_folder_as_it_was() {
-    let fx = Fixture::new("refused", &["train.steps=2", "checkpoint.interval=2"]);
+    let fx = Fixture::new("runs-refused", &["train.steps=2", "checkpoint.interval=2"]);
     // A run that fails before its first step does not keep (or block) its folder.
     let err = fails(&fx.train("run", &["--set", "model.vocab_size=64"]));
     assert!(err.contains("model.vocab_size"), "{err}");
@@ -222,7 +159,7 @@ fn refused_runs_leave_the_run_folder_as_it_was() {
 #[test]
 fn the_nonfinite_stop_names_only_a_checkpoint_that_gives_a_finite_loss() {
     let fx = Fixture::new(
-        "nan",
+        "runs-nan",
         &[
             "train.steps=2",
             "checkpoint.interval=1",
@@ -264,7 +201,7 @@ fn the_nonfinite_stop_names_only_a_checkpoint_that_gives_a_finite_loss() {
 
 #[test]
 fn a_closed_stdout_never_kills_a_command() {
-    let fx = Fixture::new("pipe", &["train.steps=30", "checkpoint.interval=10"]);
+    let fx = Fixture::new("runs-pipe", &["train.steps=30", "checkpoint.interval=10"]);
     // `moelab train ... | head -3`: the run goes on after its reader is gone.
     let mut child = fx
         .command("run", &[])
@@ -311,7 +248,7 @@ fn a_closed_stdout_never_kills_a_command() {
 
 #[test]
 fn checkpoints_are_read_written_and_found_as_a_user_expects() {
-    let fx = Fixture::new("ckpt", &["train.steps=4", "checkpoint.interval=2"]);
+    let fx = Fixture::new("runs-ckpt", &["train.steps=4", "checkpoint.interval=2"]);
     ok(&fx.train("run", &[]));
     // Every file of a checkpoint has the permissions of the rest of the run folder.
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -346,7 +283,7 @@ fn checkpoints_are_read_written_and_found_as_a_user_expects() {
 
 #[test]
 fn eval_and_trace_from_another_folder_say_that_data_paths_are_relative() {
-    let fx = Fixture::new("relative", &["train.steps=2", "checkpoint.interval=2"]);
+    let fx = Fixture::new("runs-relative", &["train.steps=2", "checkpoint.interval=2"]);
     // The run config with data paths relative to the scratch folder, trained from there.
     let text = std::fs::read_to_string(&fx.config)
         .unwrap()

@@ -1,52 +1,17 @@
 //! `moelab train` / `moelab eval` / `moelab bench`: exact resume after SIGKILL, SIGTERM
 //! checkpoints, the NaN guard, refused resumes, checkpoint pruning, bf16 and the bench report.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moelab_trace::router_log::read_dir;
 
-use crate::corpus::{Corpus, RunConfig};
-use crate::util::{self, arg, fails, moelab, ok, Scratch};
+use crate::fixture::{read, wait_for, Fixture};
+use crate::util::{arg, fails, moelab, ok};
 
-/// A scratch folder with a three-domain corpus and a small config (checkpoints every 20 steps).
-struct Fixture {
-    dir: Scratch,
-    config: PathBuf,
-}
-
-impl Fixture {
-    fn new(name: &str) -> Self {
-        let dir = Scratch::new(&format!("train-{name}"));
-        Corpus::three_domains().write(&dir.join("corpus"));
-        let config = RunConfig::small(dir.path())
-            .set_all(&[
-                "model.moe.expert_bias=true",
-                "checkpoint.interval=20",
-                "checkpoint.keep_last=5",
-            ])
-            .write(&dir.join("run.toml"));
-        Self { dir, config }
-    }
-
-    fn run_dir(&self, name: &str) -> PathBuf {
-        self.dir.join("runs").join(name)
-    }
-
-    fn command(&self, run: &str, extra: &[&str]) -> Command {
-        let mut cmd = util::command(&["train"]);
-        cmd.arg(&self.config)
-            .arg("--run-dir")
-            .arg(self.run_dir(run))
-            .args(extra);
-        cmd
-    }
-
-    fn train(&self, run: &str, extra: &[&str]) -> Output {
-        self.command(run, extra).output().unwrap()
-    }
-}
+/// The train tests' runs update the expert biases (auxiliary-loss-free balancing) too.
+const EXPERT_BIAS: &[&str] = &["model.moe.expert_bias=true"];
 
 fn steps_of(run_dir: &Path) -> Vec<u64> {
     let mut steps: Vec<u64> = std::fs::read_dir(run_dir.join("checkpoints"))
@@ -82,21 +47,9 @@ fn metrics_without_timing(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn wait_for(path: &Path, limit: Duration) {
-    let start = Instant::now();
-    while !path.exists() {
-        assert!(start.elapsed() < limit, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run() {
-    let fx = Fixture::new("kill");
+    let fx = Fixture::new("train-kill", EXPERT_BIAS);
     ok(&fx.train("straight", &[]));
 
     let mut child = fx
@@ -108,7 +61,7 @@ fn resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run() {
     wait_for(
         &fx.run_dir("killed")
             .join("checkpoints/step-00000020/state.json"),
-        Duration::from_secs(300),
+        &mut child,
     );
     child.kill().unwrap(); // SIGKILL: no chance to save anything
     child.wait().unwrap();
@@ -149,7 +102,7 @@ fn resume_after_sigkill_is_bit_identical_to_an_uninterrupted_run() {
 
 #[test]
 fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
-    let fx = Fixture::new("term");
+    let fx = Fixture::new("train-term", EXPERT_BIAS);
     let child = fx
         .command(
             "run",
@@ -179,7 +132,7 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
 
 #[test]
 fn non_finite_steps_are_skipped_then_stop_the_run() {
-    let fx = Fixture::new("nan");
+    let fx = Fixture::new("train-nan", EXPERT_BIAS);
     let out = fx.train(
         "skip",
         &[
@@ -230,7 +183,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
 
 #[test]
 fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
-    let fx = Fixture::new("refuse");
+    let fx = Fixture::new("train-refuse", EXPERT_BIAS);
     ok(&fx.train(
         "run",
         &["--set", "train.steps=2", "--set", "checkpoint.interval=2"],
@@ -283,7 +236,7 @@ fn incompatible_resumes_and_foreign_run_dirs_are_refused() {
 
 #[test]
 fn keep_last_prunes_old_checkpoints_but_keeps_milestones() {
-    let fx = Fixture::new("prune");
+    let fx = Fixture::new("train-prune", EXPERT_BIAS);
     ok(&fx.train(
         "run",
         &[
@@ -316,7 +269,7 @@ fn keep_last_prunes_old_checkpoints_but_keeps_milestones() {
 
 #[test]
 fn bf16_precision_tracks_the_f32_run_and_checkpoints_stay_f32() {
-    let fx = Fixture::new("bf16");
+    let fx = Fixture::new("train-bf16", EXPERT_BIAS);
     let short = ["--set", "train.steps=8", "--set", "checkpoint.interval=0"];
     ok(&fx.train("f32", &short));
     let mut bf16 = short.to_vec();
@@ -355,7 +308,7 @@ fn bf16_precision_tracks_the_f32_run_and_checkpoints_stay_f32() {
 
 #[test]
 fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
-    let fx = Fixture::new("bench");
+    let fx = Fixture::new("train-bench", EXPERT_BIAS);
     let out = moelab(&[
         "bench",
         arg(&fx.config),
