@@ -316,3 +316,51 @@ fn eval_and_trace_from_another_folder_say_that_data_paths_are_relative() {
             .unwrap());
     }
 }
+
+#[test]
+fn a_run_reports_what_a_user_expects_and_metrics_load_as_one_table() {
+    let fx = Fixture::new(
+        "runs-report",
+        &["train.steps=4", "log.interval=2", "train.eval_interval=2"],
+    );
+    let out = ok(&fx.train("run", &[]));
+    // Preparing on first use is said; a line per log.interval with the numbers that matter.
+    assert!(out.contains("preparing the dataset"), "{out}");
+    for step in ["step 2/4", "step 4/4"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(step))
+            .unwrap_or_else(|| panic!("no `{step}` line: {out}"));
+        for field in ["loss", "lr", "grad", "tok/s", "aux", "imbalance"] {
+            assert!(line.contains(field), "{field}: {line}");
+        }
+    }
+    // The closing summary: steps, wall time, throughput, validation loss, what to run next.
+    assert!(out.contains("finished 4 steps"), "{out}");
+    assert!(out.contains("validation loss (nats/token): "), "{out}");
+    assert!(out.contains("next: moelab trace"), "{out}");
+
+    // metrics.jsonl: every line has step, time and elapsed_s; evaluations are lines too.
+    let metrics = std::fs::read_to_string(fx.run_dir("run").join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for line in &lines {
+        assert!(
+            line["step"].is_u64() && line["elapsed_s"].is_f64(),
+            "{line}"
+        );
+        assert!(
+            line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{line}"
+        );
+    }
+    let evals: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.get("eval").is_some())
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![2, 4]);
+    assert!(lines.iter().any(|l| l["eval"]["prose"].is_f64()));
+}
