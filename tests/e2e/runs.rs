@@ -260,6 +260,14 @@ fn checkpoints_are_read_written_and_found_as_a_user_expects() {
             "{file}"
         );
     }
+    let export = fx.dir.join("export");
+    ok(&moelab(&[
+        "export-hf",
+        arg(&fx.checkpoint("run", 4)),
+        "--out",
+        arg(&export),
+    ]));
+    assert_eq!(mode(&export.join("model.safetensors")), expected);
     // `eval` takes a run folder (its newest checkpoint), as `trace` does.
     assert_eq!(
         eval_losses(&fx.run_dir("run")),

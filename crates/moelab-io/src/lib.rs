@@ -44,6 +44,18 @@ pub fn write_atomic_with(
     sync_dir(parent(path))
 }
 
+/// Gives `path` the permissions a file newly created beside it gets (the process's umask),
+/// for files written by a library through a private temporary file (safetensors writes 0600).
+pub fn give_default_permissions(path: &Path) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let probe = path.with_file_name(format!(".{name}.{}.mode", std::process::id()));
+    let permissions = std::fs::File::create(&probe).and_then(|f| f.metadata());
+    let _ = std::fs::remove_file(&probe);
+    std::fs::set_permissions(path, permissions?.permissions())
+}
+
 /// Flushes a folder's entries (a rename into it, a new file) to disk.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -87,6 +99,27 @@ mod tests {
         assert!(
             err.contains("no/such/folder"),
             "fs-err names the path: {err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn default_permissions_are_those_of_a_new_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("moelab-io-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (private, plain) = (dir.join("private"), dir.join("plain"));
+        std::fs::write(&private, b"x").unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&plain, b"x").unwrap();
+        give_default_permissions(&private).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&private), mode(&plain));
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
+            "the probe is removed"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -121,8 +121,7 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
             .map_err(mapping_err(""))?;
         std::fs::write(&config_path, config_text).map_err(io(&config_path))?;
         let path = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path)
-            .map_err(|e| hf_err(format!("{}: {e}", path.display())))?;
+        checkpoint::save_tensors(&tensors, &path)?;
         if let Some(src) = &tokenizer {
             let dst = tmp.join("tokenizer.json");
             std::fs::copy(src, &dst).map_err(io(src))?;
@@ -343,8 +342,7 @@ pub fn dump_logits(
             out.logits.to_dtype(DType::F32)?.contiguous()?,
         ),
     ]);
-    candle_core::safetensors::save(&map, file)
-        .map_err(|e| hf_err(format!("{}: {e}", file.display())))?;
+    checkpoint::save_tensors(&map, file)?;
     Ok(DumpSummary {
         sequences: b,
         tokens: seq_len,

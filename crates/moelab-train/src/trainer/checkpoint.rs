@@ -108,16 +108,9 @@ pub fn save(
     let config_path = tmp.join("config.toml");
     std::fs::write(&config_path, config_toml).map_err(io(&config_path))?;
     fsync(&config_path)?;
-    // safetensors writes through a private temporary file (mode 0600); the checkpoint's files
-    // get the permissions every other file of the run has.
-    let permissions = std::fs::metadata(&config_path)
-        .map_err(io(&config_path))?
-        .permissions();
     let tensors = |name: &str, map: &HashMap<String, Tensor>| -> Result<(), TrainError> {
         let path = tmp.join(name);
-        candle_core::safetensors::save(map, &path)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-        std::fs::set_permissions(&path, permissions.clone()).map_err(io(&path))?;
+        save_tensors(map, &path)?;
         fsync(&path)
     };
     tensors("model.safetensors", model)?;
@@ -146,6 +139,14 @@ pub fn save(
         std::fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
     }
     Ok(final_dir)
+}
+
+/// Writes `map` as safetensors at `path`, with the permissions every other file of the run gets
+/// (safetensors writes through a private temporary file, mode 0600).
+pub fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<(), TrainError> {
+    candle_core::safetensors::save(map, path)
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+    moelab_io::give_default_permissions(path).map_err(io(path))
 }
 
 /// Complete checkpoints under `checkpoints_dir`, oldest first.
