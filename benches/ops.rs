@@ -130,9 +130,45 @@ fn attention(c: &mut Criterion) {
     });
 }
 
+/// flash_attention (tiled, no T x T scores) against causal_attention (materialised scores), at
+/// tiny.toml's attention shape and at a longer sequence with a wider head.
+fn flash_attention(c: &mut Criterion) {
+    use moelab_kernels::flash_attention::flash_attention;
+    type Attn = fn(&Tensor, &Tensor, &Tensor, f64) -> candle_core::Result<Tensor>;
+    let peers: [(&str, Attn); 2] = [
+        ("flash_attention", flash_attention),
+        ("causal_attention", moelab_kernels::causal_attention),
+    ];
+    for (t, d) in [(128, 32), (512, 64)] {
+        let q = Var::from_tensor(&randn(&[8, 4, t, d])).unwrap();
+        let k = Var::from_tensor(&randn(&[8, 2, t, d])).unwrap();
+        let v = Var::from_tensor(&randn(&[8, 2, t, d])).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut g = c.benchmark_group(format!("attention_fwd b8 h4 kv2 t{t} d{d}"));
+        for (name, attn) in peers {
+            g.bench_function(name, |b| b.iter(|| attn(&q, &k, &v, scale).unwrap()));
+        }
+        g.finish();
+        let mut g = c.benchmark_group(format!("attention_fwd_bwd b8 h4 kv2 t{t} d{d}"));
+        for (name, attn) in peers {
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    attn(&q, &k, &v, scale)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(3));
-    targets = softmax, rms_norm, cross_entropy, grouped_matmul, attention
+    targets = softmax, rms_norm, cross_entropy, grouped_matmul, attention, flash_attention
 }
 criterion_main!(benches);

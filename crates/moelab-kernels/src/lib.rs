@@ -12,6 +12,7 @@ mod cuda;
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod flash_attention;
 pub mod gradcheck;
 pub mod grouped_matmul;
 pub mod rms_norm;

@@ -1,0 +1,840 @@
+//! Causal (grouped-query) attention without the `T x T` score matrix: the tiled online softmax
+//! of FlashAttention-2 (Dao 2023, Algorithm 1 forward, Algorithm 2 backward) on CPU.
+//!
+//! The forward op returns one flat buffer: the output `O (B*H*T*D)` followed by the per-row
+//! log-sum-exp `L (B*H*T)` of the scaled scores. [`flash_attention`] narrows it to `O`, which is a
+//! free, contiguous view, so backward gets `L` back through candle's `res` argument: no state in
+//! the op and no second pass over the scores to recompute it. The same layout is meant for the
+//! future CUDA kernel, which this file is the CPU reference of.
+
+use crate::cpu::{check_float, contiguous, Acc, PAR_THRESHOLD};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Query rows per tile (`B_r` in the paper): one key tile is reused from cache by this many rows.
+const QUERY_TILE: usize = 64;
+/// Keys per tile (`B_c` in the paper): the running max and sum are rescaled once per key tile.
+const KEY_TILE: usize = 64;
+
+/// Causal attention like [`crate::causal_attention`] (same shapes, errors and results), computed
+/// tile by tile in O(T*D) memory per head instead of materialising the `T x T` scores.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let op = "flash_attention";
+    let dims = check_inputs(op, q, k, v)?;
+    if !scale.is_finite() {
+        bail!("{op}: scale must be finite, got {scale}");
+    }
+    let dtype = q.dtype();
+    // bf16/f16 run in f32: L stored in half precision would make backward's exp(S - L) off by
+    // several percent, and the kernels accumulate in f32 for these types anyway.
+    let work = match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        dt => dt,
+    };
+    let prep = |x: &Tensor| x.to_dtype(work)?.contiguous();
+    let packed = prep(q)?.apply_op3(&prep(k)?, &prep(v)?, FlashAttention { scale, dims })?;
+    let out = packed
+        .narrow(0, 0, dims.q_len())?
+        .reshape((dims.b, dims.h, dims.t, dims.d))?;
+    out.to_dtype(dtype)
+}
+
+/// Shapes shared by the forward and backward ops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dims {
+    b: usize,
+    h: usize,
+    kv: usize,
+    t: usize,
+    d: usize,
+}
+
+impl Dims {
+    /// Elements of q (and of O and dQ).
+    fn q_len(&self) -> usize {
+        self.b * self.h * self.t * self.d
+    }
+    /// Elements of k (and of v, dK and dV).
+    fn kv_len(&self) -> usize {
+        self.b * self.kv * self.t * self.d
+    }
+    /// Elements of L (one per query row).
+    fn lse_len(&self) -> usize {
+        self.b * self.h * self.t
+    }
+    /// Query heads served by each kv head.
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+    /// Multiply-adds of one score pass over the causal triangle, to decide on rayon.
+    fn work(&self) -> usize {
+        self.b * self.h * self.t * (self.t + 1) / 2 * self.d
+    }
+}
+
+/// The checks of [`crate::causal_attention`], naming `op`, plus the ones this kernel needs.
+fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
+    let Ok((b, h, t, d)) = q.dims4() else {
+        bail!("{op}: q must be (B, H, T, D), got shape {:?}", q.dims());
+    };
+    let Ok((kb, kv, tk, kd)) = k.dims4() else {
+        bail!("{op}: k must be (B, KV, T, D), got shape {:?}", k.dims());
+    };
+    if v.dims() != k.dims() {
+        bail!(
+            "{op}: v shape {:?} differs from k shape {:?}",
+            v.dims(),
+            k.dims()
+        );
+    }
+    if kb != b || kd != d || tk != t {
+        bail!(
+            "{op}: k/v {:?} do not match q {:?} in B, T or D",
+            k.dims(),
+            q.dims()
+        );
+    }
+    if kv == 0 || h % kv != 0 {
+        bail!("{op}: {h} query heads are not a multiple of {kv} kv heads");
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        bail!(
+            "{op}: dtypes differ (q {:?}, k {:?}, v {:?})",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    check_float(op, "q", q)?;
+    if d == 0 {
+        bail!(
+            "{op}: head dim D must be at least 1, got shape {:?}",
+            q.dims()
+        );
+    }
+    Ok(Dims { b, h, kv, t, d })
+}
+
+/// A float type the kernels compute in directly (f32, f64): storage and accumulation coincide.
+trait Float: Acc + WithDType + std::ops::MulAssign {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// Runs `$body` with `$F` bound to f32 or f64; the wrapper converts half types before the op.
+macro_rules! f32_f64_dispatch {
+    ($s:expr, $op:expr, $F:ident => $body:expr) => {
+        match crate::cpu::storage_dtype($s) {
+            DType::F32 => {
+                type $F = f32;
+                $body
+            }
+            DType::F64 => {
+                type $F = f64;
+                $body
+            }
+            dt => bail!(
+                "{}: unsupported dtype {dt:?} (expected f32 or f64; flash_attention converts bf16/f16)",
+                $op
+            ),
+        }
+    };
+}
+
+/// Errors unless a contiguous input holds exactly `len` elements.
+fn sized<'a, F: Float>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+    len: usize,
+) -> Result<&'a [F]> {
+    let x = contiguous::<F>(s, l, op, what)?;
+    if x.len() != len {
+        bail!(
+            "{op}: {what} has {} elements, expected {len} (shape {:?})",
+            x.len(),
+            l.dims()
+        );
+    }
+    Ok(x)
+}
+
+/// Dot product with eight independent partial sums, so the compiler can vectorise it while the
+/// summation order (and so the result) stays fixed.
+#[inline]
+fn dot<F: Acc>(a: &[F], b: &[F]) -> F {
+    let mut part = [F::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            part[l] += x[l] * y[l];
+        }
+    }
+    let mut s =
+        ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x * *y;
+    }
+    s
+}
+
+/// `out += a * x`.
+#[inline]
+fn axpy<F: Acc>(out: &mut [F], a: F, x: &[F]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o += a * *v;
+    }
+}
+
+/// One chunk of each of three outputs, as rayon's `zip` hands them over.
+type Chunks3<'a, F> = ((&'a mut [F], &'a mut [F]), &'a mut [F]);
+
+/// Runs `f(index, chunks...)` over three equally split outputs, on rayon when `parallel`. Each
+/// index is handled by exactly one thread in a fixed order, so results do not depend on the
+/// thread count.
+fn for_each_group<F: Send>(
+    parallel: bool,
+    a: (&mut [F], usize),
+    b: (&mut [F], usize),
+    c: (&mut [F], usize),
+    f: impl Fn(usize, &mut [F], &mut [F], &mut [F]) + Send + Sync,
+) {
+    if a.1 == 0 || b.1 == 0 || c.1 == 0 {
+        return;
+    }
+    let zipped = |(i, ((x, y), z)): (usize, Chunks3<'_, F>)| f(i, x, y, z);
+    if parallel {
+        a.0.par_chunks_mut(a.1)
+            .zip(b.0.par_chunks_mut(b.1))
+            .zip(c.0.par_chunks_mut(c.1))
+            .enumerate()
+            .for_each(zipped);
+    } else {
+        a.0.chunks_mut(a.1)
+            .zip(b.0.chunks_mut(b.1))
+            .zip(c.0.chunks_mut(c.1))
+            .enumerate()
+            .for_each(zipped);
+    }
+}
+
+/// Forward of one (batch, query head): Algorithm 1 of FlashAttention-2 with the causal mask.
+/// `q`, `out`: (T, D) of this head; `k`, `v`: (T, D) of its kv head; `lse`: (T,).
+fn forward_head<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    (t, d): (usize, usize),
+    scale: F,
+    out: &mut [F],
+    lse: &mut [F],
+) {
+    let mut row_max = [F::NEG_INFINITY; QUERY_TILE];
+    let mut row_sum = [F::ZERO; QUERY_TILE];
+    let mut p = [F::ZERO; KEY_TILE];
+    for i0 in (0..t).step_by(QUERY_TILE) {
+        let i1 = (i0 + QUERY_TILE).min(t);
+        row_max.fill(F::NEG_INFINITY);
+        row_sum.fill(F::ZERO);
+        out[i0 * d..i1 * d].fill(F::ZERO);
+        // Key tiles past the last row of this query tile are fully masked: stop at the diagonal.
+        for j0 in (0..i1).step_by(KEY_TILE) {
+            let j1 = (j0 + KEY_TILE).min(i1);
+            for i in i0..i1 {
+                let r = i - i0;
+                // Causal mask inside the diagonal tile: row i sees keys 0..=i.
+                let visible = (i + 1).min(j1).saturating_sub(j0);
+                if visible == 0 {
+                    continue;
+                }
+                let qi = &q[i * d..(i + 1) * d];
+                let mut m = row_max[r];
+                for (c, pc) in p[..visible].iter_mut().enumerate() {
+                    let j = j0 + c;
+                    let s = dot(qi, &k[j * d..(j + 1) * d]) * scale;
+                    *pc = s;
+                    if s > m {
+                        m = s;
+                    }
+                }
+                // Online softmax: rescale what was summed under the old max (exp(-inf) = 0 on
+                // the first tile, and m is finite because key 0 is always visible).
+                let alpha = (row_max[r] - m).exp();
+                let mut sum = F::ZERO;
+                for pc in p[..visible].iter_mut() {
+                    *pc = (*pc - m).exp();
+                    sum += *pc;
+                }
+                row_sum[r] = row_sum[r] * alpha + sum;
+                row_max[r] = m;
+                let oi = &mut out[i * d..(i + 1) * d];
+                for o in oi.iter_mut() {
+                    *o *= alpha;
+                }
+                for (c, pc) in p[..visible].iter().enumerate() {
+                    let j = j0 + c;
+                    axpy(oi, *pc, &v[j * d..(j + 1) * d]);
+                }
+            }
+        }
+        // The division is deferred to the end of the row (FA2's change to Algorithm 1).
+        for i in i0..i1 {
+            let r = i - i0;
+            let inv = F::ONE / row_sum[r];
+            for o in out[i * d..(i + 1) * d].iter_mut() {
+                *o *= inv;
+            }
+            lse[i] = row_max[r] + row_sum[r].ln();
+        }
+    }
+}
+
+/// Forward op on (q, k, v); output: O then L, flat (see the module comment).
+struct FlashAttention {
+    scale: f64,
+    dims: Dims,
+}
+
+impl FlashAttention {
+    fn fwd<F: Float>(
+        &self,
+        (qs, ql): (&CpuStorage, &Layout),
+        (ks, kl): (&CpuStorage, &Layout),
+        (vs, vl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims;
+        let q = sized::<F>(qs, ql, self.name(), "q", dm.q_len())?;
+        let k = sized::<F>(ks, kl, self.name(), "k", dm.kv_len())?;
+        let v = sized::<F>(vs, vl, self.name(), "v", dm.kv_len())?;
+        let (t, d, rep) = (dm.t, dm.d, dm.rep());
+        let scale = <F as Acc>::from_f64(self.scale);
+        let mut packed = vec![F::ZERO; dm.q_len() + dm.lse_len()];
+        let (out, lse) = packed.split_at_mut(dm.q_len());
+        let head = |bh: usize, (out, lse): (&mut [F], &mut [F])| {
+            let (bi, hi) = (bh / dm.h, bh % dm.h);
+            // Grouped-query heads read their kv head in place: no expanded k/v copies.
+            let kvo = (bi * dm.kv + hi / rep) * t * d;
+            forward_head(
+                &q[bh * t * d..(bh + 1) * t * d],
+                &k[kvo..kvo + t * d],
+                &v[kvo..kvo + t * d],
+                (t, d),
+                scale,
+                out,
+                lse,
+            );
+        };
+        // One (batch, head) per task, each computed by one thread in a fixed order, so results
+        // do not depend on the thread count.
+        if t > 0 && dm.work() > PAR_THRESHOLD {
+            out.par_chunks_mut(t * d)
+                .zip(lse.par_chunks_mut(t))
+                .enumerate()
+                .for_each(|(bh, chunks)| head(bh, chunks));
+        } else if t > 0 {
+            out.chunks_mut(t * d)
+                .zip(lse.chunks_mut(t))
+                .enumerate()
+                .for_each(|(bh, chunks)| head(bh, chunks));
+        }
+        let n = packed.len();
+        Ok((F::to_cpu_storage_owned(packed), Shape::from(n)))
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "moelab-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        f32_f64_dispatch!(s1, self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dm = self.dims;
+        // A CustomOp3 has three inputs and the backward needs six: k/v and (O, L)/(dO, dL) go
+        // in pairs. The copies are O(T*D) per head against the O(T^2*D) backward itself.
+        let kv = Tensor::cat(&[k.flatten_all()?, v.flatten_all()?], 0)?;
+        let saved = Tensor::cat(&[res.flatten_all()?, grad.flatten_all()?], 0)?;
+        let packed = q.contiguous()?.apply_op3_no_bwd(
+            &kv,
+            &saved,
+            &FlashAttentionBackward {
+                scale: self.scale,
+                dims: dm,
+            },
+        )?;
+        let (nq, nk) = (dm.q_len(), dm.kv_len());
+        let dq = packed.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = packed.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = packed.narrow(0, nq + nk, nk)?.reshape(v.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Inputs of one query head's backward.
+struct HeadGrad<'a, F> {
+    q: &'a [F],
+    out: &'a [F],
+    lse: &'a [F],
+    d_out: &'a [F],
+    d_lse: &'a [F],
+}
+
+/// Backward of one query head: Algorithm 2 of FlashAttention-2 with the causal mask. Adds into
+/// `dq` (this head), `dk`, `dv` (its kv head, shared with the other heads of the group).
+#[allow(clippy::too_many_arguments)]
+fn backward_head<F: Float>(
+    g: &HeadGrad<'_, F>,
+    k: &[F],
+    v: &[F],
+    (t, d): (usize, usize),
+    scale: F,
+    delta: &mut [F],
+    dq: &mut [F],
+    (dk, dv): (&mut [F], &mut [F]),
+) {
+    // D_i = rowsum(dO_i * O_i); a gradient on L_i (dL/dS_ij = P_ij) folds into it with a minus
+    // sign, since dS_ij = P_ij (dP_ij - D_i + dL_i).
+    for (i, di) in delta.iter_mut().enumerate() {
+        *di = dot(&g.d_out[i * d..(i + 1) * d], &g.out[i * d..(i + 1) * d]) - g.d_lse[i];
+    }
+    // Outer loop over key tiles so the tile's K, V, dK and dV stay in cache while query rows
+    // stream past; rows above the diagonal tile see none of its keys and are skipped.
+    for j0 in (0..t).step_by(KEY_TILE) {
+        let j1 = (j0 + KEY_TILE).min(t);
+        for i in j0..t {
+            let visible = (i + 1).min(j1) - j0;
+            let qi = &g.q[i * d..(i + 1) * d];
+            let doi = &g.d_out[i * d..(i + 1) * d];
+            let dqi = &mut dq[i * d..(i + 1) * d];
+            for j in j0..j0 + visible {
+                let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
+                // P recomputed from L: exp(S - L) is already normalised.
+                let p = (dot(qi, kj) * scale - g.lse[i]).exp();
+                axpy(&mut dv[j * d..(j + 1) * d], p, doi);
+                let ds = p * (dot(doi, vj) - delta[i]) * scale;
+                axpy(dqi, ds, kj);
+                axpy(&mut dk[j * d..(j + 1) * d], ds, qi);
+            }
+        }
+    }
+}
+
+/// Backward op on (q, k ++ v, O ++ L ++ dO ++ dL); output: dQ ++ dK ++ dV, flat.
+struct FlashAttentionBackward {
+    scale: f64,
+    dims: Dims,
+}
+
+impl FlashAttentionBackward {
+    fn run<F: Float>(
+        &self,
+        (qs, ql): (&CpuStorage, &Layout),
+        (kvs, kvl): (&CpuStorage, &Layout),
+        (ss, sl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let dm = self.dims;
+        let (nq, nk, nl) = (dm.q_len(), dm.kv_len(), dm.lse_len());
+        let q = sized::<F>(qs, ql, self.name(), "q", nq)?;
+        let kv = sized::<F>(kvs, kvl, self.name(), "k/v", 2 * nk)?;
+        let saved = sized::<F>(ss, sl, self.name(), "saved output/grad", 2 * (nq + nl))?;
+        let (k, v) = kv.split_at(nk);
+        let (out, rest) = saved.split_at(nq);
+        let (lse, rest) = rest.split_at(nl);
+        let (d_out, d_lse) = rest.split_at(nq);
+        let (t, d, rep) = (dm.t, dm.d, dm.rep());
+        let scale = <F as Acc>::from_f64(self.scale);
+        let mut packed = vec![F::ZERO; nq + 2 * nk];
+        let (dq, dkv) = packed.split_at_mut(nq);
+        let (dk, dv) = dkv.split_at_mut(nk);
+        // One task per (batch, kv head): its query heads run in order, so the sums into the
+        // shared dK/dV have a fixed order whatever the thread count.
+        for_each_group(
+            dm.work() > PAR_THRESHOLD,
+            (dq, rep * t * d),
+            (dk, t * d),
+            (dv, t * d),
+            |group, dq, dk, dv| {
+                let kvo = group * t * d;
+                let (kg, vg) = (&k[kvo..kvo + t * d], &v[kvo..kvo + t * d]);
+                let mut delta = vec![F::ZERO; t];
+                for r in 0..rep {
+                    let bh = group * rep + r;
+                    let (qo, lo) = (bh * t * d, bh * t);
+                    let head = HeadGrad {
+                        q: &q[qo..qo + t * d],
+                        out: &out[qo..qo + t * d],
+                        lse: &lse[lo..lo + t],
+                        d_out: &d_out[qo..qo + t * d],
+                        d_lse: &d_lse[lo..lo + t],
+                    };
+                    backward_head(
+                        &head,
+                        kg,
+                        vg,
+                        (t, d),
+                        scale,
+                        &mut delta,
+                        &mut dq[r * t * d..(r + 1) * t * d],
+                        (&mut *dk, &mut *dv),
+                    );
+                }
+            },
+        );
+        let n = packed.len();
+        Ok((F::to_cpu_storage_owned(packed), Shape::from(n)))
+    }
+}
+
+impl CustomOp3 for FlashAttentionBackward {
+    fn name(&self) -> &'static str {
+        "moelab-flash-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        f32_f64_dispatch!(s1, self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::attention::causal_attention;
+    use crate::gradcheck::check_gradients;
+    use crate::test_util::{max_abs_diff, rand, to_f64_vec};
+    use candle_core::Var;
+
+    /// q (B, H, T, D), k and v (B, KV, T, D) with distinct seeds.
+    fn inputs(
+        seed: u64,
+        (b, h, kv, t, d): (usize, usize, usize, usize, usize),
+        dtype: DType,
+    ) -> [Tensor; 3] {
+        [
+            rand(seed, (b, h, t, d), 1.0, dtype),
+            rand(seed + 1, (b, kv, t, d), 1.0, dtype),
+            rand(seed + 2, (b, kv, t, d), 1.0, dtype),
+        ]
+    }
+
+    /// Gradients of sum(attn(q, k, v) * r) with respect to q, k, v.
+    fn grads(
+        attn: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<Tensor>,
+        x: &[Tensor; 3],
+        r: &Tensor,
+        scale: f64,
+    ) -> Vec<Tensor> {
+        let vars: Vec<Var> = x.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let g = attn(&vars[0], &vars[1], &vars[2], scale)
+            .unwrap()
+            .mul(r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        vars.iter()
+            .map(|v| g.get(v.as_tensor()).unwrap().clone())
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_causal_attention() {
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+            for t in [1, 5, 63, 64, 65, 130] {
+                for d in [8, 64] {
+                    for (h, kv) in [(4, 4), (4, 2), (4, 1)] {
+                        for b in [1, 2] {
+                            let [q, k, v] = inputs(t as u64, (b, h, kv, t, d), dtype);
+                            let scale = 1.0 / (d as f64).sqrt();
+                            let got = flash_attention(&q, &k, &v, scale).unwrap();
+                            assert_eq!(got.dims(), &[b, h, t, d]);
+                            assert_eq!(got.dtype(), dtype);
+                            let diff =
+                                max_abs_diff(&got, &causal_attention(&q, &k, &v, scale).unwrap());
+                            assert!(
+                                diff < tol,
+                                "{dtype:?} B={b} H={h} KV={kv} T={t} D={d}: {diff}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn head_dims_16_32_128() {
+        for d in [16, 32, 128] {
+            let [q, k, v] = inputs(20, (1, 2, 1, 130, d), DType::F64);
+            let scale = 1.0 / (d as f64).sqrt();
+            let diff = max_abs_diff(
+                &flash_attention(&q, &k, &v, scale).unwrap(),
+                &causal_attention(&q, &k, &v, scale).unwrap(),
+            );
+            assert!(diff < 1e-10, "D={d}: {diff}");
+        }
+    }
+
+    #[test]
+    fn log_sum_exp_matches_the_scores() {
+        let (b, h, kv, t, d) = (2, 4, 2, 70, 8);
+        let [q, k, v] = inputs(30, (b, h, kv, t, d), DType::F64);
+        let scale = 0.3;
+        let packed = q
+            .apply_op3_no_bwd(
+                &k,
+                &v,
+                &FlashAttention {
+                    scale,
+                    dims: Dims { b, h, kv, t, d },
+                },
+            )
+            .unwrap();
+        let lse = to_f64_vec(&packed.narrow(0, b * h * t * d, b * h * t).unwrap());
+        let (q, k) = (to_f64_vec(&q), to_f64_vec(&k));
+        let mut worst: f64 = 0.0;
+        for bh in 0..b * h {
+            let ko = (bh / h * kv + bh % h / (h / kv)) * t * d;
+            for i in 0..t {
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| q[bh * t * d + i * d + c] * k[ko + j * d + c])
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let want = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                worst = worst.max((lse[bh * t + i] - want).abs());
+            }
+        }
+        assert!(worst < 1e-12, "{worst}");
+    }
+
+    #[test]
+    fn gradients_match_causal_attention() {
+        for t in [1, 5, 64, 65, 130] {
+            for d in [8, 64] {
+                for (h, kv) in [(4, 4), (4, 2), (4, 1)] {
+                    let shape = (2, h, kv, t, d);
+                    let x = inputs(40 + t as u64, shape, DType::F64);
+                    let r = rand(50, (2, h, t, d), 1.0, DType::F64);
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let got = grads(flash_attention, &x, &r, scale);
+                    let want = grads(causal_attention, &x, &r, scale);
+                    for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+                        assert_eq!(g.dims(), w.dims());
+                        let diff = max_abs_diff(g, w);
+                        assert!(diff < 1e-9, "d{name} H={h} KV={kv} T={t} D={d}: {diff}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gradcheck_gqa() {
+        // T = 67 crosses a tile boundary; 4 query heads share 2 kv heads.
+        for (t, max) in [(4, 100), (67, 60)] {
+            let [q, k, v] = inputs(60, (1, 4, 2, t, 3), DType::F64);
+            let vars = [q, k, v].map(|x| Var::from_tensor(&x).unwrap());
+            let r = rand(63, (1, 4, t, 3), 1.0, DType::F64);
+            let rep = check_gradients(
+                &|x| {
+                    flash_attention(&x[0], &x[1], &x[2], 0.5)?
+                        .mul(&r)?
+                        .sum_all()
+                },
+                &vars,
+                1e-6,
+                max,
+            )
+            .unwrap();
+            println!("flash_attention T={t}: {rep:?}");
+            assert_eq!(rep.checked, max.min(4 * t * 3) + 2 * max.min(2 * t * 3));
+            assert!(rep.max_rel_err < 1e-5, "{rep:?}");
+        }
+    }
+
+    #[test]
+    fn gradcheck_through_log_sum_exp() {
+        // Nothing public reads L, but backward handles a gradient on it; check that path too.
+        let (b, h, kv, t, d) = (1, 2, 1, 66, 3);
+        let [q, k, v] = inputs(70, (b, h, kv, t, d), DType::F64);
+        let vars = [q, k, v].map(|x| Var::from_tensor(&x).unwrap());
+        let r = rand(73, b * h * t * (d + 1), 1.0, DType::F64);
+        let dims = Dims { b, h, kv, t, d };
+        let rep = check_gradients(
+            &|x| {
+                x[0].apply_op3(&x[1], &x[2], FlashAttention { scale: 0.7, dims })?
+                    .mul(&r)?
+                    .sum_all()
+            },
+            &vars,
+            1e-6,
+            60,
+        )
+        .unwrap();
+        println!("flash_attention with L: {rep:?}");
+        assert_eq!(rep.checked, 180);
+        assert!(rep.max_rel_err < 1e-5, "{rep:?}");
+    }
+
+    #[test]
+    fn bit_identical_across_thread_counts() {
+        let run = |threads: usize, dtype: DType| -> Vec<Vec<f64>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                // Large enough for the rayon path in forward and backward.
+                let x = inputs(80, (2, 4, 2, 130, 64), dtype);
+                let r = rand(83, (2, 4, 130, 64), 1.0, dtype);
+                let scale = 0.125;
+                let mut all = vec![to_f64_vec(
+                    &flash_attention(&x[0], &x[1], &x[2], scale).unwrap(),
+                )];
+                all.extend(grads(flash_attention, &x, &r, scale).iter().map(to_f64_vec));
+                all
+            })
+        };
+        for dtype in [DType::F32, DType::F64] {
+            let (one, two) = (run(1, dtype), run(2, dtype));
+            for (a, b) in one.iter().zip(&two) {
+                assert!(
+                    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{dtype:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn errors_name_the_op() {
+        let f = DType::F32;
+        let cases = [
+            // q not 4-d
+            (
+                rand(1, (4, 3, 2), 1.0, f),
+                rand(2, (1, 2, 3, 2), 1.0, f),
+                rand(3, (1, 2, 3, 2), 1.0, f),
+            ),
+            // k not 4-d
+            (
+                rand(1, (1, 4, 3, 2), 1.0, f),
+                rand(2, (2, 3, 2), 1.0, f),
+                rand(3, (2, 3, 2), 1.0, f),
+            ),
+            // v differs from k
+            (
+                rand(1, (1, 4, 3, 2), 1.0, f),
+                rand(2, (1, 2, 3, 2), 1.0, f),
+                rand(3, (1, 2, 4, 2), 1.0, f),
+            ),
+            // D differs
+            (
+                rand(1, (1, 4, 3, 2), 1.0, f),
+                rand(2, (1, 2, 3, 4), 1.0, f),
+                rand(3, (1, 2, 3, 4), 1.0, f),
+            ),
+            // 4 heads over 3 kv heads
+            (
+                rand(1, (1, 4, 3, 2), 1.0, f),
+                rand(2, (1, 3, 3, 2), 1.0, f),
+                rand(3, (1, 3, 3, 2), 1.0, f),
+            ),
+            // dtypes differ
+            (
+                rand(1, (1, 4, 3, 2), 1.0, f),
+                rand(2, (1, 2, 3, 2), 1.0, DType::F64),
+                rand(3, (1, 2, 3, 2), 1.0, f),
+            ),
+            // integer inputs
+            (
+                rand(1, (1, 4, 3, 2), 1.0, DType::U32),
+                rand(2, (1, 2, 3, 2), 1.0, DType::U32),
+                rand(3, (1, 2, 3, 2), 1.0, DType::U32),
+            ),
+            // D = 0
+            (
+                rand(1, (1, 4, 3, 0), 1.0, f),
+                rand(2, (1, 2, 3, 0), 1.0, f),
+                rand(3, (1, 2, 3, 0), 1.0, f),
+            ),
+        ];
+        for (i, (q, k, v)) in cases.iter().enumerate() {
+            let err = flash_attention(q, k, v, 1.0).unwrap_err().to_string();
+            assert!(err.starts_with("flash_attention: "), "case {i}: {err}");
+        }
+        let [q, k, v] = inputs(90, (1, 2, 1, 3, 2), f);
+        let err = flash_attention(&q, &k, &v, f64::NAN)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("flash_attention: scale"), "{err}");
+    }
+
+    #[test]
+    fn non_contiguous_and_half_inputs() {
+        // (B, T, H, D) transposed to (B, H, T, D), as a model would hand them over.
+        let q = rand(100, (2, 9, 4, 8), 1.0, DType::F32)
+            .transpose(1, 2)
+            .unwrap();
+        let k = rand(101, (2, 9, 2, 8), 1.0, DType::F32)
+            .transpose(1, 2)
+            .unwrap();
+        let v = rand(102, (2, 9, 2, 8), 1.0, DType::F32)
+            .transpose(1, 2)
+            .unwrap();
+        assert!(!q.is_contiguous());
+        let want = causal_attention(&q, &k, &v, 0.35).unwrap();
+        let diff = max_abs_diff(&flash_attention(&q, &k, &v, 0.35).unwrap(), &want);
+        assert!(diff < 1e-5, "{diff}");
+        for dtype in [DType::BF16, DType::F16] {
+            let [q, k, v] = [&q, &k, &v].map(|x| x.to_dtype(dtype).unwrap());
+            let got = flash_attention(&q, &k, &v, 0.35).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let diff = max_abs_diff(&got, &causal_attention(&q, &k, &v, 0.35).unwrap());
+            assert!(diff < 2e-2, "{dtype:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn empty_sequence() {
+        let [q, k, v] = inputs(110, (2, 4, 2, 0, 8), DType::F32);
+        let vars = [q, k, v].map(|x| Var::from_tensor(&x).unwrap());
+        let out = flash_attention(&vars[0], &vars[1], &vars[2], 1.0).unwrap();
+        assert_eq!(out.dims(), &[2, 4, 0, 8]);
+        let g = out.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(vars[1].as_tensor()).unwrap().dims(), &[2, 2, 0, 8]);
+    }
+}
