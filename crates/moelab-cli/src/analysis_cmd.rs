@@ -219,7 +219,7 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             }
         }
         AblationEvent::VariantFinished { name, summary } => {
-            if let Some(p) = progress.take() {
+            if let Some(mut p) = progress.take() {
                 p.finish();
             }
             if summary.interrupted {

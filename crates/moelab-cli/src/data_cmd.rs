@@ -102,7 +102,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     opts.validation_fraction = args.validation_fraction;
     opts.threads = args.threads;
 
-    let bar = PrepareProgress::new("")?.lines_to_stderr();
+    let mut bar = PrepareProgress::new("")?.lines_to_stderr();
     let progress = |event: &PrepareEvent| bar.on_event(event);
     let report = run_prepare(&opts, &progress);
     bar.finish();

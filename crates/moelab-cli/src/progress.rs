@@ -43,6 +43,12 @@ impl Bar {
         })
     }
 
+    /// Clears the bar for good: later lines are printed plainly, so no bar is drawn again.
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+        self.interactive = false;
+    }
+
     /// A line that stays: above the bar on a terminal, on stdout otherwise.
     fn say(&self, line: &str) {
         for line in line.lines() {
@@ -114,8 +120,8 @@ impl PrepareProgress {
     }
 
     /// Removes the bar.
-    pub(crate) fn finish(&self) {
-        self.bar.bar.finish_and_clear();
+    pub(crate) fn finish(&mut self) {
+        self.bar.finish();
     }
 }
 
@@ -157,7 +163,7 @@ impl TrainProgress {
     /// Draws one trainer event.
     pub(crate) fn on_event(&mut self, event: &Event) {
         if !matches!(event, Event::Preparing(_)) {
-            if let Some(prepare) = self.prepare.take() {
+            if let Some(mut prepare) = self.prepare.take() {
                 prepare.finish();
                 self.say("data prepared");
             }
@@ -217,9 +223,9 @@ impl TrainProgress {
         }
     }
 
-    /// Removes the bar.
-    pub(crate) fn finish(&self) {
-        self.bar.bar.finish_and_clear();
+    /// Removes the bar; later lines are printed plainly.
+    pub(crate) fn finish(&mut self) {
+        self.bar.finish();
     }
 }
 
