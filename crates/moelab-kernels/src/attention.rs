@@ -6,7 +6,31 @@ use candle_core::{bail, Result, Tensor};
 /// Causal attention: `q (B, H, T, D)`, `k`/`v (B, KV, T, D)` with `H % KV == 0`, each kv head
 /// serving `H/KV` consecutive query heads; returns `(B, H, T, D)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let op = "causal_attention";
+    let (b, h, kv, t, d) = check_inputs("causal_attention", q, k, v)?;
+    let rep = h / kv;
+    // Broadcast-then-reshape keeps autograd: the broadcast's backward sums the head copies.
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        if rep == 1 {
+            return Ok(x.clone());
+        }
+        x.unsqueeze(2)?
+            .broadcast_as((b, kv, rep, t, d))?
+            .reshape((b, h, t, d))
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    // Scaling q (T x D) instead of the scores (T x T) saves two passes over the largest tensor.
+    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?)?;
+    causal_softmax(&scores)?.matmul(&v)
+}
+
+/// The shape and dtype checks every causal attention op makes, with errors naming `op`:
+/// q (B, H, T, D), k and v (B, KV, T, D), H a multiple of KV, one dtype; returns (B, H, KV, T, D).
+pub(crate) fn check_inputs(
+    op: &str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
     let Ok((b, h, t, d)) = q.dims4() else {
         bail!("{op}: q must be (B, H, T, D), got shape {:?}", q.dims());
     };
@@ -38,20 +62,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             v.dtype()
         );
     }
-    let rep = h / kv;
-    // Broadcast-then-reshape keeps autograd: the broadcast's backward sums the head copies.
-    let expand = |x: &Tensor| -> Result<Tensor> {
-        if rep == 1 {
-            return Ok(x.clone());
-        }
-        x.unsqueeze(2)?
-            .broadcast_as((b, kv, rep, t, d))?
-            .reshape((b, h, t, d))
-    };
-    let (k, v) = (expand(k)?, expand(v)?);
-    // Scaling q (T x D) instead of the scores (T x T) saves two passes over the largest tensor.
-    let scores = (q * scale)?.contiguous()?.matmul(&k.t()?)?;
-    causal_softmax(&scores)?.matmul(&v)
+    Ok((b, h, kv, t, d))
 }
 
 #[cfg(test)]

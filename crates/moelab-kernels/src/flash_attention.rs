@@ -72,39 +72,10 @@ impl Dims {
     }
 }
 
-/// The checks of [`crate::causal_attention`], naming `op`, plus the ones this kernel needs.
+/// The checks every causal attention op makes (`attention::check_inputs`), plus the ones this
+/// kernel needs.
 fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
-    let Ok((b, h, t, d)) = q.dims4() else {
-        bail!("{op}: q must be (B, H, T, D), got shape {:?}", q.dims());
-    };
-    let Ok((kb, kv, tk, kd)) = k.dims4() else {
-        bail!("{op}: k must be (B, KV, T, D), got shape {:?}", k.dims());
-    };
-    if v.dims() != k.dims() {
-        bail!(
-            "{op}: v shape {:?} differs from k shape {:?}",
-            v.dims(),
-            k.dims()
-        );
-    }
-    if kb != b || kd != d || tk != t {
-        bail!(
-            "{op}: k/v {:?} do not match q {:?} in B, T or D",
-            k.dims(),
-            q.dims()
-        );
-    }
-    if kv == 0 || h % kv != 0 {
-        bail!("{op}: {h} query heads are not a multiple of {kv} kv heads");
-    }
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        bail!(
-            "{op}: dtypes differ (q {:?}, k {:?}, v {:?})",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        );
-    }
+    let (b, h, kv, t, d) = crate::attention::check_inputs(op, q, k, v)?;
     check_float(op, "q", q)?;
     if d == 0 {
         bail!(
