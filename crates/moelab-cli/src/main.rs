@@ -107,6 +107,7 @@ enum DataCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    moelab_kernels::keep_freed_memory();
     match Cli::parse().command {
         Command::Prepare(args) => data_cmd::prepare(args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
