@@ -1,7 +1,10 @@
 //! RMSNorm over the last dimension with gradients for both the input and the weight.
 
 use crate::cpu::{check_float, check_same_dtype, contiguous, float_dispatch, map_rows, Acc, Elem};
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+use rayon::prelude::*;
 
 /// RMSNorm over the last dim: `y = x / sqrt(mean(x^2) + eps) * weight`, weight shape `(D,)`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -98,8 +101,20 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // Composed from candle ops so it runs on any device; half types are promoted because
-        // the row and column reductions below lose too much in bf16/f16.
+        if x.device().is_cpu() {
+            // One pass over the rows: dx and the weight gradient together, no temporaries.
+            let d = weight.elem_count();
+            let both = x.contiguous()?.apply_op3_no_bwd(
+                &weight.contiguous()?,
+                &g.contiguous()?,
+                &RmsNormBackward { eps: self.eps },
+            )?;
+            let dx = both.narrow(0, 0, x.elem_count())?.reshape(x.shape())?;
+            let dweight = both.narrow(0, x.elem_count(), d)?;
+            return Ok((Some(dx), Some(dweight)));
+        }
+        // Composed from candle ops on other devices; half types are promoted because the row and
+        // column reductions below lose too much in bf16/f16.
         let dtype = x.dtype();
         let work = match dtype {
             DType::BF16 | DType::F16 => DType::F32,
@@ -116,6 +131,110 @@ impl CustomOp2 for RmsNorm {
         let proj = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = (dxhat - xhat.broadcast_mul(&proj)?)?.broadcast_mul(&r)?;
         Ok((Some(dx.to_dtype(dtype)?), Some(dweight.to_dtype(dtype)?)))
+    }
+}
+
+/// Rows per block of the weight-gradient reduction: a fixed size, so the sum's order (and so
+/// the result, bit for bit) does not depend on the thread count.
+const BWD_BLOCK_ROWS: usize = 64;
+
+/// The CPU backward: `(x, weight, grad)` -> one flat storage holding dx (x's shape, row-major)
+/// then dweight (D). Per row, with `r = 1 / rms(x)`, `xhat = x r` and `dxhat = g w`:
+/// `dx = r (dxhat - xhat mean(dxhat xhat))`; `dweight = sum over rows of g xhat`, summed per
+/// block of rows in parallel, then over blocks in order.
+struct RmsNormBackward {
+    eps: f64,
+}
+
+impl RmsNormBackward {
+    fn run<T: Elem>(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        (gs, gl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous::<T>(xs, xl, self.name(), "x")?;
+        let w = contiguous::<T>(ws, wl, self.name(), "weight")?;
+        let g = contiguous::<T>(gs, gl, self.name(), "grad")?;
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 || g.len() != x.len() {
+            bail!(
+                "{}: x {:?}, weight {:?} and grad {:?} do not match",
+                self.name(),
+                xl.dims(),
+                wl.dims(),
+                gl.dims()
+            );
+        }
+        let eps = <T::A as Acc>::from_f64(self.eps);
+        let inv_d = <T::A as Acc>::ONE / <T::A as Acc>::from_usize(d);
+        let w: Vec<T::A> = w.iter().map(|v| v.to_acc()).collect();
+        let mut out = vec![T::from_f64(0.0); x.len() + d];
+        let (dx, dweight_out) = out.split_at_mut(x.len());
+        let block = BWD_BLOCK_ROWS * d;
+        let block_sum = |(b, dx_block): (usize, &mut [T])| -> Vec<T::A> {
+            let mut dweight = vec![<T::A as Acc>::ZERO; d];
+            for (i, dx_row) in dx_block.chunks_mut(d).enumerate() {
+                let at = b * block + i * d;
+                let (xr, gr) = (&x[at..at + d], &g[at..at + d]);
+                let mut ss = <T::A as Acc>::ZERO;
+                let mut dot = <T::A as Acc>::ZERO;
+                for ((xv, gv), wv) in xr.iter().zip(gr).zip(&w) {
+                    let (xv, gv) = (xv.to_acc(), gv.to_acc());
+                    ss += xv * xv;
+                    dot += gv * *wv * xv;
+                }
+                let r = <T::A as Acc>::ONE / (ss * inv_d + eps).sqrt();
+                // mean(dxhat * xhat) = r * mean(g w x)
+                let proj = dot * inv_d * r;
+                for (((o, xv), gv), (wv, dw)) in dx_row
+                    .iter_mut()
+                    .zip(xr)
+                    .zip(gr)
+                    .zip(w.iter().zip(dweight.iter_mut()))
+                {
+                    let xhat = xv.to_acc() * r;
+                    let gv = gv.to_acc();
+                    *o = T::from_acc((gv * *wv - xhat * proj) * r);
+                    *dw += gv * xhat;
+                }
+            }
+            dweight
+        };
+        let partials: Vec<Vec<T::A>> = if x.len() > crate::cpu::PAR_THRESHOLD {
+            dx.par_chunks_mut(block)
+                .enumerate()
+                .map(block_sum)
+                .collect()
+        } else {
+            dx.chunks_mut(block).enumerate().map(block_sum).collect()
+        };
+        for (j, o) in dweight_out.iter_mut().enumerate() {
+            let mut sum = <T::A as Acc>::ZERO;
+            for partial in &partials {
+                sum += partial[j];
+            }
+            *o = T::from_acc(sum);
+        }
+        Ok((T::to_cpu_storage_owned(out), Shape::from(x.len() + d)))
+    }
+}
+
+impl CustomOp3 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "moelab-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
 }
 
@@ -178,5 +297,47 @@ mod tests {
         println!("rms_norm: {rep:?}");
         assert_eq!(rep.checked, 48 + 8);
         assert!(rep.max_rel_err < 1e-5, "{rep:?}");
+    }
+
+    #[test]
+    fn fused_backward_matches_the_composed_gradient() {
+        // 300 rows: several reduction blocks and the parallel path; bf16 through the f32 path.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-4), (DType::BF16, 5e-2)] {
+            for shape in [(2, 3, 8), (3, 100, 128)] {
+                let x = Var::from_tensor(&rand(11, shape, 2.0, dtype)).unwrap();
+                let w = Var::from_tensor(&rand(12, shape.2, 1.5, dtype)).unwrap();
+                let probe = rand(13, shape, 1.0, dtype);
+                let grads = |fused: bool| {
+                    let y = if fused {
+                        rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap()
+                    } else {
+                        let work = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                        reference(&work(x.as_tensor()), &work(w.as_tensor()), 1e-5)
+                    };
+                    let loss = (y.to_dtype(DType::F64).unwrap() * probe.to_dtype(DType::F64))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    let g = loss.backward().unwrap();
+                    let get = |v: &Var| g.get(v).unwrap().to_dtype(DType::F64).unwrap();
+                    (get(&x), get(&w))
+                };
+                let ((dx, dw), (rx, rw)) = (grads(true), grads(false));
+                let scale = |t: &Tensor| {
+                    t.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let ex = max_abs_diff(&dx, &rx) / scale(&rx);
+                let ew = max_abs_diff(&dw, &rw) / scale(&rw);
+                assert!(
+                    ex < tol && ew < tol,
+                    "{dtype:?} {shape:?}: dx {ex}, dweight {ew}"
+                );
+            }
+        }
     }
 }
