@@ -18,13 +18,16 @@ pub mod grouped_matmul;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
+pub mod swiglu;
 
 pub use attention::causal_attention;
+pub use cpu::keep_freed_memory;
 pub use cross_entropy::cross_entropy;
 pub use grouped_matmul::grouped_matmul;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_tables};
 pub use softmax::{causal_softmax, softmax_last_dim};
+pub use swiglu::swiglu;
 
 #[cfg(test)]
 pub(crate) mod test_util;
