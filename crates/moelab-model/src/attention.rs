@@ -45,9 +45,14 @@ impl Attention {
         })
     }
 
-    /// `x`: (batch, seq, d_model); `cos`/`sin`: rotary tables (seq, head_dim / 2).
-    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (batch, seq, _) = x.dims3()?;
+    /// `x`: (batch * seq, d_model), `batch` sequences of equal length, row-major; `cos`/`sin`:
+    /// rotary tables (seq, head_dim / 2). Returns (batch * seq, d_model).
+    pub fn forward(&self, x: &Tensor, batch: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (tokens, _) = x.dims2()?;
+        if batch == 0 || tokens % batch != 0 {
+            candle_core::bail!("attention: {tokens} tokens do not split into {batch} sequences");
+        }
+        let seq = tokens / batch;
         let mut q = self.q_proj.forward(x)?;
         let mut k = self.k_proj.forward(x)?;
         let v = self.v_proj.forward(x)?;
@@ -67,7 +72,7 @@ impl Attention {
         let y = moelab_kernels::causal_attention(&q, &k, &v, scale)?;
         let y = y
             .transpose(1, 2)?
-            .reshape((batch, seq, self.n_heads * self.head_dim))?;
+            .reshape((tokens, self.n_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }

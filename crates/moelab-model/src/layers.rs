@@ -37,9 +37,13 @@ impl Linear {
     /// cast on use under mixed precision; the cast is a no-op otherwise).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out_dim, in_dim) = self.weight.dims2()?;
+        let weight = self.weight.to_dtype(x.dtype())?;
+        if x.rank() == 2 {
+            // No reshapes: each would be a node whose gradient backward copies.
+            return x.matmul(&weight.t()?);
+        }
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / in_dim;
-        let weight = self.weight.to_dtype(x.dtype())?;
         let y = x.reshape((rows, in_dim))?.matmul(&weight.t()?)?;
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
@@ -88,7 +92,7 @@ impl SwiGlu {
 
     /// Applies the FFN to the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let hidden = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
+        let hidden = moelab_kernels::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?;
         self.down.forward(&hidden)
     }
 }

@@ -79,28 +79,26 @@ impl Block {
         &self.ffn
     }
 
-    /// `h`: (batch, seq, d_model). Returns the new residual stream and, for a MoE block, its
-    /// routing record.
+    /// `h`: (batch * seq, d_model), `batch` sequences of equal length, row-major (the residual
+    /// stream stays 2-D so that no reshape sits between the matmuls and their gradients). Returns
+    /// the new residual stream and, for a MoE block, its routing record.
     pub fn forward(
         &self,
         h: &Tensor,
+        batch: usize,
         cos: &Tensor,
         sin: &Tensor,
         noise: Option<RoutingNoise>,
     ) -> Result<(Tensor, Option<LayerRouting>)> {
-        let h = (h + self.attn.forward(&self.attn_norm.forward(h)?, cos, sin)?)?;
+        let h = (h + self
+            .attn
+            .forward(&self.attn_norm.forward(h)?, batch, cos, sin)?)?;
         let x = self.ffn_norm.forward(&h)?;
-        let (batch, seq, d_model) = x.dims3()?;
         let (y, routing) = match &self.ffn {
             Ffn::Dense(mlp) => (mlp.forward(&x)?, None),
             Ffn::Moe(moe) => {
-                let (y, routing) = moe.forward(
-                    &x.reshape((batch * seq, d_model))?,
-                    batch,
-                    self.layer,
-                    noise,
-                )?;
-                (y.reshape((batch, seq, d_model))?, Some(routing))
+                let (y, routing) = moe.forward(&x, batch, self.layer, noise)?;
+                (y, Some(routing))
             }
         };
         Ok(((h + y)?, routing))
@@ -237,20 +235,23 @@ impl MoeTransformer {
             .narrow(0, 0, seq)?
             .to_dtype(self.compute_dtype)?;
 
-        let mut h = self.embed_tokens(tokens)?.to_dtype(self.compute_dtype)?;
+        let mut h = self
+            .embed_tokens(&tokens.flatten_all()?)?
+            .to_dtype(self.compute_dtype)?;
         let mut routing = Vec::new();
         for block in &self.blocks {
             let noise = self.routing_noise(block.layer, options);
-            let (next, record) = block.forward(&h, &cos, &sin, noise)?;
+            let (next, record) = block.forward(&h, batch, &cos, &sin, noise)?;
             h = next;
             routing.extend(record);
         }
         let h = self.final_norm.forward(&h)?;
-        // Logits (and so the cross-entropy) in the master dtype, as the peers do.
-        let logits = self
+        // Logits (and so the cross-entropy) in the master dtype, as the peers do; (tokens, vocab).
+        let flat_logits = self
             .lm_head
             .forward(&h)?
             .to_dtype(self.embed.embeddings().dtype())?;
+        let logits = flat_logits.reshape((batch, seq, self.cfg.vocab_size))?;
 
         let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
         let sum = |losses: Vec<&Tensor>| -> Result<Tensor> {
@@ -268,7 +269,6 @@ impl MoeTransformer {
                         tokens.dims()
                     )));
                 }
-                let flat_logits = logits.reshape((batch * seq, self.cfg.vocab_size))?;
                 let token_losses =
                     moelab_kernels::cross_entropy(&flat_logits, &targets.flatten_all()?)?;
                 let lm_loss = token_losses.mean_all()?;

@@ -289,7 +289,7 @@ impl MoeFfn {
         let sizes = &plan.group_sizes;
         let gate = moelab_kernels::grouped_matmul(&x_sorted, &weight(&self.gate_proj)?, sizes)?;
         let up = moelab_kernels::grouped_matmul(&x_sorted, &weight(&self.up_proj)?, sizes)?;
-        let hidden = (gate.silu()? * up)?;
+        let hidden = moelab_kernels::swiglu(&gate, &up)?;
         let expert_out = moelab_kernels::grouped_matmul(&hidden, &weight(&self.down_proj)?, sizes)?;
         let weighted = expert_out.broadcast_mul(&gates_sorted.unsqueeze(1)?)?;
         let mut out = x.zeros_like()?.index_add(&token_index, &weighted, 0)?;
