@@ -10,6 +10,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod flash_attention;
@@ -20,6 +21,7 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 
+pub use adamw::{adamw_update, fused_adamw_supported, AdamWUpdate};
 pub use attention::causal_attention;
 pub use cpu::keep_freed_memory;
 pub use cross_entropy::cross_entropy;
