@@ -58,15 +58,17 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two buffers: the CPU update writes them in place.
+                let (shape, device) = (var.shape().clone(), var.device().clone());
+                let zeros = || Tensor::zeros(&shape, DType::F32, &device);
                 Ok(Slot {
                     decay: !no_decay
                         .iter()
                         .any(|pattern| name.contains(pattern.as_str())),
                     name,
                     var,
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: zeros()?,
+                    v: zeros()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -132,7 +134,23 @@ impl AdamW {
             };
             // Gradients of matmuls against parameters are themselves tracked by candle; detaching
             // keeps each step's backward graph from being chained into the moments forever.
-            let grad = (grad.detach().to_dtype(DType::F32)? * grad_scale)?;
+            let grad = grad.detach();
+            let param = slot.var.as_tensor();
+            if moelab_kernels::fused_adamw_supported(param, &slot.m, &slot.v, &grad) {
+                let update = moelab_kernels::AdamWUpdate {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    decay: if slot.decay { lr * weight_decay } else { 0.0 },
+                    correction1,
+                    correction2,
+                    grad_scale,
+                };
+                moelab_kernels::adamw_update(param, &slot.m, &slot.v, &grad, &update)?;
+                continue;
+            }
+            let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
             slot.m = ((&slot.m * beta1)? + (&grad * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let update = ((&slot.m / correction1)? / ((&slot.v / correction2)?.sqrt()? + eps)?)?;
