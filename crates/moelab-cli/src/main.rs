@@ -107,7 +107,7 @@ enum DataCommand {
 }
 
 fn main() -> anyhow::Result<()> {
-    moelab_kernels::keep_freed_memory();
+    moelab_kernels::tune_cpu_runtime();
     match Cli::parse().command {
         Command::Prepare(args) => data_cmd::prepare(args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,

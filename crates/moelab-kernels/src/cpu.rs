@@ -4,18 +4,28 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 
-/// Makes the C allocator keep the step's freed tensors for reuse instead of returning them to the
-/// kernel. A training step allocates and frees the same few hundred buffers every step; glibc
-/// serves buffers above its mmap threshold (128 KiB to 32 MiB) from fresh mappings, so every
-/// step paid a page fault per 4 KiB touched and a TLB shootdown per free (12% of a tiny step).
-/// Peak memory is unchanged: the buffers are reused, not added. Call once, at the start of the
-/// process; a no-op off glibc.
-pub fn keep_freed_memory() {
+/// Process-wide CPU settings for training; call once at the start of `main`, before any other
+/// thread exists (it sets an environment variable).
+///
+/// - The C allocator keeps the step's freed tensors for reuse instead of returning them to the
+///   kernel. A step allocates and frees the same few hundred buffers every time; glibc serves
+///   buffers above its mmap threshold (128 KiB to 32 MiB) from fresh mappings, so every step
+///   paid a page fault per 4 KiB touched and a TLB shootdown per free (12% of a tiny step). Peak
+///   memory is unchanged: the buffers are reused, not added. A no-op off glibc.
+/// - candle's elementwise worker threads spin for 25,000 rounds after each op before sleeping,
+///   which on a small machine takes a core from the GEMM threads running next (it doubled the
+///   CPU time of a tiny step on 2 cores). They now spin briefly; `CANDLE_BARRIER_POOL_SPIN_LIMIT`
+///   set by the user wins.
+pub fn tune_cpu_runtime() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters, under the allocator's own locks.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(SPIN).is_none() {
+        std::env::set_var(SPIN, "200");
     }
 }
 
@@ -45,32 +55,157 @@ pub(crate) trait Acc:
     fn from_usize(v: usize) -> Self;
 }
 
+/// `e^x` in f32 without a libm call, so that loops over rows vectorise: `x = n ln2 + r` with
+/// |r| <= ln2 / 2 (Cody-Waite split of ln2), `e^r` by its Taylor polynomial to degree 7 (relative
+/// error < 2^-23 on that interval), `2^n` built in the exponent bits. Within a few ulp of the
+/// correctly rounded result over the normal range; 0 below it (x < -87.3), infinity above 88.7,
+/// NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer in two float ops.
+    const ROUND: f32 = 12_582_912.0;
+    let clamped = x.clamp(-87.3, 88.7);
+    let shifted = clamped * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = (clamped - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // n is in [-126, 128] and 2^128 is not a float: 2^n as 2^(n/2) 2^(n - n/2), each in range.
+    // The integer n is read from the rounding sum's low mantissa bits (no float-to-int
+    // conversion, which would not vectorise); a NaN gives garbage bits here and NaN from p.
+    let n = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    let y = p * pow2(n >> 1) * pow2(n - (n >> 1));
+    if x < -87.3 {
+        0.0
+    } else if x > 88.7 {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+/// Runs `f` compiled for AVX2 where the CPU has it (x86-64), else as built. `f` and what it
+/// calls must be `#[inline(always)]` to be compiled into the AVX2 copy. AVX2 only widens the
+/// vectors: per-element arithmetic and the fixed 8-lane reduction order are the same either
+/// way, so results are bit-identical with and without it (FMA is not enabled: it would change
+/// rounding).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+/// Lanes of the row reductions below: sums and maxima run over 8 independent accumulators,
+/// then the lanes in order, so they vectorise and their order does not depend on threads.
+const LANES: usize = 8;
+
+/// The largest element of `row` (-inf when empty).
+#[inline(always)]
+pub(crate) fn row_max<T: Elem>(row: &[T]) -> T::A {
+    let (chunks, rest) = row.as_chunks::<LANES>();
+    let mut lanes = [<T::A as Acc>::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for i in 0..LANES {
+            let v = chunk[i].to_acc();
+            lanes[i] = if v > lanes[i] { v } else { lanes[i] };
+        }
+    }
+    lanes
+        .into_iter()
+        .chain(rest.iter().map(|v| v.to_acc()))
+        .fold(
+            <T::A as Acc>::NEG_INFINITY,
+            |m, v| if v > m { v } else { m },
+        )
+}
+
+/// `sum(exp(x - shift))` over `row`, also writing each `exp(x - shift)` to `out` when given.
+/// The exps go through a small buffer first (a plain map loop, which vectorises).
+#[inline(always)]
+pub(crate) fn exp_sum<T: Elem>(row: &[T], shift: T::A, mut out: Option<&mut [T]>) -> T::A {
+    const BLOCK: usize = 256;
+    let mut buf = [<T::A as Acc>::ZERO; BLOCK];
+    let mut lanes = [<T::A as Acc>::ZERO; LANES];
+    for (b, block) in row.chunks(BLOCK).enumerate() {
+        let exps = &mut buf[..block.len()];
+        for (e, v) in exps.iter_mut().zip(block) {
+            *e = (v.to_acc() - shift).exp();
+        }
+        if let Some(out) = out.as_deref_mut() {
+            for (o, e) in out[b * BLOCK..].iter_mut().zip(exps.iter()) {
+                *o = T::from_acc(*e);
+            }
+        }
+        let (chunks, rest) = exps.as_chunks::<LANES>();
+        for chunk in chunks {
+            for i in 0..LANES {
+                lanes[i] += chunk[i];
+            }
+        }
+        for (lane, e) in lanes.iter_mut().zip(rest) {
+            *lane += *e;
+        }
+    }
+    let mut sum = <T::A as Acc>::ZERO;
+    for lane in lanes {
+        sum += lane;
+    }
+    sum
+}
+
 macro_rules! impl_acc {
-    ($t:ty) => {
+    ($t:ty, $exp:expr) => {
         impl Acc for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
             fn exp(self) -> Self {
-                <$t>::exp(self)
+                $exp(self)
             }
+            #[inline(always)]
             fn ln(self) -> Self {
                 <$t>::ln(self)
             }
+            #[inline(always)]
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
             }
+            #[inline(always)]
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
+            #[inline(always)]
             fn from_usize(v: usize) -> Self {
                 v as $t
             }
         }
     };
 }
-impl_acc!(f32);
-impl_acc!(f64);
+// f32 (the training dtype, and bf16/f16's accumulator) takes the vectorisable exp; f64, the
+// gradient checks' dtype, keeps libm's.
+impl_acc!(f32, exp_f32);
+impl_acc!(f64, f64::exp);
 
 /// A float storage element with its accumulation type.
 pub(crate) trait Elem: WithDType {
@@ -81,9 +216,11 @@ pub(crate) trait Elem: WithDType {
 
 impl Elem for f32 {
     type A = f32;
+    #[inline(always)]
     fn to_acc(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn from_acc(a: f32) -> Self {
         a
     }
@@ -91,9 +228,11 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     type A = f64;
+    #[inline(always)]
     fn to_acc(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn from_acc(a: f64) -> Self {
         a
     }
@@ -101,9 +240,11 @@ impl Elem for f64 {
 
 impl Elem for half::bf16 {
     type A = f32;
+    #[inline(always)]
     fn to_acc(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn from_acc(a: f32) -> Self {
         half::bf16::from_f32(a)
     }
@@ -111,9 +252,11 @@ impl Elem for half::bf16 {
 
 impl Elem for half::f16 {
     type A = f32;
+    #[inline(always)]
     fn to_acc(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn from_acc(a: f32) -> Self {
         half::f16::from_f32(a)
     }
@@ -213,4 +356,32 @@ pub(crate) fn check_same_dtype(op: &str, what: &str, t: &Tensor, reference: &Ten
 /// The dtype of a CPU storage (saves importing candle's backend trait everywhere).
 pub(crate) fn storage_dtype(s: &CpuStorage) -> DType {
     candle_core::backend::BackendStorage::dtype(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulp_of_the_exact_value() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.5 {
+            let exact = f64::from(x).exp();
+            let rel = ((f64::from(exp_f32(x)) - exact) / exact).abs();
+            worst = worst.max(rel);
+            x += 0.000_37;
+        }
+        // 4 ulp of f32 (2^-23 each).
+        assert!(
+            worst < 4.0 * f64::from(f32::EPSILON),
+            "max relative error {worst}"
+        );
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
 }

@@ -23,7 +23,7 @@ pub mod swiglu;
 
 pub use adamw::{adamw_update, fused_adamw_supported, AdamWUpdate};
 pub use attention::causal_attention;
-pub use cpu::keep_freed_memory;
+pub use cpu::tune_cpu_runtime;
 pub use cross_entropy::cross_entropy;
 pub use grouped_matmul::grouped_matmul;
 pub use rms_norm::rms_norm;
