@@ -1,6 +1,8 @@
 //! Fused per-row cross-entropy (log-softmax + target pick) with a fused backward.
 
-use crate::cpu::{check_float, contiguous, float_dispatch, map_rows, Acc, Elem};
+use crate::cpu::{
+    check_float, contiguous, exp_sum, float_dispatch, map_rows, row_max, vectorized, Acc, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// Per-row cross-entropy: `logits (N, V)`, `targets (N,)` u32 -> `(N,)` loss
@@ -46,17 +48,10 @@ fn check_targets(op: &str, targets: &[u32], v: usize) -> Result<()> {
 }
 
 /// Row max and sum of exp(x - max), the stable pieces of logsumexp.
+#[inline(always)]
 fn max_and_sum<T: Elem>(row: &[T]) -> (T::A, T::A) {
-    let max =
-        row.iter().map(|v| v.to_acc()).fold(
-            <T::A as Acc>::NEG_INFINITY,
-            |m, v| if v > m { v } else { m },
-        );
-    let mut sum = <T::A as Acc>::ZERO;
-    for v in row {
-        sum += (v.to_acc() - max).exp();
-    }
-    (max, sum)
+    let max = row_max(row);
+    (max, exp_sum(row, max, None))
 }
 
 /// `(N, V)` dims of a logits layout.
@@ -87,7 +82,10 @@ impl CrossEntropy {
         let mut loss = vec![T::from_f64(0.0); n];
         map_rows(&mut loss, 1, logits.len(), |row, out| {
             let xr = &logits[row * v..(row + 1) * v];
-            let (max, sum) = max_and_sum(xr);
+            let (max, sum) = vectorized(
+                #[inline(always)]
+                || max_and_sum(xr),
+            );
             let target = xr[targets[row] as usize].to_acc();
             out[0] = T::from_acc(max + sum.ln() - target);
         });
@@ -125,20 +123,34 @@ impl CustomOp2 for CrossEntropy {
         &self,
         logits: &Tensor,
         targets: &Tensor,
-        _loss: &Tensor,
+        loss: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // On the CPU in f32/f64 the forward's loss gives each row's logsumexp back
+        // (loss + logits[target]), which saves the backward a pass over the row and an exp per
+        // logit; in half precision the rounded loss is too coarse for that and the row's
+        // logsumexp is recomputed (as on CUDA).
+        let saved_loss =
+            logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::F64);
+        let third = if saved_loss {
+            Tensor::stack(&[g, loss], 0)?
+        } else {
+            g.clone()
+        };
         let dlogits = logits.contiguous()?.apply_op3_no_bwd(
             &targets.contiguous()?,
-            &g.contiguous()?,
-            &CrossEntropyBackward,
+            &third.contiguous()?,
+            &CrossEntropyBackward { saved_loss },
         )?;
         Ok((Some(dlogits), None))
     }
 }
 
-/// dlogits = (softmax(row) - onehot(target)) * g[row].
-struct CrossEntropyBackward;
+/// dlogits = (softmax(row) - onehot(target)) * g[row]. Inputs `(logits, targets, g)`, or with
+/// `saved_loss` `(logits, targets, [g; loss])` stacked as (2, N).
+struct CrossEntropyBackward {
+    saved_loss: bool,
+}
 
 impl CrossEntropyBackward {
     #[allow(clippy::too_many_arguments)]
@@ -153,9 +165,14 @@ impl CrossEntropyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let logits = contiguous::<T>(ls, ll, self.name(), "logits")?;
         let targets = contiguous::<u32>(ts, tl, self.name(), "targets")?;
-        let g = contiguous::<T>(gs, gl, self.name(), "grad")?;
+        let grad_and_loss = contiguous::<T>(gs, gl, self.name(), "grad")?;
         let (n, v) = logits_dims(self.name(), ll)?;
-        if targets.len() != n || g.len() != n {
+        let (g, loss) = if self.saved_loss {
+            grad_and_loss.split_at(grad_and_loss.len() / 2)
+        } else {
+            (grad_and_loss, &[][..])
+        };
+        if targets.len() != n || g.len() != n || (self.saved_loss && loss.len() != n) {
             bail!(
                 "{}: {} targets and {} grads for {n} rows",
                 self.name(),
@@ -166,16 +183,40 @@ impl CrossEntropyBackward {
         check_targets(self.name(), targets, v)?;
         let mut dx = vec![T::from_f64(0.0); logits.len()];
         map_rows(&mut dx, v, 2 * logits.len(), |row, out| {
-            let xr = &logits[row * v..(row + 1) * v];
-            let (max, sum) = max_and_sum(xr);
-            let scale = g[row].to_acc() / sum;
-            for (o, x) in out.iter_mut().zip(xr) {
-                *o = T::from_acc((x.to_acc() - max).exp() * scale);
-            }
-            let t = targets[row] as usize;
-            out[t] = T::from_acc(out[t].to_acc() - g[row].to_acc());
+            vectorized(
+                #[inline(always)]
+                || self.row::<T>(row, out, &logits[row * v..(row + 1) * v], targets, g, loss),
+            )
         });
         Ok((T::to_cpu_storage_owned(dx), ll.shape().clone()))
+    }
+
+    /// One row of dlogits.
+    #[inline(always)]
+    fn row<T: Elem>(
+        &self,
+        row: usize,
+        out: &mut [T],
+        xr: &[T],
+        targets: &[u32],
+        g: &[T],
+        loss: &[T],
+    ) {
+        {
+            let t = targets[row] as usize;
+            let gr = g[row].to_acc();
+            // exp(x - shift) * scale = softmax(x) * g for either pair.
+            let (shift, scale) = if self.saved_loss {
+                (loss[row].to_acc() + xr[t].to_acc(), gr)
+            } else {
+                let (max, sum) = max_and_sum(xr);
+                (max, gr / sum)
+            };
+            for (o, x) in out.iter_mut().zip(xr) {
+                *o = T::from_acc((x.to_acc() - shift).exp() * scale);
+            }
+            out[t] = T::from_acc(out[t].to_acc() - gr);
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! Softmax over the last dimension, plain and causal-masked, with a fused backward.
 
-use crate::cpu::{check_float, contiguous, float_dispatch, map_rows, Acc, Elem};
+use crate::cpu::{
+    check_float, contiguous, exp_sum, float_dispatch, map_rows, row_max, vectorized, Acc, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// Softmax over the last dim, any rank. bwd: dx = y * (g - sum(g*y, last, keepdim)).
@@ -60,23 +62,16 @@ impl Softmax {
             let n = visible_len(self.causal, row, t_q, t_k);
             // Masked tail stays at the zero it was initialised with.
             let (out, xr) = (&mut out[..n], &x[row * t_k..row * t_k + n]);
-            let max = xr
-                .iter()
-                .map(|v| v.to_acc())
-                .fold(
-                    <T::A as Acc>::NEG_INFINITY,
-                    |m, v| if v > m { v } else { m },
-                );
-            let mut sum = <T::A as Acc>::ZERO;
-            for (o, v) in out.iter_mut().zip(xr) {
-                let e = (v.to_acc() - max).exp();
-                sum += e;
-                *o = T::from_acc(e);
-            }
-            let inv = <T::A as Acc>::ONE / sum;
-            for o in out.iter_mut() {
-                *o = T::from_acc(o.to_acc() * inv);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let max = row_max(xr);
+                    let inv = <T::A as Acc>::ONE / exp_sum(xr, max, Some(&mut *out));
+                    for o in out.iter_mut() {
+                        *o = T::from_acc(o.to_acc() * inv);
+                    }
+                },
+            )
         });
         Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
     }

@@ -1,7 +1,9 @@
 //! The SwiGLU gate `silu(gate) * up` as one op with its backward (two candle ops and their four
 //! gradient buffers otherwise).
 
-use crate::cpu::{check_float, check_same_dtype, contiguous, float_dispatch, Acc, Elem};
+use crate::cpu::{
+    check_float, check_same_dtype, contiguous, float_dispatch, vectorized, Acc, Elem,
+};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -27,6 +29,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 const CHUNK: usize = 1 << 14;
 
 /// sigmoid in the accumulation type.
+#[inline(always)]
 fn sigmoid<A: Acc>(x: A) -> A {
     A::ONE / (A::ONE + (-x).exp())
 }
@@ -44,10 +47,15 @@ impl SwiGlu {
         let mut y = vec![T::from_f64(0.0); gate.len()];
         y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
             let at = c * CHUNK;
-            for ((o, g), u) in out.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
-                let g = g.to_acc();
-                *o = T::from_acc(g * sigmoid(g) * u.to_acc());
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, g), u) in out.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+                        let g = g.to_acc();
+                        *o = T::from_acc(g * sigmoid(g) * u.to_acc());
+                    }
+                },
+            )
         });
         Ok((T::to_cpu_storage_owned(y), gl.shape().clone()))
     }
