@@ -7,7 +7,7 @@
 //! the op and no second pass over the scores to recompute it. The same layout is meant for the
 //! future CUDA kernel, which this file is the CPU reference of.
 
-use crate::cpu::{check_float, contiguous, Acc, PAR_THRESHOLD};
+use crate::cpu::{check_float, contiguous, vectorized, Acc, PAR_THRESHOLD};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -132,7 +132,7 @@ fn sized<'a, F: Float>(
 
 /// Dot product with eight independent partial sums, so the compiler can vectorise it while the
 /// summation order (and so the result) stays fixed.
-#[inline]
+#[inline(always)]
 fn dot<F: Acc>(a: &[F], b: &[F]) -> F {
     let mut part = [F::ZERO; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -151,7 +151,7 @@ fn dot<F: Acc>(a: &[F], b: &[F]) -> F {
 }
 
 /// `out += a * x`.
-#[inline]
+#[inline(always)]
 fn axpy<F: Acc>(out: &mut [F], a: F, x: &[F]) {
     for (o, v) in out.iter_mut().zip(x) {
         *o += a * *v;
@@ -192,6 +192,7 @@ fn for_each_group<F: Send>(
 
 /// Forward of one (batch, query head): Algorithm 1 of FlashAttention-2 with the causal mask.
 /// `q`, `out`: (T, D) of this head; `k`, `v`: (T, D) of its kv head; `lse`: (T,).
+#[inline(always)]
 fn forward_head<F: Float>(
     q: &[F],
     k: &[F],
@@ -286,14 +287,19 @@ impl FlashAttention {
             let (bi, hi) = (bh / dm.h, bh % dm.h);
             // Grouped-query heads read their kv head in place: no expanded k/v copies.
             let kvo = (bi * dm.kv + hi / rep) * t * d;
-            forward_head(
-                &q[bh * t * d..(bh + 1) * t * d],
-                &k[kvo..kvo + t * d],
-                &v[kvo..kvo + t * d],
-                (t, d),
-                scale,
-                out,
-                lse,
+            vectorized(
+                #[inline(always)]
+                || {
+                    forward_head(
+                        &q[bh * t * d..(bh + 1) * t * d],
+                        &k[kvo..kvo + t * d],
+                        &v[kvo..kvo + t * d],
+                        (t, d),
+                        scale,
+                        out,
+                        lse,
+                    )
+                },
             );
         };
         // One (batch, head) per task, each computed by one thread in a fixed order, so results
@@ -372,6 +378,7 @@ struct HeadGrad<'a, F> {
 /// Backward of one query head: Algorithm 2 of FlashAttention-2 with the causal mask. Adds into
 /// `dq` (this head), `dk`, `dv` (its kv head, shared with the other heads of the group).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn backward_head<F: Float>(
     g: &HeadGrad<'_, F>,
     k: &[F],
@@ -457,15 +464,20 @@ impl FlashAttentionBackward {
                         d_out: &d_out[qo..qo + t * d],
                         d_lse: &d_lse[lo..lo + t],
                     };
-                    backward_head(
-                        &head,
-                        kg,
-                        vg,
-                        (t, d),
-                        scale,
-                        &mut delta,
-                        &mut dq[r * t * d..(r + 1) * t * d],
-                        (&mut *dk, &mut *dv),
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            backward_head(
+                                &head,
+                                kg,
+                                vg,
+                                (t, d),
+                                scale,
+                                &mut delta,
+                                &mut dq[r * t * d..(r + 1) * t * d],
+                                (&mut *dk, &mut *dv),
+                            )
+                        },
                     );
                 }
             },
