@@ -16,6 +16,7 @@ pub mod cross_entropy;
 pub mod flash_attention;
 pub mod gradcheck;
 pub mod grouped_matmul;
+pub mod moe_dispatch;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
