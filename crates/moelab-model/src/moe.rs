@@ -2,12 +2,13 @@
 //!
 //! Dispatch is permute -> grouped GEMM -> un-permute: the chosen (token, slot) pairs are sorted by
 //! expert once, every expert multiplies its contiguous rows through `grouped_matmul`, and the
-//! gated outputs are added back to their tokens with `index_add`. The only host round trip is the
+//! gated outputs are added back to their tokens (`moe_dispatch::unpermute`, the combine fused in). The only host round trip is the
 //! copy of the chosen expert ids (one small device-to-host copy per layer), which builds the
 //! permutation and the per-expert row counts.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
+use moelab_kernels::moe_dispatch;
 
 use crate::config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
 use crate::layers::{Linear, SwiGlu};
@@ -268,7 +269,7 @@ impl MoeFfn {
         let (tokens, _) = x.dims2()?;
         let n_experts = self.gate_proj.dim(0)?;
         let decision = self.router.forward(x, n_sequences, noise)?;
-        let plan = DispatchPlan::new(
+        let mut plan = DispatchPlan::new(
             &decision.expert_ids_host,
             n_experts,
             self.top_k,
@@ -276,9 +277,9 @@ impl MoeFfn {
         );
 
         let device = x.device();
-        let token_index = index_tensor(&plan.tokens, device)?;
+        let routing = moe_dispatch::Routing::new(std::mem::take(&mut plan.tokens), tokens)?;
         let slot_index = index_tensor(&plan.assignments, device)?;
-        let x_sorted = x.index_select(&token_index, 0)?;
+        let x_sorted = moe_dispatch::permute(x, &routing)?;
         let gates_sorted = decision
             .gates
             .flatten_all()?
@@ -291,8 +292,7 @@ impl MoeFfn {
         let up = moelab_kernels::grouped_matmul(&x_sorted, &weight(&self.up_proj)?, sizes)?;
         let hidden = moelab_kernels::swiglu(&gate, &up)?;
         let expert_out = moelab_kernels::grouped_matmul(&hidden, &weight(&self.down_proj)?, sizes)?;
-        let weighted = expert_out.broadcast_mul(&gates_sorted.unsqueeze(1)?)?;
-        let mut out = x.zeros_like()?.index_add(&token_index, &weighted, 0)?;
+        let mut out = moe_dispatch::unpermute(&expert_out, &gates_sorted, &routing)?;
         if let Some(shared) = &self.shared {
             out = (out + shared.forward(x)?)?;
         }
