@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use moelab_model::{ForwardOptions, ModelConfig, MoeTransformer};
 use moelab_train::routing_counts::RouterAccumulator;
 
@@ -66,4 +66,9 @@ criterion_group! {
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(5));
     targets = step
 }
-criterion_main!(benches);
+/// criterion's main, after the CPU settings `moelab` itself starts with.
+fn main() {
+    moelab_kernels::tune_cpu_runtime();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
