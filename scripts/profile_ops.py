@@ -53,7 +53,8 @@ def main():
     total = 0
     for stack in samples(sys.stdin):
         frames = list(reversed(stack))  # root first
-        if any(POOL.search(f) for f in frames):
+        in_step = any(STEP.search(f) for f in frames)
+        if not in_step and any(POOL.search(f) for f in frames):
             kernels = [m.group(0) for f in frames if (m := KERNEL.search(f))]
             if kernels:
                 total += 1

@@ -23,6 +23,8 @@ pub struct Learner {
     params: Vec<(String, Var)>,
     optimizer: AdamW,
     device: Device,
+    /// On the CPU, the threads the step runs on (see [`Learner::step`]).
+    cpu_pool: Option<rayon::ThreadPool>,
 }
 
 /// A point inside a step, reported to the caller as it passes (bench times them).
@@ -90,11 +92,22 @@ impl Learner {
             },
             &cfg.train.no_decay,
         )?;
+        let cpu_pool = match device {
+            Device::Cpu => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(cfg.run.threads)
+                    .thread_name(|i| format!("moelab-cpu-{i}"))
+                    .build()
+                    .map_err(|e| TrainError::Argument(format!("run.threads: {e}")))?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             model,
             params,
             optimizer,
             device: device.clone(),
+            cpu_pool,
         })
     }
 
@@ -120,6 +133,12 @@ impl Learner {
 
     /// Runs step `step` (0-based) on `batch` at learning rate `lr`; routing choices go to
     /// `router_log`, and `on_phase` is called as each phase ends.
+    ///
+    /// On the CPU the whole step runs on one of the pool's threads (`run.threads` of them), so
+    /// that every kernel and GEMM inside splits its work from a pool thread: the other threads
+    /// steal halves as they free up. Called from outside the pool, each of the step's few
+    /// hundred parallel ops would instead park the caller and wake a worker, which cost more
+    /// than the second core gave (2 threads were slower than 1 on the tiny config).
     pub fn step(
         &mut self,
         batch: &Batch,
@@ -127,7 +146,28 @@ impl Learner {
         lr: f64,
         cfg: &Config,
         router_log: &mut RouterAccumulator,
-        on_phase: &mut dyn FnMut(Phase),
+        on_phase: &mut (dyn FnMut(Phase) + Send),
+    ) -> Result<StepOutcome, TrainError> {
+        match self.cpu_pool.take() {
+            Some(pool) => {
+                let outcome =
+                    pool.install(|| self.step_here(batch, step, lr, cfg, router_log, on_phase));
+                self.cpu_pool = Some(pool);
+                outcome
+            }
+            None => self.step_here(batch, step, lr, cfg, router_log, on_phase),
+        }
+    }
+
+    /// [`Learner::step`] on the calling thread.
+    fn step_here(
+        &mut self,
+        batch: &Batch,
+        step: u64,
+        lr: f64,
+        cfg: &Config,
+        router_log: &mut RouterAccumulator,
+        on_phase: &mut (dyn FnMut(Phase) + Send),
     ) -> Result<StepOutcome, TrainError> {
         let micro = cfg.train.micro_batch;
         let seq_len = batch.seq_len;
