@@ -71,8 +71,60 @@ pub fn adamw_update(
     param.inplace_op3(m, v, &Apply(*update))
 }
 
-/// Elements per parallel chunk.
+/// Elements per parallel chunk; tensors of at most one chunk (norm gains, routers, biases) are
+/// updated on the calling thread, where a hand-off to the pool would cost more than the work.
 const CHUNK: usize = 1 << 14;
+
+/// `f` over matching chunks of `dst` and `srcs`, in parallel when there is more than one.
+fn for_chunks<const N: usize>(
+    dst: &mut [f32],
+    srcs: [&[f32]; N],
+    f: impl Fn(&mut [f32], [&[f32]; N]) + Send + Sync,
+) {
+    let pieces = |c: usize| srcs.map(|s| &s[c * CHUNK..((c + 1) * CHUNK).min(s.len())]);
+    if dst.len() <= CHUNK {
+        f(dst, srcs);
+    } else {
+        dst.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(c, d)| f(d, pieces(c)));
+    }
+}
+
+/// `sum(t^2)` in f64, one read of an f32 CPU tensor (the global gradient norm's terms), or
+/// `None` for other tensors. Sums 8 f32 lanes per chunk, chunks in order: the result does not
+/// depend on the thread count.
+pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        return Ok(None);
+    };
+    let x = slice(storage, layout, "the tensor")?;
+    let chunk_sum = |c: &[f32]| -> f64 {
+        let (lanes8, rest) = c.as_chunks::<8>();
+        let mut lanes = [0f32; 8];
+        for l in lanes8 {
+            for i in 0..8 {
+                lanes[i] += l[i] * l[i];
+            }
+        }
+        let mut sum: f64 = lanes.iter().map(|&v| f64::from(v)).sum();
+        for v in rest {
+            sum += f64::from(v * v);
+        }
+        sum
+    };
+    let sums: Vec<f64> = if x.len() <= CHUNK {
+        vec![chunk_sum(x)]
+    } else {
+        x.par_chunks(CHUNK).map(chunk_sum).collect()
+    };
+    Ok(Some(sums.iter().sum()))
+}
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
@@ -120,16 +172,13 @@ impl InplaceOp2 for Moment {
         } else {
             (self.u.beta2 as f32, false)
         };
-        moment
-            .par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK))
-            .for_each(|(m, g)| {
-                for (m, g) in m.iter_mut().zip(g) {
-                    let g = g * scale;
-                    let term = if first { g } else { g * g };
-                    *m = *m * beta + term * (1.0 - beta);
-                }
-            });
+        for_chunks(moment, [grad], |m, [g]| {
+            for (m, g) in m.iter_mut().zip(g) {
+                let g = g * scale;
+                let term = if first { g } else { g * g };
+                *m = *m * beta + term * (1.0 - beta);
+            }
+        });
         Ok(())
     }
 }
@@ -156,15 +205,12 @@ impl InplaceOp3 for Apply {
         let u = &self.0;
         let (c1, c2, eps) = (u.correction1 as f32, u.correction2 as f32, u.eps as f32);
         let (lr, keep) = (u.lr as f32, (1.0 - u.decay) as f32);
-        param
-            .par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(p, (m, v))| {
-                for (p, (m, v)) in p.iter_mut().zip(m.iter().zip(v)) {
-                    let step = (m / c1) / ((v / c2).sqrt() + eps);
-                    *p = *p * keep - step * lr;
-                }
-            });
+        for_chunks(param, [m, v], |p, [m, v]| {
+            for (p, (m, v)) in p.iter_mut().zip(m.iter().zip(v)) {
+                let step = (m / c1) / ((v / c2).sqrt() + eps);
+                *p = *p * keep - step * lr;
+            }
+        });
         Ok(())
     }
 }
@@ -221,6 +267,27 @@ mod tests {
         }
         // The parameter moved.
         assert!(max_abs_diff(&fp, &rand(1, n, 1.0, DType::F32)) > 1e-3);
+    }
+
+    #[test]
+    fn sum_of_squares_matches_the_tensor_expression() {
+        for n in [5, 50_000] {
+            let t = rand(3, n, 2.0, DType::F32);
+            let want = t
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let got = sum_of_squares(&t).unwrap().unwrap();
+            assert!(
+                (got - f64::from(want)).abs() < 1e-4 * f64::from(want),
+                "{got} {want}"
+            );
+        }
+        let half = rand(3, 5, 1.0, DType::BF16);
+        assert_eq!(sum_of_squares(&half).unwrap(), None);
     }
 
     #[test]

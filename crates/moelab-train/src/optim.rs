@@ -95,9 +95,14 @@ impl AdamW {
 
     /// Global L2 norm of `grads` (name -> gradient) over the optimised parameters, in f64.
     pub fn grad_norm(&self, grads: &HashMap<String, Tensor>) -> Result<f64> {
+        let mut host = 0f64;
         let mut total: Option<Tensor> = None;
         for slot in &self.slots {
             if let Some(g) = grads.get(&slot.name) {
+                if let Some(sq) = moelab_kernels::sum_of_squares(g)? {
+                    host += sq;
+                    continue;
+                }
                 let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
                 total = Some(match total {
                     Some(t) => (t + sq)?,
@@ -105,10 +110,11 @@ impl AdamW {
                 });
             }
         }
-        match total {
-            Some(t) => Ok(f64::from(t.to_scalar::<f32>()?).sqrt()),
-            None => Ok(0.0),
-        }
+        let device = match total {
+            Some(t) => f64::from(t.to_scalar::<f32>()?),
+            None => 0.0,
+        };
+        Ok((host + device).sqrt())
     }
 
     /// Applies one update with learning rate `lr`, gradients first scaled by `grad_scale` (the
