@@ -178,15 +178,18 @@ impl RmsNormBackward {
                 let at = b * block + i * d;
                 let (xr, gr) = (&x[at..at + d], &g[at..at + d]);
                 let mut ss = <T::A as Acc>::ZERO;
-                let mut dot = <T::A as Acc>::ZERO;
-                for ((xv, gv), wv) in xr.iter().zip(gr).zip(&w) {
-                    let (xv, gv) = (xv.to_acc(), gv.to_acc());
+                for xv in xr {
+                    let xv = xv.to_acc();
                     ss += xv * xv;
-                    dot += gv * *wv * xv;
                 }
                 let r = <T::A as Acc>::ONE / (ss * inv_d + eps).sqrt();
-                // mean(dxhat * xhat) = r * mean(g w x)
-                let proj = dot * inv_d * r;
+                // mean(dxhat * xhat), each product formed as (g w)(x r) like the composed
+                // version: g w x could overflow where (g w)(x r) does not.
+                let mut dot = <T::A as Acc>::ZERO;
+                for ((xv, gv), wv) in xr.iter().zip(gr).zip(&w) {
+                    dot += (gv.to_acc() * *wv) * (xv.to_acc() * r);
+                }
+                let proj = dot * inv_d;
                 for (((o, xv), gv), (wv, dw)) in dx_row
                     .iter_mut()
                     .zip(xr)
