@@ -268,6 +268,24 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         op: Box::new(move |t| moelab_kernels::grouped_matmul(&t[0], &t[1], &sizes)),
     });
     cases.push(Case {
+        name: "swiglu (37, 1000)".into(),
+        inputs: vec![rng.tensor(&[37, 1000], 4.0), rng.tensor(&[37, 1000], 2.0)],
+        grads: vec![Some("gate"), Some("up")],
+        op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
+    });
+    // 7 tokens, 15 rows: token 5 gets no row, token 0 four (an expert taking most of them).
+    let token_of_row = vec![0u32, 3, 0, 1, 6, 0, 2, 4, 0, 3, 1, 6, 2, 4, 3];
+    let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, 7).unwrap();
+    cases.push(Case {
+        name: "moe permute + unpermute 7 tokens -> 15 rows x 96".into(),
+        inputs: vec![rng.tensor(&[7, 96], 1.0), rng.tensor(&[15], 1.0)],
+        grads: vec![Some("x"), Some("gates")],
+        op: Box::new(move |t| {
+            let rows = moelab_kernels::moe_dispatch::permute(&t[0], &routing)?;
+            moelab_kernels::moe_dispatch::unpermute(&rows, &t[1], &routing)
+        }),
+    });
+    cases.push(Case {
         name: "causal_attention q(2,4,37,64) kv(2,2,37,64)".into(),
         inputs: vec![
             rng.tensor(&[2, 4, 37, 64], 1.0),
