@@ -5,6 +5,7 @@ pub mod ablate;
 pub mod bench;
 pub mod checkpoint_trace;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod hf_io;
