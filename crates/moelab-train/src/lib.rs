@@ -24,5 +24,6 @@ pub use config::{Config, RunConfig};
 pub use error::TrainError;
 pub use eval::EvalReport;
 pub use trainer::{
-    evaluate_checkpoint, train, Event, Resume, RunDir, RunOptions, StepMetrics, Summary, Trainer,
+    evaluate_checkpoint, train, train_on, Event, Resume, RunDir, RunOptions, StepMetrics, Summary,
+    Trainer,
 };

@@ -7,6 +7,7 @@
 //! that true by deciding everything that changes the order (stop requests, skipped steps) from
 //! reduced values.
 
+pub mod data_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 

@@ -9,6 +9,7 @@ use moelab_data::Batch;
 use moelab_model::{ForwardOptions, MoeTransformer};
 
 use super::checkpoint::Checkpoint;
+use crate::dist::{data_parallel, Collective};
 use crate::optim::{clip_scale, AdamW, AdamWParams};
 use crate::routing_counts::RouterAccumulator;
 use crate::{Config, TrainError};
@@ -118,20 +119,26 @@ impl Learner {
         ))
     }
 
-    /// Runs step `step` (0-based) on `batch` at learning rate `lr`; routing choices go to
-    /// `router_log`, and `on_phase` is called as each phase ends.
+    /// Runs step `step` (0-based) on `batch` (this rank's share of the global batch) at
+    /// learning rate `lr`; routing choices go to `router_log`, and `on_phase` is called as each
+    /// phase ends. Gradients, losses and loads are summed over the ranks of `comm`, so every
+    /// rank applies the same update and returns the same outcome.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         batch: &Batch,
         step: u64,
         lr: f64,
         cfg: &Config,
+        comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut dyn FnMut(Phase),
     ) -> Result<StepOutcome, TrainError> {
         let micro = cfg.train.micro_batch;
         let seq_len = batch.seq_len;
-        let accumulation = batch.n_sequences / micro;
+        // Micro-batches of the whole step, over all ranks: each one's loss weighs 1/accumulation.
+        let accumulation = batch.n_sequences / micro * comm.world_size();
+        let local_micro_batches = batch.n_sequences / micro;
         let n_moe = cfg.model.n_moe_layers();
         let n_experts = cfg.model.moe.n_experts;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
@@ -147,7 +154,7 @@ impl Learner {
         };
         let mut domain_sums: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
         let share = 1.0 / accumulation as f64;
-        for m in 0..accumulation {
+        for m in 0..local_micro_batches {
             let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
             let shape = (micro, seq_len);
             let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
@@ -217,6 +224,7 @@ impl Learner {
             router_log.record(step + 1, &out.routing, domains, seq_len)?;
         }
         let names = router_log.domains();
+        let domain_sums = reduce_outcome(comm, &mut outcome, domain_sums, names.len())?;
         outcome.domain_loss = domain_sums
             .into_iter()
             .map(|(d, (sum, n))| {
@@ -227,6 +235,7 @@ impl Learner {
         if cfg.train.debug_nan_steps.contains(&(step + 1)) {
             outcome.loss = f64::NAN;
         }
+        data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
         outcome.grad_norm = self.optimizer.grad_norm(&grads)?;
         outcome.applied = outcome.loss.is_finite() && outcome.grad_norm.is_finite();
         if outcome.applied {
@@ -241,6 +250,59 @@ impl Learner {
         on_phase(Phase::Optimizer);
         Ok(outcome)
     }
+}
+
+/// Sums the step's scalars over ranks: each rank holds its micro-batches' shares of the mean
+/// losses, its tokens per expert and its per-domain loss sums and sequence counts (by domain
+/// id, `n_domains` of them). Returns the summed per-domain (loss sum, sequences).
+fn reduce_outcome(
+    comm: &dyn Collective,
+    outcome: &mut StepOutcome,
+    domain_sums: BTreeMap<u32, (f64, usize)>,
+    n_domains: usize,
+) -> Result<BTreeMap<u32, (f64, usize)>, TrainError> {
+    if comm.world_size() == 1 {
+        return Ok(domain_sums);
+    }
+    let n_moe = outcome.aux_loss.len();
+    let mut packed = vec![outcome.loss, outcome.lm_loss];
+    packed.extend(&outcome.aux_loss);
+    packed.extend(&outcome.z_loss);
+    for load in &outcome.tokens_per_expert {
+        packed.extend(load.iter().map(|&n| n as f64));
+    }
+    let domains_at = packed.len();
+    packed.resize(domains_at + 2 * n_domains, 0.0);
+    for (&d, &(sum, n)) in &domain_sums {
+        let d = d as usize;
+        if d >= n_domains {
+            return Err(TrainError::Argument(format!(
+                "a batch holds domain id {d} but the dataset has {n_domains} domains"
+            )));
+        }
+        packed[domains_at + 2 * d] = sum;
+        packed[domains_at + 2 * d + 1] = n as f64;
+    }
+    comm.all_reduce_f64(&mut packed);
+    outcome.loss = packed[0];
+    outcome.lm_loss = packed[1];
+    outcome.aux_loss.copy_from_slice(&packed[2..2 + n_moe]);
+    outcome
+        .z_loss
+        .copy_from_slice(&packed[2 + n_moe..2 + 2 * n_moe]);
+    let mut at = 2 + 2 * n_moe;
+    for load in &mut outcome.tokens_per_expert {
+        for n in load.iter_mut() {
+            *n = packed[at].round() as usize;
+            at += 1;
+        }
+    }
+    Ok((0..n_domains)
+        .filter_map(|d| {
+            let sequences = packed[domains_at + 2 * d + 1].round() as usize;
+            (sequences > 0).then(|| (d as u32, (packed[domains_at + 2 * d], sequences)))
+        })
+        .collect())
 }
 
 /// DeepSeek-V3's auxiliary-loss-free update: b_i += rate * sign(mean load - load_i).
