@@ -153,6 +153,35 @@ fn two_ranks_match_one_rank_of_the_same_global_batch() {
 }
 
 #[test]
+fn global_batch_balancing_trains_on_two_ranks_as_on_one() {
+    let settings = [SETTINGS, &["model.moe.aux_loss_scope=\"global\""]].concat();
+    let fx = Fixture::new("dist-global", &settings);
+    ok(&fx.train("one", &[]));
+    ok(&run_mpi(&fx, 2, "two", &[]));
+    // The fractions are counted over the whole global batch, so the split does not matter.
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    let lines = logged(&fx.run_dir("two"));
+    let aux: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["aux_loss"].as_array()?.first()?.as_f64())
+        .collect();
+    assert_eq!(aux.len(), 6);
+    assert!(
+        aux.iter().all(|a| a.is_finite() && *a >= 0.9),
+        "aux ~ 1 or above: {aux:?}"
+    );
+    // And it is not the micro-batch loss: a micro-batch-scope run logs other values.
+    ok(&fx.train(
+        "micro",
+        &["--set", "model.moe.aux_loss_scope=\"micro_batch\""],
+    ));
+    assert_ne!(
+        logged(&fx.run_dir("micro"))[0]["aux_loss"],
+        lines[0]["aux_loss"]
+    );
+}
+
+#[test]
 fn a_global_batch_that_does_not_split_over_the_ranks_is_refused_on_every_rank() {
     let fx = Fixture::new("dist-split", SETTINGS);
     // 8 sequences per step, micro-batches of 4: 3 ranks cannot share them.

@@ -18,7 +18,7 @@ fn main() {
         }
     };
     type Check = fn(&dyn Collective);
-    let checks: [(&str, Check); 6] = [
+    let checks: [(&str, Check); 7] = [
         ("all_reduce", all_reduce),
         (
             "reduce_scatter_and_all_gather",
@@ -28,6 +28,7 @@ fn main() {
         ("agree_names_the_failing_rank", agree_names_the_failing_rank),
         ("check_same_lists_every_rank", check_same_lists_every_rank),
         ("tensors", tensors),
+        ("global_balance_counts", global_balance_counts),
     ];
     for (name, check) in checks {
         check(comm.as_ref());
@@ -129,4 +130,21 @@ fn tensors(comm: &dyn Collective) {
     let block = comm.reduce_scatter_tensor(&flat).unwrap();
     let gathered = comm.all_gather_tensor(&block).unwrap();
     assert_eq!(gathered.to_vec1::<f32>().unwrap(), [1.0, 1.0, 2.0, 2.0]);
+}
+
+/// Global-batch balancing over 2 micro-batches x 2 ranks: one MoE layer, 4 experts, top-2,
+/// 2 tokens per micro-batch.
+fn global_balance_counts(comm: &dyn Collective) {
+    use moelab_train::balance::ExpertCounts;
+    let micro_batches: [[u32; 4]; 2] = match comm.rank() {
+        0 => [[0, 1, 0, 1], [0, 2, 1, 0]],
+        _ => [[3, 2, 0, 3], [1, 0, 0, 2]],
+    };
+    let mut counts = ExpertCounts::new(1, 4);
+    for choices in micro_batches {
+        counts.add(&[choices.to_vec()]).unwrap();
+    }
+    // Rank 0: expert 0 x4, 1 x3, 2 x1; rank 1: 0 x3, 1 x1, 2 x2, 3 x2. Together 7, 4, 3, 2 of 16.
+    let want = [7.0 / 16.0, 4.0 / 16.0, 3.0 / 16.0, 2.0 / 16.0];
+    assert_eq!(counts.global_fractions(comm), [want]);
 }

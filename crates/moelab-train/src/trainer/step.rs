@@ -6,9 +6,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use moelab_data::Batch;
-use moelab_model::{ForwardOptions, MoeTransformer};
+use moelab_model::moe::global_balance_loss;
+use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
 
 use super::checkpoint::Checkpoint;
+use crate::balance::ExpertCounts;
 use crate::dist::{data_parallel, Collective};
 use crate::optim::{clip_scale, AdamW, AdamWParams};
 use crate::routing_counts::RouterAccumulator;
@@ -119,6 +121,35 @@ impl Learner {
         ))
     }
 
+    /// The routing pass of global balancing: every micro-batch of this rank's `batch` routed
+    /// (forward without targets or backward), choices counted, and the fractions over all
+    /// ranks returned.
+    fn route_only(
+        &self,
+        batch: &Batch,
+        step: u64,
+        cfg: &Config,
+        comm: &dyn Collective,
+    ) -> Result<Vec<Vec<f64>>, TrainError> {
+        let micro = cfg.train.micro_batch;
+        let seq_len = batch.seq_len;
+        let mut counts = ExpertCounts::new(cfg.model.n_moe_layers(), cfg.model.moe.n_experts);
+        for m in 0..batch.n_sequences / micro {
+            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let input = Tensor::from_slice(&batch.tokens[rows], (micro, seq_len), &self.device)?;
+            let out = self.model.forward(
+                &input,
+                None,
+                ForwardOptions {
+                    step: Some(step),
+                    seed: cfg.run.seed,
+                },
+            )?;
+            counts.add_routing(&out.routing)?;
+        }
+        Ok(counts.global_fractions(comm))
+    }
+
     /// Runs step `step` (0-based) on `batch` (this rank's share of the global batch) at
     /// learning rate `lr`; routing choices go to `router_log`, and `on_phase` is called as each
     /// phase ends. Gradients, losses and loads are summed over the ranks of `comm`, so every
@@ -154,6 +185,10 @@ impl Learner {
         };
         let mut domain_sums: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
         let share = 1.0 / accumulation as f64;
+        let global_fractions = match cfg.model.moe.aux_loss_scope {
+            BalanceScope::Global if n_moe > 0 => Some(self.route_only(batch, step, cfg, comm)?),
+            _ => None,
+        };
         for m in 0..local_micro_batches {
             let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
             let shape = (micro, seq_len);
@@ -174,8 +209,30 @@ impl Learner {
                     "the model returned no loss for a batch with targets".into(),
                 ));
             };
+            // Global balancing: the model's micro-batch aux loss (reported only, no gradient) is
+            // replaced in the objective by the loss against the step's global fractions.
+            let (loss, aux_losses) = match &global_fractions {
+                Some(fractions) => {
+                    let global = out
+                        .routing
+                        .iter()
+                        .zip(fractions)
+                        .map(|(r, f)| global_balance_loss(&r.router_probs, f))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let coef = cfg.model.moe.aux_loss_coef;
+                    let total = Tensor::stack(&global, 0)?
+                        .sum_all()?
+                        .to_dtype(loss.dtype())?;
+                    let objective = ((loss - (&out.aux_loss * coef)?)? + (total * coef)?)?;
+                    (objective, global)
+                }
+                None => (
+                    loss.clone(),
+                    out.routing.iter().map(|r| r.aux_loss.clone()).collect(),
+                ),
+            };
             on_phase(Phase::Forward);
-            let micro_grads = (loss / accumulation as f64)?.backward()?;
+            let micro_grads = (&loss / accumulation as f64)?.backward()?;
             for (name, var) in &self.params {
                 if let Some(g) = micro_grads.get(var.as_tensor()) {
                     // Detached: the micro-batch's graph is freed as soon as its backward is done.
@@ -191,7 +248,7 @@ impl Learner {
             on_phase(Phase::Backward);
             // One host copy for all scalars of the micro-batch.
             let mut scalars = vec![loss.clone(), lm_loss.clone()];
-            scalars.extend(out.routing.iter().map(|r| r.aux_loss.clone()));
+            scalars.extend(aux_losses);
             scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
             let values = Tensor::stack(&scalars, 0)?
                 .to_dtype(DType::F64)?
