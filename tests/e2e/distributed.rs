@@ -153,6 +153,45 @@ fn two_ranks_match_one_rank_of_the_same_global_batch() {
 }
 
 #[test]
+fn a_sharded_optimizer_on_two_ranks_matches_one_rank_and_resumes_unsharded_on_one() {
+    let fx = Fixture::new("dist-zero", SETTINGS);
+    ok(&fx.train("one", &[]));
+    ok(&run_mpi(
+        &fx,
+        2,
+        "two",
+        &["--set", "train.shard_optimizer=true"],
+    ));
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    // One global set of optimizer tensors, whatever the sharding.
+    let opt = "checkpoints/step-00000006/optimizer.safetensors";
+    assert_tensors_close(
+        &fx.run_dir("one").join(opt),
+        &fx.run_dir("two").join(opt),
+        1e-4,
+    );
+    // The sharded run's step-3 checkpoint continues on one rank, unsharded.
+    let ckpt = fx.run_dir("two").join("checkpoints/step-00000003");
+    ok(&fx.train("resumed", &["--resume", ckpt.to_str().unwrap()]));
+    let (a, b) = (logged(&fx.run_dir("one")), logged(&fx.run_dir("resumed")));
+    let last = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .rev()
+            .find(|l| l["loss"].is_number())
+            .cloned()
+            .unwrap()
+    };
+    assert_close(&last(&a), &last(&b), 1e-5, "resumed");
+    let model = "checkpoints/step-00000006/model.safetensors";
+    assert_tensors_close(
+        &fx.run_dir("one").join(model),
+        &fx.run_dir("resumed").join(model),
+        1e-5,
+    );
+}
+
+#[test]
 fn global_batch_balancing_trains_on_two_ranks_as_on_one() {
     let settings = [SETTINGS, &["model.moe.aux_loss_scope=\"global\""]].concat();
     let fx = Fixture::new("dist-global", &settings);

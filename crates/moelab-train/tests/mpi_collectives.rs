@@ -18,7 +18,7 @@ fn main() {
         }
     };
     type Check = fn(&dyn Collective);
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 8] = [
         ("all_reduce", all_reduce),
         (
             "reduce_scatter_and_all_gather",
@@ -29,6 +29,7 @@ fn main() {
         ("check_same_lists_every_rank", check_same_lists_every_rank),
         ("tensors", tensors),
         ("global_balance_counts", global_balance_counts),
+        ("sharded_adamw_matches_adamw", sharded_adamw_matches_adamw),
     ];
     for (name, check) in checks {
         check(comm.as_ref());
@@ -147,4 +148,98 @@ fn global_balance_counts(comm: &dyn Collective) {
     // Rank 0: expert 0 x4, 1 x3, 2 x1; rank 1: 0 x3, 1 x1, 2 x2, 3 x2. Together 7, 4, 3, 2 of 16.
     let want = [7.0 / 16.0, 4.0 / 16.0, 3.0 / 16.0, 2.0 / 16.0];
     assert_eq!(counts.global_fractions(comm), [want]);
+}
+
+/// ZeRO-1 on 2 ranks: the same weights as AdamW on the summed gradients, half the state each.
+fn sharded_adamw_matches_adamw(comm: &dyn Collective) {
+    use candle_core::{Device, Tensor, Var};
+    use moelab_train::optim::{AdamW, AdamWParams, ShardedAdamW};
+    use std::collections::HashMap;
+    let hyper = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    // 7 + 3 elements in one bucket: padded to 10, 5 per rank.
+    let vars = || {
+        vec![
+            (
+                "a".to_string(),
+                Var::new(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &Device::Cpu).unwrap(),
+            ),
+            (
+                "norm".to_string(),
+                Var::new(&[0.5f32, -0.5, 1.5], &Device::Cpu).unwrap(),
+            ),
+        ]
+    };
+    let grads_of = |rank: usize, step: usize| {
+        let s = (rank + 2 * step) as f32;
+        HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::new(&[s, -1.0, 0.5, s * s, 2.0, -s, 0.25], &Device::Cpu).unwrap(),
+            ),
+            (
+                "norm".to_string(),
+                Tensor::new(&[1.0f32, s, -2.0], &Device::Cpu).unwrap(),
+            ),
+        ])
+    };
+    let no_decay = ["norm".to_string()];
+    let (full_vars, shard_vars) = (vars(), vars());
+    let mut full = AdamW::new(full_vars.clone(), hyper.clone(), &no_decay).unwrap();
+    let mut sharded = ShardedAdamW::new(
+        shard_vars.clone(),
+        hyper,
+        &no_decay,
+        (comm.rank(), comm.world_size()),
+        1 << 20,
+    )
+    .unwrap();
+    for step in 0..3 {
+        let (g0, g1) = (grads_of(0, step), grads_of(1, step));
+        let summed: HashMap<String, Tensor> = g0
+            .iter()
+            .map(|(n, t)| (n.clone(), (t + &g1[n]).unwrap()))
+            .collect();
+        let norm = full.grad_norm(&summed).unwrap();
+        full.step(&summed, 0.01, 1.0 / norm).unwrap();
+        let shards = sharded
+            .reduce_scatter(comm, &grads_of(comm.rank(), step))
+            .unwrap();
+        let sharded_norm = sharded.grad_norm(comm, &shards).unwrap();
+        assert!(
+            (sharded_norm - norm).abs() <= 1e-6 * norm,
+            "{sharded_norm} vs {norm}"
+        );
+        sharded.step(comm, &shards, 0.01, 1.0 / norm).unwrap();
+    }
+    for ((name, a), (_, b)) in full_vars.iter().zip(&shard_vars) {
+        let a = a.as_tensor().to_vec1::<f32>().unwrap();
+        let b = b.as_tensor().to_vec1::<f32>().unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "{name}: {a:?} vs {b:?}"
+            );
+        }
+    }
+    // Per-rank optimizer state: 2 moments x 5 f32 = 40 bytes, half of the full 80.
+    assert_eq!(full.state_bytes(), 80);
+    assert_eq!(sharded.state_bytes(), 40);
+    // The gathered state is the full optimizer's.
+    let (_, gathered) = sharded.state(comm).unwrap();
+    let (_, whole) = full.state().unwrap();
+    let whole: HashMap<String, Tensor> = whole.into_iter().collect();
+    for (name, t) in gathered {
+        let (x, y) = (
+            t.to_vec1::<f32>().unwrap(),
+            whole[&name].to_vec1::<f32>().unwrap(),
+        );
+        for (x, y) in x.iter().zip(&y) {
+            assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{name}");
+        }
+    }
 }

@@ -268,7 +268,7 @@ impl Trainer {
             cfg.train.micro_batch,
         )?;
         let dataset = Arc::new(dataset);
-        let mut learner = Learner::new(&cfg, &device)?;
+        let mut learner = Learner::new(&cfg, &device, comm)?;
         let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
         let (stream, state, resumed_from) = match resume {
@@ -512,9 +512,11 @@ impl Trainer {
 
     /// Saves a checkpoint (rank 0 writes it; the others wait until it is complete).
     fn save(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<(), TrainError> {
+        // Gathered on every rank (a sharded optimizer's moments), written by rank 0.
+        let tensors = self.learner.checkpoint_tensors(self.comm.as_ref())?;
         let dir = if self.comm.rank() == 0 {
             self.checkpointer.save(
-                &self.learner,
+                tensors,
                 &self.state,
                 &self.stream,
                 self.cfg.global_sequences() as u64,

@@ -12,7 +12,7 @@ use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
 use super::checkpoint::Checkpoint;
 use crate::balance::ExpertCounts;
 use crate::dist::{data_parallel, Collective};
-use crate::optim::{clip_scale, AdamW, AdamWParams};
+use crate::optim::{clip_scale, AdamW, AdamWParams, ShardedAdamW};
 use crate::routing_counts::RouterAccumulator;
 use crate::{Config, TrainError};
 
@@ -24,8 +24,14 @@ pub struct Learner {
     /// The model (compute dtype from `train.precision`, f32 master weights).
     pub model: MoeTransformer,
     params: Vec<(String, Var)>,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     device: Device,
+}
+
+/// Every parameter's moments, or this rank's share of them (`train.shard_optimizer`).
+enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW),
 }
 
 /// A point inside a step, reported to the caller as it passes (bench times them).
@@ -78,21 +84,29 @@ impl StepOutcome {
 }
 
 impl Learner {
-    /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`.
-    pub fn new(cfg: &Config, device: &Device) -> Result<Self, TrainError> {
+    /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`, as
+    /// rank `comm.rank()` (which only matters with `train.shard_optimizer`).
+    pub fn new(cfg: &Config, device: &Device, comm: &dyn Collective) -> Result<Self, TrainError> {
         let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
         let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
         let params = super::named_params(&varmap)?;
-        let optimizer = AdamW::new(
-            params.clone(),
-            AdamWParams {
-                beta1: cfg.train.beta1,
-                beta2: cfg.train.beta2,
-                eps: cfg.train.eps,
-                weight_decay: cfg.train.weight_decay,
-            },
-            &cfg.train.no_decay,
-        )?;
+        let hyper = AdamWParams {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.train.weight_decay,
+        };
+        let optimizer = if cfg.train.shard_optimizer {
+            Optimizer::Sharded(ShardedAdamW::new(
+                params.clone(),
+                hyper,
+                &cfg.train.no_decay,
+                (comm.rank(), comm.world_size()),
+                data_parallel::BUCKET_ELEMENTS,
+            )?)
+        } else {
+            Optimizer::Full(AdamW::new(params.clone(), hyper, &cfg.train.no_decay)?)
+        };
         Ok(Self {
             model,
             params,
@@ -104,21 +118,35 @@ impl Learner {
     /// Loads a checkpoint's weights and optimizer state; every tensor must fit.
     pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
         super::restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
-        self.optimizer
-            .load_state(ckpt.state.optimizer_step, &ckpt.optimizer)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
+        let step = ckpt.state.optimizer_step;
+        match &mut self.optimizer {
+            Optimizer::Full(adamw) => adamw.load_state(step, &ckpt.optimizer),
+            Optimizer::Sharded(sharded) => sharded.load_state(step, &ckpt.optimizer),
+        }
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
     }
 
     /// Model tensors (parameters and expert biases) and optimizer moments, by name, as a
-    /// checkpoint stores them; and the optimizer's update count.
-    pub fn checkpoint_tensors(&self) -> Result<(TensorMap, TensorMap, u64), TrainError> {
+    /// checkpoint stores them; and the optimizer's update count. With a sharded optimizer the
+    /// moments are gathered from every rank, so every rank must call it.
+    pub fn checkpoint_tensors(
+        &self,
+        comm: &dyn Collective,
+    ) -> Result<(TensorMap, TensorMap, u64), TrainError> {
         let model = super::model_tensors(&self.params, &self.model);
-        let (_, moments) = self.optimizer.state()?;
-        Ok((
-            model,
-            moments.into_iter().collect(),
-            self.optimizer.step_count(),
-        ))
+        let (step, moments) = match &self.optimizer {
+            Optimizer::Full(adamw) => adamw.state()?,
+            Optimizer::Sharded(sharded) => sharded.state(comm)?,
+        };
+        Ok((model, moments.into_iter().collect(), step))
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn optimizer_state_bytes(&self) -> usize {
+        match &self.optimizer {
+            Optimizer::Full(adamw) => adamw.state_bytes(),
+            Optimizer::Sharded(sharded) => sharded.state_bytes(),
+        }
     }
 
     /// The routing pass of global balancing: every micro-batch of this rank's `batch` routed
@@ -292,12 +320,29 @@ impl Learner {
         if cfg.train.debug_nan_steps.contains(&(step + 1)) {
             outcome.loss = f64::NAN;
         }
-        data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
-        outcome.grad_norm = self.optimizer.grad_norm(&grads)?;
+        let shards = match &self.optimizer {
+            Optimizer::Full(adamw) => {
+                data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
+                outcome.grad_norm = adamw.grad_norm(&grads)?;
+                None
+            }
+            Optimizer::Sharded(sharded) => {
+                let shards = sharded.reduce_scatter(comm, &grads)?;
+                grads.clear();
+                outcome.grad_norm = sharded.grad_norm(comm, &shards)?;
+                Some(shards)
+            }
+        };
         outcome.applied = outcome.loss.is_finite() && outcome.grad_norm.is_finite();
         if outcome.applied {
             let scale = clip_scale(outcome.grad_norm, cfg.train.grad_clip);
-            self.optimizer.step(&grads, lr, scale)?;
+            match (&mut self.optimizer, shards) {
+                (Optimizer::Sharded(sharded), Some(shards)) => {
+                    sharded.step(comm, &shards, lr, scale)?
+                }
+                (Optimizer::Full(adamw), _) => adamw.step(&grads, lr, scale)?,
+                (Optimizer::Sharded(_), None) => {}
+            }
             update_expert_bias(
                 &self.model,
                 &outcome.tokens_per_expert,
