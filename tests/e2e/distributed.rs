@@ -348,3 +348,36 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
         );
     }
 }
+
+#[test]
+fn sigterm_to_one_rank_makes_every_rank_save_one_checkpoint_and_exit_cleanly() {
+    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=0"]].concat();
+    let fx = Fixture::new("dist-term", &settings);
+    let mut job = mpirun(&fx, 2, "run", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Slurm signals every task; a signal reaching one rank first must stop them all together.
+    let rank1 = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    let status = Command::new("kill")
+        .args(["-TERM", &rank1.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = job.wait_with_output().unwrap();
+    ok(&out);
+    let saved: Vec<String> = std::fs::read_dir(fx.run_dir("run").join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(saved.len(), 1, "one checkpoint saved on SIGTERM: {saved:?}");
+    assert!(saved[0] != "step-00000400", "stopped early: {saved:?}");
+}
