@@ -2,6 +2,7 @@
 //! router-activation logging. `trainer/mod.rs` reads top to bottom.
 
 pub mod ablate;
+pub mod ablate_launch;
 pub mod balance;
 pub mod bench;
 pub mod checkpoint_trace;
