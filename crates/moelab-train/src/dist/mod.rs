@@ -1,7 +1,7 @@
 //! One collective interface for data-parallel training, with three implementations: a single
 //! process ([`Single`], every operation the identity), MPI on host buffers (`mpi.rs`, feature
-//! `mpi`) and NCCL on CUDA tensors (`nccl.rs`, features `cuda` and `mpi`: the NCCL unique id
-//! travels over MPI). [`launch`] finds out from the environment which one this process is in.
+//! `mpi`) and NCCL on CUDA tensors (`nccl.rs`, feature `cuda`: the NCCL unique id and all host
+//! values travel over the host collective, MPI in a job of several ranks). [`launch`] finds out from the environment which one this process is in.
 //!
 //! Every rank calls every collective in the same order with the same lengths; the trainer keeps
 //! that true by deciding everything that changes the order (stop requests, skipped steps) from
@@ -10,6 +10,8 @@
 pub mod data_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use candle_core::{DType, Tensor};
 
@@ -157,6 +159,22 @@ pub fn launch() -> Result<Box<dyn Collective>, TrainError> {
         ))),
         _ => Ok(Box::new(Single)),
     }
+}
+
+/// The collective a run on `device` trains with: NCCL over `host` on a CUDA device when the job
+/// has several ranks (or `MOELAB_NCCL=1`, to check the NCCL path on one GPU), else `host`.
+pub fn for_device(
+    host: std::rc::Rc<dyn Collective>,
+    device: &candle_core::Device,
+) -> Result<std::rc::Rc<dyn Collective>, TrainError> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda()
+        && (host.world_size() > 1 || std::env::var("MOELAB_NCCL").is_ok_and(|v| v == "1"))
+    {
+        return Ok(std::rc::Rc::new(nccl::Nccl::new(host, device)?));
+    }
+    let _ = device;
+    Ok(host)
 }
 
 /// Makes one rank's failure everyone's: every rank passes its own result; when any failed,

@@ -213,6 +213,14 @@ impl Trainer {
             }
         };
         let resumed_from = validated.resumed_from.clone();
+        // Gradients of a GPU run travel over NCCL (set up by every rank together).
+        let comm = match dist::for_device(comm.clone(), &validated.device) {
+            Ok(c) => c,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
         let committed = Self::commit(validated, &options, comm.clone());
         let (mut trainer, set_aside) = match dist::agree(comm_ref, committed) {
             Ok(built) => built,
