@@ -23,6 +23,10 @@ const SETTINGS: &[&str] = &[
 
 /// `mpirun -n RANKS moelab train CONFIG --run-dir runs/<run> EXTRA...`, ready to spawn.
 pub fn mpirun(fx: &Fixture, ranks: usize, run: &str, extra: &[&str]) -> Command {
+    // Each job its own session folder: mpiruns started at the same moment race to create a
+    // shared one under /tmp ("A call to mkdir was unable to create ... File exists").
+    let session = fx.dir.join(format!("ompi-{run}"));
+    std::fs::create_dir_all(&session).unwrap();
     let mut cmd = Command::new("mpirun");
     cmd.args(["-n", &ranks.to_string(), "--oversubscribe"])
         .arg(env!("CARGO_BIN_EXE_moelab"))
@@ -35,6 +39,7 @@ pub fn mpirun(fx: &Fixture, ranks: usize, run: &str, extra: &[&str]) -> Command 
         .env("RUST_BACKTRACE", "0")
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_orte_tmpdir_base", &session)
         // Loopback only: CI machines have no other network worth probing.
         .env("OMPI_MCA_btl", "self,vader,tcp")
         .env("OMPI_MCA_btl_tcp_if_include", "lo");
@@ -269,7 +274,8 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
 
 #[test]
 fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
-    let settings = [SETTINGS, &["train.steps=30", "checkpoint.interval=5"]].concat();
+    // Long enough that the kill lands well before the end, even on a loaded machine.
+    let settings = [SETTINGS, &["train.steps=60", "checkpoint.interval=5"]].concat();
     let fx = Fixture::new("dist-kill", &settings);
     ok(&fx.train("straight", &[]));
 
@@ -311,7 +317,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
     assert!(
-        !done.contains(&"step-00000030".to_string()),
+        !done.contains(&"step-00000060".to_string()),
         "killed mid-run: {done:?}"
     );
 
@@ -340,7 +346,7 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
                 .unwrap()
         };
         assert_close(&last(&a), &last(&b), 1e-5, resumed);
-        let ckpt = "checkpoints/step-00000030/model.safetensors";
+        let ckpt = "checkpoints/step-00000060/model.safetensors";
         assert_tensors_close(
             &fx.run_dir("straight").join(ckpt),
             &fx.run_dir(resumed).join(ckpt),

@@ -65,8 +65,14 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
     let (rank, world) = (comm.rank(), comm.world_size());
     match train_rank(args, comm.clone()) {
         Ok(()) => Ok(()),
-        // Agreed on: every rank has this error and ends with it, printing it once each.
-        Err(e) if is_collective(&e) => Err(e),
+        // Agreed on: every rank has this error. Each prints it before any exits (mpirun ends
+        // the job at the first non-zero exit), then MPI is finalised and the rank exits 1.
+        Err(e) if is_collective(&e) => {
+            eprintln!("Error: {e:?}");
+            comm.barrier();
+            drop(comm);
+            std::process::exit(1)
+        }
         Err(e) => {
             eprintln!("error: moelab rank {rank} of {world}: {e:#}");
             // The other ranks may be waiting in a collective: take the whole job down.
