@@ -258,6 +258,35 @@ fn ranks_with_different_configs_stop_with_the_same_error() {
     assert!(!fx.run_dir("split").join("metrics.jsonl").exists());
 }
 
+#[test]
+fn ranks_resuming_from_different_checkpoints_stop_with_the_same_error() {
+    let fx = Fixture::new("dist-resume-disagree", SETTINGS);
+    ok(&run_mpi(&fx, 2, "run", &[]));
+    // Rank 0 resumes from the newest checkpoint (step 6), rank 1 from step 3.
+    let older = fx.run_dir("run").join("checkpoints/step-00000003");
+    let mut cmd = mpirun(&fx, 1, "run", &["--resume", "auto"]);
+    cmd.args([":", "-n", "1", env!("CARGO_BIN_EXE_moelab"), "train"])
+        .arg(&fx.config)
+        .arg("--run-dir")
+        .arg(fx.run_dir("run"))
+        .arg("--resume")
+        .arg(&older);
+    let before = std::fs::read(fx.run_dir("run").join("metrics.jsonl")).unwrap();
+    let err = fails(&cmd.output().unwrap());
+    assert_eq!(
+        err.matches("the ranks disagree on the checkpoint step")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("(rank 0: 6, rank 1: 3)"), "{err}");
+    // Refused before anything was written.
+    assert_eq!(
+        std::fs::read(fx.run_dir("run").join("metrics.jsonl")).unwrap(),
+        before
+    );
+}
+
 /// The PID of rank `rank` among the children of `mpirun` process `parent`.
 fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     let children =

@@ -111,13 +111,27 @@ fn agree_names_the_failing_rank(comm: &dyn Collective) {
 }
 
 fn check_same_lists_every_rank(comm: &dyn Collective) {
-    dist::check_same(comm, "config", 42).unwrap();
-    let err = dist::check_same(comm, "config hash", comm.rank() as u64)
-        .unwrap_err()
-        .to_string();
+    dist::check_same(comm, "config", 42, dist::Shown::Fingerprint).unwrap();
+    let err = dist::check_same(
+        comm,
+        "config hash",
+        comm.rank() as u64,
+        dist::Shown::Fingerprint,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("disagree on the config hash"), "{err}");
     assert!(err.contains("rank 0: 0000000000000000"), "{err}");
     assert!(err.contains("rank 1: 0000000000000001"), "{err}");
+    let err = dist::check_same(
+        comm,
+        "checkpoint step",
+        100 + comm.rank() as u64,
+        dist::Shown::Count,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank 0: 100, rank 1: 101"), "{err}");
 }
 
 fn tensors(comm: &dyn Collective) {

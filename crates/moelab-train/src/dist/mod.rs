@@ -201,9 +201,23 @@ pub fn agree<T>(comm: &dyn Collective, result: Result<T, TrainError>) -> Result<
     )))
 }
 
+/// A fingerprint (shown in hex) or a count (shown in decimal), as [`check_same`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// 16 hex digits.
+    Fingerprint,
+    /// Decimal.
+    Count,
+}
+
 /// Checks that every rank holds the same `value` of `what`; otherwise every rank gets the same
 /// error listing each rank's value.
-pub fn check_same(comm: &dyn Collective, what: &str, value: u64) -> Result<(), TrainError> {
+pub fn check_same(
+    comm: &dyn Collective,
+    what: &str,
+    value: u64,
+    shown: Shown,
+) -> Result<(), TrainError> {
     let all = comm.all_gather_u64(&[value]);
     if all.iter().all(|&v| v == all[0]) {
         return Ok(());
@@ -211,7 +225,10 @@ pub fn check_same(comm: &dyn Collective, what: &str, value: u64) -> Result<(), T
     let listed: Vec<String> = all
         .iter()
         .enumerate()
-        .map(|(rank, v)| format!("rank {rank}: {v:016x}"))
+        .map(|(rank, v)| match shown {
+            Shown::Fingerprint => format!("rank {rank}: {v:016x}"),
+            Shown::Count => format!("rank {rank}: {v}"),
+        })
         .collect();
     Err(TrainError::Distributed(format!(
         "the ranks disagree on the {what} ({}); start every rank with the same config, data and checkpoint folder (a folder every node sees)",
@@ -248,7 +265,7 @@ mod tests {
         assert_eq!(comm.reduce_scatter_f32(&v), v);
         assert_eq!(comm.all_gather_u64(&[7]), [7]);
         assert!(any(&comm, true) && !any(&comm, false));
-        check_same(&comm, "config", 3).unwrap();
+        check_same(&comm, "config", 3, Shown::Count).unwrap();
         let t = Tensor::new(&[1.0f32, 2.0, 3.0], &candle_core::Device::Cpu).unwrap();
         let r = comm.all_reduce_tensor(&t).unwrap();
         assert_eq!(r.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);

@@ -21,7 +21,7 @@ use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
 use moelab_model::{fmt_bytes, MemoryEstimate, ModelInfo, MoeTransformer};
 
 use crate::config::DeviceKind;
-use crate::dist::{self, Collective, Single};
+use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport};
 use crate::interrupt;
 use crate::routing_counts::RouterAccumulator;
@@ -733,17 +733,11 @@ fn check_ranks_agree(comm: &dyn Collective, v: &Validated) -> Result<(), TrainEr
     if comm.world_size() == 1 {
         return Ok(());
     }
-    dist::check_same(
-        comm,
-        "config hash",
-        dist::fingerprint(v.resolved.as_bytes()),
-    )?;
-    dist::check_same(
-        comm,
-        "dataset fingerprint",
-        dist::fingerprint(v.stream.state(0).fingerprint.as_bytes()),
-    )?;
-    dist::check_same(comm, "checkpoint step", v.state.step)
+    let hash = dist::fingerprint(v.resolved.as_bytes());
+    dist::check_same(comm, "config hash", hash, Shown::Fingerprint)?;
+    let data = dist::fingerprint(v.stream.state(0).fingerprint.as_bytes());
+    dist::check_same(comm, "dataset fingerprint", data, Shown::Fingerprint)?;
+    dist::check_same(comm, "checkpoint step", v.state.step, Shown::Count)
 }
 
 /// Trainable parameters by name, sorted.
