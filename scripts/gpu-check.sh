@@ -3,7 +3,7 @@
 # no Rust, no network). Build first on any machine: `bash scripts/build-gpu.sh` stages
 # .devcarry/{moelab,cuda_ops}.xz; then run this with .devcarry carried (run tool: carry [".devcarry"]):
 #
-#   bash scripts/gpu-check.sh [ops] [train] [bench]   # default: all three; logs under $OUT
+#   bash scripts/gpu-check.sh [ops] [train] [bench] [nccl]   # default: all four; logs under $OUT
 #
 # Expected wall time on the H200: ops ~1 min, train ~3 min, bench ~5 min (torch.compile is most of
 # it); a device call is limited to 10 minutes, so split the stages over two calls if needed.
@@ -11,6 +11,8 @@
 #   1. ops:   every CUDA op against its CPU reference on fresh random inputs, outputs poisoned
 #   2. train: configs/gpu-smoke.toml, 30 steps on CUDA bf16 vs CPU f32, losses compared
 #   3. bench: moelab bench on configs/gpu-b.toml, then the PyTorch peer (eager, torch.compile)
+#   4. nccl:  configs/gpu-smoke.toml on CUDA through the NCCL collective at world size 1
+#             (MOELAB_NCCL=1) against the plain CUDA run (libnccl from torch's nvidia-nccl wheel)
 # The last lines printed are the summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ SMOKE_CONFIG=${SMOKE_CONFIG:-configs/gpu-smoke.toml}
 SMOKE_STEPS=${SMOKE_STEPS:-30}
 PYTHON=${PYTHON:-python3}
 declare -a ROWS
-STAGES=" ${*:-ops train bench} "
+STAGES=" ${*:-ops train bench nccl} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 
 stage() { # name, timeout seconds, command...
@@ -113,6 +115,21 @@ ROWS+=("bench|$( [ "$(grep -c '^| [mt]' "$OUT/bench-table.md")" = 3 ] && echo DO
 echo
 echo "== bench ($BENCH_CONFIG) =="
 cat "$OUT/bench-table.md"
+fi
+# 4. nccl: the same smoke run through NCCL (world size 1) against the plain CUDA run
+if want nccl; then
+nccl_lib=$("$PYTHON" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+common=(--set train.steps=$SMOKE_STEPS --set log.interval=5 --set train.eval_interval=0 --set checkpoint.interval=0)
+[ -f "$OUT/smoke-cuda/metrics.jsonl" ] || stage train-cuda 240 $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-cuda" "${common[@]}"
+stage train-nccl 240 env MOELAB_NCCL=1 LD_LIBRARY_PATH="${nccl_lib:+$nccl_lib:}$LD_LIBRARY_PATH" \
+  $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-nccl" "${common[@]}"
+nccl_rc=$?
+if [ $nccl_rc -eq 0 ] && python3 scripts/compare_losses.py \
+    "$OUT/smoke-nccl/metrics.jsonl" "$OUT/smoke-cuda/metrics.jsonl" --tolerance 0.02 > "$OUT/nccl-compare.log" 2>&1; then
+  ROWS+=("nccl|PASS|$(tail -1 "$OUT/nccl-compare.log" | cut -c7-80)")
+else
+  ROWS+=("nccl|FAIL|nccl rc=$nccl_rc; $(tail -1 "$OUT/nccl-compare.log" 2>/dev/null | cut -c1-60)")
+fi
 fi
 echo
 echo "== summary =="

@@ -339,3 +339,152 @@ fn ctrl_c_stops_ablate_in_its_evaluation_phase_and_a_rerun_resumes() {
         "{again}"
     );
 }
+
+/// A variant's logged losses without the timing fields.
+fn losses(run_dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for timing in ["tokens_per_s", "mfu", "time", "elapsed_s"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn ablate_parallel_trains_variants_at_once_as_the_sequential_run_does() {
+    let fx = Fixture::new("parallel");
+    let (sequential, parallel) = (fx.dir.join("sequential"), fx.dir.join("parallel"));
+    ok(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&sequential),
+    ]));
+    let stdout = ok(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&parallel),
+        "--parallel",
+        "2",
+    ]));
+    for name in ["baseline", "no_code", "structured_math"] {
+        assert!(stdout.contains(&format!("{name}: done")), "{stdout}");
+        assert!(parallel
+            .join(".variants")
+            .join(format!("{name}.log"))
+            .is_file());
+        // Separate processes, the same config and seed: the same numbers.
+        assert_eq!(
+            losses(&sequential.join(name)),
+            losses(&parallel.join(name)),
+            "{name}"
+        );
+    }
+    let read = |dir: &std::path::Path| {
+        std::fs::read_to_string(dir.join("comparison").join("comparison.csv")).unwrap()
+    };
+    assert_eq!(read(&sequential), read(&parallel));
+    // A second run finds everything finished and only compares.
+    let again = ok(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&parallel),
+        "--parallel",
+        "2",
+    ]));
+    assert_eq!(again.matches(": skip").count(), 3, "{again}");
+}
+
+#[test]
+fn ablate_slurm_dry_run_writes_a_job_array_whose_tasks_train_one_variant_each() {
+    let fx = Fixture::new("slurm");
+    let out = fx.out();
+    let stdout = ok(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&out),
+        "--slurm",
+        "--dry-run",
+        "--ranks",
+        "2",
+    ]));
+    let script = out.join(".variants").join("ablate.sbatch");
+    assert!(stdout.contains("ablate.sbatch"), "{stdout}");
+    let status = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .status()
+        .unwrap();
+    assert!(status.success(), "bash -n {}", script.display());
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains("#SBATCH --array=0-2\n"), "{text}");
+    assert!(text.contains("#SBATCH --ntasks=2\n"), "{text}");
+    assert!(
+        text.contains("variants=( baseline no_code structured_math )"),
+        "{text}"
+    );
+    let srun = text
+        .lines()
+        .find(|l| l.starts_with("srun "))
+        .unwrap_or_else(|| panic!("no srun line: {text}"));
+    assert!(
+        srun.contains(" train ")
+            && srun.contains("\"$name\".toml")
+            && srun.contains("--resume auto"),
+        "{srun}"
+    );
+    assert!(!out.join("no_code").exists(), "a dry run trains nothing");
+
+    // Array task 1 under a stand-in srun (which runs its command once) trains `no_code`.
+    let bin = fx.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let fake = bin.join("srun");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nwhile [ \"${1#-}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n",
+    )
+    .unwrap();
+    let chmod = std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&fake)
+        .status()
+        .unwrap();
+    assert!(chmod.success());
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let task = std::process::Command::new("bash")
+        .arg(&script)
+        .env("PATH", path)
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .current_dir(crate::util::repo_root())
+        .output()
+        .unwrap();
+    ok(&task);
+    assert!(out
+        .join("no_code/checkpoints/step-00000006/state.json")
+        .is_file());
+    assert!(!out.join("baseline").exists());
+    // --compare names the variants still missing.
+    let err = fails(&moelab(&[
+        "ablate",
+        arg(&fx.ablation),
+        "--out",
+        arg(&out),
+        "--compare",
+    ]));
+    assert!(
+        err.contains("baseline, structured_math not finished"),
+        "{err}"
+    );
+}

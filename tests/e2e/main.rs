@@ -11,6 +11,8 @@ mod util;
 mod ablate;
 mod cli;
 mod data;
+#[cfg(feature = "mpi")]
+mod distributed;
 mod hf;
 mod runs;
 mod train;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use moelab_train::ablate::{self, Ablation, AblationEvent};
+use moelab_train::ablate_launch;
 use moelab_train::checkpoint_trace::{tokens_per_domain, trace_checkpoint, TraceOptions};
 
 use crate::progress::TrainProgress;
@@ -59,9 +60,14 @@ pub struct AnalyzeArgs {
     after_help = "Example: moelab ablate configs/ablations/small.toml --out runs/ablations/small\n\n\
 Variants train one after another on this machine with the same seed and token budget, each in \
 OUT/<name>; a finished variant is skipped and an interrupted one resumed, so re-running the \
-command continues the study. Running one variant per GPU when several are visible is not \
-implemented (CPU only). The comparison (per-domain validation loss and its delta against the \
-first variant, routing JSD of each domain's validation tokens against it) goes to OUT/comparison/."
+command continues the study. --parallel N trains N variants at once as separate processes (on \
+CUDA one GPU each); --slurm writes OUT/.variants/ablate.sbatch, a job array with one srun task \
+per variant, and submits it with sbatch (--dry-run: only writes it); --compare compares the \
+variants once those have finished. The comparison (per-domain validation loss and its delta \
+against the first variant, routing JSD of each domain's validation tokens against it) goes to \
+OUT/comparison/.\n\n\
+         moelab ablate ABL.toml --parallel 4\n\
+         moelab ablate ABL.toml --slurm --ranks 8 && moelab ablate ABL.toml --compare"
 )]
 pub struct AblateArgs {
     /// Ablation file (TOML: base, out_dir, set, [[variant]] name/set).
@@ -72,6 +78,21 @@ pub struct AblateArgs {
     /// Machine-readable output (the comparison rows) at the end.
     #[arg(long)]
     json: bool,
+    /// Train up to N variants at once as separate processes (on CUDA, one GPU each).
+    #[arg(long, value_name = "N", conflicts_with_all = ["slurm", "compare"])]
+    parallel: Option<usize>,
+    /// Write a Slurm job array (one srun task per variant) and submit it with sbatch.
+    #[arg(long, conflicts_with = "compare")]
+    slurm: bool,
+    /// With --slurm: write the script, do not submit it.
+    #[arg(long, requires = "slurm")]
+    dry_run: bool,
+    /// With --slurm: ranks (srun tasks, data parallel) per variant.
+    #[arg(long, value_name = "N", requires = "slurm", default_value_t = 1)]
+    ranks: usize,
+    /// Only compare variants trained before (by --parallel or --slurm); all must be finished.
+    #[arg(long)]
+    compare: bool,
 }
 
 /// Runs `moelab trace`.
@@ -162,7 +183,48 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
 /// Runs `moelab ablate`.
 pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
     let ablation = Ablation::load(&args.ablation)?;
-    let out = args.out.unwrap_or_else(|| ablation.out_dir.clone());
+    let out = args.out.clone().unwrap_or_else(|| ablation.out_dir.clone());
+    if args.slurm {
+        let exe = std::env::current_exe().context("finding the moelab binary")?;
+        let options = ablate_launch::SlurmOptions {
+            exe,
+            ranks: args.ranks,
+        };
+        let script = ablate_launch::write_slurm_script(&ablation, &out, &options)?;
+        outln!("wrote {}", script.display());
+        if !args.dry_run {
+            outln!("{}", ablate_launch::submit_slurm(&script)?);
+        }
+        outln!(
+            "when the jobs have finished: moelab ablate {} --out {} --compare",
+            args.ablation.display(),
+            out.display()
+        );
+        return Ok(());
+    }
+    if args.compare || args.parallel.is_some() {
+        if let Some(parallel) = args.parallel {
+            let exe = std::env::current_exe().context("finding the moelab binary")?;
+            let mut say = |line: String| {
+                if args.json {
+                    eprintln!("{line}")
+                } else {
+                    outln!("{line}")
+                }
+            };
+            let ran = ablate_launch::run_parallel(&ablation, &out, parallel, &exe, &mut say)?;
+            if ran.interrupted {
+                say(format!(
+                    "stopped by signal; run `moelab ablate {} --out {} --parallel {parallel}` again to resume",
+                    args.ablation.display(),
+                    out.display()
+                ));
+                return Ok(());
+            }
+        }
+        let outcome = ablate::compare_finished(&ablation, &out)?;
+        return print_comparison(&args, &outcome);
+    }
     // With --json, stdout holds only the final JSON: progress goes to stderr.
     let json = args.json;
     let say = |line: String| {
@@ -244,6 +306,11 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
         ));
         return Ok(());
     }
+    print_comparison(&args, &outcome)
+}
+
+/// Prints an ablation's comparison: the rows as JSON with --json, else the table and notes.
+fn print_comparison(args: &AblateArgs, outcome: &ablate::AblationOutcome) -> anyhow::Result<()> {
     if args.json {
         let json = serde_json::json!({
             "out": outcome.out_dir,

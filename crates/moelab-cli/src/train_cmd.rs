@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use moelab_train::{checkpoint, evaluate_checkpoint, train, Config, Event, Resume, RunOptions};
+use std::rc::Rc;
+
+use moelab_train::dist::{self, Collective};
+use moelab_train::{checkpoint, evaluate_checkpoint, train_on, Config, Event, Resume, RunOptions};
 
 use crate::progress::{summary_lines, TrainProgress};
 
@@ -52,9 +55,43 @@ pub struct EvalArgs {
     tokens: Option<usize>,
 }
 
-/// Runs `moelab train`.
+/// Runs `moelab train`: in this process, or as one rank of an `mpirun`/`srun` job (rank 0
+/// draws the progress and writes the run folder). A rank that fails ends the whole job.
 pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config, &args.overrides)?;
+    let comm: Rc<dyn Collective> = Rc::from(dist::launch()?);
+    if comm.world_size() == 1 {
+        return train_rank(args, comm);
+    }
+    let (rank, world) = (comm.rank(), comm.world_size());
+    match train_rank(args, comm.clone()) {
+        Ok(()) => Ok(()),
+        // Agreed on: every rank has this error. Each prints it before any exits (mpirun ends
+        // the job at the first non-zero exit), then MPI is finalised and the rank exits 1.
+        Err(e) if is_collective(&e) => {
+            eprintln!("Error: {e:?}");
+            comm.barrier();
+            drop(comm);
+            std::process::exit(1)
+        }
+        Err(e) => {
+            eprintln!("error: moelab rank {rank} of {world}: {e:#}");
+            // The other ranks may be waiting in a collective: take the whole job down.
+            comm.abort(1)
+        }
+    }
+}
+
+/// Whether every rank of the job returns this error (it came out of an agreement).
+fn is_collective(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<moelab_train::TrainError>(),
+        Some(moelab_train::TrainError::Distributed(_))
+    )
+}
+
+/// `moelab train` on one rank of `comm`.
+fn train_rank(args: TrainArgs, comm: Rc<dyn Collective>) -> anyhow::Result<()> {
+    let cfg = dist::agree(comm.as_ref(), Config::load(&args.config, &args.overrides))?;
     let resume = args.resume.map(|r| {
         if r == "auto" {
             Resume::Auto
@@ -68,8 +105,14 @@ pub fn run_train(args: TrainArgs) -> anyhow::Result<()> {
         allow_mixture_change: args.allow_mixture_change,
         ignore_memory_check: args.ignore_memory_check,
     };
+    if comm.rank() != 0 {
+        train_on(cfg, options, comm, &mut |_| {})?;
+        return Ok(());
+    }
     let mut progress = TrainProgress::new(cfg.train.steps, "")?;
-    let result = train(cfg, options, &mut |event: &Event| progress.on_event(event));
+    let result = train_on(cfg, options, comm, &mut |event: &Event| {
+        progress.on_event(event)
+    });
     progress.finish();
     let summary = result?;
     progress.say(&summary_lines(&summary));

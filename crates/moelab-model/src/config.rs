@@ -62,6 +62,11 @@ pub enum BalanceScope {
     MicroBatch,
     /// Each sequence separately, then averaged (DeepSeek-V3's sequence-wise loss).
     Sequence,
+    /// The whole global batch: expert-selection fractions counted over every micro-batch of the
+    /// step on every rank (Megatron-Core's global aux loss, arXiv 2501.11873). The trainer
+    /// supplies the counts and forms the loss with [`crate::moe::global_balance_loss`]; the
+    /// model's own aux loss is then only reported, without a gradient.
+    Global,
 }
 
 /// The mixture-of-experts feed-forward and its routing.

@@ -17,7 +17,7 @@ use crate::rng::SplitMix64;
 /// What one MoE layer decided for one micro-batch: the record router logging and traces consume.
 ///
 /// Tokens are numbered row-major over (batch, seq). All tensors are detached from autograd except
-/// the two losses.
+/// the two losses (and `router_probs` under `aux_loss_scope = "global"`).
 #[derive(Debug, Clone)]
 pub struct LayerRouting {
     /// Index of the block this layer belongs to.
@@ -166,10 +166,13 @@ impl Router {
         };
 
         let groups = match self.scope {
-            BalanceScope::MicroBatch => 1,
+            BalanceScope::MicroBatch | BalanceScope::Global => 1,
             BalanceScope::Sequence => n_sequences,
         };
-        let aux_loss = balance_loss(&probs, &expert_ids_host, groups, self.top_k)?;
+        let mut aux_loss = balance_loss(&probs, &expert_ids_host, groups, self.top_k)?;
+        if self.scope == BalanceScope::Global {
+            aux_loss = aux_loss.detach();
+        }
         Ok(RouterDecision {
             expert_ids,
             expert_ids_host,
@@ -204,6 +207,23 @@ pub fn balance_loss(
         .to_dtype(probs.dtype())?;
     let mean_probs = probs.reshape((groups, per_group, n_experts))?.mean(1)?;
     (fractions * mean_probs)?.sum_all()? * (n_experts as f64 / groups as f64)
+}
+
+/// The global-batch balance loss of one micro-batch: `E * sum_i f_i P_i` with `fractions` f_i
+/// counted over the whole global batch (a constant) and P_i the mean router probability of
+/// expert i over this micro-batch's `probs` (tokens, n_experts), which carries the gradient.
+/// Averaged over a step's equal micro-batches it is the balance loss of the global batch.
+pub fn global_balance_loss(probs: &Tensor, fractions: &[f64]) -> Result<Tensor> {
+    let (_, n_experts) = probs.dims2()?;
+    if fractions.len() != n_experts {
+        candle_core::bail!(
+            "global_balance_loss: {} fractions for {n_experts} experts",
+            fractions.len()
+        );
+    }
+    let fractions =
+        Tensor::from_slice(fractions, n_experts, probs.device())?.to_dtype(probs.dtype())?;
+    (probs.mean(0)? * fractions)?.sum_all()? * n_experts as f64
 }
 
 /// A MoE feed-forward: router, `n_experts` SwiGLU experts stored stacked, optional shared experts.
@@ -305,7 +325,11 @@ impl MoeFfn {
             layer,
             expert_ids: decision.expert_ids,
             gate_weights: decision.gates.detach(),
-            router_probs: decision.probs.detach(),
+            // Global balancing forms its loss from the probabilities, so they keep their graph.
+            router_probs: match self.router.scope {
+                BalanceScope::Global => decision.probs,
+                _ => decision.probs.detach(),
+            },
             kept,
             tokens_per_expert: plan.group_sizes,
             dropped: plan.dropped,
@@ -414,5 +438,9 @@ mod tests {
         let loss = balance_loss(&probs, &[0, 1], 2, 1).unwrap();
         // group 0: 2*0.9 = 1.8 ; group 1: f=[0,1], P=[.8,.2] -> 2*0.2 = 0.4 ; mean 1.1
         assert!((loss.to_scalar::<f64>().unwrap() - 1.1).abs() < 1e-12);
+        // Global fractions f = [0.25, 0.75] from elsewhere, P = [0.85, 0.15]:
+        // 2 * (0.25 * 0.85 + 0.75 * 0.15) = 0.65.
+        let loss = global_balance_loss(&probs, &[0.25, 0.75]).unwrap();
+        assert!((loss.to_scalar::<f64>().unwrap() - 0.65).abs() < 1e-12);
     }
 }

@@ -325,9 +325,60 @@ pub fn run_ablation(
         finished.push((variant, run_dir, summary.steps));
     }
 
+    compare(ablation, out_dir, &finished)
+}
+
+/// Writes the comparison of variants trained elsewhere (`--parallel`, `--slurm`) once all have
+/// finished; the error names those that have not.
+pub fn compare_finished(
+    ablation: &Ablation,
+    out_dir: &Path,
+) -> Result<AblationOutcome, TrainError> {
+    interrupt::install().map_err(|source| TrainError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let mut finished = Vec::with_capacity(ablation.variants.len());
+    let mut missing = Vec::new();
+    for variant in &ablation.variants {
+        let run_dir = out_dir.join(&variant.name);
+        let mut cfg = variant.config.clone();
+        cfg.run.out_dir = out_dir.to_path_buf();
+        match finished_step(&run_dir, &cfg)? {
+            Some(step) => finished.push((variant, run_dir, step)),
+            None => missing.push(variant.name.clone()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(TrainError::Ablation {
+            path: ablation.path.clone(),
+            message: format!(
+                "cannot compare yet: {} not finished under {} (no final checkpoint); wait for the jobs, or train them with `moelab ablate` without --compare",
+                missing.join(", "),
+                out_dir.display()
+            ),
+        });
+    }
+    compare(ablation, out_dir, &finished)
+}
+
+/// Evaluates (if needed) and compares finished variants: (variant, run folder, final step).
+fn compare(
+    ablation: &Ablation,
+    out_dir: &Path,
+    finished: &[(&Variant, PathBuf, u64)],
+) -> Result<AblationOutcome, TrainError> {
+    let interrupted = || AblationOutcome {
+        out_dir: out_dir.to_path_buf(),
+        interrupted: true,
+        comparison_dir: None,
+        rows: Vec::new(),
+        comparison: None,
+        notes: Vec::new(),
+    };
     let mut inputs = Vec::with_capacity(finished.len());
     let mut losses = Vec::with_capacity(finished.len());
-    for (variant, run_dir, step) in &finished {
+    for (variant, run_dir, step) in finished {
         let (loss, counts) = match final_eval(run_dir, *step) {
             Err(TrainError::Interrupted) => return Ok(interrupted()),
             result => result?,
@@ -373,7 +424,7 @@ pub fn run_ablation(
 
 /// The final step when `run_dir` holds this variant's finished run; an error when it holds a
 /// finished run of another config (it would be silently mixed into the comparison).
-fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>, TrainError> {
+pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>, TrainError> {
     let run_dir = RunDir::new(run_dir);
     let last = checkpoint::list(&run_dir.checkpoints())?.pop();
     match last {

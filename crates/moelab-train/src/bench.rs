@@ -82,11 +82,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         return Err(TrainError::Argument("--steps must be at least 1".into()));
     }
     set_threads(cfg.run.threads);
-    let device = open_device(cfg.run.device)?;
+    let device = open_device(cfg.run.device, 0)?;
     let memory_at_start = device_memory_used(&device)?;
     // The high-water marks count from here: the model, its gradients and the optimizer state.
     let pool_marks = memory_high_water(&device, true);
-    let mut learner = Learner::new(cfg, &device)?;
+    let mut learner = Learner::new(cfg, &device, &crate::dist::Single)?;
     // One micro-batch per step, as the peer runs it.
     let (micro, seq_len) = (cfg.train.micro_batch, cfg.data.seq_len);
     let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
@@ -143,6 +143,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
             step as u64,
             cfg.train.lr,
             cfg,
+            &crate::dist::Single,
             &mut router_log,
             &mut on_phase,
         )?;

@@ -124,6 +124,10 @@ pub struct TrainConfig {
     /// with `model.moe.expert_bias = true`).
     #[serde(default = "default_expert_bias_rate")]
     pub expert_bias_rate: f64,
+    /// ZeRO-1: each rank keeps the AdamW moments of its 1/world share of the parameters only
+    /// (gradients reduce-scattered, weights all-gathered); checkpoints are the same either way.
+    #[serde(default)]
+    pub shard_optimizer: bool,
     /// Consecutive non-finite steps after which the run stops with an error.
     #[serde(default = "default_max_nonfinite")]
     pub max_nonfinite_steps: u32,

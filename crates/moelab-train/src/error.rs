@@ -58,6 +58,10 @@ pub enum TrainError {
         /// What is wrong.
         message: String,
     },
+    /// The ranks of a distributed job cannot go on together (they disagree, or one failed);
+    /// every rank reports the same message.
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// SIGINT or SIGTERM asked the work to stop before it was done.
     #[error("interrupted by a signal")]
     Interrupted,

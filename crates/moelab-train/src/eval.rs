@@ -10,6 +10,7 @@ use moelab_model::{ForwardOptions, MoeTransformer};
 use moelab_trace::router_log::{write_chunk, RouterCounts};
 use serde::Serialize;
 
+use crate::dist::Collective;
 use crate::routing_counts::RouterAccumulator;
 use crate::trainer::RunDir;
 use crate::{Config, TrainError};
@@ -127,12 +128,15 @@ impl EvalReport {
 }
 
 /// Scores `model` on every domain's validation stream (at most `data.validation_tokens` each).
+/// The batches are dealt round-robin over the ranks of `comm` and the sums reduced, so every
+/// rank returns the report one process would.
 pub fn evaluate(
     model: &MoeTransformer,
     dataset: &Dataset,
     cfg: &Config,
     step: u64,
     device: &Device,
+    comm: &dyn Collective,
 ) -> Result<EvalReport, TrainError> {
     let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))
@@ -155,11 +159,17 @@ pub fn evaluate(
             cfg.train.micro_batch,
         )?;
         let (mut loss_sum, mut tokens) = (0f64, 0u64);
-        for batch in batches {
-            // Evaluation can be long; a stop request is honoured between batches.
-            if crate::interrupt::requested() {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let rounds = batches.len().div_ceil(world);
+        let mut batches = batches.into_iter().skip(rank).step_by(world);
+        for _ in 0..rounds {
+            // Evaluation can be long; a stop request (on any rank) is honoured between batches.
+            if crate::dist::any(comm, crate::interrupt::requested()) {
                 return Err(TrainError::Interrupted);
             }
+            let Some(batch) = batches.next() else {
+                continue;
+            };
             let shape = (batch.n_sequences, batch.seq_len);
             let input = Tensor::from_slice(&batch.tokens, shape, device)?;
             let target = Tensor::from_slice(&batch.targets, shape, device)?;
@@ -173,6 +183,9 @@ pub fn evaluate(
             tokens += (batch.n_sequences * batch.seq_len) as u64;
             accumulator.record(step, &out.routing, &batch.domain_ids, batch.seq_len)?;
         }
+        let mut sums = [loss_sum, tokens as f64];
+        comm.all_reduce_f64(&mut sums);
+        let (loss_sum, tokens) = (sums[0], sums[1].round() as u64);
         results.push(DomainEval {
             domain: name.clone(),
             loss: if tokens > 0 {
@@ -186,6 +199,6 @@ pub fn evaluate(
     Ok(EvalReport {
         step,
         domains: results,
-        routing: accumulator.snapshot(step)?,
+        routing: crate::routing_counts::reduce_counts(comm, accumulator.snapshot(step)?),
     })
 }

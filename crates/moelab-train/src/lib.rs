@@ -2,9 +2,12 @@
 //! router-activation logging. `trainer/mod.rs` reads top to bottom.
 
 pub mod ablate;
+pub mod ablate_launch;
+pub mod balance;
 pub mod bench;
 pub mod checkpoint_trace;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod hf_io;
@@ -23,5 +26,6 @@ pub use config::{Config, RunConfig};
 pub use error::TrainError;
 pub use eval::EvalReport;
 pub use trainer::{
-    evaluate_checkpoint, train, Event, Resume, RunDir, RunOptions, StepMetrics, Summary, Trainer,
+    evaluate_checkpoint, train, train_on, Event, Resume, RunDir, RunOptions, StepMetrics, Summary,
+    Trainer,
 };

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use moelab_model::LayerRouting;
 use moelab_trace::router_log::{write_chunk, RouterCounts};
 
+use crate::dist::Collective;
 use crate::TrainError;
 
 /// Running sums since the last flush.
@@ -114,18 +115,52 @@ impl RouterAccumulator {
         Ok(chunk)
     }
 
-    /// Writes the window ending at `step_end` to `dir` and starts a new one; nothing is written
-    /// for an empty window.
-    pub fn flush(&mut self, dir: &Path, step_end: u64) -> Result<Option<PathBuf>, TrainError> {
+    /// Writes the window ending at `step_end`, summed over the ranks of `comm`, to `dir` (rank
+    /// 0 writes) and starts a new one; nothing is written for an empty window. Every rank calls
+    /// it at the same steps.
+    pub fn flush(
+        &mut self,
+        dir: &Path,
+        step_end: u64,
+        comm: &dyn Collective,
+    ) -> Result<Option<PathBuf>, TrainError> {
         if self.step_start.is_none() {
             return Ok(None);
         }
-        let path = write_chunk(dir, &self.snapshot(step_end)?)?;
+        let chunk = reduce_counts(comm, self.snapshot(step_end)?);
+        let path = if comm.rank() == 0 {
+            Some(write_chunk(dir, &chunk)?)
+        } else {
+            None
+        };
         for t in self.counts.iter_mut().chain(self.gate_sums.iter_mut()) {
             *t = t.zeros_like()?;
         }
         self.tokens.iter_mut().for_each(|t| *t = 0);
         self.step_start = None;
-        Ok(Some(path))
+        Ok(path)
     }
+}
+
+/// `chunk` with its counts, gate sums and tokens summed over the ranks of `comm` (counts are
+/// integers far below 2^53, exact in f64).
+pub fn reduce_counts(comm: &dyn Collective, mut chunk: RouterCounts) -> RouterCounts {
+    if comm.world_size() == 1 {
+        return chunk;
+    }
+    let (n_counts, n_gates) = (chunk.counts.len(), chunk.gate_sums.len());
+    let mut packed: Vec<f64> = chunk.counts.iter().map(|&c| c as f64).collect();
+    packed.extend(&chunk.gate_sums);
+    packed.extend(chunk.tokens.iter().map(|&t| t as f64));
+    comm.all_reduce_f64(&mut packed);
+    chunk.counts = packed[..n_counts]
+        .iter()
+        .map(|c| c.round() as i64)
+        .collect();
+    chunk.gate_sums = packed[n_counts..n_counts + n_gates].to_vec();
+    chunk.tokens = packed[n_counts + n_gates..]
+        .iter()
+        .map(|t| t.round() as i64)
+        .collect();
+    chunk
 }

@@ -8,7 +8,9 @@ use moelab_data::MixtureStream;
 
 use super::checkpoint::{self, Checkpoint, TrainState};
 use super::run_dir::RunDir;
+#[cfg(doc)]
 use super::step::Learner;
+use super::step::TensorMap;
 use super::Resume;
 use crate::config::CheckpointConfig;
 use crate::TrainError;
@@ -68,16 +70,15 @@ impl Checkpointer {
         Ok(checkpoint::list(&self.dir)?.last().map(|(s, _)| *s) == Some(step))
     }
 
-    /// Saves the learner's state after `state.step` steps, then prunes old checkpoints (never
-    /// the known-good one).
+    /// Saves the learner's state after `state.step` steps (its tensors from
+    /// [`Learner::checkpoint_tensors`]), then prunes old checkpoints (never the known-good one).
     pub(crate) fn save(
         &mut self,
-        learner: &Learner,
+        (model, moments, optimizer_step): (TensorMap, TensorMap, u64),
         state: &TrainState,
         stream: &MixtureStream,
         sequences_per_step: u64,
     ) -> Result<PathBuf, TrainError> {
-        let (model, moments, optimizer_step) = learner.checkpoint_tensors()?;
         let mut state = state.clone();
         state.optimizer_step = optimizer_step;
         state.stream = stream.state(state.step * sequences_per_step);

@@ -55,7 +55,8 @@ pub struct StepMetrics {
 
 /// Writes metrics.jsonl (and TensorBoard events) and keeps the throughput window.
 pub(crate) struct MetricsLogger {
-    file: std::fs::File,
+    /// None on ranks other than 0, which log nothing but keep the throughput window.
+    file: Option<std::fs::File>,
     path: PathBuf,
     /// The event file, when `log.tensorboard` is on.
     tensorboard: Option<EventWriter>,
@@ -111,14 +112,24 @@ impl MetricsLogger {
         } else {
             None
         };
+        let mut logger = Self::silent(cfg, flops_per_token);
+        logger.file = Some(file);
+        logger.path = path.to_path_buf();
+        logger.tensorboard = tensorboard;
+        Ok(logger)
+    }
+
+    /// A logger that writes nothing (ranks other than 0 of a distributed run): it returns the
+    /// same lines as rank 0's and keeps the throughput window.
+    pub(crate) fn silent(cfg: &Config, flops_per_token: Option<f64>) -> Self {
         let moe_layers = (0..cfg.model.n_layers)
             .filter(|&l| cfg.model.is_moe_layer(l))
             .collect();
         let now = Instant::now();
-        Ok(Self {
-            file,
-            path: path.to_path_buf(),
-            tensorboard,
+        Self {
+            file: None,
+            path: PathBuf::new(),
+            tensorboard: None,
             moe_layers,
             interval: cfg.log.interval.max(1),
             last_step: cfg.train.steps,
@@ -127,7 +138,7 @@ impl MetricsLogger {
             window_start: now,
             window_tokens: 0,
             total: (0, 0.0),
-        })
+        }
     }
 
     /// Records a finished step of `tokens` tokens; returns its line when the step is due for
@@ -254,9 +265,12 @@ impl MetricsLogger {
     }
 
     fn write<T: Serialize>(&mut self, value: &T) -> Result<(), TrainError> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let line =
             serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-        writeln!(self.file, "{line}").map_err(|source| TrainError::Io {
+        writeln!(file, "{line}").map_err(|source| TrainError::Io {
             path: self.path.clone(),
             source,
         })

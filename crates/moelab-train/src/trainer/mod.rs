@@ -12,6 +12,7 @@ mod tensorboard;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -20,6 +21,7 @@ use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
 use moelab_model::{fmt_bytes, MemoryEstimate, ModelInfo, MoeTransformer};
 
 use crate::config::DeviceKind;
+use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport};
 use crate::interrupt;
 use crate::routing_counts::RouterAccumulator;
@@ -108,18 +110,30 @@ pub struct Summary {
     pub tokens_per_s: f64,
 }
 
-/// Runs (or resumes) training as configured.
+/// Runs (or resumes) training as configured, in this one process.
 pub fn train(
     cfg: Config,
     options: RunOptions,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
-    Trainer::setup(cfg, options, on_event)?.run(on_event)
+    train_on(cfg, options, Rc::new(Single), on_event)
+}
+
+/// Runs (or resumes) training as rank `comm.rank()` of a data-parallel job (every rank calls
+/// this with the same config and options; with [`Single`] it is [`train`]).
+pub fn train_on(
+    cfg: Config,
+    options: RunOptions,
+    comm: Rc<dyn Collective>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary, TrainError> {
+    Trainer::setup(cfg, options, comm, on_event)?.run(on_event)
 }
 
 /// A run, set up and ready to step.
 pub struct Trainer {
     cfg: Config,
+    comm: Rc<dyn Collective>,
     run_dir: RunDir,
     _lock: Option<RunLock>,
     device: Device,
@@ -133,32 +147,89 @@ pub struct Trainer {
     router_log: RouterAccumulator,
 }
 
+/// What [`Trainer::validate`] found valid, before anything is written.
+struct Validated {
+    cfg: Config,
+    resolved: String,
+    run_dir: RunDir,
+    device: Device,
+    dataset: Arc<Dataset>,
+    learner: Learner,
+    stream: MixtureStream,
+    state: TrainState,
+    resumed_from: Option<PathBuf>,
+}
+
 impl Trainer {
     /// Takes the run folder (lock), checks the config against the data, the device and the
     /// checkpoint, builds the model and optimizer (fresh or restored), and only then records the
     /// config and clears what a killed or abandoned continuation left past the resume step. A
     /// refused run leaves the folder as it was.
+    ///
+    /// In a job of several ranks, rank 0 alone holds the lock, prepares the data and writes;
+    /// every step that can fail on one rank is agreed on (see [`dist::agree`]), and the ranks
+    /// check they hold the same config, data and checkpoint.
     pub fn setup(
         cfg: Config,
         options: RunOptions,
+        comm: Rc<dyn Collective>,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Self, TrainError> {
+        let comm_ref = comm.as_ref();
+        let leader = comm.rank() == 0;
         let run_dir = RunDir::new(
             options
                 .run_dir
                 .clone()
                 .unwrap_or_else(|| cfg.run.out_dir.join(&cfg.run.name)),
         );
-        let lock = run_dir.lock()?;
-        let (mut trainer, resumed_from, set_aside) =
-            match Self::build(cfg, &options, run_dir, on_event) {
-                Ok(built) => built,
-                Err(e) => {
-                    lock.release_unused();
-                    return Err(e);
-                }
+        let lock = dist::agree(comm_ref, leader.then(|| run_dir.lock()).transpose())?;
+        let release = |lock: Option<RunLock>| {
+            if let Some(lock) = lock {
+                lock.release_unused();
+            }
+        };
+        if comm.world_size() > 1 {
+            // Rank 0 prepares the dataset on first use; the others open it once it exists.
+            let prepared = match leader {
+                true => prepare_data(&cfg, on_event).map(|_| ()),
+                false => Ok(()),
             };
-        trainer._lock = Some(lock);
+            if let Err(e) = dist::agree(comm_ref, prepared) {
+                release(lock);
+                return Err(e);
+            }
+        }
+        let validated = dist::agree(
+            comm_ref,
+            Self::validate(cfg, &options, run_dir, comm_ref, on_event),
+        )
+        .and_then(|v| check_ranks_agree(comm_ref, &v).map(|()| v));
+        let validated = match validated {
+            Ok(v) => v,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
+        let resumed_from = validated.resumed_from.clone();
+        // Gradients of a GPU run travel over NCCL (set up by every rank together).
+        let comm = match dist::for_device(comm.clone(), &validated.device) {
+            Ok(c) => c,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
+        let committed = Self::commit(validated, &options, comm.clone());
+        let (mut trainer, set_aside) = match dist::agree(comm_ref, committed) {
+            Ok(built) => built,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
+        trainer._lock = lock;
         on_event(&Event::Started {
             run_dir: trainer.run_dir.root().to_path_buf(),
             start_step: trainer.state.step,
@@ -169,19 +240,21 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// [`Trainer::setup`] under the lock; also returns the checkpoint resumed from and where
-    /// later checkpoints were set aside.
-    fn build(
+    /// Everything [`Trainer::setup`] checks before it writes: the folder, device, memory, data,
+    /// model and checkpoint; nothing is written and no collective is called.
+    fn validate(
         cfg: Config,
         options: &RunOptions,
         run_dir: RunDir,
+        comm: &dyn Collective,
         on_event: &mut dyn FnMut(&Event),
-    ) -> Result<(Self, Option<PathBuf>, Option<PathBuf>), TrainError> {
+    ) -> Result<Validated, TrainError> {
         let resolved = cfg.to_toml();
         let resuming = options.resume.is_some();
         run_dir.check_usable(&resolved, resuming)?;
+        check_divisible(&cfg, comm.world_size(), &run_dir)?;
         set_threads(cfg.run.threads);
-        let device = open_device(cfg.run.device)?;
+        let device = open_device(cfg.run.device, comm.local_rank())?;
         if !options.ignore_memory_check {
             check_memory(&cfg, &device)?;
         }
@@ -203,7 +276,7 @@ impl Trainer {
             cfg.train.micro_batch,
         )?;
         let dataset = Arc::new(dataset);
-        let mut learner = Learner::new(&cfg, &device)?;
+        let mut learner = Learner::new(&cfg, &device, comm)?;
         let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
         let (stream, state, resumed_from) = match resume {
@@ -233,18 +306,57 @@ impl Trainer {
                 (stream, state, None)
             }
         };
+        Ok(Validated {
+            cfg,
+            resolved,
+            run_dir,
+            device,
+            dataset,
+            learner,
+            stream,
+            state,
+            resumed_from,
+        })
+    }
 
-        // Everything is valid: from here on the run folder is written.
-        run_dir.record_config(&resolved, resuming)?;
-        checkpoint::remove_partial(&run_dir.checkpoints())?;
-        let set_aside = set_aside_later_checkpoints(&run_dir, state.step)?;
-        remove_evals_after(&run_dir, state.step)?;
-        if run_dir.router().exists() {
-            moelab_trace::router_log::remove_after(&run_dir.router(), state.step)?;
+    /// Records the config and clears what a killed or abandoned continuation left past the
+    /// resume step (rank 0), and builds the trainer; also returns where later checkpoints were
+    /// set aside.
+    fn commit(
+        v: Validated,
+        options: &RunOptions,
+        comm: Rc<dyn Collective>,
+    ) -> Result<(Self, Option<PathBuf>), TrainError> {
+        let Validated {
+            cfg,
+            resolved,
+            run_dir,
+            device,
+            dataset,
+            learner,
+            stream,
+            state,
+            resumed_from,
+        } = v;
+        let leader = comm.rank() == 0;
+        let mut set_aside = None;
+        // Everything is valid: from here on the run folder is written (by rank 0).
+        if leader {
+            run_dir.record_config(&resolved, options.resume.is_some())?;
+            checkpoint::remove_partial(&run_dir.checkpoints())?;
+            set_aside = set_aside_later_checkpoints(&run_dir, state.step)?;
+            remove_evals_after(&run_dir, state.step)?;
+            if run_dir.router().exists() {
+                moelab_trace::router_log::remove_after(&run_dir.router(), state.step)?;
+            }
         }
         let flops_per_token = (cfg.run.device == DeviceKind::Cuda)
             .then(|| ModelInfo::new(&cfg.model, cfg.data.seq_len).train_flops_per_token as f64);
-        let metrics = MetricsLogger::open(&run_dir, &cfg, state.step, flops_per_token)?;
+        let metrics = if leader {
+            MetricsLogger::open(&run_dir, &cfg, state.step, flops_per_token)?
+        } else {
+            MetricsLogger::silent(&cfg, flops_per_token)
+        };
         let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
             .filter(|&l| cfg.model.is_moe_layer(l))
             .collect();
@@ -275,6 +387,7 @@ impl Trainer {
         );
         let trainer = Self {
             cfg,
+            comm,
             run_dir,
             _lock: None,
             device,
@@ -287,14 +400,22 @@ impl Trainer {
             metrics,
             router_log,
         };
-        Ok((trainer, resumed_from, set_aside))
+        Ok((trainer, set_aside))
     }
 
     /// Trains to `train.steps`, or until SIGINT/SIGTERM (which saves a checkpoint first).
     pub fn run(mut self, on_event: &mut dyn FnMut(&Event)) -> Result<Summary, TrainError> {
         let first_step = self.state.step;
         let sequences = self.cfg.global_sequences();
-        let batches = Prefetcher::new(self.stream.clone(), self.state.step, sequences, 0, 1, 2);
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let batches = Prefetcher::new(
+            self.stream.clone(),
+            self.state.step,
+            sequences,
+            rank,
+            world,
+            2,
+        );
         for batch in batches {
             if self.state.step >= self.cfg.train.steps {
                 break;
@@ -305,6 +426,7 @@ impl Trainer {
                 self.state.step,
                 lr,
                 &self.cfg,
+                self.comm.as_ref(),
                 &mut self.router_log,
                 &mut |_| {},
             )?;
@@ -319,7 +441,8 @@ impl Trainer {
         }
         // The final checkpoint comes before the final evaluation, so that a signal during the
         // evaluation loses nothing: evaluating the checkpoint later gives the same report.
-        if !self.checkpointer.has(self.state.step)? {
+        let saved = self.comm.rank() == 0 && self.checkpointer.has(self.state.step)?;
+        if !dist::any(self.comm.as_ref(), saved) {
             self.save(on_event)?;
         }
         match self.evaluate(on_event) {
@@ -376,9 +499,10 @@ impl Trainer {
         let step = self.state.step;
         let last = step == self.cfg.train.steps;
         let checkpoint_due = self.checkpointer.due(step, finite);
-        let mut stop = interrupt::requested();
+        let mut stop = dist::any(self.comm.as_ref(), interrupt::requested());
         if step.is_multiple_of(self.cfg.log.router_interval) || checkpoint_due || stop || last {
-            self.router_log.flush(&self.run_dir.router(), step)?;
+            self.router_log
+                .flush(&self.run_dir.router(), step, self.comm.as_ref())?;
         }
         let eval_interval = self.cfg.train.eval_interval;
         if eval_interval > 0 && step.is_multiple_of(eval_interval) && !last && !stop {
@@ -394,13 +518,21 @@ impl Trainer {
         Ok(stop)
     }
 
+    /// Saves a checkpoint (rank 0 writes it; the others wait until it is complete).
     fn save(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<(), TrainError> {
-        let dir = self.checkpointer.save(
-            &self.learner,
-            &self.state,
-            &self.stream,
-            self.cfg.global_sequences() as u64,
-        )?;
+        // Gathered on every rank (a sharded optimizer's moments), written by rank 0.
+        let tensors = self.learner.checkpoint_tensors(self.comm.as_ref())?;
+        let dir = if self.comm.rank() == 0 {
+            self.checkpointer.save(
+                tensors,
+                &self.state,
+                &self.stream,
+                self.cfg.global_sequences() as u64,
+            )?
+        } else {
+            self.run_dir.checkpoint(self.state.step)
+        };
+        self.comm.barrier();
         on_event(&Event::Checkpoint(dir));
         Ok(())
     }
@@ -413,9 +545,12 @@ impl Trainer {
             &self.cfg,
             self.state.step,
             &self.device,
+            self.comm.as_ref(),
         )?;
-        report.write(&self.run_dir)?;
-        self.metrics.eval(&report)?;
+        if self.comm.rank() == 0 {
+            report.write(&self.run_dir)?;
+            self.metrics.eval(&report)?;
+        }
         on_event(&Event::Eval(report.clone()));
         Ok(report)
     }
@@ -563,16 +698,46 @@ fn remove_evals_after(run_dir: &RunDir, step: u64) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The device `run.device` names; CUDA needs a build with `--features cuda`.
-pub(crate) fn open_device(kind: DeviceKind) -> Result<Device, TrainError> {
+/// The device `run.device` names (on CUDA, GPU `ordinal`: the process's rank on its node);
+/// CUDA needs a build with `--features cuda`.
+pub(crate) fn open_device(kind: DeviceKind, ordinal: usize) -> Result<Device, TrainError> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+        DeviceKind::Cuda => Device::new_cuda(ordinal).map_err(|e| {
             TrainError::Device(format!(
-                "run.device = \"cuda\" but no CUDA device is usable ({e}); this binary needs a build with --features cuda (see scripts/cuda-toolchain.sh), or set run.device = \"cpu\""
+                "run.device = \"cuda\" but CUDA device {ordinal} is not usable ({e}); this binary needs a build with --features cuda (see scripts/cuda-toolchain.sh), one GPU per process, or set run.device = \"cpu\""
             ))
         }),
     }
+}
+
+/// Refuses a job whose global batch does not split into whole micro-batches on every rank.
+fn check_divisible(cfg: &Config, world: usize, run_dir: &RunDir) -> Result<(), TrainError> {
+    let sequences = cfg.global_sequences();
+    if world > 1 && !sequences.is_multiple_of(world * cfg.train.micro_batch) {
+        return Err(TrainError::Config {
+            path: run_dir.config(),
+            message: format!(
+                "invalid config key `train.global_batch_tokens`: its {sequences} sequences per step do not split into whole micro-batches of {} over {world} ranks; make it a multiple of {world} x train.micro_batch x data.seq_len",
+                cfg.train.micro_batch
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks that every rank has the same resolved config, dataset and resume step (a rank
+/// started with other arguments, or seeing another copy of the run folder, would silently
+/// train something else).
+fn check_ranks_agree(comm: &dyn Collective, v: &Validated) -> Result<(), TrainError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    let hash = dist::fingerprint(v.resolved.as_bytes());
+    dist::check_same(comm, "config hash", hash, Shown::Fingerprint)?;
+    let data = dist::fingerprint(v.stream.state(0).fingerprint.as_bytes());
+    dist::check_same(comm, "dataset fingerprint", data, Shown::Fingerprint)?;
+    dist::check_same(comm, "checkpoint step", v.state.step, Shown::Count)
 }
 
 /// Trainable parameters by name, sorted.
@@ -671,7 +836,7 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(dir, &device)?;
     let dataset = open_run_data(&cfg, dir)?;
-    evaluate(&model, &dataset, &cfg, ckpt.state.step, &device)
+    evaluate(&model, &dataset, &cfg, ckpt.state.step, &device, &Single)
 }
 
 /// Fixes the CPU thread count (0 = all cores) for rayon and candle's GEMM.

@@ -6,10 +6,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use moelab_data::Batch;
-use moelab_model::{ForwardOptions, MoeTransformer};
+use moelab_model::moe::global_balance_loss;
+use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
 
 use super::checkpoint::Checkpoint;
-use crate::optim::{clip_scale, AdamW, AdamWParams};
+use crate::balance::ExpertCounts;
+use crate::dist::{data_parallel, Collective, Single};
+use crate::optim::{clip_scale, AdamW, AdamWParams, ShardedAdamW};
 use crate::routing_counts::RouterAccumulator;
 use crate::{Config, TrainError};
 
@@ -21,10 +24,16 @@ pub struct Learner {
     /// The model (compute dtype from `train.precision`, f32 master weights).
     pub model: MoeTransformer,
     params: Vec<(String, Var)>,
-    optimizer: AdamW,
+    optimizer: Optimizer,
     device: Device,
     /// On the CPU, the threads the step runs on (see [`Learner::step`]).
     cpu_pool: Option<rayon::ThreadPool>,
+}
+
+/// Every parameter's moments, or this rank's share of them (`train.shard_optimizer`).
+enum Optimizer {
+    Full(AdamW),
+    Sharded(ShardedAdamW),
 }
 
 /// A point inside a step, reported to the caller as it passes (bench times them).
@@ -77,21 +86,29 @@ impl StepOutcome {
 }
 
 impl Learner {
-    /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`.
-    pub fn new(cfg: &Config, device: &Device) -> Result<Self, TrainError> {
+    /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`, as
+    /// rank `comm.rank()` (which only matters with `train.shard_optimizer`).
+    pub fn new(cfg: &Config, device: &Device, comm: &dyn Collective) -> Result<Self, TrainError> {
         let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
         let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
         let params = super::named_params(&varmap)?;
-        let optimizer = AdamW::new(
-            params.clone(),
-            AdamWParams {
-                beta1: cfg.train.beta1,
-                beta2: cfg.train.beta2,
-                eps: cfg.train.eps,
-                weight_decay: cfg.train.weight_decay,
-            },
-            &cfg.train.no_decay,
-        )?;
+        let hyper = AdamWParams {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.train.weight_decay,
+        };
+        let optimizer = if cfg.train.shard_optimizer {
+            Optimizer::Sharded(ShardedAdamW::new(
+                params.clone(),
+                hyper,
+                &cfg.train.no_decay,
+                (comm.rank(), comm.world_size()),
+                data_parallel::BUCKET_ELEMENTS,
+            )?)
+        } else {
+            Optimizer::Full(AdamW::new(params.clone(), hyper, &cfg.train.no_decay)?)
+        };
         let cpu_pool = match device {
             Device::Cpu => Some(
                 rayon::ThreadPoolBuilder::new()
@@ -114,64 +131,121 @@ impl Learner {
     /// Loads a checkpoint's weights and optimizer state; every tensor must fit.
     pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
         super::restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
-        self.optimizer
-            .load_state(ckpt.state.optimizer_step, &ckpt.optimizer)
-            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
+        let step = ckpt.state.optimizer_step;
+        match &mut self.optimizer {
+            Optimizer::Full(adamw) => adamw.load_state(step, &ckpt.optimizer),
+            Optimizer::Sharded(sharded) => sharded.load_state(step, &ckpt.optimizer),
+        }
+        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
     }
 
     /// Model tensors (parameters and expert biases) and optimizer moments, by name, as a
-    /// checkpoint stores them; and the optimizer's update count.
-    pub fn checkpoint_tensors(&self) -> Result<(TensorMap, TensorMap, u64), TrainError> {
+    /// checkpoint stores them; and the optimizer's update count. With a sharded optimizer the
+    /// moments are gathered from every rank, so every rank must call it.
+    pub fn checkpoint_tensors(
+        &self,
+        comm: &dyn Collective,
+    ) -> Result<(TensorMap, TensorMap, u64), TrainError> {
         let model = super::model_tensors(&self.params, &self.model);
-        let (_, moments) = self.optimizer.state()?;
-        Ok((
-            model,
-            moments.into_iter().collect(),
-            self.optimizer.step_count(),
-        ))
+        let (step, moments) = match &self.optimizer {
+            Optimizer::Full(adamw) => adamw.state()?,
+            Optimizer::Sharded(sharded) => sharded.state(comm)?,
+        };
+        Ok((model, moments.into_iter().collect(), step))
     }
 
-    /// Runs step `step` (0-based) on `batch` at learning rate `lr`; routing choices go to
-    /// `router_log`, and `on_phase` is called as each phase ends.
+    /// Bytes of optimizer state this rank holds.
+    pub fn optimizer_state_bytes(&self) -> usize {
+        match &self.optimizer {
+            Optimizer::Full(adamw) => adamw.state_bytes(),
+            Optimizer::Sharded(sharded) => sharded.state_bytes(),
+        }
+    }
+
+    /// The routing pass of global balancing: every micro-batch of this rank's `batch` routed
+    /// (forward without targets or backward), choices counted, and the fractions over all
+    /// ranks returned.
+    fn route_only(
+        &self,
+        batch: &Batch,
+        step: u64,
+        cfg: &Config,
+        comm: &dyn Collective,
+    ) -> Result<Vec<Vec<f64>>, TrainError> {
+        let micro = cfg.train.micro_batch;
+        let seq_len = batch.seq_len;
+        let mut counts = ExpertCounts::new(cfg.model.n_moe_layers(), cfg.model.moe.n_experts);
+        for m in 0..batch.n_sequences / micro {
+            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let input = Tensor::from_slice(&batch.tokens[rows], (micro, seq_len), &self.device)?;
+            let out = self.model.forward(
+                &input,
+                None,
+                ForwardOptions {
+                    step: Some(step),
+                    seed: cfg.run.seed,
+                },
+            )?;
+            counts.add_routing(&out.routing)?;
+        }
+        Ok(counts.global_fractions(comm))
+    }
+
+    /// Runs step `step` (0-based) on `batch` (this rank's share of the global batch) at
+    /// learning rate `lr`; routing choices go to `router_log`, and `on_phase` is called as each
+    /// phase ends. Gradients, losses and loads are summed over the ranks of `comm`, so every
+    /// rank applies the same update and returns the same outcome.
     ///
-    /// On the CPU the whole step runs on one of the pool's threads (`run.threads` of them), so
-    /// that every kernel and GEMM inside splits its work from a pool thread: the other threads
-    /// steal halves as they free up. Called from outside the pool, each of the step's few
-    /// hundred parallel ops would instead park the caller and wake a worker, which cost more
-    /// than the second core gave (2 threads were slower than 1 on the tiny config).
+    /// On the CPU in a single process the whole step runs on one of the pool's threads
+    /// (`run.threads` of them), so that every kernel and GEMM inside splits its work from a pool
+    /// thread: the other threads steal halves as they free up. Called from outside the pool,
+    /// each of the step's few hundred parallel ops would instead park the caller and wake a
+    /// worker, which cost more than the second core gave (2 threads were slower than 1 on the
+    /// tiny config). Under MPI the step stays on the calling thread, which MPI's threading level
+    /// requires of the collectives.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         batch: &Batch,
         step: u64,
         lr: f64,
         cfg: &Config,
+        comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut (dyn FnMut(Phase) + Send),
     ) -> Result<StepOutcome, TrainError> {
         match self.cpu_pool.take() {
-            Some(pool) => {
-                let outcome =
-                    pool.install(|| self.step_here(batch, step, lr, cfg, router_log, on_phase));
+            Some(pool) if comm.world_size() == 1 => {
+                let outcome = pool.install(|| {
+                    self.step_here(batch, step, lr, cfg, &Single, router_log, on_phase)
+                });
                 self.cpu_pool = Some(pool);
                 outcome
             }
-            None => self.step_here(batch, step, lr, cfg, router_log, on_phase),
+            pool => {
+                self.cpu_pool = pool;
+                self.step_here(batch, step, lr, cfg, comm, router_log, on_phase)
+            }
         }
     }
 
     /// [`Learner::step`] on the calling thread.
+    #[allow(clippy::too_many_arguments)]
     fn step_here(
         &mut self,
         batch: &Batch,
         step: u64,
         lr: f64,
         cfg: &Config,
+        comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut (dyn FnMut(Phase) + Send),
     ) -> Result<StepOutcome, TrainError> {
         let micro = cfg.train.micro_batch;
         let seq_len = batch.seq_len;
-        let accumulation = batch.n_sequences / micro;
+        // Micro-batches of the whole step, over all ranks: each one's loss weighs 1/accumulation.
+        let accumulation = batch.n_sequences / micro * comm.world_size();
+        let local_micro_batches = batch.n_sequences / micro;
         let n_moe = cfg.model.n_moe_layers();
         let n_experts = cfg.model.moe.n_experts;
         let mut grads: HashMap<String, Tensor> = HashMap::new();
@@ -187,7 +261,11 @@ impl Learner {
         };
         let mut domain_sums: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
         let share = 1.0 / accumulation as f64;
-        for m in 0..accumulation {
+        let global_fractions = match cfg.model.moe.aux_loss_scope {
+            BalanceScope::Global if n_moe > 0 => Some(self.route_only(batch, step, cfg, comm)?),
+            _ => None,
+        };
+        for m in 0..local_micro_batches {
             let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
             let shape = (micro, seq_len);
             let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
@@ -207,8 +285,30 @@ impl Learner {
                     "the model returned no loss for a batch with targets".into(),
                 ));
             };
+            // Global balancing: the model's micro-batch aux loss (reported only, no gradient) is
+            // replaced in the objective by the loss against the step's global fractions.
+            let (loss, aux_losses) = match &global_fractions {
+                Some(fractions) => {
+                    let global = out
+                        .routing
+                        .iter()
+                        .zip(fractions)
+                        .map(|(r, f)| global_balance_loss(&r.router_probs, f))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    let coef = cfg.model.moe.aux_loss_coef;
+                    let total = Tensor::stack(&global, 0)?
+                        .sum_all()?
+                        .to_dtype(loss.dtype())?;
+                    let objective = ((loss - (&out.aux_loss * coef)?)? + (total * coef)?)?;
+                    (objective, global)
+                }
+                None => (
+                    loss.clone(),
+                    out.routing.iter().map(|r| r.aux_loss.clone()).collect(),
+                ),
+            };
             on_phase(Phase::Forward);
-            let micro_grads = (loss / accumulation as f64)?.backward()?;
+            let micro_grads = (&loss / accumulation as f64)?.backward()?;
             for (name, var) in &self.params {
                 if let Some(g) = micro_grads.get(var.as_tensor()) {
                     // Detached: the micro-batch's graph is freed as soon as its backward is done.
@@ -224,7 +324,7 @@ impl Learner {
             on_phase(Phase::Backward);
             // One host copy for all scalars of the micro-batch.
             let mut scalars = vec![loss.clone(), lm_loss.clone()];
-            scalars.extend(out.routing.iter().map(|r| r.aux_loss.clone()));
+            scalars.extend(aux_losses);
             scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
             let values = Tensor::stack(&scalars, 0)?
                 .to_dtype(DType::F64)?
@@ -257,6 +357,7 @@ impl Learner {
             router_log.record(step + 1, &out.routing, domains, seq_len)?;
         }
         let names = router_log.domains();
+        let domain_sums = reduce_outcome(comm, &mut outcome, domain_sums, names.len())?;
         outcome.domain_loss = domain_sums
             .into_iter()
             .map(|(d, (sum, n))| {
@@ -267,11 +368,29 @@ impl Learner {
         if cfg.train.debug_nan_steps.contains(&(step + 1)) {
             outcome.loss = f64::NAN;
         }
-        outcome.grad_norm = self.optimizer.grad_norm(&grads)?;
+        let shards = match &self.optimizer {
+            Optimizer::Full(adamw) => {
+                data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
+                outcome.grad_norm = adamw.grad_norm(&grads)?;
+                None
+            }
+            Optimizer::Sharded(sharded) => {
+                let shards = sharded.reduce_scatter(comm, &grads)?;
+                grads.clear();
+                outcome.grad_norm = sharded.grad_norm(comm, &shards)?;
+                Some(shards)
+            }
+        };
         outcome.applied = outcome.loss.is_finite() && outcome.grad_norm.is_finite();
         if outcome.applied {
             let scale = clip_scale(outcome.grad_norm, cfg.train.grad_clip);
-            self.optimizer.step(&grads, lr, scale)?;
+            match (&mut self.optimizer, shards) {
+                (Optimizer::Sharded(sharded), Some(shards)) => {
+                    sharded.step(comm, &shards, lr, scale)?
+                }
+                (Optimizer::Full(adamw), _) => adamw.step(&grads, lr, scale)?,
+                (Optimizer::Sharded(_), None) => {}
+            }
             update_expert_bias(
                 &self.model,
                 &outcome.tokens_per_expert,
@@ -281,6 +400,59 @@ impl Learner {
         on_phase(Phase::Optimizer);
         Ok(outcome)
     }
+}
+
+/// Sums the step's scalars over ranks: each rank holds its micro-batches' shares of the mean
+/// losses, its tokens per expert and its per-domain loss sums and sequence counts (by domain
+/// id, `n_domains` of them). Returns the summed per-domain (loss sum, sequences).
+fn reduce_outcome(
+    comm: &dyn Collective,
+    outcome: &mut StepOutcome,
+    domain_sums: BTreeMap<u32, (f64, usize)>,
+    n_domains: usize,
+) -> Result<BTreeMap<u32, (f64, usize)>, TrainError> {
+    if comm.world_size() == 1 {
+        return Ok(domain_sums);
+    }
+    let n_moe = outcome.aux_loss.len();
+    let mut packed = vec![outcome.loss, outcome.lm_loss];
+    packed.extend(&outcome.aux_loss);
+    packed.extend(&outcome.z_loss);
+    for load in &outcome.tokens_per_expert {
+        packed.extend(load.iter().map(|&n| n as f64));
+    }
+    let domains_at = packed.len();
+    packed.resize(domains_at + 2 * n_domains, 0.0);
+    for (&d, &(sum, n)) in &domain_sums {
+        let d = d as usize;
+        if d >= n_domains {
+            return Err(TrainError::Argument(format!(
+                "a batch holds domain id {d} but the dataset has {n_domains} domains"
+            )));
+        }
+        packed[domains_at + 2 * d] = sum;
+        packed[domains_at + 2 * d + 1] = n as f64;
+    }
+    comm.all_reduce_f64(&mut packed);
+    outcome.loss = packed[0];
+    outcome.lm_loss = packed[1];
+    outcome.aux_loss.copy_from_slice(&packed[2..2 + n_moe]);
+    outcome
+        .z_loss
+        .copy_from_slice(&packed[2 + n_moe..2 + 2 * n_moe]);
+    let mut at = 2 + 2 * n_moe;
+    for load in &mut outcome.tokens_per_expert {
+        for n in load.iter_mut() {
+            *n = packed[at].round() as usize;
+            at += 1;
+        }
+    }
+    Ok((0..n_domains)
+        .filter_map(|d| {
+            let sequences = packed[domains_at + 2 * d + 1].round() as usize;
+            (sequences > 0).then(|| (d as u32, (packed[domains_at + 2 * d], sequences)))
+        })
+        .collect())
 }
 
 /// DeepSeek-V3's auxiliary-loss-free update: b_i += rate * sign(mean load - load_i).

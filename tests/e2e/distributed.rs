@@ -1,0 +1,418 @@
+//! `mpirun -n 2 moelab train` (feature `mpi`): two ranks against one rank of the same global
+//! batch, a killed rank taking the job down, and resuming on another world size.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use moelab_trace::router_log::read_dir;
+
+use crate::fixture::{wait_for, Fixture};
+use crate::util::{fails, ok, repo_root};
+
+/// The runs update the expert biases (from the reduced loads) and evaluate mid-run.
+const SETTINGS: &[&str] = &[
+    "model.moe.expert_bias=true",
+    "train.steps=6",
+    "train.eval_interval=3",
+    "checkpoint.interval=3",
+    "log.router_interval=2",
+];
+
+/// `mpirun -n RANKS moelab train CONFIG --run-dir runs/<run> EXTRA...`, ready to spawn.
+pub fn mpirun(fx: &Fixture, ranks: usize, run: &str, extra: &[&str]) -> Command {
+    // Each job its own session folder: mpiruns started at the same moment race to create a
+    // shared one under /tmp ("A call to mkdir was unable to create ... File exists").
+    let session = fx.dir.join(format!("ompi-{run}"));
+    std::fs::create_dir_all(&session).unwrap();
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["-n", &ranks.to_string(), "--oversubscribe"])
+        .arg(env!("CARGO_BIN_EXE_moelab"))
+        .arg("train")
+        .arg(&fx.config)
+        .arg("--run-dir")
+        .arg(fx.run_dir(run))
+        .args(extra)
+        .current_dir(repo_root())
+        .env("RUST_BACKTRACE", "0")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_orte_tmpdir_base", &session)
+        // Loopback only: CI machines have no other network worth probing.
+        .env("OMPI_MCA_btl", "self,vader,tcp")
+        .env("OMPI_MCA_btl_tcp_if_include", "lo");
+    cmd
+}
+
+fn run_mpi(fx: &Fixture, ranks: usize, run: &str, extra: &[&str]) -> Output {
+    mpirun(fx, ranks, run, extra).output().unwrap()
+}
+
+/// The logged lines with their numbers (timing fields dropped), by step and kind.
+fn logged(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for timing in ["tokens_per_s", "mfu", "time", "elapsed_s"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
+            v
+        })
+        .collect()
+}
+
+/// Asserts two JSON values are equal up to `rel` relative difference in every number.
+fn assert_close(a: &serde_json::Value, b: &serde_json::Value, rel: f64, at: &str) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            let scale = x.abs().max(y.abs()).max(1e-30);
+            assert!((x - y).abs() <= rel * scale, "{at}: {x} vs {y}");
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (i, (x, y)) in x.iter().zip(y).enumerate() {
+                assert_close(x, y, rel, &format!("{at}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            let keys = |o: &serde_json::Map<String, Value>| o.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(x), keys(y), "{at}");
+            for (k, v) in x {
+                assert_close(v, &y[k], rel, &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{at}"),
+    }
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Asserts every tensor of two safetensors files is within `rel` of the other, relative to
+/// the tensor's largest magnitude.
+fn assert_tensors_close(a: &Path, b: &Path, rel: f32) {
+    let (a, b) = (tensors(a), tensors(b));
+    let mut names: Vec<&String> = a.keys().collect();
+    names.sort();
+    assert_eq!(names.len(), b.len());
+    for name in names {
+        let x = a[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let diff = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= rel * scale, "{name}: max diff {diff} of {scale}");
+    }
+}
+
+/// Metrics, final weights, router logs and evaluations of two runs agree.
+fn assert_runs_match(a: &Path, b: &Path, final_step: u64) {
+    let (la, lb) = (logged(a), logged(b));
+    assert_eq!(la.len(), lb.len(), "as many logged lines");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_close(x, y, 1e-5, &format!("step {}", x["step"]));
+    }
+    let ckpt = format!("checkpoints/step-{final_step:08}/model.safetensors");
+    assert_tensors_close(&a.join(&ckpt), &b.join(&ckpt), 1e-5);
+    let (ra, rb) = (
+        read_dir(&a.join("router")).unwrap(),
+        read_dir(&b.join("router")).unwrap(),
+    );
+    assert!(!ra.is_empty());
+    assert_eq!(ra.len(), rb.len());
+    for (x, y) in ra.iter().zip(&rb) {
+        assert_eq!((x.step_start, x.step_end), (y.step_start, y.step_end));
+        assert_eq!(
+            x.counts, y.counts,
+            "router counts of steps {}..{}",
+            x.step_start, x.step_end
+        );
+        assert_eq!(x.tokens, y.tokens);
+    }
+    let eval = format!("eval/step-{final_step:08}.json");
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join(&eval)).unwrap()).unwrap()
+    };
+    assert_close(&read_json(a), &read_json(b), 1e-5, &eval);
+}
+
+#[test]
+fn two_ranks_match_one_rank_of_the_same_global_batch() {
+    let fx = Fixture::new("dist-match", SETTINGS);
+    ok(&fx.train("one", &[]));
+    let out = run_mpi(&fx, 2, "two", &[]);
+    ok(&out);
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    // Rank 0 alone wrote the folder: one metrics line per step and eval, one config.
+    let lines = logged(&fx.run_dir("two"));
+    assert_eq!(lines.iter().filter(|l| l["loss"].is_number()).count(), 6);
+}
+
+#[test]
+fn a_sharded_optimizer_on_two_ranks_matches_one_rank_and_resumes_unsharded_on_one() {
+    let fx = Fixture::new("dist-zero", SETTINGS);
+    ok(&fx.train("one", &[]));
+    ok(&run_mpi(
+        &fx,
+        2,
+        "two",
+        &["--set", "train.shard_optimizer=true"],
+    ));
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    // One global set of optimizer tensors, whatever the sharding.
+    let opt = "checkpoints/step-00000006/optimizer.safetensors";
+    assert_tensors_close(
+        &fx.run_dir("one").join(opt),
+        &fx.run_dir("two").join(opt),
+        1e-4,
+    );
+    // The sharded run's step-3 checkpoint continues on one rank, unsharded.
+    let ckpt = fx.run_dir("two").join("checkpoints/step-00000003");
+    ok(&fx.train("resumed", &["--resume", ckpt.to_str().unwrap()]));
+    let (a, b) = (logged(&fx.run_dir("one")), logged(&fx.run_dir("resumed")));
+    let last = |lines: &[serde_json::Value]| {
+        lines
+            .iter()
+            .rev()
+            .find(|l| l["loss"].is_number())
+            .cloned()
+            .unwrap()
+    };
+    assert_close(&last(&a), &last(&b), 1e-5, "resumed");
+    let model = "checkpoints/step-00000006/model.safetensors";
+    assert_tensors_close(
+        &fx.run_dir("one").join(model),
+        &fx.run_dir("resumed").join(model),
+        1e-5,
+    );
+}
+
+#[test]
+fn global_batch_balancing_trains_on_two_ranks_as_on_one() {
+    let settings = [SETTINGS, &["model.moe.aux_loss_scope=\"global\""]].concat();
+    let fx = Fixture::new("dist-global", &settings);
+    ok(&fx.train("one", &[]));
+    ok(&run_mpi(&fx, 2, "two", &[]));
+    // The fractions are counted over the whole global batch, so the split does not matter.
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    let lines = logged(&fx.run_dir("two"));
+    let aux: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["aux_loss"].as_array()?.first()?.as_f64())
+        .collect();
+    assert_eq!(aux.len(), 6);
+    assert!(
+        aux.iter().all(|a| a.is_finite() && *a >= 0.9),
+        "aux ~ 1 or above: {aux:?}"
+    );
+    // And it is not the micro-batch loss: a micro-batch-scope run logs other values.
+    ok(&fx.train(
+        "micro",
+        &["--set", "model.moe.aux_loss_scope=\"micro_batch\""],
+    ));
+    assert_ne!(
+        logged(&fx.run_dir("micro"))[0]["aux_loss"],
+        lines[0]["aux_loss"]
+    );
+}
+
+#[test]
+fn a_global_batch_that_does_not_split_over_the_ranks_is_refused_on_every_rank() {
+    let fx = Fixture::new("dist-split", SETTINGS);
+    // 8 sequences per step, micro-batches of 4: 3 ranks cannot share them.
+    let err = fails(&run_mpi(&fx, 3, "three", &[]));
+    assert!(err.contains("train.global_batch_tokens"), "{err}");
+    assert_eq!(
+        err.matches("do not split into whole micro-batches").count(),
+        3,
+        "{err}"
+    );
+    assert!(!fx.run_dir("three").join("metrics.jsonl").exists());
+}
+
+#[test]
+fn ranks_with_different_configs_stop_with_the_same_error() {
+    let fx = Fixture::new("dist-disagree", SETTINGS);
+    // mpirun's MPMD form: rank 0 and rank 1 get different learning rates.
+    let mut cmd = mpirun(&fx, 1, "split", &[]);
+    cmd.args([":", "-n", "1", env!("CARGO_BIN_EXE_moelab"), "train"])
+        .arg(&fx.config)
+        .arg("--run-dir")
+        .arg(fx.run_dir("split"))
+        .args(["--set", "train.lr=1e-2"]);
+    let err = fails(&cmd.output().unwrap());
+    assert_eq!(
+        err.matches("the ranks disagree on the config hash").count(),
+        2,
+        "{err}"
+    );
+    assert!(!fx.run_dir("split").join("metrics.jsonl").exists());
+}
+
+#[test]
+fn ranks_resuming_from_different_checkpoints_stop_with_the_same_error() {
+    let fx = Fixture::new("dist-resume-disagree", SETTINGS);
+    ok(&run_mpi(&fx, 2, "run", &[]));
+    // Rank 0 resumes from the newest checkpoint (step 6), rank 1 from step 3.
+    let older = fx.run_dir("run").join("checkpoints/step-00000003");
+    let mut cmd = mpirun(&fx, 1, "run", &["--resume", "auto"]);
+    cmd.args([":", "-n", "1", env!("CARGO_BIN_EXE_moelab"), "train"])
+        .arg(&fx.config)
+        .arg("--run-dir")
+        .arg(fx.run_dir("run"))
+        .arg("--resume")
+        .arg(&older);
+    let before = std::fs::read(fx.run_dir("run").join("metrics.jsonl")).unwrap();
+    let err = fails(&cmd.output().unwrap());
+    assert_eq!(
+        err.matches("the ranks disagree on the checkpoint step")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("(rank 0: 6, rank 1: 3)"), "{err}");
+    // Refused before anything was written.
+    assert_eq!(
+        std::fs::read(fx.run_dir("run").join("metrics.jsonl")).unwrap(),
+        before
+    );
+}
+
+/// The PID of rank `rank` among the children of `mpirun` process `parent`.
+fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
+    children.split_whitespace().find_map(|pid| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let wanted = format!("OMPI_COMM_WORLD_RANK={rank}");
+        environ
+            .split(|&b| b == 0)
+            .any(|var| var == wanted.as_bytes())
+            .then(|| pid.parse().ok())?
+    })
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
+    // Long enough that the kill lands well before the end, even on a loaded machine.
+    let settings = [SETTINGS, &["train.steps=60", "checkpoint.interval=5"]].concat();
+    let fx = Fixture::new("dist-kill", &settings);
+    ok(&fx.train("straight", &[]));
+
+    let mut job = mpirun(&fx, 2, "killed", &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        &fx.run_dir("killed")
+            .join("checkpoints/step-00000005/state.json"),
+        &mut job,
+    );
+    let victim = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    let killed_at = Instant::now();
+    let status = Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    loop {
+        if job.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "the job outlived its killed rank by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = job.wait_with_output().unwrap();
+    let err = fails(&out);
+    assert!(
+        err.contains("rank 1"),
+        "the error names the killed rank: {err}"
+    );
+    let done: Vec<String> = std::fs::read_dir(fx.run_dir("killed").join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(
+        !done.contains(&"step-00000060".to_string()),
+        "killed mid-run: {done:?}"
+    );
+
+    // A copy of the interrupted run resumes on one rank, the original on two.
+    let copy = fx.run_dir("killed-one");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(fx.run_dir("killed"))
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    ok(&run_mpi(&fx, 2, "killed", &["--resume", "auto"]));
+    ok(&fx.train("killed-one", &["--resume", "auto"]));
+    for resumed in ["killed", "killed-one"] {
+        let (a, b) = (
+            logged(&fx.run_dir("straight")),
+            logged(&fx.run_dir(resumed)),
+        );
+        let last = |lines: &[serde_json::Value]| {
+            lines
+                .iter()
+                .rev()
+                .find(|l| l["loss"].is_number())
+                .cloned()
+                .unwrap()
+        };
+        assert_close(&last(&a), &last(&b), 1e-5, resumed);
+        let ckpt = "checkpoints/step-00000060/model.safetensors";
+        assert_tensors_close(
+            &fx.run_dir("straight").join(ckpt),
+            &fx.run_dir(resumed).join(ckpt),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn sigterm_to_one_rank_makes_every_rank_save_one_checkpoint_and_exit_cleanly() {
+    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=0"]].concat();
+    let fx = Fixture::new("dist-term", &settings);
+    let mut job = mpirun(&fx, 2, "run", &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Slurm signals every task; a signal reaching one rank first must stop them all together.
+    let rank1 = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    let status = Command::new("kill")
+        .args(["-TERM", &rank1.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = job.wait_with_output().unwrap();
+    ok(&out);
+    let saved: Vec<String> = std::fs::read_dir(fx.run_dir("run").join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(saved.len(), 1, "one checkpoint saved on SIGTERM: {saved:?}");
+    assert!(saved[0] != "step-00000400", "stopped early: {saved:?}");
+}
