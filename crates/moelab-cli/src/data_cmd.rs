@@ -274,6 +274,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     "tokens": source.train.tokens,
                     "validation_documents": source.validation.documents,
                     "validation_tokens": source.validation.tokens,
+                    "shards": source.shards.len(),
                 }));
             }
         }

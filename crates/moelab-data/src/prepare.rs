@@ -267,6 +267,12 @@ struct WorkDir {
 
 impl WorkDir {
     fn for_output(out: &Path) -> Result<WorkDir> {
+        if out.exists() && !out.is_dir() {
+            return Err(DataError::Prepare(format!(
+                "--out {} is a file; give a folder for the dataset",
+                out.display()
+            )));
+        }
         let in_place = out.join(MANIFEST_FILE).is_file()
             || std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some());
         if in_place {
@@ -423,7 +429,8 @@ fn run_in(
     }
     let records: Vec<UnitRecord> = records.into_iter().flatten().collect();
     let inputs: Vec<&InputStats> = records.iter().flat_map(|r| &r.inputs).collect();
-    if inputs.iter().all(|s| s.documents == 0) {
+    // A part may hold no document (or no unit) while the corpus has plenty: merge checks.
+    if opts.part.is_none() && inputs.iter().all(|s| s.documents == 0) {
         return Err(DataError::Prepare(no_documents(&inputs, &opts.fields)));
     }
     let part = opts.part.map(|p| PartInfo {
@@ -1617,6 +1624,16 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             }
         }
         records.sort_by(|a, b| a.id.cmp(&b.id));
+        if records
+            .iter()
+            .flat_map(|r| &r.inputs)
+            .all(|s| s.documents == 0)
+        {
+            return Err(DataError::Prepare(
+                "the parts hold no document; their manifests' `inputs` say why each file's records were skipped"
+                    .into(),
+            ));
+        }
         if records.windows(2).any(|w| w[0].id == w[1].id) {
             return Err(DataError::Prepare(
                 "two parts hold the same input; re-run every part with the same --part count"

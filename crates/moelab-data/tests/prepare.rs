@@ -482,3 +482,25 @@ fn no_documents_lists_each_file_and_why_its_lines_were_skipped() {
         assert!(err.contains(part), "{part}: {err}");
     }
 }
+
+#[test]
+fn a_disordered_document_index_is_found_by_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let out = ds.dir().to_path_buf();
+    let shard = ds.manifest().domains[0].sources[0].shards[0].clone();
+    drop(ds);
+    let path = out.join(&shard.docs_file);
+    let mut index = std::fs::read(&path).unwrap();
+    assert!(index.len() >= 16, "at least two documents");
+    // Document 0 now ends after document 1; the last entry (checked on open) is intact.
+    let second: [u8; 8] = index[8..16].try_into().unwrap();
+    index[..8].copy_from_slice(&(u64::from_le_bytes(second) + 1).to_le_bytes());
+    std::fs::write(&path, &index).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let err = ds.verify().unwrap_err().to_string();
+    assert!(
+        err.contains(&shard.docs_file) && err.contains("document 1 ends at"),
+        "{err}"
+    );
+}

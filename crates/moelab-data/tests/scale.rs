@@ -202,6 +202,12 @@ fn parts_merge_into_exactly_the_single_prepare() {
         );
     }
     Dataset::open(&merged).unwrap().verify().unwrap();
+    // A part with no unit (more parts than files) is an empty, valid part.
+    let mut o = with_tokenizer(&tmp.path().join("empty-part"));
+    o.part = Some("40/41".parse().unwrap());
+    let report = prepare(&o, &|_| {}).unwrap();
+    assert_eq!((report.written_units, report.reused_units), (0, 0));
+    assert!(report.manifest.domains.is_empty());
     // Merging again into the dataset is refused.
     let err = merge(&merged, &parts).unwrap_err().to_string();
     assert!(err.contains("already holds a dataset"), "{err}");
