@@ -38,7 +38,7 @@ pub struct PrepareArgs {
     /// changed files).
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
-    /// Encode with this Hugging Face tokenizer.json, special tokens kept (`<|endoftext|>` is
+    /// Encode with this Hugging Face tokenizer.json, special tokens kept (the --eos-token is
     /// added if missing).
     #[arg(
         long,
@@ -76,6 +76,10 @@ pub struct PrepareArgs {
     /// parts with `moelab prepare merge`. Needs --tokenizer.
     #[arg(long, value_name = "i/N")]
     pub part: Option<moelab_data::Part>,
+    /// The token appended after every document: the tokenizer's own end-of-document token
+    /// (e.g. </s>), else it is added as a special token.
+    #[arg(long, default_value = "<|endoftext|>")]
+    pub eos_token: String,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -184,6 +188,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     opts.threads = args.threads;
     opts.max_shard_bytes = args.max_shard_bytes;
     opts.part = args.part;
+    opts.eos_token = args.eos_token;
 
     let mut bar = PrepareProgress::new("")?.lines_to_stderr();
     let progress = |event: &PrepareEvent| bar.on_event(event);
@@ -308,8 +313,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 fn inspect_table(dataset: &Dataset) -> String {
     let m = dataset.manifest();
     let mut out = format!(
-        "tokenizer: vocab {} (ids stored as {:?}), <|endoftext|> = {}, validation fraction {}\n",
-        m.tokenizer.vocab_size, m.dtype, m.tokenizer.eos_id, m.validation_fraction
+        "tokenizer: vocab {} (ids stored as {:?}), {} = {}, validation fraction {}\n",
+        m.tokenizer.vocab_size,
+        m.dtype,
+        m.tokenizer.eos_token,
+        m.tokenizer.eos_id,
+        m.validation_fraction
     );
     out += &format!(
         "{:<24} {:>10} {:>12} {:>10} {:>12}\n",

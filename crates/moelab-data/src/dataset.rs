@@ -590,9 +590,9 @@ fn verify_shard(dir: &Path, manifest: &Manifest, shard: &ShardEntry) -> Result<(
                     ));
                 } else if ends.get(document) == Some(&(token + 1)) && id != eos {
                     problem = Some(format!(
-                        "document {document} ends at token {token} with id {id}, not <|endoftext|> = {eos}: \
+                        "document {document} ends at token {token} with id {id}, not {} = {eos}: \
                          the document index {} does not describe these tokens",
-                        shard.docs_file
+                        manifest.tokenizer.eos_token, shard.docs_file
                     ));
                 }
             }

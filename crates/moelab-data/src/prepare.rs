@@ -36,8 +36,8 @@ pub use crate::tokenize::PIECE_BYTES;
 /// Which tokenizer `prepare` encodes with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizerChoice {
-    /// An existing Hugging Face tokenizer.json, its special tokens kept (`<|endoftext|>` is
-    /// added if it lacks it).
+    /// An existing Hugging Face tokenizer.json, its special tokens kept (the end-of-document
+    /// token, [`PrepareOptions::eos_token`], is added if it lacks it).
     File(PathBuf),
     /// Train a byte-level BPE of this vocabulary size on the corpus (or reuse the one an
     /// earlier prepare trained into the output folder).
@@ -93,6 +93,9 @@ pub struct PrepareOptions {
     pub max_shard_bytes: u64,
     /// Prepare only this slice of the units (merge the parts with [`merge`]).
     pub part: Option<Part>,
+    /// The token appended after every document: the tokenizer's own (e.g. `</s>`), or
+    /// `<|endoftext|>` (added as a special token when the tokenizer lacks it).
+    pub eos_token: String,
 }
 
 impl PrepareOptions {
@@ -108,6 +111,7 @@ impl PrepareOptions {
             threads: None,
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             part: None,
+            eos_token: EOS_TOKEN.into(),
         }
     }
 }
@@ -240,6 +244,11 @@ fn check_options(opts: &PrepareOptions) -> Result<()> {
     opts.fields.text.check("--text-field")?;
     opts.fields.domain.check("--domain-field")?;
     opts.fields.source.check("--source-field")?;
+    if opts.eos_token.is_empty() {
+        return Err(DataError::Prepare(
+            "--eos-token is empty; name the tokenizer's end-of-document token (e.g. </s>)".into(),
+        ));
+    }
     if opts.max_shard_bytes < 4096 {
         return Err(DataError::Prepare(format!(
             "--max-shard-bytes {} is too small; use at least 4K (shards of a few hundred MB suit most file systems)",
@@ -469,8 +478,8 @@ fn listing_hash(opts: &PrepareOptions, units: &[Unit], info: &TokenizerInfo) -> 
     let mut h = Hasher::new();
     h.update(
         format!(
-            "format {FORMAT_VERSION} {:?} {} {} {}",
-            opts.fields, opts.validation_fraction, opts.max_shard_bytes, info.sha256
+            "format {FORMAT_VERSION} {:?} {} {} {} {}",
+            opts.fields, opts.validation_fraction, opts.max_shard_bytes, info.sha256, info.eos_id
         )
         .as_bytes(),
     );
@@ -580,7 +589,7 @@ fn unit_key(
         )
         .as_bytes(),
     );
-    h.update(info.sha256.as_bytes());
+    h.update(format!("{} eos {}", info.sha256, info.eos_id).as_bytes());
     let fields = match unit.fixed {
         Some(_) => opts.fields.text.0.clone(),
         None => format!("{:?}", opts.fields),
@@ -1309,14 +1318,18 @@ fn load_or_train_tokenizer(
             (tokenizer, Some(*vocab))
         }
     };
-    if tokenizer.token_to_id(EOS_TOKEN).is_none() {
+    let eos = opts.eos_token.as_str();
+    if tokenizer.token_to_id(eos).is_none() {
         tokenizer
-            .add_special_tokens([AddedToken::from(EOS_TOKEN, true)])
+            .add_special_tokens([AddedToken::from(eos, true)])
             .map_err(|e| tok_err(&out_path, &e))?;
     }
-    let eos_id = tokenizer
-        .token_to_id(EOS_TOKEN)
-        .ok_or_else(|| tok_err(&out_path, &"cannot add the <|endoftext|> token"))?;
+    let eos_id = tokenizer.token_to_id(eos).ok_or_else(|| {
+        tok_err(
+            &out_path,
+            &format!("cannot add the end-of-document token {eos}"),
+        )
+    })?;
     if matches!(opts.tokenizer, TokenizerChoice::File(_)) {
         let text = tokenizer
             .to_string(false)
@@ -1339,7 +1352,7 @@ fn load_or_train_tokenizer(
             sha256: sha256_hex(&bytes),
             vocab_size,
             eos_id,
-            eos_token: EOS_TOKEN.into(),
+            eos_token: opts.eos_token.clone(),
             trained_vocab,
         },
     ))

@@ -504,3 +504,50 @@ fn a_disordered_document_index_is_found_by_verify() {
         "{err}"
     );
 }
+
+#[test]
+fn a_given_tokenizer_keeps_its_special_tokens_and_its_own_end_of_document_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A word-level tokenizer with its own special tokens, </s> among them.
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[UNK]", "<s>", "</s>", "the", "river", "stone", "<|user|>"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert(w.to_string(), i.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(1, "<s>"), special(2, "</s>"), special(6, "<|user|>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let tok_path = tmp.path().join("tok.json");
+    write(&tok_path, tok.to_string());
+    let dir = tmp.path().join("c");
+    write(
+        &dir.join("web/a.jsonl"),
+        jsonl(&["the river <|user|> stone".into(), "stone the".into()]),
+    );
+    let out = tmp.path().join("out");
+    let mut opts = options(&dir, &out);
+    opts.tokenizer = TokenizerChoice::File(tok_path);
+    opts.validation_fraction = 0.0;
+    opts.eos_token = "</s>".into();
+    prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    ds.verify().unwrap();
+    assert_eq!(ds.eos_id(), 2);
+    assert_eq!(ds.vocab_size(), 7, "no token was added");
+    assert_eq!(ds.manifest().tokenizer.eos_token, "</s>");
+    let shard = &ds.manifest().domains[0].sources[0].shards[0];
+    // The special token in the text is one id, as the tokenizer defines it.
+    assert_eq!(
+        shard_ids(&out, &shard.tokens_file),
+        [3, 4, 6, 5, 2, 5, 3, 2]
+    );
+}
