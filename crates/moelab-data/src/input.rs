@@ -297,14 +297,6 @@ pub(crate) fn parse(
     fields: &Fields,
     fixed: Option<&(String, String)>,
 ) -> std::result::Result<ParsedDoc, Rejected> {
-    parse_record(raw, fields, fixed)
-}
-
-fn parse_record(
-    raw: RawRecord,
-    fields: &Fields,
-    fixed: Option<&(String, String)>,
-) -> std::result::Result<ParsedDoc, Rejected> {
     let (text, domain, source) = match raw {
         RawRecord::Text(bytes) => {
             let text = String::from_utf8(bytes).map_err(|e| {
