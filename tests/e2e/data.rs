@@ -87,3 +87,128 @@ fn prepare_inspect_and_mix_a_corpus() {
         .unwrap();
     assert_eq!(prose["sequences"], 100);
 }
+
+/// A Dolma-style gzipped JSONL dump: the domain in `metadata.domain`, sources with `/`.
+fn write_dolma(path: &std::path::Path, files: usize) -> Vec<std::path::PathBuf> {
+    std::fs::create_dir_all(path).unwrap();
+    let words = ["the", "proof", "sum", "river", "fn", "let", "city", "prime"];
+    (0..files)
+        .map(|f| {
+            let mut lines = String::new();
+            for i in 0..30usize {
+                let text: Vec<&str> = (0..40).map(|k| words[(i * 7 + k * (f + 3)) % 8]).collect();
+                let (domain, source) = [("web", "cc/2019"), ("web", "cc/2020"), ("math", "arxiv")][i % 3];
+                lines.push_str(
+                    &(serde_json::json!({"id": format!("{f}-{i}"), "text": text.join(" "), "source": source,
+                                         "metadata": {"domain": domain}})
+                    .to_string()
+                        + "\n"),
+                );
+            }
+            lines.push_str("{\"id\": \"broken\"\n");
+            let file = path.join(format!("part-{f}.json.gz"));
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, lines.as_bytes()).unwrap();
+            std::fs::write(&file, gz.finish().unwrap()).unwrap();
+            file
+        })
+        .collect()
+}
+
+#[test]
+fn prepare_a_dolma_dump_in_parts_and_merge_it() {
+    let dir = Scratch::new("data-dolma");
+    let files = write_dolma(&dir.join("dolma"), 4);
+    let inputs: Vec<&str> = files.iter().map(|f| arg(f)).collect();
+    let prepare = |extra: &[&str]| {
+        let mut args = vec!["prepare"];
+        args.extend(&inputs);
+        args.extend(["--domain-field", "metadata.domain"]);
+        args.extend(extra);
+        moelab(&args)
+    };
+    // A single prepare trains the tokenizer; its per-file counts and reasons are printed.
+    let single = dir.join("single");
+    let out = prepare(&["--out", arg(&single), "--train-tokenizer", "300"]);
+    ok(&out);
+    let err = crate::util::stderr(&out);
+    assert!(
+        err.contains("part-0.json.gz: 30 kept, 1 skipped (1 malformed JSON)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("4 files: 120 documents kept, 4 skipped"),
+        "{err}"
+    );
+
+    // Without the nested field path: no document has a domain, and nothing is left behind.
+    let failed = dir.join("failed");
+    let err = fails(&moelab(&[
+        "prepare",
+        inputs[0],
+        "--out",
+        arg(&failed),
+        "--train-tokenizer",
+        "300",
+    ]));
+    assert!(
+        err.contains("no string `domain`") && err.contains("metadata.domain"),
+        "{err}"
+    );
+    assert!(!failed.exists());
+
+    // Two array tasks and a merge give the single prepare's dataset, byte for byte.
+    let tokenizer = single.join("tokenizer.json");
+    let again = dir.join("again");
+    ok(&prepare(&[
+        "--out",
+        arg(&again),
+        "--tokenizer",
+        arg(&tokenizer),
+    ]));
+    let mut parts = Vec::new();
+    for i in 0..2 {
+        let part = dir.join(format!("parts/{i}"));
+        let slice = format!("{i}/2");
+        ok(&prepare(&[
+            "--out",
+            arg(&part),
+            "--tokenizer",
+            arg(&tokenizer),
+            "--part",
+            &slice,
+        ]));
+        parts.push(part);
+    }
+    let merged = dir.join("merged");
+    ok(&moelab(&[
+        "prepare",
+        "merge",
+        arg(&merged),
+        arg(&parts[0]),
+        arg(&parts[1]),
+    ]));
+    let read = |p: &std::path::Path| std::fs::read(p.join("manifest.json")).unwrap();
+    assert!(read(&merged) == read(&again), "merged manifest differs");
+    let info: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+        "data",
+        "inspect",
+        arg(&merged),
+        "--verify",
+        "--json",
+    ])))
+    .unwrap();
+    let names: Vec<String> = info["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{}",
+                s["domain"].as_str().unwrap(),
+                s["source"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["math/arxiv", "web/cc/2019", "web/cc/2020"]);
+}

@@ -1,13 +1,13 @@
 //! `moelab prepare` and `moelab data inspect|mix`: turn corpora into shards, look at them,
 //! and check what a mixture will really feed the model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use moelab_data::{
-    prepare as run_prepare, DataConfig, Dataset, MixtureStream, PrepareEvent, PrepareOptions,
-    TokenizerChoice,
+    prepare as run_prepare, DataConfig, Dataset, FieldPath, Fields, Manifest, MixtureStream,
+    PrepareEvent, PrepareOptions, TokenizerChoice,
 };
 
 use crate::progress::PrepareProgress;
@@ -15,45 +15,116 @@ use crate::progress::PrepareProgress;
 /// Tokenize domain-tagged corpora into shards with a manifest and a validation split.
 #[derive(Debug, clap::Args)]
 #[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     after_help = "Example: moelab prepare data/sample --out data/prepared/sample --train-tokenizer 4096\n\
-         Example: moelab prepare dump.jsonl.zst --out data/prepared/dump --tokenizer tokenizer.json --strict"
+         Example: moelab prepare dolma/*.json.gz --out data/prepared/dolma --tokenizer tokenizer.json \\\n\
+         \x20        --domain-field metadata.domain --strict\n\
+         Example (one Slurm array task of 8): moelab prepare corpus --out parts/$SLURM_ARRAY_TASK_ID \\\n\
+         \x20        --tokenizer tokenizer.json --part $SLURM_ARRAY_TASK_ID/8\n\
+         \x20        then: moelab prepare merge data/prepared/corpus parts/*"
 )]
 pub struct PrepareArgs {
-    /// Corpus folders (one subfolder per domain, sub-subfolders are sources) or JSONL files
-    /// whose records carry a domain field.
+    /// `merge OUT PART_DIRS...`: join the folders of `--part` runs.
+    #[command(subcommand)]
+    pub command: Option<PrepareCommand>,
+    /// Corpus folders (one subfolder per domain, sub-subfolders are sources; corpus files at
+    /// their root and files given directly name their domain in each record). Files: JSONL
+    /// (.jsonl, .ndjson, .json.gz, .jsonl.gz, .jsonl.zst: Dolma, datatrove), Parquet, and in
+    /// domain folders plain text (.txt, one document per file).
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
-    /// Output dataset folder (re-running skips finished shards).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Encode with this Hugging Face tokenizer.json (`<|endoftext|>` is added if missing).
+    /// Output dataset folder (re-running reuses finished shards and encodes only new or
+    /// changed files).
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
+    /// Encode with this Hugging Face tokenizer.json, special tokens kept (the --eos-token is
+    /// added if missing).
     #[arg(
         long,
         conflicts_with = "train_tokenizer",
         required_unless_present = "train_tokenizer"
     )]
     pub tokenizer: Option<PathBuf>,
-    /// Train a byte-level BPE with this vocabulary size on the corpus.
+    /// Train a byte-level BPE with this vocabulary size on the corpus (pinned: a re-run into
+    /// the same folder reuses it).
     #[arg(long, value_name = "VOCAB")]
     pub train_tokenizer: Option<usize>,
-    /// JSONL field naming a record's domain (for JSONL files given directly).
+    /// Field naming a record's domain, a dotted path for nested fields (e.g. metadata.domain);
+    /// read for files whose folder gives no domain.
     #[arg(long, default_value = "domain")]
     pub domain_field: String,
-    /// JSONL field holding a record's text.
+    /// Field (or dotted path, or Parquet column) holding a record's text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
-    /// Fail on the first malformed line, invalid UTF-8 or empty document (naming file and line).
+    /// Field naming a record's source inside its domain (may hold '/', e.g. common-crawl/2019);
+    /// absent means `default`.
+    #[arg(long, default_value = "source")]
+    pub source_field: String,
+    /// Fail on the first skipped record (bad JSON, missing field, invalid UTF-8, empty
+    /// document), naming file and line.
     #[arg(long)]
     pub strict: bool,
     /// Share of each domain's documents held out for validation (by content hash).
     #[arg(long, default_value_t = 0.01)]
     pub validation_fraction: f64,
+    /// Largest shard token file, in bytes (suffixes K, M, G); a source gets as many shards as
+    /// it needs.
+    #[arg(long, default_value = "1G", value_parser = parse_bytes)]
+    pub max_shard_bytes: u64,
+    /// Prepare only slice i of N (0 <= i < N; e.g. $SLURM_ARRAY_TASK_ID/8), then join the
+    /// parts with `moelab prepare merge`. Needs --tokenizer.
+    #[arg(long, value_name = "i/N")]
+    pub part: Option<moelab_data::Part>,
+    /// The token appended after every document: the tokenizer's own end-of-document token
+    /// (e.g. </s>), else it is added as a special token.
+    #[arg(long, default_value = "<|endoftext|>")]
+    pub eos_token: String,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Print the manifest as JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Subcommands of `moelab prepare`.
+#[derive(Debug, clap::Subcommand)]
+pub enum PrepareCommand {
+    /// Join the folders of `moelab prepare ... --part i/N` (every i) into one dataset, equal
+    /// to a single prepare of the same inputs.
+    #[command(
+        after_help = "Example: moelab prepare merge data/prepared/corpus parts/0 parts/1 parts/2"
+    )]
+    Merge {
+        /// The dataset folder to write (new or empty).
+        out: PathBuf,
+        /// The part folders.
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// Print the manifest as JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `512M`, `1G`, `4096`: a byte count.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, scale) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('G') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            format!("`{s}` is not a size: write bytes, or a number with K, M or G (e.g. 512M)")
+        })
 }
 
 /// Show documents and tokens per domain and source of a prepared dataset.
@@ -90,39 +161,42 @@ pub struct MixArgs {
 
 /// `moelab prepare`.
 pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
+    if let Some(PrepareCommand::Merge { out, parts, json }) = args.command {
+        let manifest = moelab_data::merge(&out, &parts)
+            .with_context(|| format!("merging {} parts into {}", parts.len(), out.display()))?;
+        return print_prepared(
+            &out,
+            &manifest,
+            json,
+            &format!("merged {} parts", parts.len()),
+        );
+    }
+    let out = args.out.context("--out is required")?;
     let tokenizer = match (args.tokenizer, args.train_tokenizer) {
         (Some(path), None) => TokenizerChoice::File(path),
         (None, Some(vocab)) => TokenizerChoice::Train(vocab),
         _ => anyhow::bail!("give exactly one of --tokenizer FILE or --train-tokenizer VOCAB"),
     };
-    let mut opts = PrepareOptions::new(args.inputs, args.out.clone(), tokenizer);
-    opts.domain_field = args.domain_field;
-    opts.text_field = args.text_field;
+    let mut opts = PrepareOptions::new(args.inputs, out.clone(), tokenizer);
+    opts.fields = Fields {
+        text: FieldPath(args.text_field),
+        domain: FieldPath(args.domain_field),
+        source: FieldPath(args.source_field),
+    };
     opts.strict = args.strict;
     opts.validation_fraction = args.validation_fraction;
     opts.threads = args.threads;
+    opts.max_shard_bytes = args.max_shard_bytes;
+    opts.part = args.part;
+    opts.eos_token = args.eos_token;
 
     let mut bar = PrepareProgress::new("")?.lines_to_stderr();
     let progress = |event: &PrepareEvent| bar.on_event(event);
     let report = run_prepare(&opts, &progress);
     bar.finish();
-    let report = report.with_context(|| format!("preparing {}", args.out.display()))?;
+    let report = report.with_context(|| format!("preparing {}", out.display()))?;
 
-    if args.json {
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&report.manifest).context("serialising the manifest")?
-        );
-        return Ok(());
-    }
-    for input in &report.manifest.inputs {
-        if input.skipped() > 0 {
-            eprintln!(
-                "skipped in {}: {} malformed, {} invalid UTF-8, {} empty ({} kept)",
-                input.path, input.malformed, input.invalid_utf8, input.empty, input.documents
-            );
-        }
-    }
+    print_inputs(&report.manifest, &opts.fields);
     if !report.ignored_files.is_empty() {
         eprintln!(
             "ignored {} files with unsupported extensions inside domain folders (first: {})",
@@ -130,14 +204,56 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             report.ignored_files[0].display()
         );
     }
-    outln!(
-        "prepared {} ({} units written, {} kept)",
-        args.out.display(),
-        report.written_units,
-        report.reused_units
+    let what = format!(
+        "{} units written, {} kept",
+        report.written_units, report.reused_units
     );
-    let dataset =
-        Dataset::open(&args.out).with_context(|| format!("opening {}", args.out.display()))?;
+    print_prepared(&out, &report.manifest, args.json, &what)
+}
+
+/// Per input file: documents kept and skipped, and why (stderr; every file with skips, and
+/// the others up to a screenful).
+fn print_inputs(manifest: &Manifest, fields: &Fields) {
+    const SHOWN: usize = 40;
+    let mut shown = 0;
+    let mut hidden = 0;
+    for input in &manifest.inputs {
+        if input.skipped.total() == 0 && shown >= SHOWN {
+            hidden += 1;
+            continue;
+        }
+        shown += 1;
+        eprintln!(
+            "{}: {} kept, {} skipped ({})",
+            input.path,
+            input.documents,
+            input.skipped.total(),
+            input.skipped.describe(fields)
+        );
+    }
+    if hidden > 0 {
+        eprintln!(
+            "... and {hidden} more files with nothing skipped (all in the manifest's `inputs`)"
+        );
+    }
+    let kept: u64 = manifest.inputs.iter().map(|i| i.documents).sum();
+    let skipped: u64 = manifest.inputs.iter().map(|i| i.skipped.total()).sum();
+    eprintln!(
+        "{} files: {kept} documents kept, {skipped} skipped",
+        manifest.inputs.len()
+    );
+}
+
+fn print_prepared(out: &Path, manifest: &Manifest, json: bool, what: &str) -> anyhow::Result<()> {
+    if json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(manifest).context("serialising the manifest")?
+        );
+        return Ok(());
+    }
+    outln!("prepared {} ({what})", out.display());
+    let dataset = Dataset::open(out).with_context(|| format!("opening {}", out.display()))?;
     out!("{}", inspect_table(&dataset));
     Ok(())
 }
@@ -163,6 +279,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                     "tokens": source.train.tokens,
                     "validation_documents": source.validation.documents,
                     "validation_tokens": source.validation.tokens,
+                    "shards": source.shards.len(),
                 }));
             }
         }
@@ -196,8 +313,12 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 fn inspect_table(dataset: &Dataset) -> String {
     let m = dataset.manifest();
     let mut out = format!(
-        "tokenizer: vocab {} (ids stored as {:?}), <|endoftext|> = {}, validation fraction {}\n",
-        m.tokenizer.vocab_size, m.dtype, m.tokenizer.eos_id, m.validation_fraction
+        "tokenizer: vocab {} (ids stored as {:?}), {} = {}, validation fraction {}\n",
+        m.tokenizer.vocab_size,
+        m.dtype,
+        m.tokenizer.eos_token,
+        m.tokenizer.eos_id,
+        m.validation_fraction
     );
     out += &format!(
         "{:<24} {:>10} {:>12} {:>10} {:>12}\n",

@@ -100,11 +100,10 @@ impl PrepareProgress {
                 ));
             }
             PrepareEvent::FileRead { bytes, .. } => bar.inc(*bytes),
-            PrepareEvent::TrainingTokenizer { documents } => {
+            PrepareEvent::TrainingTokenizer { files } => {
                 bar.set_message("training");
-                self.bar.say(&format!(
-                    "training a BPE tokenizer on {documents} documents"
-                ));
+                self.bar
+                    .say(&format!("training a BPE tokenizer on {files} files"));
             }
             PrepareEvent::Encoding { units, reused } => {
                 bar.set_position(0);

@@ -472,43 +472,37 @@ fn open_shard(dir: &Path, dtype: TokenDtype, shard: &ShardEntry) -> Result<Shard
     let docs_path = dir.join(&shard.docs_file);
     let expected = shard.counts.tokens * dtype.bytes() as u64;
     let map = map_file(&tokens_path, expected)?;
-    // The document index is small: read it whole and check it describes the token file.
-    let docs = std::fs::read(&docs_path).map_err(|e| DataError::io(&docs_path, e))?;
-    if docs.len() as u64 != shard.counts.documents * 8 {
+    // Opening stays cheap for any number of shards: the index's size and its last entry here,
+    // every entry in `verify`.
+    let docs_bytes = std::fs::metadata(&docs_path)
+        .map_err(|e| DataError::io(&docs_path, e))?
+        .len();
+    if docs_bytes != shard.counts.documents * 8 {
         return Err(DataError::CorruptShard {
             path: docs_path,
             reason: format!(
-                "{} bytes, the manifest says {} documents ({} bytes)",
-                docs.len(),
+                "{docs_bytes} bytes, the manifest says {} documents ({} bytes)",
                 shard.counts.documents,
                 shard.counts.documents * 8
             ),
         });
     }
-    let mut previous = 0u64;
-    for (i, c) in docs.chunks_exact(8).enumerate() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(c);
-        let end = u64::from_le_bytes(b);
-        if end <= previous || end > shard.counts.tokens {
+    if docs_bytes > 0 {
+        let mut last = [0u8; 8];
+        let mut file = File::open(&docs_path).map_err(|e| DataError::io(&docs_path, e))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(docs_bytes - 8))
+            .and_then(|_| std::io::Read::read_exact(&mut file, &mut last))
+            .map_err(|e| DataError::io(&docs_path, e))?;
+        let end = u64::from_le_bytes(last);
+        if end != shard.counts.tokens {
             return Err(DataError::CorruptShard {
                 path: docs_path,
                 reason: format!(
-                    "document {i} ends at {end}, not after {previous} and within {} tokens",
+                    "documents end at {end}, the shard has {} tokens",
                     shard.counts.tokens
                 ),
             });
         }
-        previous = end;
-    }
-    if previous != shard.counts.tokens {
-        return Err(DataError::CorruptShard {
-            path: docs_path,
-            reason: format!(
-                "documents end at {previous}, the shard has {} tokens",
-                shard.counts.tokens
-            ),
-        });
     }
     Ok(ShardTokens {
         path: tokens_path,
@@ -542,18 +536,31 @@ fn map_file(path: &Path, expected_bytes: u64) -> Result<Option<Mmap>> {
 fn verify_shard(dir: &Path, manifest: &Manifest, shard: &ShardEntry) -> Result<()> {
     let docs_path = dir.join(&shard.docs_file);
     let index = std::fs::read(&docs_path).map_err(|e| DataError::io(&docs_path, e))?;
-    let got = crate::util::sha256_hex(&index);
-    if got != shard.docs_sha256 {
-        return Err(DataError::CorruptShard {
-            path: docs_path,
-            reason: format!("sha256 {got}, the manifest says {}", shard.docs_sha256),
-        });
-    }
-    // Sizes and order were checked when the dataset was opened.
+    // Sizes were checked when the dataset was opened; the order of every entry here.
     let ends: Vec<u64> = index
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
+    let mut previous = 0u64;
+    for (i, &end) in ends.iter().enumerate() {
+        if end <= previous || end > shard.counts.tokens {
+            return Err(DataError::CorruptShard {
+                path: docs_path.clone(),
+                reason: format!(
+                    "document {i} ends at {end}, not after {previous} and within {} tokens",
+                    shard.counts.tokens
+                ),
+            });
+        }
+        previous = end;
+    }
+    let got = crate::util::sha256_hex(&index);
+    if got != shard.docs_sha256 {
+        return Err(DataError::CorruptShard {
+            path: docs_path.clone(),
+            reason: format!("sha256 {got}, the manifest says {}", shard.docs_sha256),
+        });
+    }
 
     let tokens_path = dir.join(&shard.tokens_file);
     let vocab = manifest.tokenizer.vocab_size as u64;
@@ -583,9 +590,9 @@ fn verify_shard(dir: &Path, manifest: &Manifest, shard: &ShardEntry) -> Result<(
                     ));
                 } else if ends.get(document) == Some(&(token + 1)) && id != eos {
                     problem = Some(format!(
-                        "document {document} ends at token {token} with id {id}, not <|endoftext|> = {eos}: \
+                        "document {document} ends at token {token} with id {id}, not {} = {eos}: \
                          the document index {} does not describe these tokens",
-                        shard.docs_file
+                        manifest.tokenizer.eos_token, shard.docs_file
                     ));
                 }
             }

@@ -10,9 +10,12 @@ mod blend;
 pub mod config;
 pub mod dataset;
 mod error;
+pub mod input;
 pub mod manifest;
 pub mod prepare;
+mod shard;
 pub mod stream;
+mod tokenize;
 mod util;
 
 use std::path::Path;
@@ -20,8 +23,11 @@ use std::path::Path;
 pub use config::{DataConfig, StageConfig};
 pub use dataset::Dataset;
 pub use error::{DataError, Result};
+pub use input::{FieldPath, Fields, SkipCounts};
 pub use manifest::{Manifest, TokenDtype};
-pub use prepare::{prepare, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice};
+pub use prepare::{
+    merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice,
+};
 pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
 
 /// Opens `cfg.dataset`, preparing it first from `cfg.sources` when it has no usable manifest

@@ -1,13 +1,15 @@
 //! `manifest.json`: what a prepared dataset holds, with sizes and hashes to detect corruption.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::input::SkipCounts;
 use crate::{DataError, Result};
 
 /// Version of the on-disk layout; bumped when shards or manifest change incompatibly.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The manifest's file name inside a dataset folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -142,19 +144,21 @@ pub struct InputStats {
     pub sha256: String,
     /// Documents kept.
     pub documents: u64,
-    /// JSON lines that did not parse, or lacked the text / domain field.
-    pub malformed: u64,
-    /// Documents or lines that were not valid UTF-8.
-    pub invalid_utf8: u64,
-    /// Documents with no text (or only whitespace).
-    pub empty: u64,
+    /// Records skipped, by reason.
+    pub skipped: SkipCounts,
 }
 
-impl InputStats {
-    /// Documents skipped for any reason.
-    pub fn skipped(&self) -> u64 {
-        self.malformed + self.invalid_utf8 + self.empty
-    }
+/// Which slice of a corpus a `prepare --part i/N` folder holds (what `prepare merge` checks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// This part's index, 0-based.
+    pub index: usize,
+    /// Number of parts.
+    pub count: usize,
+    /// Hash of the whole input listing and the options: every part of one prepare has the same.
+    pub listing: String,
+    /// Names of the units (input files or text folders) this part prepared, in order.
+    pub units: Vec<String>,
 }
 
 /// The whole manifest of a prepared dataset.
@@ -168,32 +172,48 @@ pub struct Manifest {
     pub tokenizer: TokenizerInfo,
     /// Share of documents held out for validation.
     pub validation_fraction: f64,
+    /// Per domain, the validation share in parts per million actually used: a document is held
+    /// out when its content hash mod 1e6 is below it (the fraction, raised for small domains
+    /// up to a quarter so they get a usable validation stream). Pinned: re-running prepare
+    /// into the dataset keeps it.
+    pub validation_ppm: BTreeMap<String, u32>,
+    /// Largest shard token file written, in bytes (a longer single document gets its own).
+    pub max_shard_bytes: u64,
     /// Domains sorted by name; a domain's id is its index here.
     pub domains: Vec<DomainEntry>,
     /// Per input file statistics.
     pub inputs: Vec<InputStats>,
+    /// Set in the folder of one `prepare --part`; absent in a whole dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartInfo>,
 }
 
 impl Manifest {
     /// Reads and checks a manifest; a missing, truncated or inconsistent file is an error naming it.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| DataError::Manifest {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "not a valid manifest ({e}); re-run `moelab prepare` to rebuild it"
-                ),
-            })?;
-        if manifest.format != FORMAT_VERSION {
+        let invalid = |e: serde_json::Error| DataError::Manifest {
+            path: path.to_path_buf(),
+            reason: format!("not a valid manifest ({e}); re-run `moelab prepare` to rebuild it"),
+        };
+        // The version first: an older layout gets its own message, not a missing-field error.
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        let version: Version = serde_json::from_slice(&bytes).map_err(invalid)?;
+        if version.format != FORMAT_VERSION {
             return Err(DataError::Manifest {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "format {} but this moelab reads format {FORMAT_VERSION}; re-run `moelab prepare`",
-                    manifest.format
+                    "format {} but this moelab reads format {FORMAT_VERSION} (sharded outputs, per-domain \
+                     validation shares); run `moelab prepare` again, into a new folder or into this one \
+                     (which rebuilds every shard)",
+                    version.format
                 ),
             });
         }
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(invalid)?;
         let mut names: Vec<&str> = manifest.domains.iter().map(|d| d.name.as_str()).collect();
         names.dedup();
         let sorted = names.windows(2).all(|w| w[0] < w[1]);

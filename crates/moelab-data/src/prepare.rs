@@ -1,71 +1,117 @@
-//! `prepare`: raw domain-tagged files -> tokenizer -> per (domain, source) token shards with a
-//! document index, a deterministic validation split, and a manifest.
+//! `prepare`: corpus files -> tokenizer -> token shards per (domain, source, split) with a
+//! document index, a validation split chosen by each document's content hash, and a manifest.
 //!
-//! Work is split into *units* (a domain/source folder, or one JSONL file with a domain field).
-//! Each finished unit leaves a record under `units/`; a re-run reuses a unit whose inputs,
-//! tokenizer and split are unchanged and whose shards are intact, so an interrupted prepare
-//! resumes where it stopped.
+//! Work is split into *units*: one input file (JSONL, Parquet), or the text files of one
+//! folder. Documents stream through in bounded memory: a reader thread decompresses and splits
+//! records, batches of them are parsed and tokenized in parallel (rayon) and written in their
+//! original order, so the output does not depend on the thread count. Each finished unit
+//! leaves a record under `units/`; a re-run reuses every unit whose files, tokenizer and
+//! options are unchanged (an interrupted or incremental prepare only encodes what is new).
+//!
+//! A trained tokenizer and the per-domain validation shares are pinned in the dataset: adding
+//! files later encodes only those files. `--part i/N` prepares a deterministic slice of the
+//! units and [`merge`] joins the parts into the dataset a single prepare would have written.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::input::{self, Fields, Format, ParsedDoc, RawRecord, RecordReader, Rejected};
 use crate::manifest::{
-    Counts, DomainEntry, InputStats, Manifest, ShardEntry, SourceEntry, Split, TokenDtype,
-    TokenizerInfo, EOS_TOKEN, FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE,
+    Counts, DomainEntry, InputStats, Manifest, PartInfo, ShardEntry, SourceEntry, Split,
+    TokenDtype, TokenizerInfo, EOS_TOKEN, FORMAT_VERSION, MANIFEST_FILE, TOKENIZER_FILE,
 };
+use crate::shard::ShardWriter;
+use crate::tokenize::{encode_document, text_pieces, train_bpe};
 use crate::util::{sha256_hex, sha256_u64, Hasher};
 use crate::{DataError, Result};
+
+pub use crate::tokenize::PIECE_BYTES;
 
 /// Which tokenizer `prepare` encodes with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenizerChoice {
-    /// An existing Hugging Face tokenizer.json (`<|endoftext|>` is added if it lacks it).
+    /// An existing Hugging Face tokenizer.json, its special tokens kept (the end-of-document
+    /// token, [`PrepareOptions::eos_token`], is added if it lacks it).
     File(PathBuf),
-    /// Train a byte-level BPE of this vocabulary size on the corpus.
+    /// Train a byte-level BPE of this vocabulary size on the corpus (or reuse the one an
+    /// earlier prepare trained into the output folder).
     Train(usize),
 }
+
+/// One slice of a prepare split across machines: `index` of `count`, 0-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// This slice, `0..count`.
+    pub index: usize,
+    /// Number of slices.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+
+    /// Parses `i/N`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}` is not a part: write i/N with 0 <= i < N, e.g. 0/8");
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Part { index, count })
+    }
+}
+
+/// Default cap on one shard's token file.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 1 << 30;
 
 /// Everything `prepare` needs to know.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrepareOptions {
-    /// Domain folders' parents, or JSONL files whose records name their domain.
+    /// Corpus folders (domain folders inside) or corpus files whose records name their domain.
     pub inputs: Vec<PathBuf>,
     /// Output dataset folder.
     pub out: PathBuf,
     /// Tokenizer to use or train.
     pub tokenizer: TokenizerChoice,
-    /// JSONL field naming a record's domain (files given directly).
-    pub domain_field: String,
-    /// JSONL field holding a record's text.
-    pub text_field: String,
-    /// Turn every skipped document (bad JSON, bad UTF-8, empty) into an error.
+    /// Record fields holding text, domain and source.
+    pub fields: Fields,
+    /// Turn every skipped document (bad JSON, bad UTF-8, empty, ...) into an error.
     pub strict: bool,
     /// Share of each domain's documents held out for validation.
     pub validation_fraction: f64,
     /// Worker threads (None: rayon's default, one per core).
     pub threads: Option<usize>,
+    /// Largest shard token file, in bytes.
+    pub max_shard_bytes: u64,
+    /// Prepare only this slice of the units (merge the parts with [`merge`]).
+    pub part: Option<Part>,
+    /// The token appended after every document: the tokenizer's own (e.g. `</s>`), or
+    /// `<|endoftext|>` (added as a special token when the tokenizer lacks it).
+    pub eos_token: String,
 }
 
 impl PrepareOptions {
-    /// Options with the CLI's defaults for fields, strictness and split.
+    /// Options with the CLI's defaults for fields, strictness, split and shard size.
     pub fn new(inputs: Vec<PathBuf>, out: PathBuf, tokenizer: TokenizerChoice) -> Self {
         PrepareOptions {
             inputs,
             out,
             tokenizer,
-            domain_field: "domain".into(),
-            text_field: "text".into(),
+            fields: Fields::default(),
             strict: false,
             validation_fraction: crate::config::DEFAULT_VALIDATION_FRACTION,
             threads: None,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            part: None,
+            eos_token: EOS_TOKEN.into(),
         }
     }
 }
@@ -80,17 +126,17 @@ pub enum PrepareEvent {
         /// Bytes on disk.
         bytes: u64,
     },
-    /// One input file was read and parsed.
+    /// One input file was read (while training the tokenizer).
     FileRead {
         /// The file.
         path: PathBuf,
         /// Its size on disk.
         bytes: u64,
     },
-    /// A tokenizer is being trained on this many documents.
+    /// A tokenizer is being trained on these files.
     TrainingTokenizer {
-        /// Documents fed to the trainer.
-        documents: usize,
+        /// Files read for training.
+        files: usize,
     },
     /// Units to encode and how many of them are reused from a previous run.
     Encoding {
@@ -125,216 +171,496 @@ pub struct PrepareReport {
     pub ignored_files: Vec<PathBuf>,
 }
 
-/// One document read from the corpus.
-struct Doc {
-    domain: String,
-    source: String,
-    text: String,
-    /// Content hash: decides the split.
-    hash: u64,
-}
-
 /// A set of input files encoded together into its own shards.
 struct Unit {
+    /// Identity and order: the file's path, or the text folder's path with a trailing `/`.
+    id: String,
+    /// File-safe name: shard file stems and the record under `units/`.
     name: String,
     files: Vec<PathBuf>,
+    format: Format,
     /// Folder units fix domain and source; file units read them from each record.
     fixed: Option<(String, String)>,
+    /// Bytes on disk.
+    bytes: u64,
 }
 
 /// The record a finished unit leaves under `units/`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct UnitRecord {
     key: String,
+    id: String,
+    name: String,
+    /// Validation share (ppm) used for each domain the unit holds.
+    validation_ppm: BTreeMap<String, u32>,
+    inputs: Vec<InputStats>,
     shards: Vec<UnitShard>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct UnitShard {
     domain: String,
     source: String,
     shard: ShardEntry,
 }
 
-const TEXT_EXTENSIONS: [&str; 1] = [".txt"];
-const JSONL_EXTENSIONS: [&str; 3] = [".jsonl", ".jsonl.gz", ".jsonl.zst"];
+/// The folder holding unit records.
+const UNITS_DIR: &str = "units";
+/// The folder holding shards.
+const SHARDS_DIR: &str = "shards";
+/// Marks a tokenizer.json trained by prepare (and for which vocabulary).
+const TRAIN_STAMP_FILE: &str = "tokenizer.train.json";
 
 /// Runs prepare; `progress` is called from worker threads.
 pub fn prepare(
     opts: &PrepareOptions,
     progress: &(dyn Fn(&PrepareEvent) + Sync),
 ) -> Result<PrepareReport> {
+    check_options(opts)?;
+    with_threads(opts.threads, || run(opts, progress))
+}
+
+fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    match threads {
+        Some(threads) => rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| DataError::Prepare(format!("cannot start {threads} threads: {e}")))?
+            .install(f),
+        None => f(),
+    }
+}
+
+fn check_options(opts: &PrepareOptions) -> Result<()> {
     if !(0.0..1.0).contains(&opts.validation_fraction) {
         return Err(DataError::Prepare(format!(
             "--validation-fraction must be in [0, 1), got {}",
             opts.validation_fraction
         )));
     }
-    match opts.threads {
-        Some(threads) => rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .build()
-            .map_err(|e| DataError::Prepare(format!("cannot start {threads} threads: {e}")))?
-            .install(|| run(opts, progress)),
-        None => run(opts, progress),
+    opts.fields.text.check("--text-field")?;
+    opts.fields.domain.check("--domain-field")?;
+    opts.fields.source.check("--source-field")?;
+    if opts.eos_token.is_empty() {
+        return Err(DataError::Prepare(
+            "--eos-token is empty; name the tokenizer's end-of-document token (e.g. </s>)".into(),
+        ));
+    }
+    if opts.max_shard_bytes < 4096 {
+        return Err(DataError::Prepare(format!(
+            "--max-shard-bytes {} is too small; use at least 4K (shards of a few hundred MB suit most file systems)",
+            opts.max_shard_bytes
+        )));
+    }
+    if let (Some(part), TokenizerChoice::Train(_)) = (opts.part, &opts.tokenizer) {
+        return Err(DataError::Prepare(format!(
+            "--part {}/{} needs --tokenizer FILE: every part must encode with the same tokenizer. Train one \
+             first (e.g. `moelab prepare SAMPLE --out tok --train-tokenizer V`, then use tok/tokenizer.json)",
+            part.index, part.count
+        )));
+    }
+    Ok(())
+}
+
+/// The folder a prepare writes into: the output itself when it already holds a dataset (or
+/// other files), else a hidden sibling renamed to the output on success, so a failed first
+/// prepare leaves no folder that looks like a dataset.
+struct WorkDir {
+    dir: PathBuf,
+    /// Where `dir` is renamed to at the end (None: working in place).
+    rename_to: Option<PathBuf>,
+}
+
+impl WorkDir {
+    fn for_output(out: &Path) -> Result<WorkDir> {
+        if out.exists() && !out.is_dir() {
+            return Err(DataError::Prepare(format!(
+                "--out {} is a file; give a folder for the dataset",
+                out.display()
+            )));
+        }
+        let in_place = out.join(MANIFEST_FILE).is_file()
+            || std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some());
+        if in_place {
+            return Ok(WorkDir {
+                dir: out.to_path_buf(),
+                rename_to: None,
+            });
+        }
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| {
+                DataError::Prepare(format!("--out {} has no folder name", out.display()))
+            })?;
+        let dir = out.with_file_name(format!(".{name}.partial"));
+        std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+        Ok(WorkDir {
+            dir,
+            rename_to: Some(out.to_path_buf()),
+        })
+    }
+
+    /// Moves the finished dataset into place.
+    fn finish(&self) -> Result<()> {
+        let Some(out) = &self.rename_to else {
+            return Ok(());
+        };
+        if out.is_dir() {
+            // An empty folder the user made (checked when choosing the work folder).
+            std::fs::remove_dir(out).map_err(|e| DataError::io(out, e))?;
+        }
+        std::fs::rename(&self.dir, out).map_err(|e| DataError::io(out, e))?;
+        moelab_io::sync_dir(moelab_io::parent(out)).map_err(|e| DataError::io(out, e))
+    }
+
+    /// After a failure: a fresh work folder with no finished unit holding documents is
+    /// removed; one with finished units is kept (hidden) so that a re-run resumes from it.
+    fn abandon(&self) {
+        if self.rename_to.is_none() {
+            return;
+        }
+        let has_work = std::fs::read_dir(self.dir.join(UNITS_DIR))
+            .map(|entries| {
+                entries.flatten().any(|e| {
+                    std::fs::read(e.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<UnitRecord>(&b).ok())
+                        .is_some_and(|r| r.inputs.iter().any(|i| i.documents > 0))
+                })
+            })
+            .unwrap_or(false);
+        if !has_work {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
 fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Result<PrepareReport> {
     let (units, ignored_files) = discover(opts)?;
-    let all_files: Vec<(usize, &PathBuf)> = units
-        .iter()
-        .enumerate()
-        .flat_map(|(u, unit)| unit.files.iter().map(move |f| (u, f)))
-        .collect();
-    let sizes: Vec<u64> = all_files
-        .iter()
-        .map(|(_, f)| {
-            std::fs::metadata(f)
-                .map(|m| m.len())
-                .map_err(|e| DataError::io(*f, e))
-        })
-        .collect::<Result<_>>()?;
+    let selected: Vec<usize> = match opts.part {
+        None => (0..units.len()).collect(),
+        Some(part) => part_slice(&units, part),
+    };
     progress(&PrepareEvent::Found {
-        files: all_files.len(),
-        bytes: sizes.iter().sum(),
+        files: selected.iter().map(|&u| units[u].files.len()).sum(),
+        bytes: selected.iter().map(|&u| units[u].bytes).sum(),
     });
-    std::fs::create_dir_all(&opts.out).map_err(|e| DataError::io(&opts.out, e))?;
-
-    // Read and parse every file in parallel; results keep the discovery order.
-    let read: Vec<(InputStats, Vec<Doc>)> = all_files
-        .par_iter()
-        .map(|(u, path)| {
-            let result = read_file(path, &units[*u], opts);
-            if let Ok((stats, _)) = &result {
-                progress(&PrepareEvent::FileRead {
-                    path: (*path).clone(),
-                    bytes: stats.bytes,
-                });
-            }
-            result
-        })
-        .collect::<Result<_>>()?;
-    let mut unit_docs: Vec<Vec<Doc>> = units.iter().map(|_| Vec::new()).collect();
-    let mut unit_inputs: Vec<Vec<InputStats>> = units.iter().map(|_| Vec::new()).collect();
-    let mut inputs = Vec::with_capacity(read.len());
-    for ((u, _), (stats, docs)) in all_files.iter().zip(read) {
-        unit_docs[*u].extend(docs);
-        unit_inputs[*u].push(stats.clone());
-        inputs.push(stats);
+    let work = WorkDir::for_output(&opts.out)?;
+    let result = run_in(opts, &work.dir, &units, &selected, progress);
+    match result {
+        Ok((manifest, written_units)) => {
+            work.finish()?;
+            Ok(PrepareReport {
+                reused_units: selected.len() - written_units,
+                manifest,
+                written_units,
+                ignored_files,
+            })
+        }
+        Err(e) => {
+            work.abandon();
+            Err(e)
+        }
     }
-    if unit_docs.iter().all(Vec::is_empty) {
-        return Err(DataError::Prepare(no_documents(&inputs, opts)));
-    }
+}
 
-    let (tokenizer, info) = load_or_train_tokenizer(opts, &unit_docs, &inputs, progress)?;
+/// The prepare itself, in the work folder; returns the manifest and the units written.
+fn run_in(
+    opts: &PrepareOptions,
+    dir: &Path,
+    units: &[Unit],
+    selected: &[usize],
+    progress: &(dyn Fn(&PrepareEvent) + Sync),
+) -> Result<(Manifest, usize)> {
+    let previous = Manifest::load(&dir.join(MANIFEST_FILE)).ok();
+    let (tokenizer, info) = load_or_train_tokenizer(opts, dir, units, progress)?;
     let dtype = TokenDtype::for_vocab(info.vocab_size);
-    let validation = validation_set(&unit_docs, opts.validation_fraction);
+    let rates = Rates::new(opts, units, previous.as_ref());
 
-    // Unit keys: everything that decides a unit's shards.
-    let keys: Vec<String> = units
+    // File hashes decide what changed; every selected file is read once for them.
+    let files: Vec<&PathBuf> = selected.iter().flat_map(|&u| &units[u].files).collect();
+    let hashes: Vec<String> = files
+        .par_iter()
+        .map(|f| crate::util::sha256_file(f))
+        .collect::<Result<_>>()?;
+    let mut hash_of: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (f, h) in files.iter().zip(&hashes) {
+        hash_of.insert(f.as_path(), h);
+    }
+    let keys: Vec<String> = selected
         .iter()
-        .zip(&unit_inputs)
-        .zip(&unit_docs)
-        .map(|((unit, stats), docs)| {
-            let mut h = Hasher::new();
-            h.update(format!("format {FORMAT_VERSION} {dtype:?} {}", unit.name).as_bytes());
-            h.update(info.sha256.as_bytes());
-            h.update(format!("{} {}", opts.text_field, opts.domain_field).as_bytes());
-            for s in stats {
-                h.update(format!("{} {} {}", s.path, s.bytes, s.sha256).as_bytes());
-            }
-            for d in docs {
-                let valid = validation.contains(&d.hash);
-                h.update(&d.hash.to_le_bytes());
-                h.update(&[u8::from(valid)]);
-            }
-            h.hex()
-        })
+        .map(|&u| unit_key(opts, &units[u], &info, dtype, &rates, &hash_of))
         .collect();
-    let units_dir = opts.out.join("units");
+    let units_dir = dir.join(UNITS_DIR);
     std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
-    let previous: Vec<Option<UnitRecord>> = units
+    let mut records: Vec<Option<UnitRecord>> = selected
         .iter()
         .zip(&keys)
-        .map(|(unit, key)| reusable(&opts.out, &units_dir, unit, key, dtype))
+        .map(|(&u, key)| reusable(dir, &units[u], key, dtype, &rates))
         .collect();
+    let reused = records.iter().filter(|r| r.is_some()).count();
     progress(&PrepareEvent::Encoding {
-        units: units.len(),
-        reused: previous.iter().filter(|p| p.is_some()).count(),
+        units: selected.len(),
+        reused,
     });
-
-    let records: Vec<(UnitRecord, bool)> = units
-        .par_iter()
-        .zip(unit_docs.par_iter())
-        .zip(unit_inputs.par_iter())
-        .zip(keys.par_iter().zip(previous.into_par_iter()))
-        .map(|(((unit, docs), stats), (key, previous))| {
-            let bytes = stats.iter().map(|s| s.bytes).sum();
-            let (record, reused) = match previous {
-                Some(record) => (record, true),
-                None => {
-                    let record = encode_unit(
-                        opts,
-                        unit,
-                        docs,
-                        key,
-                        &tokenizer,
-                        info.eos_id,
-                        dtype,
-                        &validation,
-                    )?;
-                    let path = units_dir.join(format!("{}.json", unit.name));
-                    let text = serde_json::to_vec_pretty(&record).map_err(|e| {
-                        DataError::Prepare(format!("cannot serialise unit record: {e}"))
-                    })?;
-                    write_file(&path, &text)?;
-                    (record, false)
-                }
-            };
+    for (record, &u) in records.iter().zip(selected) {
+        if let Some(r) = record {
             progress(&PrepareEvent::UnitDone {
-                unit: unit.name.clone(),
-                bytes,
-                tokens: record.shards.iter().map(|s| s.shard.counts.tokens).sum(),
-                reused,
+                unit: units[u].name.clone(),
+                bytes: units[u].bytes,
+                tokens: r.shards.iter().map(|s| s.shard.counts.tokens).sum(),
+                reused: true,
             });
-            Ok((record, reused))
-        })
-        .collect::<Result<_>>()?;
+        }
+    }
 
-    let reused_units = records.iter().filter(|(_, r)| *r).count();
-    let manifest = build_manifest(info, dtype, opts.validation_fraction, records, inputs);
-    manifest.save(&opts.out.join(MANIFEST_FILE))?;
-    Ok(PrepareReport {
-        manifest,
-        written_units: units.len() - reused_units,
-        reused_units,
-        ignored_files,
-    })
+    let todo: Vec<(usize, &Unit, &str)> = records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_none())
+        .map(|(i, _)| (i, &units[selected[i]], keys[i].as_str()))
+        .collect();
+    let encoder = Encoder {
+        opts,
+        dir,
+        tokenizer: &tokenizer,
+        eos_id: info.eos_id,
+        dtype,
+        rates: &rates,
+        hash_of: &hash_of,
+    };
+    for (i, record) in encoder.encode(&todo, progress)? {
+        records[i] = Some(record);
+    }
+    let records: Vec<UnitRecord> = records.into_iter().flatten().collect();
+    let inputs: Vec<&InputStats> = records.iter().flat_map(|r| &r.inputs).collect();
+    // A part may hold no document (or no unit) while the corpus has plenty: merge checks.
+    if opts.part.is_none() && inputs.iter().all(|s| s.documents == 0) {
+        return Err(DataError::Prepare(no_documents(&inputs, &opts.fields)));
+    }
+    let part = opts.part.map(|p| PartInfo {
+        index: p.index,
+        count: p.count,
+        listing: listing_hash(opts, units, &info),
+        units: records.iter().map(|r| r.name.clone()).collect(),
+    });
+    let names: BTreeSet<String> = records.iter().map(|r| r.name.clone()).collect();
+    let manifest = build_manifest(info, dtype, opts, records, part);
+    manifest.save(&dir.join(MANIFEST_FILE))?;
+    remove_unlisted(dir, &manifest, &names)?;
+    Ok((manifest, todo.len()))
+}
+
+/// Units of part `part`: largest first, each to the part with the fewest bytes so far (ties
+/// to the lowest part), a deterministic and balanced slice; returned in unit order.
+fn part_slice(units: &[Unit], part: Part) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&u| (std::cmp::Reverse(units[u].bytes), u));
+    let mut load = vec![0u64; part.count];
+    let mut mine = Vec::new();
+    for u in order {
+        let p = (0..part.count).min_by_key(|&p| (load[p], p)).unwrap_or(0);
+        load[p] += units[u].bytes.max(1);
+        if p == part.index {
+            mine.push(u);
+        }
+    }
+    mine.sort_unstable();
+    mine
+}
+
+/// What every part of one prepare must agree on: the inputs and the options.
+fn listing_hash(opts: &PrepareOptions, units: &[Unit], info: &TokenizerInfo) -> String {
+    let mut h = Hasher::new();
+    h.update(
+        format!(
+            "format {FORMAT_VERSION} {:?} {} {} {} {}",
+            opts.fields, opts.validation_fraction, opts.max_shard_bytes, info.sha256, info.eos_id
+        )
+        .as_bytes(),
+    );
+    for u in units {
+        h.update(format!("{} {:?}", u.id, u.fixed).as_bytes());
+        for f in &u.files {
+            let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+            h.update(format!("{} {size}", f.display()).as_bytes());
+        }
+    }
+    h.hex()
+}
+
+/// Scale of the validation shares: parts per million.
+const PPM: u64 = 1_000_000;
+
+/// Text a domain's validation split gets at least in expectation (about 4-5k tokens: a stable
+/// loss estimate even for small corpora), as long as that stays within a quarter of the domain.
+pub const MIN_VALIDATION_BYTES: u64 = 16 * 1024;
+
+/// Most a small domain's validation share is raised to.
+const MAX_RAISED_PPM: u32 = 250_000;
+
+/// Per-domain validation shares: a pure function of the input listing (so every part of a
+/// prepare agrees), pinned for domains an earlier prepare into the folder already split.
+struct Rates {
+    fraction_ppm: u32,
+    pinned: BTreeMap<String, u32>,
+    /// Estimated text bytes of each domain's folder files.
+    folder_bytes: BTreeMap<String, u64>,
+    /// Estimated text bytes of the files whose records name their domain (any could hold any).
+    mixed_bytes: u64,
+}
+
+impl Rates {
+    fn new(opts: &PrepareOptions, units: &[Unit], previous: Option<&Manifest>) -> Rates {
+        let mut folder_bytes = BTreeMap::new();
+        let mut mixed_bytes = 0;
+        for u in units {
+            // Compressed files hold about three times their size in text.
+            let text_bytes: u64 = u
+                .files
+                .iter()
+                .map(|f| {
+                    let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+                    if input::is_compressed(f) {
+                        size * 3
+                    } else {
+                        size
+                    }
+                })
+                .sum();
+            match &u.fixed {
+                Some((domain, _)) => *folder_bytes.entry(domain.clone()).or_default() += text_bytes,
+                None => mixed_bytes += text_bytes,
+            }
+        }
+        let pinned = match previous {
+            Some(m) if opts.part.is_none() && m.validation_fraction == opts.validation_fraction => {
+                m.validation_ppm.clone()
+            }
+            _ => BTreeMap::new(),
+        };
+        Rates {
+            fraction_ppm: (opts.validation_fraction * PPM as f64).round() as u32,
+            pinned,
+            folder_bytes,
+            mixed_bytes,
+        }
+    }
+
+    /// The validation share of `domain`, in ppm.
+    fn ppm(&self, domain: &str) -> u32 {
+        if let Some(&p) = self.pinned.get(domain) {
+            return p;
+        }
+        if self.fraction_ppm == 0 {
+            return 0;
+        }
+        let bytes = self.folder_bytes.get(domain).copied().unwrap_or(0) + self.mixed_bytes;
+        let raised = (MIN_VALIDATION_BYTES * PPM)
+            .checked_div(bytes)
+            .map_or(MAX_RAISED_PPM, |p| p.min(u64::from(MAX_RAISED_PPM)) as u32);
+        self.fraction_ppm.max(raised)
+    }
+}
+
+/// Whether a document with content hash `hash` is held out at share `ppm`.
+fn is_validation(hash: u64, ppm: u32) -> bool {
+    hash % PPM < u64::from(ppm)
+}
+
+/// Everything that decides a unit's shards.
+fn unit_key(
+    opts: &PrepareOptions,
+    unit: &Unit,
+    info: &TokenizerInfo,
+    dtype: TokenDtype,
+    rates: &Rates,
+    hash_of: &BTreeMap<&Path, &str>,
+) -> String {
+    let mut h = Hasher::new();
+    h.update(
+        format!(
+            "format {FORMAT_VERSION} {dtype:?} {} {:?}",
+            unit.id, unit.fixed
+        )
+        .as_bytes(),
+    );
+    h.update(format!("{} eos {}", info.sha256, info.eos_id).as_bytes());
+    let fields = match unit.fixed {
+        Some(_) => opts.fields.text.0.clone(),
+        None => format!("{:?}", opts.fields),
+    };
+    h.update(format!("{fields} {} {}", opts.max_shard_bytes, rates.fraction_ppm).as_bytes());
+    if let Some((domain, _)) = &unit.fixed {
+        h.update(format!("ppm {}", rates.ppm(domain)).as_bytes());
+    }
+    for f in &unit.files {
+        let hash = hash_of.get(f.as_path()).copied().unwrap_or("");
+        h.update(format!("{} {hash}", f.display()).as_bytes());
+    }
+    h.hex()
+}
+
+/// A unit's previous record, if its key and validation shares match and its shards are all
+/// present at full size.
+fn reusable(
+    dir: &Path,
+    unit: &Unit,
+    key: &str,
+    dtype: TokenDtype,
+    rates: &Rates,
+) -> Option<UnitRecord> {
+    let text = std::fs::read(dir.join(UNITS_DIR).join(format!("{}.json", unit.name))).ok()?;
+    let record: UnitRecord = serde_json::from_slice(&text).ok()?;
+    if record.key != key || record.id != unit.id {
+        return None;
+    }
+    if record
+        .validation_ppm
+        .iter()
+        .any(|(d, &p)| rates.ppm(d) != p)
+    {
+        return None;
+    }
+    let intact = record.shards.iter().all(|s| {
+        let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).ok();
+        size(&s.shard.tokens_file) == Some(s.shard.counts.tokens * dtype.bytes() as u64)
+            && size(&s.shard.docs_file) == Some(s.shard.counts.documents * 8)
+    });
+    intact.then_some(record)
 }
 
 /// The error of a corpus with no usable document: what each file held and why it was skipped.
-fn no_documents(inputs: &[InputStats], opts: &PrepareOptions) -> String {
+fn no_documents(inputs: &[&InputStats], fields: &Fields) -> String {
     const SHOWN: usize = 20;
     let mut lines: Vec<String> = inputs
         .iter()
         .take(SHOWN)
         .map(|s| {
             format!(
-                "{}: {} kept, {} malformed (bad JSON or no string `{}`/`{}` field), {} invalid UTF-8, {} empty",
-                s.path, s.documents, s.malformed, opts.text_field, opts.domain_field, s.invalid_utf8, s.empty
+                "{}: 0 kept, skipped: {}",
+                s.path,
+                s.skipped.describe(fields)
             )
         })
         .collect();
     if inputs.len() > SHOWN {
         lines.push(format!("... and {} more files", inputs.len() - SHOWN));
     }
-    let malformed: u64 = inputs.iter().map(|s| s.malformed).sum();
-    let hint = if malformed > 0 {
+    let fieldless: u64 = inputs
+        .iter()
+        .map(|s| s.skipped.no_text + s.skipped.no_domain + s.skipped.malformed_json)
+        .sum();
+    let hint = if fieldless > 0 {
         format!(
-            "check --text-field (now `{}`) and --domain-field (now `{}`), or run with --strict to stop at the \
-             first bad line with its file and line number",
-            opts.text_field, opts.domain_field
+            "check --text-field (now `{}`), --domain-field (now `{}`) and --source-field (now `{}`; nested \
+             fields are dotted paths such as `metadata.domain`), or run with --strict to stop at the first \
+             bad record with its file and line number",
+            fields.text.0, fields.domain.0, fields.source.0
         )
     } else {
         "run with --strict to stop at the first bad document with its file and line number".into()
@@ -346,25 +672,6 @@ fn no_documents(inputs: &[InputStats], opts: &PrepareOptions) -> String {
     )
 }
 
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with('.')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
-}
-
-fn has_ext(path: &Path, exts: &[&str]) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    exts.iter().any(|e| name.ends_with(e))
-}
-
-fn is_supported(path: &Path) -> bool {
-    has_ext(path, &TEXT_EXTENSIONS) || has_ext(path, &JSONL_EXTENSIONS)
-}
-
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| DataError::io(dir, e))?
@@ -374,91 +681,149 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(entries)
 }
 
-/// Supported files under `dir`, recursively, sorted; others are reported as ignored.
-fn files_under(dir: &Path, ignored: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in sorted_entries(dir)? {
-        if entry.is_dir() {
-            files.extend(files_under(&entry, ignored)?);
-        } else if is_supported(&entry) {
-            files.push(entry);
-        } else {
-            ignored.push(entry);
-        }
-    }
-    Ok(files)
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
-/// Turns the inputs into units: one per domain/source folder, one per JSONL file.
+/// A file-safe unit name: the file or folder name and a hash of the unit's identity.
+fn unit_name(path: &Path, id: &str) -> String {
+    let stem: String = file_name(path)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{stem}.{}", &sha256_hex(id.as_bytes())[..10])
+}
+
+/// Collects units while walking the inputs.
+#[derive(Default)]
+struct Discovery {
+    units: BTreeMap<String, Unit>,
+    ignored: Vec<PathBuf>,
+}
+
+impl Discovery {
+    /// A file unit (JSONL, Parquet) or, for text files, a member of its folder's unit.
+    fn add_file(&mut self, path: &Path, fixed: Option<(String, String)>) -> Result<()> {
+        let Some(format) = input::format_of(path) else {
+            self.ignored.push(path.to_path_buf());
+            return Ok(());
+        };
+        let bytes = std::fs::metadata(path)
+            .map_err(|e| DataError::io(path, e))?
+            .len();
+        let (id, name_path) = if format == Format::Text {
+            let folder = moelab_io::parent(path);
+            (format!("{}/", folder.display()), folder.to_path_buf())
+        } else {
+            (path.display().to_string(), path.to_path_buf())
+        };
+        if format == Format::Text && fixed.is_none() {
+            return Err(DataError::Prepare(format!(
+                "{}: a text file is one document and needs a domain: put it in a domain folder \
+                 (CORPUS/DOMAIN/[SOURCE/]file.txt) and give CORPUS",
+                path.display()
+            )));
+        }
+        let name = unit_name(&name_path, &id);
+        let unit = self.units.entry(id.clone()).or_insert_with(|| Unit {
+            id: id.clone(),
+            name,
+            files: Vec::new(),
+            format,
+            fixed: fixed.clone(),
+            bytes: 0,
+        });
+        if unit.fixed != fixed {
+            return Err(DataError::Prepare(format!(
+                "{} is given twice with different domains ({:?} and {:?}); give it once",
+                path.display(),
+                unit.fixed,
+                fixed
+            )));
+        }
+        if !unit.files.iter().any(|f| f == path) {
+            unit.files.push(path.to_path_buf());
+            unit.bytes += bytes;
+        }
+        Ok(())
+    }
+
+    /// Every corpus file under `dir`, recursively, for one fixed domain and source.
+    fn add_tree(&mut self, dir: &Path, fixed: &(String, String)) -> Result<()> {
+        for entry in sorted_entries(dir)? {
+            if entry.is_dir() {
+                self.add_tree(&entry, fixed)?;
+            } else {
+                self.add_file(&entry, Some(fixed.clone()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns the inputs into units, sorted by identity.
 fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>)> {
     if opts.inputs.is_empty() {
         return Err(DataError::Prepare("no inputs given".into()));
     }
-    let mut units: BTreeMap<String, Unit> = BTreeMap::new();
-    let mut ignored = Vec::new();
+    let mut found = Discovery::default();
     for input in &opts.inputs {
         if input.is_dir() {
-            // Files directly in the corpus root (README, PROVENANCE, scripts) are not data.
-            for domain_dir in sorted_entries(input)?.into_iter().filter(|p| p.is_dir()) {
-                let domain = file_name(&domain_dir);
-                if !is_name(&domain) {
+            for entry in sorted_entries(input)? {
+                if !entry.is_dir() {
+                    // Corpus files at the root name their domain in each record; anything else
+                    // there (README, PROVENANCE, scripts) is not data.
+                    if matches!(
+                        input::format_of(&entry),
+                        Some(Format::Jsonl | Format::Parquet)
+                    ) {
+                        found.add_file(&entry, None)?;
+                    }
+                    continue;
+                }
+                let domain = file_name(&entry);
+                if !input::is_name(&domain, false) {
                     return Err(DataError::Prepare(format!(
                         "{}: a domain folder name may use only letters, digits, '_', '-' and '.'",
-                        domain_dir.display()
+                        entry.display()
                     )));
                 }
-                for entry in sorted_entries(&domain_dir)? {
-                    let (source, files) = if entry.is_dir() {
-                        (file_name(&entry), files_under(&entry, &mut ignored)?)
-                    } else if is_supported(&entry) {
-                        ("default".to_string(), vec![entry.clone()])
+                for item in sorted_entries(&entry)? {
+                    if item.is_dir() {
+                        let source = file_name(&item);
+                        if !input::is_name(&source, false) {
+                            return Err(DataError::Prepare(format!(
+                                "{}: a source folder name may use only letters, digits, '_', '-' and '.'",
+                                item.display()
+                            )));
+                        }
+                        found.add_tree(&item, &(domain.clone(), source))?;
                     } else {
-                        ignored.push(entry);
-                        continue;
-                    };
-                    if !is_name(&source) {
-                        return Err(DataError::Prepare(format!(
-                            "{}: a source folder name may use only letters, digits, '_', '-' and '.'",
-                            entry.display()
-                        )));
+                        found.add_file(&item, Some((domain.clone(), "default".into())))?;
                     }
-                    let name = format!("d.{domain}.{source}");
-                    let unit = units.entry(name.clone()).or_insert_with(|| Unit {
-                        name,
-                        files: Vec::new(),
-                        fixed: Some((domain.clone(), source.clone())),
-                    });
-                    unit.files.extend(files);
                 }
             }
-        } else if input.is_file() && has_ext(input, &JSONL_EXTENSIONS) {
-            let stem: String = file_name(input)
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            let tag = &sha256_hex(input.to_string_lossy().as_bytes())[..8];
-            let name = format!("f.{stem}.{tag}");
-            units.insert(
-                name.clone(),
-                Unit {
-                    name,
-                    files: vec![input.clone()],
-                    fixed: None,
-                },
-            );
         } else if input.is_file() {
-            return Err(DataError::Prepare(format!(
-                "{}: a file given directly must be JSONL (.jsonl, .jsonl.gz, .jsonl.zst) with a `{}` field; \
-                 put plain text files in a domain folder instead",
-                input.display(),
-                opts.domain_field
-            )));
+            match input::format_of(input) {
+                Some(Format::Jsonl | Format::Parquet) => found.add_file(input, None)?,
+                _ => {
+                    return Err(DataError::Prepare(format!(
+                        "{}: a file given directly must be JSONL or Parquet whose records carry a `{}` field \
+                         ({}); put plain text files in a domain folder instead",
+                        input.display(),
+                        opts.fields.domain.0,
+                        input::SUPPORTED
+                    )))
+                }
+            }
         } else {
             return Err(DataError::io(
                 input,
@@ -466,180 +831,448 @@ fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>)> {
             ));
         }
     }
-    let units: Vec<Unit> = units
-        .into_values()
-        .filter(|u| !u.files.is_empty())
-        .collect();
+    let units: Vec<Unit> = found.units.into_values().collect();
     if units.is_empty() {
-        return Err(DataError::Prepare(
-            "no input files found: give folders of domain folders (holding .txt, .jsonl, .jsonl.gz or \
-             .jsonl.zst files) or JSONL files"
-                .into(),
-        ));
+        return Err(DataError::Prepare(format!(
+            "no input files found: give folders of domain folders or corpus files ({})",
+            input::SUPPORTED
+        )));
     }
-    Ok((units, ignored))
+    Ok((units, found.ignored))
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+/// What the reader thread sends: records, and where files and units end.
+enum Item {
+    Record {
+        unit: usize,
+        file: usize,
+        line: u64,
+        raw: RawRecord,
+    },
+    FileEnd {
+        unit: usize,
+        file: usize,
+    },
+    UnitEnd {
+        unit: usize,
+    },
+    Failed(DataError),
 }
 
-/// Reads a file whole, decompressing by extension.
-fn read_bytes(path: &Path) -> Result<(Vec<u8>, u64, String)> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let size = raw.len() as u64;
-    let hash = sha256_hex(&raw);
-    let name = file_name(path).to_lowercase();
-    let bytes = if name.ends_with(".gz") {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| corrupt_input(path, e))?;
-        out
-    } else if name.ends_with(".zst") {
-        zstd::stream::decode_all(&raw[..]).map_err(|e| corrupt_input(path, e))?
-    } else {
-        raw
-    };
-    Ok((bytes, size, hash))
+/// Raw bytes per batch handed to the parallel parse and encode (memory: about three batches).
+const BATCH_BYTES: usize = 8 << 20;
+/// Records per batch at most.
+const BATCH_RECORDS: usize = 4096;
+
+/// Reads `units` in order on a thread of `scope`, sending batches of records (the channel holds
+/// one batch, so the reader stays at most two batches ahead).
+fn spawn_reader<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    units: Vec<&'scope Unit>,
+    fields: &'scope Fields,
+) -> Receiver<Vec<Item>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
+    scope.spawn(move || {
+        let send = |tx: &SyncSender<Vec<Item>>, batch: &mut Vec<Item>| {
+            tx.send(std::mem::take(batch)).is_ok()
+        };
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for (u, unit) in units.iter().enumerate() {
+            for (f, path) in unit.files.iter().enumerate() {
+                let mut reader =
+                    match RecordReader::open(path, unit.format, fields, unit.fixed.is_some()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            batch.push(Item::Failed(e));
+                            let _ = send(&tx, &mut batch);
+                            return;
+                        }
+                    };
+                loop {
+                    match reader.next_record() {
+                        Ok(Some((line, raw))) => {
+                            bytes += raw.len();
+                            batch.push(Item::Record {
+                                unit: u,
+                                file: f,
+                                line,
+                                raw,
+                            });
+                            if bytes >= BATCH_BYTES || batch.len() >= BATCH_RECORDS {
+                                bytes = 0;
+                                if !send(&tx, &mut batch) {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            batch.push(Item::Failed(e));
+                            let _ = send(&tx, &mut batch);
+                            return;
+                        }
+                    }
+                }
+                batch.push(Item::FileEnd { unit: u, file: f });
+            }
+            batch.push(Item::UnitEnd { unit: u });
+        }
+        if !batch.is_empty() {
+            let _ = send(&tx, &mut batch);
+        }
+    });
+    rx
 }
 
-fn corrupt_input(path: &Path, e: std::io::Error) -> DataError {
+/// A skipped record under `--strict`: the error naming file and line.
+fn strict_error(path: &Path, line: u64, detail: &str) -> DataError {
     DataError::Input {
         path: path.to_path_buf(),
-        line: 0,
-        reason: format!("cannot decompress ({e}); the file is truncated or corrupt"),
-    }
-}
-
-/// Parses one file into documents, counting (or, with `strict`, refusing) bad ones.
-fn read_file(path: &Path, unit: &Unit, opts: &PrepareOptions) -> Result<(InputStats, Vec<Doc>)> {
-    let (bytes, size, sha256) = read_bytes(path)?;
-    let mut stats = InputStats {
-        path: path.to_string_lossy().into_owned(),
-        bytes: size,
-        sha256,
-        ..InputStats::default()
-    };
-    let mut docs = Vec::new();
-    let problem = |line: u64, reason: String| DataError::Input {
-        path: path.to_path_buf(),
         line,
-        reason: format!("{reason} (drop --strict to skip and count such documents)"),
-    };
-    let mut push = |stats: &mut InputStats, domain: String, source: String, text: String| {
-        stats.documents += 1;
-        docs.push(Doc {
-            hash: sha256_u64(text.as_bytes()),
-            domain,
-            source,
-            text,
-        });
-    };
-    if has_ext(path, &TEXT_EXTENSIONS) {
-        let Some((domain, source)) = unit.fixed.clone() else {
-            return Err(problem(0, "a text file needs a domain folder".into()));
-        };
-        match String::from_utf8(bytes) {
-            Err(e) => {
-                if opts.strict {
-                    let valid = e.utf8_error().valid_up_to();
-                    let line = 1 + e.as_bytes()[..valid]
-                        .iter()
-                        .filter(|&&b| b == b'\n')
-                        .count() as u64;
-                    return Err(problem(line, "invalid UTF-8".into()));
-                }
-                stats.invalid_utf8 += 1;
-            }
-            Ok(text) if text.trim().is_empty() => {
-                if opts.strict {
-                    return Err(problem(1, "empty document".into()));
-                }
-                stats.empty += 1;
-            }
-            Ok(text) => push(&mut stats, domain, source, text),
-        }
-        return Ok((stats, docs));
+        reason: format!("{detail} (drop --strict to skip and count such documents)"),
     }
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line_no = i as u64 + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let Ok(line) = std::str::from_utf8(line) else {
-            if opts.strict {
-                return Err(problem(line_no, "invalid UTF-8".into()));
-            }
-            stats.invalid_utf8 += 1;
-            continue;
-        };
-        let parsed = parse_record(line, unit, opts);
-        match parsed {
-            Err(reason) => {
-                if opts.strict {
-                    return Err(problem(line_no, reason));
-                }
-                stats.malformed += 1;
-            }
-            Ok((_, _, text)) if text.trim().is_empty() => {
-                if opts.strict {
-                    return Err(problem(line_no, "empty document".into()));
-                }
-                stats.empty += 1;
-            }
-            Ok((domain, source, text)) => push(&mut stats, domain, source, text),
-        }
-    }
-    Ok((stats, docs))
 }
 
-/// (domain, source, text) of a JSONL record, or why it cannot be used.
-fn parse_record(
-    line: &str,
-    unit: &Unit,
-    opts: &PrepareOptions,
-) -> std::result::Result<(String, String, String), String> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("malformed JSON ({e})"))?;
-    let field = |name: &str| value.get(name).and_then(|v| v.as_str());
-    let text = field(&opts.text_field)
-        .ok_or_else(|| format!("no string field `{}`", opts.text_field))?
-        .to_string();
-    let (domain, source) = match &unit.fixed {
-        Some((d, s)) => (d.clone(), s.clone()),
-        None => {
-            let domain = field(&opts.domain_field)
-                .ok_or_else(|| format!("no string field `{}`", opts.domain_field))?;
-            let source = match value.get("source") {
-                None | Some(serde_json::Value::Null) => "default",
-                Some(v) => v.as_str().ok_or("field `source` is not a string")?,
+/// Per-file statistics being counted.
+fn fresh_stats(unit: &Unit, hash_of: &BTreeMap<&Path, &str>) -> Vec<InputStats> {
+    unit.files
+        .iter()
+        .map(|f| InputStats {
+            path: f.to_string_lossy().into_owned(),
+            bytes: std::fs::metadata(f).map(|m| m.len()).unwrap_or(0),
+            sha256: hash_of.get(f.as_path()).copied().unwrap_or("").to_string(),
+            ..InputStats::default()
+        })
+        .collect()
+}
+
+/// Encodes units into shards.
+struct Encoder<'a> {
+    opts: &'a PrepareOptions,
+    dir: &'a Path,
+    tokenizer: &'a Tokenizer,
+    eos_id: u32,
+    dtype: TokenDtype,
+    rates: &'a Rates,
+    hash_of: &'a BTreeMap<&'a Path, &'a str>,
+}
+
+/// A record after the parallel step.
+enum Encoded {
+    Doc {
+        domain: String,
+        source: String,
+        hash: u64,
+        ids: Vec<u32>,
+    },
+    Skipped(Rejected),
+    Failed(DataError),
+}
+
+/// One item after the parallel step.
+enum Step {
+    Record {
+        unit: usize,
+        file: usize,
+        line: u64,
+        encoded: Encoded,
+    },
+    UnitEnd {
+        unit: usize,
+    },
+    Failed(DataError),
+    Nothing,
+}
+
+/// The shards of the unit being written.
+struct OpenUnit {
+    writers: BTreeMap<(String, String, Split), ShardWriter>,
+    inputs: Vec<InputStats>,
+    validation_ppm: BTreeMap<String, u32>,
+}
+
+impl Encoder<'_> {
+    /// Encodes `todo` (index in the caller's list, unit, key); returns the records in order.
+    fn encode(
+        &self,
+        todo: &[(usize, &Unit, &str)],
+        progress: &(dyn Fn(&PrepareEvent) + Sync),
+    ) -> Result<Vec<(usize, UnitRecord)>> {
+        if todo.is_empty() {
+            return Ok(Vec::new());
+        }
+        let units: Vec<&Unit> = todo.iter().map(|(_, u, _)| *u).collect();
+        let new_state = |unit: usize| OpenUnit {
+            writers: BTreeMap::new(),
+            inputs: fresh_stats(units[unit], self.hash_of),
+            validation_ppm: BTreeMap::new(),
+        };
+        std::thread::scope(|scope| {
+            let rx = spawn_reader(scope, units.clone(), &self.opts.fields);
+            let mut done = Vec::new();
+            let mut open: Option<OpenUnit> = None;
+            for batch in rx {
+                // Parse and tokenize in parallel; `collect` keeps the corpus order.
+                let steps: Vec<Step> = batch
+                    .into_par_iter()
+                    .map(|item| match item {
+                        Item::Record {
+                            unit,
+                            file,
+                            line,
+                            raw,
+                        } => Step::Record {
+                            unit,
+                            file,
+                            line,
+                            encoded: self.encode_record(raw, units[unit]),
+                        },
+                        Item::FileEnd { .. } => Step::Nothing,
+                        Item::UnitEnd { unit } => Step::UnitEnd { unit },
+                        Item::Failed(e) => Step::Failed(e),
+                    })
+                    .collect();
+                for step in steps {
+                    match step {
+                        Step::Record {
+                            unit,
+                            file,
+                            line,
+                            encoded,
+                        } => {
+                            let state = open.get_or_insert_with(|| new_state(unit));
+                            self.write(state, units[unit], todo[unit].2, file, line, encoded)?;
+                        }
+                        Step::UnitEnd { unit } => {
+                            let state = open.take().unwrap_or_else(|| new_state(unit));
+                            let record = self.finish_unit(units[unit], todo[unit].2, state)?;
+                            progress(&PrepareEvent::UnitDone {
+                                unit: record.name.clone(),
+                                bytes: units[unit].bytes,
+                                tokens: record.shards.iter().map(|s| s.shard.counts.tokens).sum(),
+                                reused: false,
+                            });
+                            done.push((todo[unit].0, record));
+                        }
+                        Step::Failed(e) => return Err(e),
+                        Step::Nothing => {}
+                    }
+                }
+            }
+            if done.len() != todo.len() {
+                return Err(DataError::Prepare(
+                    "the corpus reader stopped before the end of the inputs".into(),
+                ));
+            }
+            Ok(done)
+        })
+    }
+
+    /// Parse, hash and tokenize one record (runs in parallel).
+    fn encode_record(&self, raw: RawRecord, unit: &Unit) -> Encoded {
+        match input::parse(raw, &self.opts.fields, unit.fixed.as_ref()) {
+            Err(rejected) => Encoded::Skipped(rejected),
+            Ok(ParsedDoc {
+                domain,
+                source,
+                text,
+            }) => {
+                let hash = sha256_u64(text.as_bytes());
+                match encode_document(self.tokenizer, &text, self.eos_id) {
+                    Ok(ids) => Encoded::Doc {
+                        domain,
+                        source,
+                        hash,
+                        ids,
+                    },
+                    Err(e) => Encoded::Failed(DataError::Tokenizer {
+                        path: self.dir.join(TOKENIZER_FILE),
+                        reason: format!("cannot encode a document of {domain}/{source}: {e}"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Counts or writes one encoded record (in corpus order).
+    fn write(
+        &self,
+        state: &mut OpenUnit,
+        unit: &Unit,
+        key: &str,
+        file: usize,
+        line: u64,
+        encoded: Encoded,
+    ) -> Result<()> {
+        let stats = &mut state.inputs[file];
+        match encoded {
+            Encoded::Failed(e) => Err(e),
+            Encoded::Skipped(rejected) => {
+                if self.opts.strict {
+                    let line = rejected.line.unwrap_or(line);
+                    return Err(strict_error(&unit.files[file], line, &rejected.detail));
+                }
+                stats.skipped.count(rejected.skip);
+                Ok(())
+            }
+            Encoded::Doc {
+                domain,
+                source,
+                hash,
+                ids,
+            } => {
+                stats.documents += 1;
+                let ppm = self.rates.ppm(&domain);
+                state.validation_ppm.insert(domain.clone(), ppm);
+                let split = if is_validation(hash, ppm) {
+                    Split::Validation
+                } else {
+                    Split::Train
+                };
+                let writer = state
+                    .writers
+                    .entry((domain.clone(), source.clone(), split))
+                    .or_insert_with(|| {
+                        let split_name = match split {
+                            Split::Train => "train",
+                            Split::Validation => "valid",
+                        };
+                        ShardWriter::new(
+                            self.dir,
+                            format!(
+                                "{SHARDS_DIR}/{domain}/{source}/{}.{}.{split_name}",
+                                unit.name,
+                                &key[..8]
+                            ),
+                            split,
+                            self.dtype,
+                            self.opts.max_shard_bytes,
+                        )
+                    });
+                writer.push(&ids)
+            }
+        }
+    }
+
+    /// Completes a unit's shards and saves its record.
+    fn finish_unit(&self, unit: &Unit, key: &str, state: OpenUnit) -> Result<UnitRecord> {
+        let mut shards = Vec::new();
+        for ((domain, source, _), writer) in state.writers {
+            for shard in writer.finish()? {
+                shards.push(UnitShard {
+                    domain: domain.clone(),
+                    source: source.clone(),
+                    shard,
+                });
+            }
+        }
+        let record = UnitRecord {
+            key: key.to_string(),
+            id: unit.id.clone(),
+            name: unit.name.clone(),
+            validation_ppm: state.validation_ppm,
+            inputs: state.inputs,
+            shards,
+        };
+        save_record(self.dir, &record)?;
+        Ok(record)
+    }
+}
+
+fn save_record(dir: &Path, record: &UnitRecord) -> Result<()> {
+    let path = dir.join(UNITS_DIR).join(format!("{}.json", record.name));
+    let text = serde_json::to_vec_pretty(record)
+        .map_err(|e| DataError::Prepare(format!("cannot serialise unit record: {e}")))?;
+    write_file(&path, &text)
+}
+
+/// Writes a whole file atomically (the one helper every moelab crate shares).
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    moelab_io::write_atomic(path, bytes).map_err(|e| DataError::io(path, e))
+}
+
+/// The texts of `units` as pieces for the tokenizer trainer (records parsed in parallel batch
+/// by batch), counting kept and skipped records per file into `stats`; the first `--strict`
+/// problem or read error is left in `error`.
+fn training_texts<'a>(
+    rx: Receiver<Vec<Item>>,
+    units: &'a [&'a Unit],
+    opts: &'a PrepareOptions,
+    error: &'a Mutex<Option<DataError>>,
+    stats: &'a Mutex<Vec<Vec<InputStats>>>,
+    progress: &'a (dyn Fn(&PrepareEvent) + Sync),
+) -> impl Iterator<Item = String> + Send + 'a {
+    rx.into_iter()
+        .take_while(move |_| error.lock().map(|e| e.is_none()).unwrap_or(false))
+        .flat_map(move |batch| {
+            type Parsed = std::result::Result<
+                (usize, usize, std::result::Result<String, Rejected>),
+                DataError,
+            >;
+            let parsed: Vec<Option<Parsed>> = batch
+                .into_par_iter()
+                .map(|item| match item {
+                    Item::Record {
+                        unit,
+                        file,
+                        line,
+                        raw,
+                    } => match input::parse(raw, &opts.fields, units[unit].fixed.as_ref()) {
+                        Ok(doc) => Some(Ok((unit, file, Ok(doc.text)))),
+                        Err(r) if opts.strict => Some(Err(strict_error(
+                            &units[unit].files[file],
+                            r.line.unwrap_or(line),
+                            &r.detail,
+                        ))),
+                        Err(r) => Some(Ok((unit, file, Err(r)))),
+                    },
+                    Item::FileEnd { unit, file } => {
+                        let path = &units[unit].files[file];
+                        progress(&PrepareEvent::FileRead {
+                            path: path.clone(),
+                            bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                        });
+                        None
+                    }
+                    Item::UnitEnd { .. } => None,
+                    Item::Failed(e) => Some(Err(e)),
+                })
+                .collect();
+            let mut pieces = Vec::new();
+            let Ok(mut stats) = stats.lock() else {
+                return pieces;
             };
-            for (what, name) in [("domain", domain), ("source", source)] {
-                if !is_name(name) {
-                    return Err(format!(
-                        "{what} `{name}` may use only letters, digits, '_', '-' and '.'"
-                    ));
+            for p in parsed.into_iter().flatten() {
+                match p {
+                    Ok((unit, file, Ok(text))) => {
+                        stats[unit][file].documents += 1;
+                        pieces.extend(text_pieces(&text, PIECE_BYTES).map(str::to_string));
+                    }
+                    Ok((unit, file, Err(rejected))) => {
+                        stats[unit][file].skipped.count(rejected.skip)
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        break;
+                    }
                 }
             }
-            (domain.to_string(), source.to_string())
-        }
-    };
-    Ok((domain, source, text))
+            pieces
+        })
 }
 
-/// Loads the given tokenizer (adding EOS if absent) or trains one, saves it into the output,
-/// and describes it.
+/// Loads the given tokenizer (adding EOS if absent), or reuses the one an earlier prepare
+/// trained into the folder, or trains one on every unit; saves it and describes it.
 fn load_or_train_tokenizer(
     opts: &PrepareOptions,
-    unit_docs: &[Vec<Doc>],
-    inputs: &[InputStats],
+    dir: &Path,
+    units: &[Unit],
     progress: &(dyn Fn(&PrepareEvent) + Sync),
 ) -> Result<(Tokenizer, TokenizerInfo)> {
-    let out_path = opts.out.join(TOKENIZER_FILE);
+    let out_path = dir.join(TOKENIZER_FILE);
     let tok_err = |path: &Path, e: &dyn std::fmt::Display| DataError::Tokenizer {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -658,52 +1291,45 @@ fn load_or_train_tokenizer(
                      <|endoftext|>; use at least 260"
                 )));
             }
-            // Training is the slowest step; reuse the previous run's tokenizer when it was
-            // trained on the same files for the same vocabulary.
-            let stamp_path = opts.out.join("tokenizer.train.json");
-            let mut h = Hasher::new();
-            h.update(format!("bpe {vocab} {} {}", opts.text_field, opts.domain_field).as_bytes());
-            for s in inputs {
-                h.update(s.sha256.as_bytes());
-            }
-            let stamp = h.hex();
+            let stamp_path = dir.join(TRAIN_STAMP_FILE);
+            let stamp = format!("bpe {vocab}");
             let previous = std::fs::read_to_string(&stamp_path).ok();
-            let reuse = previous.as_deref() == Some(stamp.as_str()) && out_path.is_file();
-            let tokenizer = if reuse {
-                Tokenizer::from_file(&out_path).map_err(|e| tok_err(&out_path, &e))?
-            } else {
-                // The trainer gets the same pieces the encoder does: word counts are the same
-                // (pieces end at pre-token boundaries) and its memory per call stays bounded.
-                let texts: Vec<&str> = unit_docs
-                    .iter()
-                    .flatten()
-                    .flat_map(|d| text_pieces(&d.text, PIECE_BYTES))
-                    .collect();
-                progress(&PrepareEvent::TrainingTokenizer {
-                    documents: unit_docs.iter().map(Vec::len).sum(),
-                });
-                let t = train_bpe(*vocab, &texts).map_err(|e| tok_err(&out_path, &e))?;
-                let _ = std::fs::remove_file(&stamp_path);
-                t
+            let tokenizer = match previous {
+                // Pinned: the dataset keeps its tokenizer, so new inputs leave old shards alone.
+                Some(p) if p == stamp && out_path.is_file() => {
+                    Tokenizer::from_file(&out_path).map_err(|e| tok_err(&out_path, &e))?
+                }
+                Some(p) if out_path.is_file() && p.starts_with("bpe ") => {
+                    return Err(DataError::Prepare(format!(
+                        "{} holds a tokenizer trained for {} ids, not {vocab}; prepare into a new folder to \
+                         train another (its shards would all change)",
+                        dir.display(),
+                        p.trim_start_matches("bpe ")
+                    )));
+                }
+                _ => {
+                    let t = train_on(opts, units, *vocab, progress)?;
+                    let text = t.to_string(false).map_err(|e| tok_err(&out_path, &e))?;
+                    write_file(&out_path, text.as_bytes())?;
+                    write_file(&stamp_path, stamp.as_bytes())?;
+                    t
+                }
             };
-            if !reuse {
-                let text = tokenizer
-                    .to_string(false)
-                    .map_err(|e| tok_err(&out_path, &e))?;
-                write_file(&out_path, text.as_bytes())?;
-                write_file(&stamp_path, stamp.as_bytes())?;
-            }
             (tokenizer, Some(*vocab))
         }
     };
-    if tokenizer.token_to_id(EOS_TOKEN).is_none() {
+    let eos = opts.eos_token.as_str();
+    if tokenizer.token_to_id(eos).is_none() {
         tokenizer
-            .add_special_tokens([AddedToken::from(EOS_TOKEN, true)])
+            .add_special_tokens([AddedToken::from(eos, true)])
             .map_err(|e| tok_err(&out_path, &e))?;
     }
-    let eos_id = tokenizer
-        .token_to_id(EOS_TOKEN)
-        .ok_or_else(|| tok_err(&out_path, &"cannot add the <|endoftext|> token"))?;
+    let eos_id = tokenizer.token_to_id(eos).ok_or_else(|| {
+        tok_err(
+            &out_path,
+            &format!("cannot add the end-of-document token {eos}"),
+        )
+    })?;
     if matches!(opts.tokenizer, TokenizerChoice::File(_)) {
         let text = tokenizer
             .to_string(false)
@@ -714,6 +1340,7 @@ fn load_or_train_tokenizer(
         if !unchanged {
             write_file(&out_path, text.as_bytes())?;
         }
+        let _ = std::fs::remove_file(dir.join(TRAIN_STAMP_FILE));
     }
     let bytes = std::fs::read(&out_path).map_err(|e| DataError::io(&out_path, e))?;
     // Ids can exceed the model's vocabulary only if they exceed this.
@@ -725,310 +1352,90 @@ fn load_or_train_tokenizer(
             sha256: sha256_hex(&bytes),
             vocab_size,
             eos_id,
-            eos_token: EOS_TOKEN.into(),
+            eos_token: opts.eos_token.clone(),
             trained_vocab,
         },
     ))
 }
 
-/// Longest text handed to the tokenizer in one call. The Hugging Face tokenizer keeps about
-/// 100-200 bytes of bookkeeping per input byte while it works on a text, so a 50 MB document
-/// encoded whole peaked at 6.6 GB; documents up to this size are encoded whole, exactly as
-/// before, longer ones in pieces of about this size.
-pub const PIECE_BYTES: usize = 1 << 20;
-
-/// Cuts `text` into pieces of at most `max` bytes (one piece when it fits).
-///
-/// A cut goes just before a whitespace run that follows a non-whitespace character, as late as
-/// possible (a space preferred over other whitespace within the last half). GPT-2 style
-/// pre-tokenizers (byte-level BPE, ours included) never join text across such a point, so the
-/// ids are the same as for the whole text; a space rather than a newline keeps that true for
-/// tokenizers that add a prefix space to each input. Only text with no whitespace at all in a
-/// window (no such point exists) is cut at a character boundary, which can split one word.
-pub(crate) fn text_pieces(text: &str, max: usize) -> impl Iterator<Item = &str> {
-    let max = max.max(8);
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        if rest.len() <= max {
-            return Some(std::mem::take(&mut rest));
-        }
-        let cut = piece_end(rest, max);
-        let (piece, tail) = rest.split_at(cut);
-        rest = tail;
-        Some(piece)
-    })
-}
-
-/// Where the first piece of `text` (longer than `max`) ends; see [`text_pieces`].
-fn piece_end(text: &str, max: usize) -> usize {
-    let bytes = text.as_bytes();
-    let mut whitespace = None;
-    for p in (1..=max).rev() {
-        // ASCII whitespace bytes are always character boundaries.
-        if bytes[p].is_ascii_whitespace()
-            && text[..p]
-                .chars()
-                .next_back()
-                .is_some_and(|c| !c.is_whitespace())
-        {
-            if bytes[p] == b' ' {
-                return p;
-            }
-            whitespace.get_or_insert(p);
-        }
-        // A space is worth a shorter piece, but not one below half the size.
-        if p <= max / 2 {
-            if let Some(p) = whitespace {
-                return p;
-            }
-        }
-    }
-    whitespace.unwrap_or_else(|| {
-        let mut p = max;
-        while !text.is_char_boundary(p) {
-            p -= 1;
-        }
-        p
-    })
-}
-
-/// A GPT-2 style byte-level BPE with `<|endoftext|>` as its only special token.
-pub fn train_bpe(vocab_size: usize, texts: &[&str]) -> std::result::Result<Tokenizer, String> {
-    let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    tokenizer.with_decoder(Some(ByteLevel::default()));
-    tokenizer.with_post_processor(Some(ByteLevel::new(false, false, true)));
-    let trainer = BpeTrainerBuilder::new()
-        .vocab_size(vocab_size)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    tokenizer
-        .train(&mut trainer, texts.iter())
-        .map_err(|e| format!("training failed: {e}"))?;
-    Ok(tokenizer)
-}
-
-/// Text a domain's validation split gets at least (about 4-5k tokens: a stable loss estimate
-/// even for small corpora), as long as that stays within a quarter of the domain.
-pub const MIN_VALIDATION_BYTES: usize = 16 * 1024;
-
-/// Hashes of the validation documents: those with hash % 1e6 below fraction * 1e6, then more in
-/// hash order until the domain has [`MIN_VALIDATION_BYTES`] (never past a quarter of its
-/// text), at least one document when it has two, and never every document.
-fn validation_set(unit_docs: &[Vec<Doc>], fraction: f64) -> std::collections::HashSet<u64> {
-    const SCALE: u64 = 1_000_000;
-    let threshold = (fraction * SCALE as f64).round() as u64;
-    let mut by_domain: BTreeMap<&str, BTreeMap<u64, usize>> = BTreeMap::new();
-    for doc in unit_docs.iter().flatten() {
-        *by_domain
-            .entry(doc.domain.as_str())
-            .or_default()
-            .entry(doc.hash)
-            .or_default() += doc.text.len();
-    }
-    let mut set = std::collections::HashSet::new();
-    if fraction <= 0.0 {
-        return set;
-    }
-    for docs in by_domain.values() {
-        let mut order: Vec<(u64, usize)> = docs.iter().map(|(h, n)| (*h, *n)).collect();
-        order.sort_unstable_by_key(|(h, _)| (h % SCALE, *h));
-        let total: usize = order.iter().map(|(_, n)| n).sum();
-        let mut chosen = 0usize;
-        let mut bytes = 0usize;
-        for (i, (h, n)) in order.iter().enumerate() {
-            let by_hash = h % SCALE < threshold;
-            let by_floor = bytes < MIN_VALIDATION_BYTES && 4 * (bytes + n) <= total;
-            if by_hash || by_floor || i == 0 {
-                chosen = i + 1;
-                bytes += n;
-            } else {
-                break;
-            }
-        }
-        if chosen == order.len() && order.len() >= 2 {
-            chosen -= 1;
-        }
-        if order.len() < 2 {
-            chosen = 0;
-        }
-        set.extend(order[..chosen].iter().map(|(h, _)| *h));
-    }
-    set
-}
-
-/// A unit's previous record, if its key matches and its shards are all present at full size.
-fn reusable(
-    out: &Path,
-    units_dir: &Path,
-    unit: &Unit,
-    key: &str,
-    dtype: TokenDtype,
-) -> Option<UnitRecord> {
-    let text = std::fs::read(units_dir.join(format!("{}.json", unit.name))).ok()?;
-    let record: UnitRecord = serde_json::from_slice(&text).ok()?;
-    if record.key != key {
-        return None;
-    }
-    let intact = record.shards.iter().all(|s| {
-        let size = |f: &str| std::fs::metadata(out.join(f)).map(|m| m.len()).ok();
-        size(&s.shard.tokens_file) == Some(s.shard.counts.tokens * dtype.bytes() as u64)
-            && size(&s.shard.docs_file) == Some(s.shard.counts.documents * 8)
-    });
-    intact.then_some(record)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn encode_unit(
+/// Trains a BPE on every document of `units`, streamed.
+fn train_on(
     opts: &PrepareOptions,
-    unit: &Unit,
-    docs: &[Doc],
-    key: &str,
-    tokenizer: &Tokenizer,
-    eos_id: u32,
-    dtype: TokenDtype,
-    validation: &std::collections::HashSet<u64>,
-) -> Result<UnitRecord> {
-    let encoded: Vec<Vec<u32>> = docs
-        .par_iter()
-        .map(|doc| {
-            let encode = |piece: &&str| {
-                tokenizer
-                    .encode_fast(*piece, false)
-                    .map(|enc| enc.get_ids().to_vec())
-                    .map_err(|e| DataError::Tokenizer {
-                        path: opts.out.join(TOKENIZER_FILE),
-                        reason: format!(
-                            "cannot encode a document of {}/{}: {e}",
-                            doc.domain, doc.source
-                        ),
-                    })
-            };
-            // Piece by piece: the tokenizer's per-token bookkeeping (an Encoding, alignments
-            // per byte) then lives for one piece per thread, not for the whole document.
-            let pieces: Vec<&str> = text_pieces(&doc.text, PIECE_BYTES).collect();
-            let mut ids = match pieces.as_slice() {
-                [] => Vec::new(),
-                [whole] => encode(whole)?,
-                _ => pieces
-                    .par_iter()
-                    .map(encode)
-                    .collect::<Result<Vec<_>>>()?
-                    .concat(),
-            };
-            ids.push(eos_id);
-            Ok(ids)
-        })
-        .collect::<Result<_>>()?;
-    // Group documents by (domain, source, split), keeping their order.
-    let mut groups: BTreeMap<(&str, &str, Split), Vec<&[u32]>> = BTreeMap::new();
-    for (doc, ids) in docs.iter().zip(&encoded) {
-        let split = if validation.contains(&doc.hash) {
-            Split::Validation
-        } else {
-            Split::Train
-        };
-        groups
-            .entry((doc.domain.as_str(), doc.source.as_str(), split))
-            .or_default()
-            .push(ids);
+    units: &[Unit],
+    vocab: usize,
+    progress: &(dyn Fn(&PrepareEvent) + Sync),
+) -> Result<Tokenizer> {
+    progress(&PrepareEvent::TrainingTokenizer {
+        files: units.iter().map(|u| u.files.len()).sum(),
+    });
+    let all: Vec<&Unit> = units.iter().collect();
+    let error = Mutex::new(None);
+    let no_hashes = BTreeMap::new();
+    let stats = Mutex::new(
+        units
+            .iter()
+            .map(|u| fresh_stats(u, &no_hashes))
+            .collect::<Vec<_>>(),
+    );
+    let trained = std::thread::scope(|scope| {
+        let rx = spawn_reader(scope, all.clone(), &opts.fields);
+        // The trainer gets the same pieces the encoder does: word counts are the same (pieces
+        // end at pre-token boundaries) and its memory per call stays bounded.
+        let texts = training_texts(rx, &all, opts, &error, &stats, progress);
+        train_bpe(vocab, texts)
+    });
+    if let Some(e) = error.into_inner().ok().flatten() {
+        return Err(e);
     }
-    let mut shards = Vec::new();
-    for ((domain, source, split), docs) in groups {
-        let dir = format!("shards/{domain}/{source}");
-        std::fs::create_dir_all(opts.out.join(&dir))
-            .map_err(|e| DataError::io(opts.out.join(&dir), e))?;
-        let split_name = match split {
-            Split::Train => "train",
-            Split::Validation => "valid",
-        };
-        let tokens_file = format!("{dir}/{}.{split_name}.tokens", unit.name);
-        let docs_file = format!("{dir}/{}.{split_name}.docs", unit.name);
-        let (tokens, tokens_sha256) = write_tokens(&opts.out.join(&tokens_file), &docs, dtype)?;
-        let mut index = Vec::with_capacity(docs.len() * 8);
-        let mut end = 0u64;
-        for d in &docs {
-            end += d.len() as u64;
-            index.extend_from_slice(&end.to_le_bytes());
-        }
-        write_file(&opts.out.join(&docs_file), &index)?;
-        shards.push(UnitShard {
-            domain: domain.to_string(),
-            source: source.to_string(),
-            shard: ShardEntry {
-                split,
-                tokens_file,
-                docs_file,
-                counts: Counts {
-                    documents: docs.len() as u64,
-                    tokens,
-                },
-                tokens_sha256,
-                docs_sha256: sha256_hex(&index),
-            },
-        });
+    let stats: Vec<InputStats> = stats
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect();
+    if stats.iter().all(|s| s.documents == 0) {
+        let inputs: Vec<&InputStats> = stats.iter().collect();
+        return Err(DataError::Prepare(no_documents(&inputs, &opts.fields)));
     }
-    Ok(UnitRecord {
-        key: key.to_string(),
-        shards,
+    trained.map_err(|e| DataError::Tokenizer {
+        path: opts.out.join(TOKENIZER_FILE),
+        reason: e,
     })
 }
 
-/// Writes documents' ids as little-endian `dtype`, atomically; returns their count and sha256.
-fn write_tokens(path: &Path, docs: &[&[u32]], dtype: TokenDtype) -> Result<(u64, String)> {
-    let mut hasher = Hasher::new();
-    let mut n = 0u64;
-    moelab_io::write_atomic_with(path, |writer| {
-        let mut buf = Vec::with_capacity(1 << 16);
-        for doc in docs {
-            for chunk in doc.chunks(1 << 14) {
-                buf.clear();
-                match dtype {
-                    TokenDtype::U16 => {
-                        for &id in chunk {
-                            // Ids fit: the dtype was chosen from the vocabulary size.
-                            buf.extend_from_slice(&(id as u16).to_le_bytes());
-                        }
-                    }
-                    TokenDtype::U32 => {
-                        for &id in chunk {
-                            buf.extend_from_slice(&id.to_le_bytes());
-                        }
-                    }
-                }
-                hasher.update(&buf);
-                writer.write_all(&buf)?;
-                n += chunk.len() as u64;
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| DataError::io(path, e))?;
-    Ok((n, hasher.hex()))
-}
-
-/// Writes a whole file atomically (the one helper every moelab crate shares).
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    moelab_io::write_atomic(path, bytes).map_err(|e| DataError::io(path, e))
-}
-
+/// The manifest of `records` (in unit order): domains and sources sorted by name, each
+/// source's shards in unit order.
 fn build_manifest(
     tokenizer: TokenizerInfo,
     dtype: TokenDtype,
+    opts: &PrepareOptions,
+    records: Vec<UnitRecord>,
+    part: Option<PartInfo>,
+) -> Manifest {
+    manifest_of(
+        tokenizer,
+        dtype,
+        opts.validation_fraction,
+        opts.max_shard_bytes,
+        records,
+        part,
+    )
+}
+
+fn manifest_of(
+    tokenizer: TokenizerInfo,
+    dtype: TokenDtype,
     validation_fraction: f64,
-    records: Vec<(UnitRecord, bool)>,
-    inputs: Vec<InputStats>,
+    max_shard_bytes: u64,
+    records: Vec<UnitRecord>,
+    part: Option<PartInfo>,
 ) -> Manifest {
     let mut tree: BTreeMap<String, BTreeMap<String, Vec<ShardEntry>>> = BTreeMap::new();
-    // Units are sorted by name, so each source's shards come in a fixed order.
-    for (record, _) in records {
+    let mut validation_ppm = BTreeMap::new();
+    let mut inputs = Vec::new();
+    for record in records {
+        validation_ppm.extend(record.validation_ppm);
+        inputs.extend(record.inputs);
         for s in record.shards {
             tree.entry(s.domain)
                 .or_default()
@@ -1067,108 +1474,217 @@ fn build_manifest(
         dtype,
         tokenizer,
         validation_fraction,
+        validation_ppm,
+        max_shard_bytes,
         domains,
         inputs,
+        part,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-    use crate::util::mix64;
-
-    /// Text with the whitespace a cut must respect: runs of spaces, newlines, tabs, CRLF,
-    /// non-ASCII letters and whitespace, punctuation and digits.
-    fn awkward_text(words: usize) -> String {
-        let parts = [
-            "the",
-            " ",
-            "river",
-            "  ",
-            "stone",
-            "\n",
-            "\n\n",
-            "x=1;",
-            "\t",
-            "déjà",
-            "\u{3000}",
-            "vu",
-            "\r\n",
-            "42",
-            "   ",
-            "(proof)",
-            " ",
-            "ünïcode",
-            "\n ",
-            "end.",
-        ];
-        let mut s = String::new();
-        let mut state = 7u64;
-        for _ in 0..words {
-            state = mix64(state);
-            s.push_str(parts[(state % parts.len() as u64) as usize]);
+/// Deletes shards and unit records the manifest no longer lists (inputs that changed or
+/// were removed), once the manifest that replaces them is saved.
+fn remove_unlisted(dir: &Path, manifest: &Manifest, records: &BTreeSet<String>) -> Result<()> {
+    let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
+    for d in &manifest.domains {
+        for s in &d.sources {
+            for shard in &s.shards {
+                keep.insert(dir.join(&shard.tokens_file));
+                keep.insert(dir.join(&shard.docs_file));
+            }
         }
-        s
+    }
+    fn walk(path: &Path, keep: &BTreeSet<PathBuf>) -> Result<bool> {
+        let mut empty = true;
+        for entry in sorted_entries(path)? {
+            if entry.is_dir() {
+                if walk(&entry, keep)? {
+                    std::fs::remove_dir(&entry).map_err(|e| DataError::io(&entry, e))?;
+                } else {
+                    empty = false;
+                }
+            } else if keep.contains(&entry) {
+                empty = false;
+            } else {
+                std::fs::remove_file(&entry).map_err(|e| DataError::io(&entry, e))?;
+            }
+        }
+        Ok(empty)
+    }
+    let shards = dir.join(SHARDS_DIR);
+    if shards.is_dir() {
+        walk(&shards, &keep)?;
+    }
+    let units = dir.join(UNITS_DIR);
+    if units.is_dir() {
+        for entry in sorted_entries(&units)? {
+            let name = file_name(&entry);
+            let listed = name
+                .strip_suffix(".json")
+                .is_some_and(|n| records.contains(n));
+            if !listed {
+                std::fs::remove_file(&entry).map_err(|e| DataError::io(&entry, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Joins the folders of `prepare --part 0/N` ... `--part N-1/N` into one dataset at `out`,
+/// equal (shards and manifest, byte for byte) to a single prepare of the same inputs. Shards
+/// are hard-linked where the file system allows, else copied; the part folders are kept.
+pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
+    if out.join(MANIFEST_FILE).is_file() {
+        return Err(DataError::Prepare(format!(
+            "{} already holds a dataset; merge into a new folder",
+            out.display()
+        )));
+    }
+    if parts.is_empty() {
+        return Err(DataError::Prepare("merge needs the part folders".into()));
+    }
+    let mut manifests = Vec::new();
+    for p in parts {
+        let m = Manifest::load(&p.join(MANIFEST_FILE))?;
+        if m.part.is_none() {
+            return Err(DataError::Prepare(format!(
+                "{} is a whole dataset, not the folder of one `moelab prepare --part i/N`",
+                p.display()
+            )));
+        }
+        manifests.push(m);
+    }
+    let first = &manifests[0];
+    let first_part = first.part.clone().unwrap_or_else(|| PartInfo {
+        index: 0,
+        count: 0,
+        listing: String::new(),
+        units: Vec::new(),
+    });
+    let mut seen = vec![None; first_part.count];
+    for (m, dir) in manifests.iter().zip(parts) {
+        let Some(part) = &m.part else { continue };
+        let same = part.count == first_part.count
+            && part.listing == first_part.listing
+            && m.tokenizer == first.tokenizer
+            && m.dtype == first.dtype
+            && m.max_shard_bytes == first.max_shard_bytes
+            && m.validation_fraction == first.validation_fraction;
+        if !same {
+            return Err(DataError::Prepare(format!(
+                "{} is a part of another prepare than {} (inputs, options, tokenizer or part count differ); \
+                 re-run every part with the same inputs and options",
+                dir.display(),
+                parts[0].display()
+            )));
+        }
+        match seen.get_mut(part.index) {
+            Some(slot @ None) => *slot = Some(dir),
+            Some(Some(other)) => {
+                return Err(DataError::Prepare(format!(
+                    "{} and {} are both part {}/{}",
+                    other.display(),
+                    dir.display(),
+                    part.index,
+                    part.count
+                )))
+            }
+            None => {}
+        }
+    }
+    let missing: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .map(|(i, _)| format!("{i}/{}", first_part.count))
+        .collect();
+    if !missing.is_empty() {
+        return Err(DataError::Prepare(format!(
+            "parts {} are missing; run `moelab prepare ... --part i/{}` for them and merge every part",
+            missing.join(", "),
+            first_part.count
+        )));
     }
 
-    #[test]
-    fn pieces_cover_the_text_within_the_size() {
-        let text = awkward_text(3000);
-        for max in [8, 50, 64, 200, 1000] {
-            let pieces: Vec<&str> = text_pieces(&text, max).collect();
-            assert_eq!(pieces.concat(), text, "max {max}");
-            assert!(pieces.iter().all(|p| p.len() <= max && !p.is_empty()));
-        }
-        assert_eq!(text_pieces("short", 64).collect::<Vec<_>>(), ["short"]);
-        assert_eq!(text_pieces("", 64).count(), 0);
-        // No whitespace at all: cut at character boundaries.
-        let dense = "é".repeat(100);
-        let pieces: Vec<&str> = text_pieces(&dense, 11).collect();
-        assert_eq!(pieces.concat(), dense);
-        assert!(pieces.iter().all(|p| p.len() <= 11));
+    let work = WorkDir::for_output(out)?;
+    if work.rename_to.is_none() {
+        return Err(DataError::Prepare(format!(
+            "{} is not empty; merge into a new folder",
+            out.display()
+        )));
     }
-
-    #[test]
-    fn pieces_give_the_same_ids_as_the_whole_text() {
-        let train = awkward_text(4000);
-        let mut tokenizer = train_bpe(400, &[train.as_str()]).unwrap();
-        let text = awkward_text(20_000);
-        let whole = |t: &Tokenizer| {
-            t.encode_fast(text.as_str(), false)
-                .unwrap()
-                .get_ids()
-                .to_vec()
-        };
-        let pieced = |t: &Tokenizer, max: usize| -> Vec<u32> {
-            text_pieces(&text, max)
-                .flat_map(|p| t.encode_fast(p, false).unwrap().get_ids().to_vec())
-                .collect()
-        };
-        let expected = whole(&tokenizer);
-        assert!(expected.len() > 1000);
-        // (At 300 bytes and more no run of non-whitespace in this text fills a window.)
-        for max in [300, 4096] {
-            let got = pieced(&tokenizer, max);
-            let first = (0..expected.len().min(got.len())).find(|&i| expected[i] != got[i]);
-            assert_eq!(first, None, "max {max}: ids differ");
-            assert_eq!(got.len(), expected.len(), "max {max}");
+    let result = (|| {
+        let units_dir = work.dir.join(UNITS_DIR);
+        std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
+        let mut records = Vec::new();
+        for (m, dir) in manifests.iter().zip(parts) {
+            let units = m.part.as_ref().map(|p| p.units.clone()).unwrap_or_default();
+            for name in units {
+                let path = dir.join(UNITS_DIR).join(format!("{name}.json"));
+                let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+                let record: UnitRecord =
+                    serde_json::from_slice(&bytes).map_err(|e| DataError::Manifest {
+                        path: path.clone(),
+                        reason: format!("not a unit record ({e}); re-run that part"),
+                    })?;
+                for s in &record.shards {
+                    for f in [&s.shard.tokens_file, &s.shard.docs_file] {
+                        link_or_copy(&dir.join(f), &work.dir.join(f))?;
+                    }
+                }
+                save_record(&work.dir, &record)?;
+                records.push(record);
+            }
         }
-        // A byte-level tokenizer that adds a prefix space to every input (GPT-2 style
-        // configurations): pieces start with a space where one is available.
-        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(true, true, true)));
-        let expected = whole(&tokenizer);
-        let got = pieced(&tokenizer, 4096);
-        let differing = expected.iter().zip(&got).filter(|(a, b)| a != b).count()
-            + expected.len().abs_diff(got.len());
-        assert_eq!(differing, 0);
-        // The trainer sees the same words in pieces as whole.
-        let whole_bpe = train_bpe(400, &[text.as_str()]).unwrap();
-        let pieces: Vec<&str> = text_pieces(&text, 300).collect();
-        let pieced_bpe = train_bpe(400, &pieces).unwrap();
-        assert_eq!(
-            whole_bpe.to_string(false).unwrap(),
-            pieced_bpe.to_string(false).unwrap()
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        if records
+            .iter()
+            .flat_map(|r| &r.inputs)
+            .all(|s| s.documents == 0)
+        {
+            return Err(DataError::Prepare(
+                "the parts hold no document; their manifests' `inputs` say why each file's records were skipped"
+                    .into(),
+            ));
+        }
+        if records.windows(2).any(|w| w[0].id == w[1].id) {
+            return Err(DataError::Prepare(
+                "two parts hold the same input; re-run every part with the same --part count"
+                    .into(),
+            ));
+        }
+        let tokenizer = parts[0].join(&first.tokenizer.file);
+        link_or_copy(&tokenizer, &work.dir.join(&first.tokenizer.file))?;
+        let manifest = manifest_of(
+            first.tokenizer.clone(),
+            first.dtype,
+            first.validation_fraction,
+            first.max_shard_bytes,
+            records,
+            None,
         );
+        manifest.save(&work.dir.join(MANIFEST_FILE))?;
+        Ok(manifest)
+    })();
+    match result {
+        Ok(manifest) => {
+            work.finish()?;
+            Ok(manifest)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work.dir);
+            Err(e)
+        }
     }
+}
+
+/// Hard-links `from` to `to` (shards are never modified once written), or copies it.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    let dir = moelab_io::parent(to);
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map_err(|e| DataError::io(from, e))?;
+    moelab_io::sync_file(to).map_err(|e| DataError::io(to, e))
 }

@@ -83,10 +83,32 @@ fn split_is_deterministic_and_rerun_reuses_shards() {
     );
     let third = prepare(&fixed, &|_| {}).unwrap();
     assert_eq!((third.written_units, third.reused_units), (1, 3));
-    // A fresh output from the same corpus gives the same manifest (same tokenizer, same split).
+    // Fresh outputs from the same corpus get the same manifest (same tokenizer, same split).
     fixed.out = tmp.path().join("out2");
     let fourth = prepare(&fixed, &|_| {}).unwrap();
-    assert_eq!(third.manifest, fourth.manifest);
+    fixed.out = tmp.path().join("out3");
+    let fifth = prepare(&fixed, &|_| {}).unwrap();
+    assert_eq!(fourth.manifest, fifth.manifest);
+    // The reused units kept their shards: same files, same hashes as in the first run.
+    let shards = |m: &moelab_data::Manifest, domain: &str| -> Vec<String> {
+        m.domains
+            .iter()
+            .filter(|d| d.name == domain)
+            .flat_map(|d| &d.sources)
+            .flat_map(|s| &s.shards)
+            .map(|s| format!("{} {}", s.tokens_file, s.tokens_sha256))
+            .collect()
+    };
+    for domain in ["web", "math"] {
+        assert_eq!(
+            shards(&first.manifest, domain),
+            shards(&third.manifest, domain)
+        );
+    }
+    assert_ne!(
+        shards(&first.manifest, "code"),
+        shards(&third.manifest, "code")
+    );
 }
 
 fn bad_corpus(root: &Path) -> std::path::PathBuf {
@@ -116,17 +138,20 @@ fn bad_documents_are_counted_per_file_and_skipped() {
     let inputs = &report.manifest.inputs;
     let by_name = |n: &str| inputs.iter().find(|i| i.path.ends_with(n)).unwrap();
     let mixed = by_name("mixed.jsonl");
+    let skipped = mixed.skipped;
     assert_eq!(
         (
             mixed.documents,
-            mixed.malformed,
-            mixed.invalid_utf8,
-            mixed.empty
+            skipped.malformed_json,
+            skipped.no_text,
+            skipped.invalid_utf8,
+            skipped.empty
         ),
-        (2, 2, 1, 1)
+        (2, 1, 1, 1, 1)
     );
-    assert_eq!(by_name("empty.txt").empty, 1);
-    assert_eq!(by_name("latin1.txt").invalid_utf8, 1);
+    assert_eq!(skipped.total(), 4);
+    assert_eq!(by_name("empty.txt").skipped.empty, 1);
+    assert_eq!(by_name("latin1.txt").skipped.invalid_utf8, 1);
     assert_eq!(by_name("ok.txt").documents, 1);
     let ds = Dataset::open(&out).unwrap();
     let total = ds.train_counts(0, 0).documents + ds.validation_counts(0).documents;
@@ -179,7 +204,7 @@ fn jsonl_files_with_domain_field_and_compression() {
     let mut opts = options(&zst, &out);
     opts.inputs = vec![zst.clone()];
     let report = prepare(&opts, &|_| {}).unwrap();
-    assert_eq!(report.manifest.inputs[0].malformed, 1);
+    assert_eq!(report.manifest.inputs[0].skipped.no_domain, 1);
     let ds = Dataset::open(&out).unwrap();
     assert_eq!(ds.domains(), ["code", "math", "web"]);
     assert_eq!(ds.sources(1), ["plain", "structured"]);
@@ -449,12 +474,80 @@ fn no_documents_lists_each_file_and_why_its_lines_were_skipped() {
         .to_string();
     for part in [
         "no documents found in the 2 input files",
-        "a.jsonl: 0 kept, 2 malformed (bad JSON or no string `text`/`domain` field), 0 invalid UTF-8, 1 empty",
-        "b.txt: 0 kept, 0 malformed",
-        "1 invalid UTF-8",
+        "a.jsonl: 0 kept, skipped: 1 malformed JSON, 1 no string `text`, 1 empty",
+        "b.txt: 0 kept, skipped: 1 invalid UTF-8",
         "--text-field (now `text`)",
         "--strict",
     ] {
         assert!(err.contains(part), "{part}: {err}");
     }
+}
+
+#[test]
+fn a_disordered_document_index_is_found_by_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let out = ds.dir().to_path_buf();
+    let shard = ds.manifest().domains[0].sources[0].shards[0].clone();
+    drop(ds);
+    let path = out.join(&shard.docs_file);
+    let mut index = std::fs::read(&path).unwrap();
+    assert!(index.len() >= 16, "at least two documents");
+    // Document 0 now ends after document 1; the last entry (checked on open) is intact.
+    let second: [u8; 8] = index[8..16].try_into().unwrap();
+    index[..8].copy_from_slice(&(u64::from_le_bytes(second) + 1).to_le_bytes());
+    std::fs::write(&path, &index).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    let err = ds.verify().unwrap_err().to_string();
+    assert!(
+        err.contains(&shard.docs_file) && err.contains("document 1 ends at"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_given_tokenizer_keeps_its_special_tokens_and_its_own_end_of_document_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A word-level tokenizer with its own special tokens, </s> among them.
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[UNK]", "<s>", "</s>", "the", "river", "stone", "<|user|>"]
+        .iter()
+        .enumerate()
+    {
+        vocab.insert(w.to_string(), i.into());
+    }
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(1, "<s>"), special(2, "</s>"), special(6, "<|user|>")],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let tok_path = tmp.path().join("tok.json");
+    write(&tok_path, tok.to_string());
+    let dir = tmp.path().join("c");
+    write(
+        &dir.join("web/a.jsonl"),
+        jsonl(&["the river <|user|> stone".into(), "stone the".into()]),
+    );
+    let out = tmp.path().join("out");
+    let mut opts = options(&dir, &out);
+    opts.tokenizer = TokenizerChoice::File(tok_path);
+    opts.validation_fraction = 0.0;
+    opts.eos_token = "</s>".into();
+    prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+    ds.verify().unwrap();
+    assert_eq!(ds.eos_id(), 2);
+    assert_eq!(ds.vocab_size(), 7, "no token was added");
+    assert_eq!(ds.manifest().tokenizer.eos_token, "</s>");
+    let shard = &ds.manifest().domains[0].sources[0].shards[0];
+    // The special token in the text is one id, as the tokenizer defines it.
+    assert_eq!(
+        shard_ids(&out, &shard.tokens_file),
+        [3, 4, 6, 5, 2, 5, 3, 2]
+    );
 }

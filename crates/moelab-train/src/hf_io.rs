@@ -20,9 +20,6 @@ use crate::checkpoint::io;
 use crate::checkpoint::{self, TrainState};
 use crate::{Config, TrainError};
 
-/// The end-of-document token of the lab's tokenizers.
-pub const EOS_TOKEN: &str = "<|endoftext|>";
-
 fn hf_err(message: String) -> TrainError {
     TrainError::Hf(message)
 }
@@ -101,7 +98,10 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
             SpecialTokens {
                 eos_id: Some(ds.eos_id()),
             },
-            Some(ds.tokenizer_path()),
+            Some((
+                ds.tokenizer_path(),
+                ds.manifest().tokenizer.eos_token.clone(),
+            )),
         ),
         Err(e) => {
             notes.push(format!(
@@ -122,22 +122,22 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
         std::fs::write(&config_path, config_text).map_err(io(&config_path))?;
         let path = tmp.join("model.safetensors");
         checkpoint::save_tensors(&tensors, &path)?;
-        if let Some(src) = &tokenizer {
+        if let Some((src, eos)) = &tokenizer {
             let dst = tmp.join("tokenizer.json");
             std::fs::copy(src, &dst).map_err(io(src))?;
             write_json(
                 &tmp.join("tokenizer_config.json"),
                 &json!({
                     "tokenizer_class": "PreTrainedTokenizerFast",
-                    "eos_token": EOS_TOKEN,
-                    "pad_token": EOS_TOKEN,
+                    "eos_token": eos,
+                    "pad_token": eos,
                     "model_max_length": cfg.model.max_seq_len,
                     "clean_up_tokenization_spaces": false,
                 }),
             )?;
             write_json(
                 &tmp.join("special_tokens_map.json"),
-                &json!({"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}),
+                &json!({"eos_token": eos, "pad_token": eos}),
             )?;
         }
         write_json(
