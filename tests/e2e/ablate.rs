@@ -228,6 +228,95 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
 }
 
 #[test]
+fn ablation_with_two_seeds_writes_intervals_and_the_noise_floor() {
+    let fx = Fixture::new("seeds");
+    std::fs::write(
+        &fx.ablation,
+        r#"
+base = "../run.toml"
+set = ["train.steps=3"]
+seeds = [5, 6]
+
+[[variant]]
+name = "baseline"
+
+[[variant]]
+name = "no_code"
+set = ["data.mixture.code=0.0"]
+"#,
+    )
+    .unwrap();
+    let out = fx.out();
+    let stdout = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
+    assert!(stdout.contains("4 runs x 2 seeds"), "{stdout}");
+    for (i, run) in [
+        "baseline/seed-5",
+        "no_code/seed-5",
+        "baseline/seed-6",
+        "no_code/seed-6",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            stdout.contains(&format!("[{}/4] {run}: training", i + 1)),
+            "{stdout}"
+        );
+        let config = std::fs::read_to_string(out.join(run).join("config.toml")).unwrap();
+        let seed = &run[run.len() - 1..];
+        assert!(config.contains(&format!("seed = {seed}")), "{config}");
+    }
+    assert!(stdout.contains("jsd noise"), "{stdout}");
+    let comparison = out.join("comparison");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(comparison.join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["seeds"], serde_json::json!([5, 6]));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "2 variants x 3 domains: {rows:?}");
+    for row in rows.iter().filter(|r| r["variant"] == "no_code") {
+        assert_eq!(row["seeds"], 2, "{row}");
+        let (lo, hi) = (
+            row["delta_interval"]["lo"].as_f64().unwrap(),
+            row["delta_interval"]["hi"].as_f64().unwrap(),
+        );
+        let delta = row["delta_loss"].as_f64().unwrap();
+        assert!(lo <= delta && delta <= hi, "{row}");
+        assert_eq!(
+            row["delta_within_noise"].as_bool(),
+            Some(lo <= 0.0 && 0.0 <= hi)
+        );
+        // Baseline seed 5 against baseline seed 6, raw and with experts matched.
+        let noise = row["noise_jsd"].as_f64().unwrap();
+        let aligned_noise = row["noise_aligned_jsd"].as_f64().unwrap();
+        assert!(noise > 0.0, "two seeds route differently: {row}");
+        assert!(
+            aligned_noise <= noise + 1e-9,
+            "matching can only lower the JSD: {row}"
+        );
+        let aligned = row["aligned_jsd"].as_f64().unwrap();
+        assert_eq!(
+            row["jsd_within_noise"].as_bool(),
+            Some(aligned <= aligned_noise)
+        );
+    }
+    let md = std::fs::read_to_string(comparison.join("comparison.md")).unwrap();
+    for needle in [
+        "95% interval",
+        "noise floor (raw)",
+        "noise floor (aligned)",
+        "Seeds: 5, 6",
+    ] {
+        assert!(md.contains(needle), "{needle}: {md}");
+    }
+    let csv = std::fs::read_to_string(comparison.join("comparison.csv")).unwrap();
+    assert!(
+        csv.starts_with("variant,domain,seeds,val_loss,val_loss_std"),
+        "{csv}"
+    );
+}
+
+#[test]
 fn bad_ablation_files_are_refused_naming_the_key() {
     let fx = Fixture::new("bad");
     let cases = [

@@ -58,13 +58,14 @@ pub struct AnalyzeArgs {
 #[command(
     after_help = "Example: moelab ablate configs/ablations/small.toml --out runs/ablations/small\n\n\
 Variants train one after another on this machine with the same seed and token budget, each in \
-OUT/<name>; a finished variant is skipped and an interrupted one resumed, so re-running the \
+OUT/<name> (with `seeds = [..]`: once per seed, in OUT/<name>/seed-<s>); a finished variant is skipped and an interrupted one resumed, so re-running the \
 command continues the study. Running one variant per GPU when several are visible is not \
 implemented (CPU only). The comparison (per-domain validation loss and its delta against the \
-first variant, routing JSD of each domain's validation tokens against it) goes to OUT/comparison/."
+first variant, routing JSD of each domain's validation tokens against it, raw and with experts \
+matched; with seeds: spread, bootstrap 95% intervals and the noise floor) goes to OUT/comparison/."
 )]
 pub struct AblateArgs {
-    /// Ablation file (TOML: base, out_dir, set, [[variant]] name/set).
+    /// Ablation file (TOML: base, out_dir, set, seeds, [[variant]] name/set).
     ablation: PathBuf,
     /// Output folder (default: the file's out_dir).
     #[arg(long)]
@@ -172,8 +173,13 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             outln!("{line}")
         }
     };
+    let seeds = if ablation.seeds.is_empty() {
+        String::new()
+    } else {
+        format!(" x {} seeds", ablation.seeds.len())
+    };
     say(format!(
-        "ablation {}: {} variants of {} -> {} (baseline: {})",
+        "ablation {}: {} runs{seeds} of {} -> {} (baseline: {})",
         args.ablation.display(),
         ablation.variants.len(),
         ablation.base.display(),
@@ -196,7 +202,7 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             let steps = ablation
                 .variants
                 .iter()
-                .find(|v| v.name == *name)
+                .find(|v| v.label == *name)
                 .map_or(0, |v| v.config.train.steps);
             match TrainProgress::new(steps, &format!("[{name}] ")) {
                 Ok(p) => progress = Some(if json { p.lines_to_stderr() } else { p }),

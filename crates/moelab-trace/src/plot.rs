@@ -42,6 +42,9 @@ pub(crate) struct Heatmap<'a> {
     pub values: &'a [Option<f64>],
     pub vmin: f64,
     pub vmax: f64,
+    /// Blue-white-red around the middle of [vmin, vmax] (deltas: pass a range centred on 0)
+    /// instead of viridis.
+    pub diverging: bool,
 }
 
 /// Several named (x, y) series on shared axes.
@@ -115,6 +118,38 @@ fn draw_lines(root: &dyn AnyArea, l: &Lines<'_>) -> std::result::Result<(), Stri
 }
 
 /// Viridis, sampled at 5 points and interpolated linearly: perceptually ordered, colour-blind safe.
+impl Heatmap<'_> {
+    /// The cell colour at `t` in [0, 1] of the colour range.
+    fn color(&self, t: f64) -> RGBColor {
+        if self.diverging {
+            diverging(t)
+        } else {
+            viridis(t)
+        }
+    }
+}
+
+/// Blue (0) - white (0.5) - red (1), linear in each half (ColorBrewer RdBu end points).
+fn diverging(t: f64) -> RGBColor {
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    let (blue, white, red) = (
+        (33.0, 102.0, 172.0),
+        (247.0, 247.0, 247.0),
+        (178.0, 24.0, 43.0),
+    );
+    let (from, to, u) = if t < 0.5 {
+        (blue, white, t * 2.0)
+    } else {
+        (white, red, (t - 0.5) * 2.0)
+    };
+    let mix = |a: f64, b: f64| (a + (b - a) * u).round() as u8;
+    RGBColor(mix(from.0, to.0), mix(from.1, to.1), mix(from.2, to.2))
+}
+
 fn viridis(t: f64) -> RGBColor {
     const STOPS: [(f64, f64, f64); 5] = [
         (68.0, 1.0, 84.0),
@@ -190,7 +225,7 @@ fn heatmap_on<DB: DrawingBackend>(
             let value = h.values.get((r * n_cols + c) as usize).copied().flatten();
             let y = n_rows - 1 - r;
             let color = match value {
-                Some(v) => viridis((v - h.vmin) / span),
+                Some(v) => h.color((v - h.vmin) / span),
                 None => RGBColor(210, 210, 210),
             };
             chart.draw_series(std::iter::once(Rectangle::new(
@@ -201,7 +236,12 @@ fn heatmap_on<DB: DrawingBackend>(
                 color.filled(),
             )))?;
             if let (true, Some(v)) = (annotate, value) {
-                let dark = (v - h.vmin) / span < 0.6;
+                let t = (v - h.vmin) / span;
+                let dark = if h.diverging {
+                    !(0.2..=0.8).contains(&t)
+                } else {
+                    t < 0.6
+                };
                 let style = ("sans-serif", 11)
                     .into_font()
                     .color(if dark { &WHITE } else { &BLACK })
@@ -223,7 +263,7 @@ fn heatmap_on<DB: DrawingBackend>(
         let y1 = bottom - (bottom - top) * s / steps;
         bar.draw(&Rectangle::new(
             [(15, y0), (35, y1)],
-            viridis(f64::from(s) / f64::from(steps - 1)).filled(),
+            h.color(f64::from(s) / f64::from(steps - 1)).filled(),
         ))?;
     }
     let text = ("sans-serif", 12).into_font().color(&BLACK);
@@ -309,6 +349,7 @@ mod tests {
                 values: &[Some(0.1), Some(0.5), None, Some(1.0), Some(0.0), Some(0.2)],
                 vmin: 0.0,
                 vmax: 1.0,
+                diverging: false,
             },
         )
         .unwrap();
