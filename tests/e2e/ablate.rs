@@ -230,11 +230,20 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
 #[test]
 fn ablation_with_two_seeds_writes_intervals_and_the_noise_floor() {
     let fx = Fixture::new("seeds");
+    // A hand-made task of each shape, scored at the final evaluation of every run.
+    let task = fx.dir.join("task.jsonl");
+    std::fs::write(
+        &task,
+        "{\"prompt\": \"two plus two is\", \"answer\": \" four\"}\n\
+         {\"prompt\": \"the sky is\", \"choices\": [\" blue\", \" green\"], \"label\": 0}\n",
+    )
+    .unwrap();
     std::fs::write(
         &fx.ablation,
-        r#"
+        format!(
+            r#"
 base = "../run.toml"
-set = ["train.steps=3"]
+set = ["train.steps=3", "eval.tasks=[{{name = 'tiny', path = '{}'}}]"]
 seeds = [5, 6]
 
 [[variant]]
@@ -244,11 +253,28 @@ name = "baseline"
 name = "no_code"
 set = ["data.mixture.code=0.0"]
 "#,
+            task.display()
+        ),
     )
     .unwrap();
     let out = fx.out();
     let stdout = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
     assert!(stdout.contains("4 runs x 2 seeds"), "{stdout}");
+    // Task scores in eval/, metrics.jsonl and the comparison.
+    let eval: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("baseline/seed-5/eval/step-00000003.json")).unwrap(),
+    )
+    .unwrap();
+    let bpb = eval["tasks"]["tiny"]["bpb"].as_f64().unwrap();
+    assert!(bpb.is_finite() && bpb > 0.0, "{eval}");
+    let accuracy = eval["tasks"]["tiny"]["accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy == 0.0 || accuracy == 1.0,
+        "one multiple-choice example: {eval}"
+    );
+    assert!(eval["tasks"]["tiny"]["exact_match"].is_number(), "{eval}");
+    let metrics = std::fs::read_to_string(out.join("baseline/seed-5/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"tiny/bpb\""), "{metrics}");
     for (i, run) in [
         "baseline/seed-5",
         "no_code/seed-5",
@@ -300,6 +326,13 @@ set = ["data.mixture.code=0.0"]
             Some(aligned <= aligned_noise)
         );
     }
+    let scores = json["scores"].as_array().unwrap();
+    assert!(
+        scores.iter().any(|s| s["variant"] == "no_code"
+            && s["metric"] == "tiny/bpb"
+            && s["delta_interval"].is_object()),
+        "{scores:?}"
+    );
     let md = std::fs::read_to_string(comparison.join("comparison.md")).unwrap();
     for needle in [
         "95% interval",
