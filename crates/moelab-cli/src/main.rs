@@ -104,6 +104,17 @@ enum DataCommand {
     Inspect(data_cmd::InspectArgs),
     /// Target vs realised shares of a config's mixture over the first N sequences.
     Mix(data_cmd::MixArgs),
+    /// Document classifiers: train one, score a prepared dataset with it.
+    #[command(subcommand)]
+    Classify(ClassifyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClassifyCommand {
+    /// Train a classifier on positive and negative documents; report held-out quality.
+    Train(data_cmd::ClassifyTrainArgs),
+    /// Score every document of a prepared dataset into per-shard side files.
+    Score(data_cmd::ClassifyScoreArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -111,6 +122,12 @@ fn main() -> anyhow::Result<()> {
         Command::Prepare(args) => data_cmd::prepare(args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
         Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
+        Command::Data(DataCommand::Classify(ClassifyCommand::Train(args))) => {
+            data_cmd::classify_train(args)?
+        }
+        Command::Data(DataCommand::Classify(ClassifyCommand::Score(args))) => {
+            data_cmd::classify_score(args)?
+        }
         Command::Train(args) => train_cmd::run_train(args)?,
         Command::Eval(args) => train_cmd::run_eval(args)?,
         Command::Trace(args) => analysis_cmd::trace(args)?,

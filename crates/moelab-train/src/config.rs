@@ -504,6 +504,10 @@ seq_len = 0
 "<domain>" = 0.0
 [data.source_mixture."<domain>"]
 "<source>" = 0.0
+[data.select."<domain>"]
+scores = "REQUIRED"
+threshold = 0.0
+share = 0.0
 [[data.stages]]
 start_token = 0
 [data.stages.mixture]
