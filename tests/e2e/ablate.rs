@@ -347,6 +347,45 @@ set = ["data.mixture.code=0.0"]
         csv.starts_with("variant,domain,seeds,val_loss,val_loss_std"),
         "{csv}"
     );
+    // Curves with the variants overlaid (mean over seeds), and `moelab plot` over run folders.
+    for stem in [
+        "loss_train",
+        "loss_math",
+        "aux_loss",
+        "load_imbalance",
+        "task_tiny_bpb",
+    ] {
+        assert!(
+            comparison
+                .join("curves")
+                .join(format!("{stem}.png"))
+                .is_file(),
+            "{stem}"
+        );
+    }
+    let curves = fx.dir.join("curves");
+    let plot: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+        "plot",
+        arg(&out.join("baseline/seed-5")),
+        arg(&out.join("no_code/seed-5")),
+        "--out",
+        arg(&curves),
+        "--json",
+    ])))
+    .unwrap();
+    assert!(plot["plots"].as_array().unwrap().len() >= 5, "{plot}");
+    let svg = std::fs::read_to_string(curves.join("loss_train.svg")).unwrap();
+    assert!(
+        svg.contains("baseline/seed-5") && svg.contains("no_code/seed-5"),
+        "run labels"
+    );
+    let err = fails(&moelab(&[
+        "plot",
+        arg(&fx.dir.join("nowhere")),
+        "--out",
+        arg(&curves),
+    ]));
+    assert!(err.contains("metrics.jsonl"), "{err}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! `moelab trace`, `moelab analyze` and `moelab ablate`: per-token routing of a checkpoint,
-//! routing reports, and mixture ablations with their comparison.
+//! `moelab trace`, `moelab analyze`, `moelab plot` and `moelab ablate`: per-token routing of a
+//! checkpoint, routing reports, training curves, and mixture ablations with their comparison.
 
 use std::path::PathBuf;
 
@@ -117,11 +117,22 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
 
 /// Runs `moelab analyze`.
 pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
-    let inputs = args
+    let mut inputs = args
         .inputs
         .iter()
         .map(|p| moelab_trace::report::load_input(p).with_context(|| format!("{}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Vocabulary tables show decoded tokens when the traced run's tokenizer can be found.
+    for input in &mut inputs {
+        if let Some(trace) = &input.trace {
+            match moelab_train::checkpoint_trace::token_texts(std::path::Path::new(
+                &trace.checkpoint,
+            )) {
+                Ok(texts) => input.token_text = Some(texts),
+                Err(e) => eprintln!("note: {}: tokens shown as ids ({e})", input.name),
+            }
+        }
+    }
     let summary = moelab_trace::report::analyze(&inputs, &args.out)?;
     if args.json {
         outln!(
@@ -270,5 +281,74 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
     if let Some(dir) = &outcome.comparison_dir {
         outln!("comparison {}", dir.join("comparison.md").display());
     }
+    Ok(())
+}
+
+/// Arguments of `moelab plot`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: moelab plot runs/ablations/small/baseline runs/ablations/small/no_code --out runs/curves\n\n\
+One plot per metric with every run overlaid: training loss, per-domain train and validation loss, \
+aux and z loss, load imbalance (means over MoE layers) and task scores, from each run's \
+metrics.jsonl; curves.md embeds them."
+)]
+pub struct PlotArgs {
+    /// Run folders (each holds metrics.jsonl).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Output folder (PNG + SVG per metric, curves.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Short labels for run folders: the folder name, or parent/name where names repeat.
+fn run_labels(runs: &[PathBuf]) -> Vec<String> {
+    let name = |p: &PathBuf, parts: usize| {
+        let comps: Vec<String> = p
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .filter(|c| c != "." && !c.is_empty())
+            .collect();
+        comps[comps.len().saturating_sub(parts)..].join("/")
+    };
+    let short: Vec<String> = runs.iter().map(|p| name(p, 1)).collect();
+    short
+        .iter()
+        .zip(runs)
+        .map(|(s, p)| {
+            if short.iter().filter(|x| *x == s).count() > 1 {
+                name(p, 2)
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
+}
+
+/// Runs `moelab plot`.
+pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
+    let groups: Vec<(String, Vec<PathBuf>)> = run_labels(&args.runs)
+        .into_iter()
+        .zip(&args.runs)
+        .map(|(label, run)| (label, vec![run.clone()]))
+        .collect();
+    let summary = moelab_trace::curves::plot_curves(&groups, &args.out)?;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&summary).context("serialising the summary")?
+        );
+        return Ok(());
+    }
+    outln!(
+        "{} plots of {} runs in {}",
+        summary.plots.len(),
+        args.runs.len(),
+        args.out.display()
+    );
+    outln!("curves {}", args.out.join("curves.md").display());
     Ok(())
 }

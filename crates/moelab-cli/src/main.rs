@@ -49,6 +49,8 @@ enum Command {
     Trace(analysis_cmd::TraceArgs),
     /// Routing report (tables, plots, report.md) of runs, traces or router-log chunks.
     Analyze(analysis_cmd::AnalyzeArgs),
+    /// Training curves (loss, per-domain loss, aux/z loss, load imbalance, tasks) of runs.
+    Plot(analysis_cmd::PlotArgs),
     /// Train every variant of an ablation file and compare per-domain losses and routing.
     Ablate(analysis_cmd::AblateArgs),
     /// Export a checkpoint as a Hugging Face model folder (OLMoE or Mixtral).
@@ -132,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(args) => train_cmd::run_eval(args)?,
         Command::Trace(args) => analysis_cmd::trace(args)?,
         Command::Analyze(args) => analysis_cmd::analyze(args)?,
+        Command::Plot(args) => analysis_cmd::plot(args)?,
         Command::Ablate(args) => analysis_cmd::ablate(args)?,
         Command::ExportHf(args) => hf_cmd::export_hf(args)?,
         Command::ImportHf(args) => hf_cmd::import_hf(args)?,

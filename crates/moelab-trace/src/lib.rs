@@ -5,6 +5,7 @@
 //! - [`trace`]: per-token routing of a checkpoint over fixed validation streams;
 //! - [`analysis`]: pure metric functions over both;
 //! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md`;
+//! - [`curves`]: training curves from metrics.jsonl;
 //! - [`compare`]: ablation comparisons over seed replicates;
 //! - [`stats`]: spread and bootstrap intervals over seed replicates;
 //! - [`align`]: matching experts across runs (Hungarian assignment on co-assigned tokens).
@@ -16,6 +17,7 @@ mod st;
 pub mod align;
 pub mod analysis;
 pub mod compare;
+pub mod curves;
 pub mod report;
 pub mod router_log;
 pub mod stats;

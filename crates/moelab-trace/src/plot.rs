@@ -53,6 +53,8 @@ pub(crate) struct Lines<'a> {
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub series: &'a [(String, Vec<(f64, f64)>)],
+    /// The x axis counts something whole (layers, steps): ticks only at integers.
+    pub integer_x: bool,
 }
 
 /// Draws `h` to `stem.png` and `stem.svg`; returns both paths.
@@ -185,10 +187,16 @@ fn heatmap_on<DB: DrawingBackend>(
     let label_chars = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(4) as u32;
     // Segmented ranges put labels at cell centres; a one-cell axis is padded to two cells
     // because a degenerate range has no scale.
+    // Column labels wider than their cells are turned upright so they never run into each other.
+    let (area_w, _) = area.dim_in_pixel();
+    let col_chars = h.cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as u32;
+    let cell_w = area_w.saturating_sub(54 + 8 * label_chars) / (n_cols.max(1) as u32);
+    let upright = col_chars * 7 + 6 > cell_w;
+    let x_area = if upright { 30 + 7 * col_chars } else { 50 };
     let mut chart = ChartBuilder::on(&area)
         .caption(h.title, ("sans-serif", 18))
         .margin(12)
-        .x_label_area_size(50)
+        .x_label_area_size(x_area)
         .y_label_area_size(30 + 8 * label_chars)
         .build_cartesian_2d(
             (0..(n_cols.max(2) - 1)).into_segmented(),
@@ -203,6 +211,14 @@ fn heatmap_on<DB: DrawingBackend>(
         SegmentValue::CenterOf(y) => h.rows.get(row_at(*y) as usize).cloned().unwrap_or_default(),
         _ => String::new(),
     };
+    let x_style = if upright {
+        ("sans-serif", 12)
+            .into_font()
+            .transform(FontTransform::Rotate90)
+            .into_text_style(root)
+    } else {
+        ("sans-serif", 12).into_font().into_text_style(root)
+    };
     chart
         .configure_mesh()
         .disable_mesh()
@@ -213,6 +229,7 @@ fn heatmap_on<DB: DrawingBackend>(
         .x_desc(h.x_label)
         .y_desc(h.y_label)
         .label_style(("sans-serif", 12))
+        .x_label_style(x_style)
         .draw()?;
     let span = if h.vmax > h.vmin {
         h.vmax - h.vmin
@@ -274,6 +291,20 @@ fn heatmap_on<DB: DrawingBackend>(
 
 fn lines_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, l: &Lines<'_>) -> DrawResult<DB> {
     root.fill(&WHITE)?;
+    // The legend has its own panel right of the plot, so it never covers data.
+    let (width, _) = root.dim_in_pixel();
+    let name_chars = l
+        .series
+        .iter()
+        .map(|(n, _)| n.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let legend_w = if l.series.is_empty() {
+        0
+    } else {
+        (40 + 7 * name_chars).clamp(90, 300)
+    };
+    let (area, legend) = root.split_horizontally(width.saturating_sub(legend_w));
     let points = || l.series.iter().flat_map(|(_, pts)| pts.iter());
     let (mut x0, mut x1, mut y0, mut y1) = points().fold(
         (
@@ -294,36 +325,52 @@ fn lines_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, l: &Lines<'_>) ->
     } else {
         y0.abs().max(0.05) * 0.1
     };
-    let mut chart = ChartBuilder::on(root)
+    let mut chart = ChartBuilder::on(&area)
         .caption(l.title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0 - ypad)..(y1 + ypad))?;
+    let whole = |x: &f64| {
+        if (x - x.round()).abs() < 1e-6 {
+            format!("{}", x.round() as i64)
+        } else {
+            String::new()
+        }
+    };
+    let plain = |x: &f64| {
+        let a = x.abs();
+        if a != 0.0 && !(1e-3..1e5).contains(&a) {
+            format!("{x:.1e}")
+        } else {
+            format!("{}", (x * 1e4).round() / 1e4)
+        }
+    };
+    let span = (x1 - x0).round() as usize + 1;
+    let x_ticks = if l.integer_x { span.clamp(2, 10) } else { 10 };
     chart
         .configure_mesh()
         .x_desc(l.x_label)
         .y_desc(l.y_label)
+        .x_labels(x_ticks)
+        .x_label_formatter(if l.integer_x { &whole } else { &plain })
+        .y_label_formatter(&plain)
         .label_style(("sans-serif", 12))
         .draw()?;
-    for (i, (name, pts)) in l.series.iter().enumerate() {
+    for (i, (_, pts)) in l.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
-    if !l.series.is_empty() {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 12))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+    let text = ("sans-serif", 12).into_font().color(&BLACK);
+    for (i, (name, _)) in l.series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let y = 48 + 18 * i as i32;
+        legend.draw(&PathElement::new(
+            vec![(6, y), (26, y)],
+            color.stroke_width(2),
+        ))?;
+        legend.draw_text(name, &text, (32, y - 7))?;
     }
     Ok(())
 }
@@ -368,6 +415,7 @@ mod tests {
                 x_label: "x",
                 y_label: "y",
                 series: &series,
+                integer_x: true,
             },
         )
         .unwrap();

@@ -29,16 +29,28 @@ pub struct AnalysisInput {
     pub chunks: Vec<RouterCounts>,
     /// The per-token trace, when the input is a trace directory.
     pub trace: Option<Trace>,
+    /// Text of each token id (the run's tokenizer), for readable vocabulary tables.
+    pub token_text: Option<Vec<String>>,
 }
 
 /// Loads a run dir (its `router/` chunks), a trace dir (`trace.safetensors`), a bare router
-/// directory, or a single chunk file; the name is the file stem or directory name.
+/// directory, or a single chunk file. The name is `run@step`: a run dir's name and last logged
+/// step, a trace's run (from its checkpoint path) and checkpoint step, a chunk file's stem.
 pub fn load_input(path: &Path) -> Result<AnalysisInput> {
-    let name = path
+    let stem = path
         .file_stem()
         .or_else(|| path.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".to_string());
+    // A run folder `R/router` is named after R.
+    let run_name = if stem == router_log::ROUTER_DIR {
+        path.parent()
+            .and_then(|p| p.file_name())
+            .map_or(stem.clone(), |n| n.to_string_lossy().into_owned())
+    } else {
+        stem.clone()
+    };
+    let name = stem;
     if path.is_file() {
         let chunk = router_log::read_chunk(path)?;
         return Ok(AnalysisInput {
@@ -46,15 +58,23 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
             counts: chunk.clone(),
             chunks: vec![chunk],
             trace: None,
+            token_text: None,
         });
     }
     if path.join(trace::TRACE_FILE).is_file() {
         let trace = Trace::read(path)?;
+        // checkpoint = .../<run>/checkpoints/step-N: the run is two folders up.
+        let run = Path::new(&trace.checkpoint)
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map_or(name, |n| n.to_string_lossy().into_owned());
         return Ok(AnalysisInput {
-            name,
+            name: format!("{run}@{}", trace.step),
             counts: trace.counts(),
             chunks: Vec::new(),
             trace: Some(trace),
+            token_text: None,
         });
     }
     if !path.is_dir() {
@@ -74,11 +94,13 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
             ),
         });
     }
+    let counts = router_log::total(&chunks)?;
     Ok(AnalysisInput {
-        name,
-        counts: router_log::total(&chunks)?,
+        name: format!("{run_name}@{}", counts.step_end),
+        counts,
         chunks,
         trace: None,
+        token_text: None,
     })
 }
 
@@ -312,6 +334,7 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
             x_label: "layer (block index)",
             y_label: "JSD (bits)",
             series: &per_layer(|r| &r.mean_domain_jsd_per_layer),
+            integer_x: true,
         },
     )?;
     let _ = writeln!(
@@ -325,6 +348,7 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
             x_label: "layer (block index)",
             y_label: "max / mean",
             series: &per_layer(|r| &r.load_imbalance),
+            integer_x: true,
         },
     )?;
     let _ = writeln!(md, "Load imbalance per layer:\n\n![]({png})\n");
@@ -472,6 +496,25 @@ fn analyze_run(
         })
         .collect();
 
+    md.push_str("### Top experts per domain (share of the domain's tokens)\n\n| layer | domain | top experts |\n| --- | --- | --- |\n");
+    for l in 0..c.n_layers() {
+        for d in 0..c.n_domains() {
+            let top = analysis::top_experts(c, l, d, c.top_k.max(1) * 2);
+            if top.is_empty() {
+                continue;
+            }
+            let cells: Vec<String> = top.iter().map(|(e, s)| format!("e{e} {s:.3}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                layer_name(l),
+                c.domains[d],
+                cells.join(", ")
+            );
+        }
+    }
+    md.push('\n');
+
     // Domain JSD.
     let jsd = analysis::domain_jsd(c);
     notes.extend(jsd.notes.iter().map(|n| format!("{}: {n}", input.name)));
@@ -588,6 +631,7 @@ fn analyze_run(
                 x_label: "step",
                 y_label: "peak share (mean over layers)",
                 series: &series,
+                integer_x: true,
             },
         )?;
         let _ = writeln!(md, "### Specialisation over training\n\n![]({png})\n");
@@ -599,7 +643,7 @@ fn analyze_run(
     // Trace-only analyses.
     let mut trace_json = serde_json::Value::Null;
     if let Some(t) = &input.trace {
-        trace_json = analyze_trace(w, md, t, dir, &input.name)?;
+        trace_json = analyze_trace(w, md, t, dir, &input.name, input.token_text.as_deref())?;
     }
 
     w.json(
@@ -645,6 +689,53 @@ fn analyze_run(
     })
 }
 
+/// A token as table text: its decoded form (quoted, whitespace made visible) or its id.
+fn token_cell(id: u32, token_text: Option<&[String]>) -> String {
+    match token_text.and_then(|t| t.get(id as usize)) {
+        Some(text) => {
+            let shown: String = text
+                .chars()
+                .map(|c| match c {
+                    '\n' => '⏎',
+                    ' ' => '·',
+                    '|' => '¦',
+                    '`' => '\'',
+                    c if c.is_control() => '?',
+                    c => c,
+                })
+                .collect();
+            format!("`{shown}`")
+        }
+        None => format!("#{id}"),
+    }
+}
+
+/// Markdown table of each expert's most frequent input tokens in one layer.
+fn vocab_table(md: &mut String, v: &analysis::VocabSpecialization, token_text: Option<&[String]>) {
+    let _ = writeln!(
+        md,
+        "Layer {} — each expert's most frequent input tokens (share of its assignments){}:\n\n| expert | assignments | top tokens |\n| --- | --- | --- |",
+        v.layer,
+        if token_text.is_some() { "" } else { " (token ids: no tokenizer given)" }
+    );
+    for e in &v.experts {
+        let cells: Vec<String> = e
+            .top
+            .iter()
+            .take(6)
+            .map(|s| format!("{} {:.2}", token_cell(s.token, token_text), s.share))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            e.expert,
+            e.assignments,
+            cells.join(", ")
+        );
+    }
+    md.push('\n');
+}
+
 /// Vocabulary specialisation and co-activation tables/plots of one trace; returns their JSON.
 fn analyze_trace(
     w: &mut Out,
@@ -652,6 +743,7 @@ fn analyze_trace(
     t: &Trace,
     dir: &str,
     name: &str,
+    token_text: Option<&[String]>,
 ) -> Result<serde_json::Value> {
     let mut vocab_json = Vec::new();
     let mut coact_json = Vec::new();
@@ -666,6 +758,9 @@ fn analyze_trace(
     for l in 0..t.n_layers() {
         for kind in [TokenKind::Input, TokenKind::Predicted] {
             let v = analysis::vocab_specialization(t, l, kind, TOP_TOKENS)?;
+            if kind == TokenKind::Input {
+                vocab_table(md, &v, token_text);
+            }
             for e in &v.experts {
                 for (rank, s) in e.top.iter().enumerate() {
                     expert_rows.push(vec![
@@ -847,6 +942,7 @@ pub(crate) fn jsd_lines(
             x_label: "layer (block index)",
             y_label: "JSD vs baseline (bits)",
             series: &series,
+            integer_x: true,
         },
     )
 }
@@ -913,6 +1009,7 @@ fn write_saturation(
                 x_label: "checkpoint step",
                 y_label: "top-k overlap with final",
                 series: &series,
+                integer_x: true,
             },
         )?;
         let _ = writeln!(md, "### Router saturation\n\n![]({png})\n");
@@ -1009,7 +1106,7 @@ mod tests {
         let path = router_log::write_chunk(&run.join("router"), &chunk(0, 9, 1)).unwrap();
         router_log::write_chunk(&run.join("router"), &chunk(10, 19, 3)).unwrap();
         let input = load_input(&run).unwrap();
-        assert_eq!(input.name, "baseline");
+        assert_eq!(input.name, "baseline@19");
         assert_eq!(input.chunks.len(), 2);
         assert_eq!(input.counts.count(0, 0, 0), 14);
         assert_eq!(load_input(&path).unwrap().counts, chunk(0, 9, 1));
@@ -1033,12 +1130,14 @@ mod tests {
             counts: router_log::total(&chunks).unwrap(),
             chunks,
             trace: None,
+            token_text: None,
         };
         let variant = AnalysisInput {
             name: "no math".into(),
             counts: chunk(0, 19, 4),
             chunks: vec![],
             trace: None,
+            token_text: None,
         };
         let early = small_trace();
         let mut late = small_trace();
@@ -1051,9 +1150,12 @@ mod tests {
                 counts: t.counts(),
                 chunks: vec![],
                 trace: Some(t),
+                token_text: None,
             })
             .collect();
-        let inputs = vec![base, variant, traces[0].clone(), traces[1].clone()];
+        let mut early_named = traces[0].clone();
+        early_named.token_text = Some((0..16).map(|i| format!("w{i} ")).collect());
+        let inputs = vec![base, variant, early_named, traces[1].clone()];
         let summary = analyze(&inputs, &dir).unwrap();
         let md = fs::read_to_string(&summary.report).unwrap();
         for needle in [
@@ -1063,6 +1165,11 @@ mod tests {
             "Router saturation",
             "coactivation_layer01.png",
             "Metrics",
+            "### Top experts per domain",
+            "| expert | assignments | top tokens |",
+            // Decoded tokens where the input has a tokenizer's texts, ids where it has none.
+            "`w7·`",
+            "#7 ",
         ] {
             assert!(md.contains(needle), "report.md lacks {needle}");
         }

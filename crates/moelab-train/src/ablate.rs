@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use moelab_trace::compare::{
     compare_replicates, write_comparison, AblationComparison, ComparisonRow, ReplicateRun,
 };
+use moelab_trace::curves::plot_curves;
 use moelab_trace::router_log::{self, RouterCounts};
 use serde::Deserialize;
 
@@ -36,6 +37,8 @@ use crate::{checkpoint, interrupt, Config, TrainError};
 
 /// Sub-folder of the ablation's output with the comparison tables, plots and comparison.md.
 pub const COMPARISON_DIR: &str = "comparison";
+/// Sub-folder of the comparison with the training curves, variants overlaid.
+pub const CURVES_DIR: &str = "curves";
 
 /// The ablation file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -412,6 +415,17 @@ pub fn run_ablation(
     }
     let comparison_dir = out_dir.join(COMPARISON_DIR);
     write_comparison(&comparison_dir, &comparison)?;
+    // Curves with the variants overlaid (each the mean over its seeds).
+    let mut groups: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for (variant, run_dir, _) in &finished {
+        match groups.iter_mut().find(|(name, _)| *name == variant.name) {
+            Some((_, dirs)) => dirs.push(run_dir.clone()),
+            None => groups.push((variant.name.clone(), vec![run_dir.clone()])),
+        }
+    }
+    if let Err(e) = plot_curves(&groups, &comparison_dir.join(CURVES_DIR)) {
+        notes.push(format!("training curves not drawn: {e}"));
+    }
     Ok(AblationOutcome {
         out_dir: out_dir.to_path_buf(),
         interrupted: false,
