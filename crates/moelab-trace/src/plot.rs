@@ -60,7 +60,10 @@ pub(crate) struct Lines<'a> {
 /// Draws `h` to `stem.png` and `stem.svg`; returns both paths.
 pub(crate) fn heatmap(stem: &Path, h: &Heatmap<'_>) -> Result<Vec<PathBuf>> {
     let label_chars = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(4);
-    let width = (140 + 8 * label_chars + 36 * h.cols.len()).clamp(480, 2400) as u32;
+    // Cells are at least as wide as the longest column label, so labels never run together.
+    let col_chars = h.cols.iter().map(|c| c.chars().count()).max().unwrap_or(1);
+    let cell = (7 * col_chars + 12).max(36);
+    let width = (140 + 8 * label_chars + cell * h.cols.len()).clamp(480, 4000) as u32;
     let height = (150 + 28 * h.rows.len()).clamp(260, 1800) as u32;
     draw_both(stem, (width, height), |root| draw_heatmap(root, h))
 }
@@ -187,16 +190,10 @@ fn heatmap_on<DB: DrawingBackend>(
     let label_chars = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(4) as u32;
     // Segmented ranges put labels at cell centres; a one-cell axis is padded to two cells
     // because a degenerate range has no scale.
-    // Column labels wider than their cells are turned upright so they never run into each other.
-    let (area_w, _) = area.dim_in_pixel();
-    let col_chars = h.cols.iter().map(|c| c.chars().count()).max().unwrap_or(1) as u32;
-    let cell_w = area_w.saturating_sub(54 + 8 * label_chars) / (n_cols.max(1) as u32);
-    let upright = col_chars * 7 + 6 > cell_w;
-    let x_area = if upright { 30 + 7 * col_chars } else { 50 };
     let mut chart = ChartBuilder::on(&area)
         .caption(h.title, ("sans-serif", 18))
         .margin(12)
-        .x_label_area_size(x_area)
+        .x_label_area_size(50)
         .y_label_area_size(30 + 8 * label_chars)
         .build_cartesian_2d(
             (0..(n_cols.max(2) - 1)).into_segmented(),
@@ -211,14 +208,6 @@ fn heatmap_on<DB: DrawingBackend>(
         SegmentValue::CenterOf(y) => h.rows.get(row_at(*y) as usize).cloned().unwrap_or_default(),
         _ => String::new(),
     };
-    let x_style = if upright {
-        ("sans-serif", 12)
-            .into_font()
-            .transform(FontTransform::Rotate90)
-            .into_text_style(root)
-    } else {
-        ("sans-serif", 12).into_font().into_text_style(root)
-    };
     chart
         .configure_mesh()
         .disable_mesh()
@@ -229,7 +218,6 @@ fn heatmap_on<DB: DrawingBackend>(
         .x_desc(h.x_label)
         .y_desc(h.y_label)
         .label_style(("sans-serif", 12))
-        .x_label_style(x_style)
         .draw()?;
     let span = if h.vmax > h.vmin {
         h.vmax - h.vmin

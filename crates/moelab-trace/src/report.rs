@@ -34,8 +34,9 @@ pub struct AnalysisInput {
 }
 
 /// Loads a run dir (its `router/` chunks), a trace dir (`trace.safetensors`), a bare router
-/// directory, or a single chunk file. The name is `run@step`: a run dir's name and last logged
-/// step, a trace's run (from its checkpoint path) and checkpoint step, a chunk file's stem.
+/// directory, or a single chunk file. The name is `run@step`: a run dir's name and the steps its
+/// router log covers (`run@first..last`), a trace's run (from its checkpoint path) and
+/// checkpoint step, a chunk file's stem.
 pub fn load_input(path: &Path) -> Result<AnalysisInput> {
     let stem = path
         .file_stem()
@@ -44,11 +45,9 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
         .unwrap_or_else(|| "run".to_string());
     // A run folder `R/router` is named after R.
     let run_name = if stem == router_log::ROUTER_DIR {
-        path.parent()
-            .and_then(|p| p.file_name())
-            .map_or(stem.clone(), |n| n.to_string_lossy().into_owned())
+        path.parent().map_or(stem.clone(), run_label)
     } else {
-        stem.clone()
+        run_label(path)
     };
     let name = stem;
     if path.is_file() {
@@ -67,8 +66,7 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
         let run = Path::new(&trace.checkpoint)
             .parent()
             .and_then(Path::parent)
-            .and_then(Path::file_name)
-            .map_or(name, |n| n.to_string_lossy().into_owned());
+            .map_or(name, run_label);
         return Ok(AnalysisInput {
             name: format!("{run}@{}", trace.step),
             counts: trace.counts(),
@@ -96,12 +94,28 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
     }
     let counts = router_log::total(&chunks)?;
     Ok(AnalysisInput {
-        name: format!("{run_name}@{}", counts.step_end),
+        // Router logs cover a range of steps; a trace is one checkpoint.
+        name: if counts.step_start == counts.step_end {
+            format!("{run_name}@{}", counts.step_end)
+        } else {
+            format!("{run_name}@{}..{}", counts.step_start, counts.step_end)
+        },
         counts,
         chunks,
         trace: None,
         token_text: None,
     })
+}
+
+/// A run folder's display name: its name, with the variant in front for an ablation replicate
+/// (`<variant>/seed-<s>`).
+fn run_label(path: &Path) -> String {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    match (name(path), path.parent().and_then(name)) {
+        (Some(n), Some(parent)) if n.starts_with("seed-") => format!("{parent}/{n}"),
+        (Some(n), _) => n,
+        (None, _) => "run".to_string(),
+    }
 }
 
 /// Headline numbers of one analysed input.
@@ -1106,7 +1120,7 @@ mod tests {
         let path = router_log::write_chunk(&run.join("router"), &chunk(0, 9, 1)).unwrap();
         router_log::write_chunk(&run.join("router"), &chunk(10, 19, 3)).unwrap();
         let input = load_input(&run).unwrap();
-        assert_eq!(input.name, "baseline@19");
+        assert_eq!(input.name, "baseline@0..19");
         assert_eq!(input.chunks.len(), 2);
         assert_eq!(input.counts.count(0, 0, 0), 14);
         assert_eq!(load_input(&path).unwrap().counts, chunk(0, 9, 1));
