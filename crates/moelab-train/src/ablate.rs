@@ -686,6 +686,26 @@ set = ["data.mixture.b=0.0"]
     }
 
     #[test]
+    fn bundled_ablation_files_load() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/ablations"
+        ));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let a = Ablation::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!a.variants.is_empty());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "small, study and study-reduced");
+        let study = Ablation::load(&dir.join("study.toml")).unwrap();
+        assert_eq!((study.seeds.len(), study.variants.len()), (3, 21));
+    }
+
+    #[test]
     fn seeds_replicate_every_variant_seed_by_seed() {
         let dir = temp_dir("seeds");
         let path = write(
