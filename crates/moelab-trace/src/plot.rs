@@ -80,8 +80,13 @@ fn draw_both(
     draw: impl Fn(&dyn AnyArea) -> std::result::Result<(), String>,
 ) -> Result<Vec<PathBuf>> {
     ensure_font()?;
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
+    // Appended, not `with_extension`: a stem like `run_jsd_scaffold_0.25` keeps its `.25`.
+    let with = |ext: &str| {
+        let mut name = stem.as_os_str().to_os_string();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (png, svg) = (with(".png"), with(".svg"));
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |reason: String| TraceError::Plot { path, reason }
@@ -408,6 +413,20 @@ mod tests {
         )
         .unwrap();
         assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+        // A dot in the stem (variant `scaffold_0.25`) stays in the file name.
+        let files = lines(
+            &dir.join("run_jsd_scaffold_0.25"),
+            &Lines {
+                title: "t",
+                x_label: "x",
+                y_label: "y",
+                series: &series,
+                integer_x: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(files[0], dir.join("run_jsd_scaffold_0.25.png"));
+        assert!(files[1].is_file());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
