@@ -574,6 +574,16 @@ fn analyze_run(
         },
     )?;
     let _ = writeln!(md, "### Domain JSD (mean over layers)\n\n![]({png})\n");
+    let _ = writeln!(md, "| domain | {} |", c.domains.join(" | "));
+    let _ = writeln!(md, "| --- |{}", " --- |".repeat(c.n_domains()));
+    for (a, row) in jsd.mean.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|v| v.map_or_else(|| "-".to_string(), |x| format!("{x:.3}")))
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", c.domains[a], cells.join(" | "));
+    }
+    md.push('\n');
     let per_layer_jsd: Vec<Option<f64>> =
         jsd.per_layer.iter().map(|m| mean_off_diagonal(m)).collect();
 
@@ -1180,6 +1190,7 @@ mod tests {
             "coactivation_layer01.png",
             "Metrics",
             "### Top experts per domain",
+            "| domain | web | math |",
             "| expert | assignments | top tokens |",
             // Decoded tokens where the input has a tokenizer's texts, ids where it has none.
             "`w7·`",
