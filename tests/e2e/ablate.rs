@@ -228,6 +228,167 @@ fn ablation_compares_variants_skips_finished_ones_and_traces_deterministically()
 }
 
 #[test]
+fn ablation_with_two_seeds_writes_intervals_and_the_noise_floor() {
+    let fx = Fixture::new("seeds");
+    // A hand-made task of each shape, scored at the final evaluation of every run.
+    let task = fx.dir.join("task.jsonl");
+    std::fs::write(
+        &task,
+        "{\"prompt\": \"two plus two is\", \"answer\": \" four\"}\n\
+         {\"prompt\": \"the sky is\", \"choices\": [\" blue\", \" green\"], \"label\": 0}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &fx.ablation,
+        format!(
+            r#"
+base = "../run.toml"
+set = ["train.steps=3", "eval.tasks=[{{name = 'tiny', path = '{}'}}]"]
+seeds = [5, 6]
+
+[[variant]]
+name = "baseline"
+
+[[variant]]
+name = "no_code"
+set = ["data.mixture.code=0.0"]
+"#,
+            task.display()
+        ),
+    )
+    .unwrap();
+    let out = fx.out();
+    let stdout = ok(&moelab(&["ablate", arg(&fx.ablation), "--out", arg(&out)]));
+    assert!(stdout.contains("4 runs x 2 seeds"), "{stdout}");
+    // Task scores in eval/, metrics.jsonl and the comparison.
+    let eval: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("baseline/seed-5/eval/step-00000003.json")).unwrap(),
+    )
+    .unwrap();
+    let bpb = eval["tasks"]["tiny"]["bpb"].as_f64().unwrap();
+    assert!(bpb.is_finite() && bpb > 0.0, "{eval}");
+    let accuracy = eval["tasks"]["tiny"]["accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy == 0.0 || accuracy == 1.0,
+        "one multiple-choice example: {eval}"
+    );
+    assert!(eval["tasks"]["tiny"]["exact_match"].is_number(), "{eval}");
+    let metrics = std::fs::read_to_string(out.join("baseline/seed-5/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"tiny/bpb\""), "{metrics}");
+    for (i, run) in [
+        "baseline/seed-5",
+        "no_code/seed-5",
+        "baseline/seed-6",
+        "no_code/seed-6",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(
+            stdout.contains(&format!("[{}/4] {run}: training", i + 1)),
+            "{stdout}"
+        );
+        let config = std::fs::read_to_string(out.join(run).join("config.toml")).unwrap();
+        let seed = &run[run.len() - 1..];
+        assert!(config.contains(&format!("seed = {seed}")), "{config}");
+    }
+    assert!(stdout.contains("jsd noise"), "{stdout}");
+    let comparison = out.join("comparison");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(comparison.join("comparison.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["seeds"], serde_json::json!([5, 6]));
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "2 variants x 3 domains: {rows:?}");
+    for row in rows.iter().filter(|r| r["variant"] == "no_code") {
+        assert_eq!(row["seeds"], 2, "{row}");
+        let (lo, hi) = (
+            row["delta_interval"]["lo"].as_f64().unwrap(),
+            row["delta_interval"]["hi"].as_f64().unwrap(),
+        );
+        let delta = row["delta_loss"].as_f64().unwrap();
+        assert!(lo <= delta && delta <= hi, "{row}");
+        assert_eq!(
+            row["delta_within_noise"].as_bool(),
+            Some(lo <= 0.0 && 0.0 <= hi)
+        );
+        // Baseline seed 5 against baseline seed 6, raw and with experts matched.
+        let noise = row["noise_jsd"].as_f64().unwrap();
+        let aligned_noise = row["noise_aligned_jsd"].as_f64().unwrap();
+        assert!(noise > 0.0, "two seeds route differently: {row}");
+        assert!(
+            aligned_noise <= noise + 1e-9,
+            "matching can only lower the JSD: {row}"
+        );
+        let aligned = row["aligned_jsd"].as_f64().unwrap();
+        assert_eq!(
+            row["jsd_within_noise"].as_bool(),
+            Some(aligned <= aligned_noise)
+        );
+    }
+    let scores = json["scores"].as_array().unwrap();
+    assert!(
+        scores.iter().any(|s| s["variant"] == "no_code"
+            && s["metric"] == "tiny/bpb"
+            && s["delta_interval"].is_object()),
+        "{scores:?}"
+    );
+    let md = std::fs::read_to_string(comparison.join("comparison.md")).unwrap();
+    for needle in [
+        "95% interval",
+        "noise floor (raw)",
+        "noise floor (aligned)",
+        "Seeds: 5, 6",
+    ] {
+        assert!(md.contains(needle), "{needle}: {md}");
+    }
+    let csv = std::fs::read_to_string(comparison.join("comparison.csv")).unwrap();
+    assert!(
+        csv.starts_with("variant,domain,seeds,val_loss,val_loss_std"),
+        "{csv}"
+    );
+    // Curves with the variants overlaid (mean over seeds), and `moelab plot` over run folders.
+    for stem in [
+        "loss_train",
+        "loss_math",
+        "aux_loss",
+        "load_imbalance",
+        "task_tiny_bpb",
+    ] {
+        assert!(
+            comparison
+                .join("curves")
+                .join(format!("{stem}.png"))
+                .is_file(),
+            "{stem}"
+        );
+    }
+    let curves = fx.dir.join("curves");
+    let plot: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+        "plot",
+        arg(&out.join("baseline/seed-5")),
+        arg(&out.join("no_code/seed-5")),
+        "--out",
+        arg(&curves),
+        "--json",
+    ])))
+    .unwrap();
+    assert!(plot["plots"].as_array().unwrap().len() >= 5, "{plot}");
+    let svg = std::fs::read_to_string(curves.join("loss_train.svg")).unwrap();
+    assert!(
+        svg.contains("baseline/seed-5") && svg.contains("no_code/seed-5"),
+        "run labels"
+    );
+    let err = fails(&moelab(&[
+        "plot",
+        arg(&fx.dir.join("nowhere")),
+        "--out",
+        arg(&curves),
+    ]));
+    assert!(err.contains("metrics.jsonl"), "{err}");
+}
+
+#[test]
 fn bad_ablation_files_are_refused_naming_the_key() {
     let fx = Fixture::new("bad");
     let cases = [

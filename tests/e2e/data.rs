@@ -212,3 +212,103 @@ fn prepare_a_dolma_dump_in_parts_and_merge_it() {
         .collect();
     assert_eq!(names, ["math/arxiv", "web/cc/2019", "web/cc/2020"]);
 }
+
+#[test]
+fn classify_train_score_and_a_selected_share_in_data_mix() {
+    let dir = Scratch::new("data-classify");
+    let corpus = Corpus::with_math_sources().write(&dir.join("corpus"));
+    let prepared = dir.join("prepared");
+    ok(&moelab(&[
+        "prepare",
+        arg(&corpus),
+        "--out",
+        arg(&prepared),
+        "--train-tokenizer",
+        "400",
+    ]));
+    let model = dir.join("code.bin");
+    let train: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+        "data",
+        "classify",
+        "train",
+        "--positive",
+        arg(&corpus.join("code")),
+        "--negative",
+        arg(&corpus.join("prose")),
+        "--out",
+        arg(&model),
+        "--json",
+    ])))
+    .unwrap();
+    for key in ["accuracy", "precision", "recall"] {
+        let v = train[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key}: {train}");
+    }
+    assert_eq!(
+        train["accuracy"], 1.0,
+        "code and prose are separable: {train}"
+    );
+    assert!(model.is_file());
+    let score = |expect_scored: bool| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
+            "data",
+            "classify",
+            "score",
+            arg(&model),
+            arg(&prepared),
+            "--name",
+            "code_like",
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(
+            v["shards_scored"].as_u64().unwrap() > 0,
+            expect_scored,
+            "{v}"
+        );
+        v
+    };
+    let first = score(true);
+    assert!(first["documents"].as_u64().unwrap() > 0);
+    // A second run keeps every side file.
+    assert_eq!(score(false)["shards_kept"], first["shards_scored"]);
+    assert!(prepared.join("scores").join("code_like").is_dir());
+
+    let config = crate::corpus::RunConfig::small(dir.path())
+        .set_all(&[
+            "data.select.math.scores=\"code_like\"",
+            "data.select.math.threshold=0.0",
+            "data.select.math.share=1.0",
+        ])
+        .write(&dir.join("run.toml"));
+    let mix = ok(&moelab(&[
+        "data",
+        "mix",
+        arg(&config),
+        "--sequences",
+        "500",
+    ]));
+    let row = mix
+        .lines()
+        .find(|l| l.contains("math/[code_like >= 0]"))
+        .unwrap_or_else(|| panic!("{mix}"));
+    assert!(
+        row.contains("20.0000%"),
+        "all of math (20%) is selected: {row}"
+    );
+    let missing = crate::corpus::RunConfig::small(dir.path())
+        .set_all(&[
+            "data.select.math.scores=\"nope\"",
+            "data.select.math.threshold=0.5",
+            "data.select.math.share=0.5",
+        ])
+        .write(&dir.join("bad.toml"));
+    let err = fails(&moelab(&[
+        "data",
+        "mix",
+        arg(&missing),
+        "--sequences",
+        "10",
+    ]));
+    assert!(err.contains("moelab data classify score"), "{err}");
+}

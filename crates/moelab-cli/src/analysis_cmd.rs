@@ -1,5 +1,5 @@
-//! `moelab trace`, `moelab analyze` and `moelab ablate`: per-token routing of a checkpoint,
-//! routing reports, and mixture ablations with their comparison.
+//! `moelab trace`, `moelab analyze`, `moelab plot` and `moelab ablate`: per-token routing of a
+//! checkpoint, routing reports, training curves, and mixture ablations with their comparison.
 
 use std::path::PathBuf;
 
@@ -59,18 +59,19 @@ pub struct AnalyzeArgs {
 #[command(
     after_help = "Example: moelab ablate configs/ablations/small.toml --out runs/ablations/small\n\n\
 Variants train one after another on this machine with the same seed and token budget, each in \
-OUT/<name>; a finished variant is skipped and an interrupted one resumed, so re-running the \
-command continues the study. --parallel N trains N variants at once as separate processes (on \
-CUDA one GPU each); --slurm writes OUT/.variants/ablate.sbatch, a job array with one srun task \
-per variant, and submits it with sbatch (--dry-run: only writes it); --compare compares the \
-variants once those have finished. The comparison (per-domain validation loss and its delta \
-against the first variant, routing JSD of each domain's validation tokens against it) goes to \
-OUT/comparison/.\n\n\
+OUT/<name> (with `seeds = [..]`: once per seed, in OUT/<name>/seed-<s>); a finished variant is \
+skipped and an interrupted one resumed, so re-running the command continues the study. \
+--parallel N trains N variants at once as separate processes (on CUDA one GPU each); --slurm \
+writes OUT/.variants/ablate.sbatch, a job array with one srun task per variant, and submits it \
+with sbatch (--dry-run: only writes it); --compare compares the variants once those have \
+finished. The comparison (per-domain validation loss and its delta against the first variant, \
+routing JSD of each domain's validation tokens against it, raw and with experts matched; with \
+seeds: spread, bootstrap 95% intervals and the noise floor) goes to OUT/comparison/.\n\n\
          moelab ablate ABL.toml --parallel 4\n\
          moelab ablate ABL.toml --slurm --ranks 8 && moelab ablate ABL.toml --compare"
 )]
 pub struct AblateArgs {
-    /// Ablation file (TOML: base, out_dir, set, [[variant]] name/set).
+    /// Ablation file (TOML: base, out_dir, set, seeds, [[variant]] name/set).
     ablation: PathBuf,
     /// Output folder (default: the file's out_dir).
     #[arg(long)]
@@ -137,11 +138,22 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
 
 /// Runs `moelab analyze`.
 pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
-    let inputs = args
+    let mut inputs = args
         .inputs
         .iter()
         .map(|p| moelab_trace::report::load_input(p).with_context(|| format!("{}", p.display())))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Vocabulary tables show decoded tokens when the traced run's tokenizer can be found.
+    for input in &mut inputs {
+        if let Some(trace) = &input.trace {
+            match moelab_train::checkpoint_trace::token_texts(std::path::Path::new(
+                &trace.checkpoint,
+            )) {
+                Ok(texts) => input.token_text = Some(texts),
+                Err(e) => eprintln!("note: {}: tokens shown as ids ({e})", input.name),
+            }
+        }
+    }
     let summary = moelab_trace::report::analyze(&inputs, &args.out)?;
     if args.json {
         outln!(
@@ -234,8 +246,13 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             outln!("{line}")
         }
     };
+    let seeds = if ablation.seeds.is_empty() {
+        String::new()
+    } else {
+        format!(" x {} seeds", ablation.seeds.len())
+    };
     say(format!(
-        "ablation {}: {} variants of {} -> {} (baseline: {})",
+        "ablation {}: {} runs{seeds} of {} -> {} (baseline: {})",
         args.ablation.display(),
         ablation.variants.len(),
         ablation.base.display(),
@@ -258,7 +275,7 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             let steps = ablation
                 .variants
                 .iter()
-                .find(|v| v.name == *name)
+                .find(|v| v.label == *name)
                 .map_or(0, |v| v.config.train.steps);
             match TrainProgress::new(steps, &format!("[{name}] ")) {
                 Ok(p) => progress = Some(if json { p.lines_to_stderr() } else { p }),
@@ -331,5 +348,74 @@ fn print_comparison(args: &AblateArgs, outcome: &ablate::AblationOutcome) -> any
     if let Some(dir) = &outcome.comparison_dir {
         outln!("comparison {}", dir.join("comparison.md").display());
     }
+    Ok(())
+}
+
+/// Arguments of `moelab plot`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example: moelab plot runs/ablations/small/baseline runs/ablations/small/no_code --out runs/curves\n\n\
+One plot per metric with every run overlaid: training loss, per-domain train and validation loss, \
+aux and z loss, load imbalance (means over MoE layers) and task scores, from each run's \
+metrics.jsonl; curves.md embeds them."
+)]
+pub struct PlotArgs {
+    /// Run folders (each holds metrics.jsonl).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Output folder (PNG + SVG per metric, curves.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Short labels for run folders: the folder name, or parent/name where names repeat.
+fn run_labels(runs: &[PathBuf]) -> Vec<String> {
+    let name = |p: &PathBuf, parts: usize| {
+        let comps: Vec<String> = p
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .filter(|c| c != "." && !c.is_empty())
+            .collect();
+        comps[comps.len().saturating_sub(parts)..].join("/")
+    };
+    let short: Vec<String> = runs.iter().map(|p| name(p, 1)).collect();
+    short
+        .iter()
+        .zip(runs)
+        .map(|(s, p)| {
+            if short.iter().filter(|x| *x == s).count() > 1 {
+                name(p, 2)
+            } else {
+                s.clone()
+            }
+        })
+        .collect()
+}
+
+/// Runs `moelab plot`.
+pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
+    let groups: Vec<(String, Vec<PathBuf>)> = run_labels(&args.runs)
+        .into_iter()
+        .zip(&args.runs)
+        .map(|(label, run)| (label, vec![run.clone()]))
+        .collect();
+    let summary = moelab_trace::curves::plot_curves(&groups, &args.out)?;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&summary).context("serialising the summary")?
+        );
+        return Ok(());
+    }
+    outln!(
+        "{} plots of {} runs in {}",
+        summary.plots.len(),
+        args.runs.len(),
+        args.out.display()
+    );
+    outln!("curves {}", args.out.join("curves.md").display());
     Ok(())
 }

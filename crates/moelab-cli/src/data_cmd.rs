@@ -1,5 +1,6 @@
-//! `moelab prepare` and `moelab data inspect|mix`: turn corpora into shards, look at them,
-//! and check what a mixture will really feed the model.
+//! `moelab prepare` and `moelab data inspect|mix|classify`: turn corpora into shards, look at
+//! them, score their documents with a classifier, and check what a mixture will really feed the
+//! model.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -374,7 +375,7 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
         cfg.shuffle_block
     );
     outln!(
-        "{:<24} {:>9} {:>9} {:>10}",
+        "{:<30} {:>9} {:>9} {:>10}",
         "domain/source",
         "target",
         "realised",
@@ -386,7 +387,7 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
             None => row.domain.clone(),
         };
         outln!(
-            "{name:<24} {:>8.4}% {:>8.4}% {:>10}",
+            "{name:<30} {:>8.4}% {:>8.4}% {:>10}",
             100.0 * row.target,
             100.0 * row.realised,
             row.sequences
@@ -397,7 +398,7 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
         report.max_prefix_deviation
     );
     outln!(
-        "{:<24} {:>12} {:>10} {:>8}",
+        "{:<30} {:>12} {:>10} {:>8}",
         "implied epochs",
         "sequences",
         "chunks",
@@ -405,7 +406,7 @@ pub fn mix(args: MixArgs) -> anyhow::Result<()> {
     );
     for u in &report.usage {
         outln!(
-            "{:<24} {:>12.0} {:>10} {:>8.3}",
+            "{:<30} {:>12.0} {:>10} {:>8.3}",
             format!("{}/{}", u.domain, u.source),
             u.sequences,
             u.chunks,
@@ -428,4 +429,138 @@ fn run_seed(path: &std::path::Path) -> anyhow::Result<u64> {
         .and_then(|s| s.as_integer())
         .and_then(|s| u64::try_from(s).ok())
         .unwrap_or(0))
+}
+
+/// Train a fastText-style document classifier (hashed word and character n-grams, linear).
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example: moelab data classify train --positive data/sample/code --negative data/sample/web \
+--negative data/sample/math_text --out runs/classifiers/code_like.bin\n\n\
+Inputs are folders (searched recursively) or files: .jsonl (optionally .gz/.zst) with a `text` \
+field per line, or .txt (one document). Every tenth document of each class (by a fixed hash of \
+its position) is held out; accuracy, precision and recall on it are reported (threshold 0.5)."
+)]
+pub struct ClassifyTrainArgs {
+    /// Documents of the positive class (repeatable).
+    #[arg(long, required = true)]
+    pub positive: Vec<PathBuf>,
+    /// Documents of the negative class (repeatable).
+    #[arg(long, required = true)]
+    pub negative: Vec<PathBuf>,
+    /// The model file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Passes over the training documents.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u32,
+    /// log2 of the hash buckets (weights).
+    #[arg(long, default_value_t = 18)]
+    pub buckets_log2: u32,
+    /// Machine-readable output (keys `accuracy`, `precision`, `recall`, ...).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Score every document of a prepared dataset into per-shard side files.
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example: moelab data classify score runs/classifiers/code_like.bin data/prepared/sample --name code_like\n\n\
+Writes DATASET/scores/NAME/<shard>.scores (one f32 per document). Shards already scored by the \
+same model file are kept, so an interrupted run resumes. A mixture then takes a share of a \
+domain from documents scored at or above a threshold: [data.select.math] scores = \"NAME\", \
+threshold = 0.5, share = 0.75; `moelab data mix` shows the realised shares."
+)]
+pub struct ClassifyScoreArgs {
+    /// The model (`moelab data classify train --out`).
+    pub model: PathBuf,
+    /// Prepared dataset folder.
+    pub dataset: PathBuf,
+    /// Name of the scores (the `scores` of `[data.select.<domain>]`).
+    #[arg(long)]
+    pub name: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `moelab data classify train`.
+pub fn classify_train(args: ClassifyTrainArgs) -> anyhow::Result<()> {
+    use moelab_data::classify::{read_documents, train_classifier, ClassifierOptions};
+    let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<String>> {
+        let mut docs = Vec::new();
+        for p in paths {
+            docs.extend(read_documents(p).with_context(|| format!("reading {}", p.display()))?);
+        }
+        Ok(docs)
+    };
+    let (positives, negatives) = (read(&args.positive)?, read(&args.negative)?);
+    let opts = ClassifierOptions {
+        epochs: args.epochs,
+        buckets_log2: args.buckets_log2,
+        ..ClassifierOptions::default()
+    };
+    let (model, report) = train_classifier(&positives, &negatives, &opts)?;
+    model
+        .save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if args.json {
+        let mut json = serde_json::to_value(&report).context("serialising")?;
+        json["model"] = serde_json::json!(args.out);
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&json).context("serialising")?
+        );
+        return Ok(());
+    }
+    outln!(
+        "trained on {} positive and {} negative documents; held out {} + {}",
+        report.train_positive,
+        report.train_negative,
+        report.heldout_positive,
+        report.heldout_negative
+    );
+    outln!(
+        "held-out accuracy {:.4}  precision {:.4}  recall {:.4}",
+        report.accuracy,
+        report.precision,
+        report.recall
+    );
+    outln!("model {}", args.out.display());
+    Ok(())
+}
+
+/// Runs `moelab data classify score`.
+pub fn classify_score(args: ClassifyScoreArgs) -> anyhow::Result<()> {
+    let report = moelab_data::classify::score_dataset(&args.model, &args.dataset, &args.name)?;
+    if args.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("serialising")?
+        );
+        return Ok(());
+    }
+    outln!(
+        "scores `{}`: {} documents, {} shards scored, {} already scored",
+        report.name,
+        report.documents,
+        report.shards_scored,
+        report.shards_kept
+    );
+    outln!(
+        "{:<28} {:>9} {:>9} {:>8}",
+        "domain/source",
+        "documents",
+        ">= 0.5",
+        "mean"
+    );
+    for s in &report.sources {
+        outln!(
+            "{:<28} {:>9} {:>9} {:>8.4}",
+            format!("{}/{}", s.domain, s.source),
+            s.documents,
+            s.above_half,
+            s.mean
+        );
+    }
+    Ok(())
 }

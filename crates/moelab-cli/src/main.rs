@@ -49,6 +49,8 @@ enum Command {
     Trace(analysis_cmd::TraceArgs),
     /// Routing report (tables, plots, report.md) of runs, traces or router-log chunks.
     Analyze(analysis_cmd::AnalyzeArgs),
+    /// Training curves (loss, per-domain loss, aux/z loss, load imbalance, tasks) of runs.
+    Plot(analysis_cmd::PlotArgs),
     /// Train every variant of an ablation file and compare per-domain losses and routing.
     Ablate(analysis_cmd::AblateArgs),
     /// Export a checkpoint as a Hugging Face model folder (OLMoE or Mixtral).
@@ -104,6 +106,17 @@ enum DataCommand {
     Inspect(data_cmd::InspectArgs),
     /// Target vs realised shares of a config's mixture over the first N sequences.
     Mix(data_cmd::MixArgs),
+    /// Document classifiers: train one, score a prepared dataset with it.
+    #[command(subcommand)]
+    Classify(ClassifyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClassifyCommand {
+    /// Train a classifier on positive and negative documents; report held-out quality.
+    Train(data_cmd::ClassifyTrainArgs),
+    /// Score every document of a prepared dataset into per-shard side files.
+    Score(data_cmd::ClassifyScoreArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -112,10 +125,17 @@ fn main() -> anyhow::Result<()> {
         Command::Prepare(args) => data_cmd::prepare(args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
         Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
+        Command::Data(DataCommand::Classify(ClassifyCommand::Train(args))) => {
+            data_cmd::classify_train(args)?
+        }
+        Command::Data(DataCommand::Classify(ClassifyCommand::Score(args))) => {
+            data_cmd::classify_score(args)?
+        }
         Command::Train(args) => train_cmd::run_train(args)?,
         Command::Eval(args) => train_cmd::run_eval(args)?,
         Command::Trace(args) => analysis_cmd::trace(args)?,
         Command::Analyze(args) => analysis_cmd::analyze(args)?,
+        Command::Plot(args) => analysis_cmd::plot(args)?,
         Command::Ablate(args) => analysis_cmd::ablate(args)?,
         Command::ExportHf(args) => hf_cmd::export_hf(args)?,
         Command::ImportHf(args) => hf_cmd::import_hf(args)?,

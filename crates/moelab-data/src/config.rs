@@ -48,6 +48,23 @@ pub struct DataConfig {
     /// Later stages: from `start_token` on, the domain shares become the stage's `mixture`.
     #[serde(default)]
     pub stages: Vec<StageConfig>,
+    /// Classifier selection per domain: a share of the domain's budget from documents scored
+    /// at or above a threshold (`moelab data classify score`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub select: BTreeMap<String, SelectConfig>,
+}
+
+/// `[data.select.<domain>]`: take `share` of the domain's sequences from its training documents
+/// whose score `scores` is at least `threshold`, the rest from the others.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectConfig {
+    /// Score name (`moelab data classify score ... --name NAME`).
+    pub scores: String,
+    /// Documents scored at or above this are selected.
+    pub threshold: f64,
+    /// Share of the domain's sequences drawn from selected documents, in [0, 1].
+    pub share: f64,
 }
 
 /// One entry of `[[data.stages]]`: a mixture that takes over from a token position on.
@@ -92,6 +109,7 @@ impl DataConfig {
             mixture: BTreeMap::new(),
             source_mixture: BTreeMap::new(),
             stages: Vec::new(),
+            select: BTreeMap::new(),
         }
     }
 
@@ -161,6 +179,20 @@ impl DataConfig {
             ));
         }
         check_weights("data.mixture", &self.mixture, true)?;
+        for (domain, sel) in &self.select {
+            if !(0.0..=1.0).contains(&sel.share) {
+                return Err(DataError::config(
+                    format!("data.select.{domain}.share"),
+                    format!("must be in [0, 1], got {}", sel.share),
+                ));
+            }
+            if !sel.threshold.is_finite() {
+                return Err(DataError::config(
+                    format!("data.select.{domain}.threshold"),
+                    "must be a finite score",
+                ));
+            }
+        }
         for (domain, sources) in &self.source_mixture {
             check_weights(&format!("data.source_mixture.{domain}"), sources, false)?;
         }

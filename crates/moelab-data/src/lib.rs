@@ -7,6 +7,7 @@
 //! from a [`StreamState`] of a few numbers, and sliceable across data-parallel ranks.
 
 mod blend;
+pub mod classify;
 pub mod config;
 pub mod dataset;
 mod error;

@@ -91,6 +91,8 @@ pub struct Slot {
     pub source: u32,
     /// First token of the seq_len + 1 token chunk in the source's training stream.
     pub token_start: u64,
+    /// Drawn from the domain's classifier-selected documents (`data.select`).
+    pub selected: bool,
 }
 
 /// Expected use of one source over a token budget.
@@ -113,9 +115,11 @@ pub struct SourceUsage {
 pub struct MixReport {
     /// Sequences examined.
     pub sequences: u64,
-    /// One row per domain with a positive share, then one per source.
+    /// One row per domain with a positive share, then its `[scores >= threshold]` selection
+    /// (with `data.select`), then one per source (the rest of a selection).
     pub rows: Vec<MixRow>,
-    /// Largest |realised - target| count over all prefixes and domains, in sequences.
+    /// Largest |realised - target| count over all prefixes and domains, in sequences (and of
+    /// each selection's count against its share of the domain's sequences).
     pub max_prefix_deviation: f64,
     /// Expected use of every drawn source.
     pub usage: Vec<SourceUsage>,
@@ -151,12 +155,119 @@ pub struct MixtureStream {
     source_pick: Vec<SourcePick>,
     /// Training chunks of seq_len + 1 tokens per domain and source.
     chunks: Vec<Vec<u64>>,
+    /// Per domain: its `data.select` pools, if any.
+    selection: Vec<Option<Selection>>,
     fingerprint: String,
 }
 
 enum SourcePick {
     Only(usize),
     Blend(Blender),
+}
+
+/// A domain's classifier selection: its draws are blended between the selected pool (share
+/// `share`, within one sequence per prefix like every blend) and the rest, which is then drawn
+/// by the domain's source shares. A chunk belongs to the pool of the document holding its first
+/// token.
+struct Selection {
+    /// Display name, `<scores> >= <threshold>`.
+    label: String,
+    share: f64,
+    /// Category 0 = selected, 1 = the rest.
+    blender: Blender,
+    /// (source, chunk) of every selected chunk, by source then chunk.
+    selected: Vec<(u32, u64)>,
+    /// Per source: its chunks that are not selected.
+    rest: Vec<Vec<u64>>,
+    /// Shares of the sources in the rest (normalised; 0 where a source has no rest): the given
+    /// `data.source_mixture` restricted to them, or proportional to their rest chunks.
+    rest_weights: Vec<f64>,
+    /// Picks the source of a draw from the rest.
+    rest_pick: SourcePick,
+}
+
+/// Picks sources by `weights`: the only positive one, or a blend.
+fn source_pick(weights: &[f64]) -> SourcePick {
+    let active: Vec<usize> = (0..weights.len()).filter(|&s| weights[s] > 0.0).collect();
+    if active.len() == 1 {
+        SourcePick::Only(active[0])
+    } else {
+        SourcePick::Blend(Blender::new(
+            weights.len(),
+            vec![BlendStage {
+                start: 0,
+                weights: weights.to_vec(),
+            }],
+        ))
+    }
+}
+
+/// One draw inside a domain, before the chunk permutation.
+#[derive(Clone, Copy)]
+enum Draw {
+    /// The m-th draw from the selected pool.
+    Selected(u64),
+    /// The k-th draw from the domain's sources (or from the rest of a selection).
+    Sources(u64),
+}
+
+/// The selection pools of domain `d` under `cfg`.
+fn build_selection(
+    dataset: &Dataset,
+    d: usize,
+    cfg: &crate::config::SelectConfig,
+    chunk: u64,
+    chunks: &[u64],
+    given_weights: Option<&[f64]>,
+) -> Result<Selection> {
+    let mut selected = Vec::new();
+    let mut rest = Vec::with_capacity(chunks.len());
+    for (s, &n) in chunks.iter().enumerate() {
+        let (ends, scores) = crate::classify::train_doc_scores(dataset, d, s, &cfg.scores)?;
+        let mut own_rest = Vec::new();
+        let mut doc = 0usize;
+        for c in 0..n {
+            let first = c * chunk;
+            while doc < ends.len() && ends[doc] <= first {
+                doc += 1;
+            }
+            if scores
+                .get(doc)
+                .is_some_and(|&x| f64::from(x) >= cfg.threshold)
+            {
+                selected.push((s as u32, c));
+            } else {
+                own_rest.push(c);
+            }
+        }
+        rest.push(own_rest);
+    }
+    let rest_weights = normalise(
+        &rest
+            .iter()
+            .enumerate()
+            .map(|(s, r)| match given_weights {
+                Some(w) if !r.is_empty() => w[s],
+                Some(_) => 0.0,
+                None => r.len() as f64,
+            })
+            .collect::<Vec<_>>(),
+    );
+    Ok(Selection {
+        rest_pick: source_pick(&rest_weights),
+        rest_weights,
+        label: format!("{} >= {}", cfg.scores, cfg.threshold),
+        share: cfg.share,
+        blender: Blender::new(
+            2,
+            vec![BlendStage {
+                start: 0,
+                weights: vec![cfg.share, 1.0 - cfg.share],
+            }],
+        ),
+        selected,
+        rest,
+    })
 }
 
 impl std::fmt::Debug for MixtureStream {
@@ -190,11 +301,11 @@ impl MixtureStream {
         allow_mixture_change: bool,
     ) -> Result<Self> {
         cfg.validate()?;
-        let expected = fingerprint(&dataset, cfg.seq_len, seed, cfg.shuffle_block as u64);
+        let expected = fingerprint(&dataset, cfg, seed);
         if state.fingerprint != expected {
             return Err(DataError::Resume(format!(
                 "the checkpoint's stream fingerprint {} differs from this run's {expected}: the dataset, \
-                 tokenizer, data.seq_len, data.shuffle_block or the seed changed since the checkpoint \
+                 tokenizer, data.seq_len, data.shuffle_block, data.select or the seed changed since the checkpoint \
                  (a changed stream would not continue the same data order)",
                 state.fingerprint
             )));
@@ -347,25 +458,38 @@ impl MixtureStream {
                     .collect(),
             })
             .collect();
-        let source_pick = source_weights
-            .iter()
-            .map(|w| {
-                let active: Vec<usize> = (0..w.len()).filter(|&s| w[s] > 0.0).collect();
-                if active.len() == 1 {
-                    SourcePick::Only(active[0])
-                } else {
-                    SourcePick::Blend(Blender::new(
-                        w.len(),
-                        vec![BlendStage {
-                            start: 0,
-                            weights: w.clone(),
-                        }],
-                    ))
-                }
-            })
-            .collect();
+        let source_pick = source_weights.iter().map(|w| source_pick(w)).collect();
+        let mut selection: Vec<Option<Selection>> = (0..n_domains).map(|_| None).collect();
+        for (name, sel) in &cfg.select {
+            let d = dataset
+                .domain_id(name)
+                .ok_or_else(|| unknown("data.select", name, dataset.domains()))?;
+            let given = cfg
+                .source_mixture
+                .contains_key(name)
+                .then_some(source_weights[d].as_slice());
+            let pools = build_selection(&dataset, d, sel, chunk, &chunks[d], given)?;
+            let drawn = stages
+                .iter()
+                .any(|st| st.mixture.get(name).is_some_and(|&w| w > 0.0));
+            if drawn && sel.share > 0.0 && pools.selected.is_empty() {
+                return Err(DataError::Mixture(format!(
+                    "data.select.{name}: no training chunk of `{name}` has {}; lower the threshold or the share",
+                    pools.label
+                )));
+            }
+            if drawn && sel.share < 1.0 && pools.rest_weights.iter().all(|&w| w <= 0.0) {
+                return Err(DataError::Mixture(format!(
+                    "data.select.{name}: every drawn training chunk of `{name}` has {}, none is left for \
+                     the other {:.2} of the domain; set share = 1.0 or raise the threshold",
+                    pools.label,
+                    1.0 - sel.share
+                )));
+            }
+            selection[d] = Some(pools);
+        }
         let stream = MixtureStream {
-            fingerprint: fingerprint(&dataset, seq_len, seed, cfg.shuffle_block as u64),
+            fingerprint: fingerprint(&dataset, cfg, seed),
             domain_blender: Blender::new(n_domains, blend_stages),
             dataset,
             seq_len,
@@ -376,6 +500,7 @@ impl MixtureStream {
             source_weights,
             source_pick,
             chunks,
+            selection,
         };
         if let (Some(total), Some(max)) = (cfg.total_tokens, cfg.max_repetition) {
             let over: Vec<String> = stream
@@ -451,48 +576,111 @@ impl MixtureStream {
                 (b * block + perm.apply(p % block) - base) as usize
             })
             .collect();
-        // Per domain, the draws needed form a short range: decode its sources once.
+        // Per domain, the draws needed form a short range: decode its selection and sources
+        // once.
         let n_domains = self.chunks.len();
-        let mut range: Vec<Option<(u64, u64)>> = vec![None; n_domains];
-        for &i in &positions {
+        let span = |values: &mut dyn Iterator<Item = (usize, u64)>| {
+            let mut range: Vec<Option<(u64, u64)>> = vec![None; n_domains];
+            for (d, k) in values {
+                let r = &mut range[d];
+                *r = Some(match *r {
+                    None => (k, k),
+                    Some((lo, hi)) => (lo.min(k), hi.max(k)),
+                });
+            }
+            range
+        };
+        let domain_range = span(&mut positions.iter().map(|&i| {
             let (d, k) = blended[i];
-            let r = &mut range[d as usize];
-            *r = Some(match *r {
-                None => (k, k),
-                Some((lo, hi)) => (lo.min(k), hi.max(k)),
-            });
+            (d as usize, k)
+        }));
+        let mut picks: Vec<Vec<(u32, u64)>> = vec![Vec::new(); n_domains];
+        for d in 0..n_domains {
+            if let (Some((lo, hi)), Some(sel)) = (domain_range[d], &self.selection[d]) {
+                picks[d] = sel.blender.decode(lo, (hi - lo + 1) as usize);
+            }
         }
+        let draws: Vec<(u32, Draw)> = positions
+            .iter()
+            .map(|&i| {
+                let (d, k) = blended[i];
+                let draw = match &self.selection[d as usize] {
+                    Some(_) => {
+                        let lo = domain_range[d as usize].map_or(0, |r| r.0);
+                        match picks[d as usize][(k - lo) as usize] {
+                            (0, m) => Draw::Selected(m),
+                            (_, m) => Draw::Sources(m),
+                        }
+                    }
+                    None => Draw::Sources(k),
+                };
+                (d, draw)
+            })
+            .collect();
+        let range = span(&mut draws.iter().filter_map(|&(d, draw)| match draw {
+            Draw::Sources(k) => Some((d as usize, k)),
+            Draw::Selected(_) => None,
+        }));
         let mut sources: Vec<Vec<(u32, u64)>> = vec![Vec::new(); n_domains];
         for d in 0..n_domains {
-            if let (Some((lo, hi)), SourcePick::Blend(b)) = (range[d], &self.source_pick[d]) {
+            if let (Some((lo, hi)), SourcePick::Blend(b)) = (range[d], self.pick(d)) {
                 sources[d] = b.decode(lo, (hi - lo + 1) as usize);
             }
         }
         let chunk = self.seq_len as u64 + 1;
-        positions
+        draws
             .iter()
-            .map(|&i| {
-                let (d, k) = blended[i];
-                let (s, m) = match &self.source_pick[d as usize] {
+            .map(|&(d, draw)| {
+                let selection = self.selection[d as usize].as_ref();
+                let k = match draw {
+                    Draw::Selected(m) => {
+                        let pool = selection.map_or(&[][..], |sel| sel.selected.as_slice());
+                        let n = pool.len().max(1) as u64;
+                        let key = mix64(mix64(self.seed ^ 0x5e1e_c7ed) ^ u64::from(d)) ^ (m / n);
+                        let (s, c) = pool
+                            .get(Permutation::new(n, key).apply(m % n) as usize)
+                            .copied()
+                            .unwrap_or((0, 0));
+                        return Slot {
+                            domain: d,
+                            source: s,
+                            token_start: c * chunk,
+                            selected: true,
+                        };
+                    }
+                    Draw::Sources(k) => k,
+                };
+                let (s, m) = match self.pick(d as usize) {
                     SourcePick::Only(s) => (*s as u32, k),
                     SourcePick::Blend(_) => {
                         let lo = range[d as usize].map_or(0, |r| r.0);
                         sources[d as usize][(k - lo) as usize]
                     }
                 };
-                let n_chunks = self.chunks[d as usize][s as usize];
-                let epoch = m / n_chunks;
+                let rest = selection.map(|sel| sel.rest[s as usize].as_slice());
+                let n_chunks = rest.map_or(self.chunks[d as usize][s as usize], |r| r.len() as u64);
+                let epoch = m / n_chunks.max(1);
                 let key =
                     mix64(mix64(mix64(self.seed ^ 0xc4a2_5eed) ^ u64::from(d)) ^ u64::from(s))
                         ^ epoch;
-                let c = Permutation::new(n_chunks, key).apply(m % n_chunks);
+                let p = Permutation::new(n_chunks, key).apply(m % n_chunks.max(1));
+                let c = rest.map_or(p, |r| r.get(p as usize).copied().unwrap_or(0));
                 Slot {
                     domain: d,
                     source: s,
                     token_start: c * chunk,
+                    selected: false,
                 }
             })
             .collect()
+    }
+
+    /// How domain `d` picks the source of a draw (from the rest, under a selection).
+    fn pick(&self, d: usize) -> &SourcePick {
+        match &self.selection[d] {
+            Some(sel) => &sel.rest_pick,
+            None => &self.source_pick[d],
+        }
     }
 
     /// Sequences [first, first + n) of the global stream.
@@ -544,13 +732,35 @@ impl MixtureStream {
             if per_domain[d] <= 0.0 {
                 continue;
             }
+            let selection = self.selection[d].as_ref();
+            if let Some(sel) = selection {
+                let seqs = per_domain[d] * sel.share;
+                let chunks = sel.selected.len() as u64;
+                out.push(SourceUsage {
+                    domain: name.clone(),
+                    source: format!("[{}]", sel.label),
+                    sequences: seqs,
+                    chunks,
+                    epochs: if chunks == 0 {
+                        if seqs > 0.0 {
+                            f64::INFINITY
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        seqs / chunks as f64
+                    },
+                });
+            }
             for (s, source) in self.dataset.sources(d).into_iter().enumerate() {
-                let w = self.source_weights[d][s];
+                let w = selection.map_or(self.source_weights[d][s], |sel| {
+                    sel.rest_weights[s] * (1.0 - sel.share)
+                });
                 if w <= 0.0 {
                     continue;
                 }
                 let seqs = per_domain[d] * w;
-                let chunks = self.chunks[d][s];
+                let chunks = selection.map_or(self.chunks[d][s], |sel| sel.rest[s].len() as u64);
                 out.push(SourceUsage {
                     domain: name.clone(),
                     source,
@@ -576,6 +786,7 @@ impl MixtureStream {
             .map(|d| vec![0; self.dataset.source_count(d)])
             .collect();
         let mut expected = vec![0.0f64; nd];
+        let mut selected = vec![0u64; nd];
         let mut max_dev = 0.0f64;
         let step = 4096usize;
         let mut p = 0u64;
@@ -583,8 +794,18 @@ impl MixtureStream {
             let n = (sequences - p).min(step as u64) as usize;
             for (k, slot) in self.slots(p, n).into_iter().enumerate() {
                 let stage = active(&self.stages, p + k as u64);
-                counts[slot.domain as usize] += 1;
-                source_counts[slot.domain as usize][slot.source as usize] += 1;
+                let d = slot.domain as usize;
+                counts[d] += 1;
+                if slot.selected {
+                    selected[d] += 1;
+                } else {
+                    source_counts[d][slot.source as usize] += 1;
+                }
+                // The selected share is exact within the domain's own draws.
+                if let Some(sel) = &self.selection[d] {
+                    let want = sel.share * counts[d] as f64;
+                    max_dev = max_dev.max((selected[d] as f64 - want).abs());
+                }
                 for (d, name) in domains.iter().enumerate() {
                     expected[d] += stage.mixture.get(name).copied().unwrap_or(0.0);
                     max_dev = max_dev.max((counts[d] as f64 - expected[d]).abs());
@@ -605,11 +826,24 @@ impl MixtureStream {
                 realised: counts[d] as f64 / total,
                 sequences: counts[d],
             });
+            let selection = self.selection[d].as_ref();
+            if let Some(sel) = selection {
+                rows.push(MixRow {
+                    domain: name.clone(),
+                    source: Some(format!("[{}]", sel.label)),
+                    target: expected[d] / total * sel.share,
+                    realised: selected[d] as f64 / total,
+                    sequences: selected[d],
+                });
+            }
             for (s, source) in self.dataset.sources(d).into_iter().enumerate() {
+                let w = selection.map_or(self.source_weights[d][s], |sel| {
+                    sel.rest_weights[s] * (1.0 - sel.share)
+                });
                 rows.push(MixRow {
                     domain: name.clone(),
                     source: Some(source),
-                    target: expected[d] / total * self.source_weights[d][s],
+                    target: expected[d] / total * w,
                     realised: source_counts[d][s] as f64 / total,
                     sequences: source_counts[d][s],
                 });
@@ -778,14 +1012,25 @@ fn show(mixture: &BTreeMap<String, f64>) -> String {
     format!("{{ {} }}", parts.join(", "))
 }
 
-fn fingerprint(dataset: &Dataset, seq_len: usize, seed: u64, shuffle_block: u64) -> String {
+fn fingerprint(dataset: &Dataset, cfg: &DataConfig, seed: u64) -> String {
     let mut h = Hasher::new();
     h.update(b"moelab-stream-v1");
     h.update(crate::dataset::dataset_hash(dataset).as_bytes());
     h.update(dataset.manifest().tokenizer.sha256.as_bytes());
-    h.update(&(seq_len as u64).to_le_bytes());
+    h.update(&(cfg.seq_len as u64).to_le_bytes());
     h.update(&seed.to_le_bytes());
-    h.update(&shuffle_block.to_le_bytes());
+    h.update(&(cfg.shuffle_block as u64).to_le_bytes());
+    // The selection decides which chunks are drawn: a resume must use the same one. (Absent, the
+    // fingerprint is what it was before selections existed.)
+    for (name, sel) in &cfg.select {
+        h.update(
+            format!(
+                "select:{name}:{}:{}:{}",
+                sel.scores, sel.threshold, sel.share
+            )
+            .as_bytes(),
+        );
+    }
     let mut hex = h.hex();
     hex.truncate(32);
     hex

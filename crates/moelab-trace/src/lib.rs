@@ -4,15 +4,23 @@
 //! - [`router_log`]: per (layer, domain, expert) counts the trainer writes while training;
 //! - [`trace`]: per-token routing of a checkpoint over fixed validation streams;
 //! - [`analysis`]: pure metric functions over both;
-//! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md`.
+//! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md`;
+//! - [`curves`]: training curves from metrics.jsonl;
+//! - [`compare`]: ablation comparisons over seed replicates;
+//! - [`stats`]: spread and bootstrap intervals over seed replicates;
+//! - [`align`]: matching experts across runs (Hungarian assignment on co-assigned tokens).
 
 mod error;
 mod plot;
 mod st;
 
+pub mod align;
 pub mod analysis;
+pub mod compare;
+pub mod curves;
 pub mod report;
 pub mod router_log;
+pub mod stats;
 pub mod trace;
 
 pub use error::{Result, TraceError};

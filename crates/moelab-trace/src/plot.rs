@@ -42,6 +42,9 @@ pub(crate) struct Heatmap<'a> {
     pub values: &'a [Option<f64>],
     pub vmin: f64,
     pub vmax: f64,
+    /// Blue-white-red around the middle of [vmin, vmax] (deltas: pass a range centred on 0)
+    /// instead of viridis.
+    pub diverging: bool,
 }
 
 /// Several named (x, y) series on shared axes.
@@ -50,12 +53,17 @@ pub(crate) struct Lines<'a> {
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub series: &'a [(String, Vec<(f64, f64)>)],
+    /// The x axis counts something whole (layers, steps): ticks only at integers.
+    pub integer_x: bool,
 }
 
 /// Draws `h` to `stem.png` and `stem.svg`; returns both paths.
 pub(crate) fn heatmap(stem: &Path, h: &Heatmap<'_>) -> Result<Vec<PathBuf>> {
     let label_chars = h.rows.iter().map(|r| r.chars().count()).max().unwrap_or(4);
-    let width = (140 + 8 * label_chars + 36 * h.cols.len()).clamp(480, 2400) as u32;
+    // Cells are at least as wide as the longest column label, so labels never run together.
+    let col_chars = h.cols.iter().map(|c| c.chars().count()).max().unwrap_or(1);
+    let cell = (7 * col_chars + 12).max(36);
+    let width = (140 + 8 * label_chars + cell * h.cols.len()).clamp(480, 4000) as u32;
     let height = (150 + 28 * h.rows.len()).clamp(260, 1800) as u32;
     draw_both(stem, (width, height), |root| draw_heatmap(root, h))
 }
@@ -72,8 +80,13 @@ fn draw_both(
     draw: impl Fn(&dyn AnyArea) -> std::result::Result<(), String>,
 ) -> Result<Vec<PathBuf>> {
     ensure_font()?;
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
+    // Appended, not `with_extension`: a stem like `run_jsd_scaffold_0.25` keeps its `.25`.
+    let with = |ext: &str| {
+        let mut name = stem.as_os_str().to_os_string();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (png, svg) = (with(".png"), with(".svg"));
     let err = |path: &Path| {
         let path = path.to_path_buf();
         move |reason: String| TraceError::Plot { path, reason }
@@ -115,6 +128,38 @@ fn draw_lines(root: &dyn AnyArea, l: &Lines<'_>) -> std::result::Result<(), Stri
 }
 
 /// Viridis, sampled at 5 points and interpolated linearly: perceptually ordered, colour-blind safe.
+impl Heatmap<'_> {
+    /// The cell colour at `t` in [0, 1] of the colour range.
+    fn color(&self, t: f64) -> RGBColor {
+        if self.diverging {
+            diverging(t)
+        } else {
+            viridis(t)
+        }
+    }
+}
+
+/// Blue (0) - white (0.5) - red (1), linear in each half (ColorBrewer RdBu end points).
+fn diverging(t: f64) -> RGBColor {
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    let (blue, white, red) = (
+        (33.0, 102.0, 172.0),
+        (247.0, 247.0, 247.0),
+        (178.0, 24.0, 43.0),
+    );
+    let (from, to, u) = if t < 0.5 {
+        (blue, white, t * 2.0)
+    } else {
+        (white, red, (t - 0.5) * 2.0)
+    };
+    let mix = |a: f64, b: f64| (a + (b - a) * u).round() as u8;
+    RGBColor(mix(from.0, to.0), mix(from.1, to.1), mix(from.2, to.2))
+}
+
 fn viridis(t: f64) -> RGBColor {
     const STOPS: [(f64, f64, f64); 5] = [
         (68.0, 1.0, 84.0),
@@ -190,7 +235,7 @@ fn heatmap_on<DB: DrawingBackend>(
             let value = h.values.get((r * n_cols + c) as usize).copied().flatten();
             let y = n_rows - 1 - r;
             let color = match value {
-                Some(v) => viridis((v - h.vmin) / span),
+                Some(v) => h.color((v - h.vmin) / span),
                 None => RGBColor(210, 210, 210),
             };
             chart.draw_series(std::iter::once(Rectangle::new(
@@ -201,7 +246,12 @@ fn heatmap_on<DB: DrawingBackend>(
                 color.filled(),
             )))?;
             if let (true, Some(v)) = (annotate, value) {
-                let dark = (v - h.vmin) / span < 0.6;
+                let t = (v - h.vmin) / span;
+                let dark = if h.diverging {
+                    !(0.2..=0.8).contains(&t)
+                } else {
+                    t < 0.6
+                };
                 let style = ("sans-serif", 11)
                     .into_font()
                     .color(if dark { &WHITE } else { &BLACK })
@@ -223,7 +273,7 @@ fn heatmap_on<DB: DrawingBackend>(
         let y1 = bottom - (bottom - top) * s / steps;
         bar.draw(&Rectangle::new(
             [(15, y0), (35, y1)],
-            viridis(f64::from(s) / f64::from(steps - 1)).filled(),
+            h.color(f64::from(s) / f64::from(steps - 1)).filled(),
         ))?;
     }
     let text = ("sans-serif", 12).into_font().color(&BLACK);
@@ -234,6 +284,20 @@ fn heatmap_on<DB: DrawingBackend>(
 
 fn lines_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, l: &Lines<'_>) -> DrawResult<DB> {
     root.fill(&WHITE)?;
+    // The legend has its own panel right of the plot, so it never covers data.
+    let (width, _) = root.dim_in_pixel();
+    let name_chars = l
+        .series
+        .iter()
+        .map(|(n, _)| n.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let legend_w = if l.series.is_empty() {
+        0
+    } else {
+        (40 + 7 * name_chars).clamp(90, 300)
+    };
+    let (area, legend) = root.split_horizontally(width.saturating_sub(legend_w));
     let points = || l.series.iter().flat_map(|(_, pts)| pts.iter());
     let (mut x0, mut x1, mut y0, mut y1) = points().fold(
         (
@@ -254,36 +318,52 @@ fn lines_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, l: &Lines<'_>) ->
     } else {
         y0.abs().max(0.05) * 0.1
     };
-    let mut chart = ChartBuilder::on(root)
+    let mut chart = ChartBuilder::on(&area)
         .caption(l.title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65)
         .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0 - ypad)..(y1 + ypad))?;
+    let whole = |x: &f64| {
+        if (x - x.round()).abs() < 1e-6 {
+            format!("{}", x.round() as i64)
+        } else {
+            String::new()
+        }
+    };
+    let plain = |x: &f64| {
+        let a = x.abs();
+        if a != 0.0 && !(1e-3..1e5).contains(&a) {
+            format!("{x:.1e}")
+        } else {
+            format!("{}", (x * 1e4).round() / 1e4)
+        }
+    };
+    let span = (x1 - x0).round() as usize + 1;
+    let x_ticks = if l.integer_x { span.clamp(2, 10) } else { 10 };
     chart
         .configure_mesh()
         .x_desc(l.x_label)
         .y_desc(l.y_label)
+        .x_labels(x_ticks)
+        .x_label_formatter(if l.integer_x { &whole } else { &plain })
+        .y_label_formatter(&plain)
         .label_style(("sans-serif", 12))
         .draw()?;
-    for (i, (name, pts)) in l.series.iter().enumerate() {
+    for (i, (_, pts)) in l.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
+        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
-    if !l.series.is_empty() {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 12))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+    let text = ("sans-serif", 12).into_font().color(&BLACK);
+    for (i, (name, _)) in l.series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let y = 48 + 18 * i as i32;
+        legend.draw(&PathElement::new(
+            vec![(6, y), (26, y)],
+            color.stroke_width(2),
+        ))?;
+        legend.draw_text(name, &text, (32, y - 7))?;
     }
     Ok(())
 }
@@ -309,6 +389,7 @@ mod tests {
                 values: &[Some(0.1), Some(0.5), None, Some(1.0), Some(0.0), Some(0.2)],
                 vmin: 0.0,
                 vmax: 1.0,
+                diverging: false,
             },
         )
         .unwrap();
@@ -327,10 +408,25 @@ mod tests {
                 x_label: "x",
                 y_label: "y",
                 series: &series,
+                integer_x: true,
             },
         )
         .unwrap();
         assert!(std::fs::metadata(&files[0]).unwrap().len() > 1000);
+        // A dot in the stem (variant `scaffold_0.25`) stays in the file name.
+        let files = lines(
+            &dir.join("run_jsd_scaffold_0.25"),
+            &Lines {
+                title: "t",
+                x_label: "x",
+                y_label: "y",
+                series: &series,
+                integer_x: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(files[0], dir.join("run_jsd_scaffold_0.25.png"));
+        assert!(files[1].is_file());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,16 +29,27 @@ pub struct AnalysisInput {
     pub chunks: Vec<RouterCounts>,
     /// The per-token trace, when the input is a trace directory.
     pub trace: Option<Trace>,
+    /// Text of each token id (the run's tokenizer), for readable vocabulary tables.
+    pub token_text: Option<Vec<String>>,
 }
 
 /// Loads a run dir (its `router/` chunks), a trace dir (`trace.safetensors`), a bare router
-/// directory, or a single chunk file; the name is the file stem or directory name.
+/// directory, or a single chunk file. The name is `run@step`: a run dir's name and the steps its
+/// router log covers (`run@first..last`), a trace's run (from its checkpoint path) and
+/// checkpoint step, a chunk file's stem.
 pub fn load_input(path: &Path) -> Result<AnalysisInput> {
-    let name = path
+    let stem = path
         .file_stem()
         .or_else(|| path.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".to_string());
+    // A run folder `R/router` is named after R.
+    let run_name = if stem == router_log::ROUTER_DIR {
+        path.parent().map_or(stem.clone(), run_label)
+    } else {
+        run_label(path)
+    };
+    let name = stem;
     if path.is_file() {
         let chunk = router_log::read_chunk(path)?;
         return Ok(AnalysisInput {
@@ -46,15 +57,22 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
             counts: chunk.clone(),
             chunks: vec![chunk],
             trace: None,
+            token_text: None,
         });
     }
     if path.join(trace::TRACE_FILE).is_file() {
         let trace = Trace::read(path)?;
+        // checkpoint = .../<run>/checkpoints/step-N: the run is two folders up.
+        let run = Path::new(&trace.checkpoint)
+            .parent()
+            .and_then(Path::parent)
+            .map_or(name, run_label);
         return Ok(AnalysisInput {
-            name,
+            name: format!("{run}@{}", trace.step),
             counts: trace.counts(),
             chunks: Vec::new(),
             trace: Some(trace),
+            token_text: None,
         });
     }
     if !path.is_dir() {
@@ -74,12 +92,30 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
             ),
         });
     }
+    let counts = router_log::total(&chunks)?;
     Ok(AnalysisInput {
-        name,
-        counts: router_log::total(&chunks)?,
+        // Router logs cover a range of steps; a trace is one checkpoint.
+        name: if counts.step_start == counts.step_end {
+            format!("{run_name}@{}", counts.step_end)
+        } else {
+            format!("{run_name}@{}..{}", counts.step_start, counts.step_end)
+        },
+        counts,
         chunks,
         trace: None,
+        token_text: None,
     })
+}
+
+/// A run folder's display name: its name, with the variant in front for an ablation replicate
+/// (`<variant>/seed-<s>`).
+fn run_label(path: &Path) -> String {
+    let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    match (name(path), path.parent().and_then(name)) {
+        (Some(n), Some(parent)) if n.starts_with("seed-") => format!("{parent}/{n}"),
+        (Some(n), _) => n,
+        (None, _) => "run".to_string(),
+    }
 }
 
 /// Headline numbers of one analysed input.
@@ -121,13 +157,13 @@ pub struct ReportSummary {
 }
 
 /// Tracks written files under the report directory.
-struct Out {
+pub(crate) struct Out {
     dir: PathBuf,
-    files: Vec<PathBuf>,
+    pub(crate) files: Vec<PathBuf>,
 }
 
 impl Out {
-    fn new(dir: &Path) -> Result<Self> {
+    pub(crate) fn new(dir: &Path) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| TraceError::io("creating directory", dir, e))?;
         Ok(Out {
             dir: dir.to_path_buf(),
@@ -135,7 +171,7 @@ impl Out {
         })
     }
 
-    fn csv(&mut self, rel: &str, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    pub(crate) fn csv(&mut self, rel: &str, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
         let mut text = header.join(",");
         text.push('\n');
         for row in rows {
@@ -146,7 +182,7 @@ impl Out {
         self.text(rel, &text)
     }
 
-    fn json<T: Serialize>(&mut self, rel: &str, value: &T) -> Result<()> {
+    pub(crate) fn json<T: Serialize>(&mut self, rel: &str, value: &T) -> Result<()> {
         let path = self.dir.join(rel);
         let text = serde_json::to_string_pretty(value).map_err(|source| TraceError::Json {
             path: path.clone(),
@@ -155,7 +191,7 @@ impl Out {
         self.text(rel, &text)
     }
 
-    fn text(&mut self, rel: &str, text: &str) -> Result<()> {
+    pub(crate) fn text(&mut self, rel: &str, text: &str) -> Result<()> {
         let path = self.dir.join(rel);
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)
@@ -166,14 +202,14 @@ impl Out {
         Ok(())
     }
 
-    fn heatmap(&mut self, rel_stem: &str, h: &Heatmap<'_>) -> Result<String> {
+    pub(crate) fn heatmap(&mut self, rel_stem: &str, h: &Heatmap<'_>) -> Result<String> {
         let stem = self.dir.join(rel_stem);
         self.ensure_parent(&stem)?;
         self.files.extend(plot::heatmap(&stem, h)?);
         Ok(format!("{rel_stem}.png"))
     }
 
-    fn lines(&mut self, rel_stem: &str, l: &Lines<'_>) -> Result<String> {
+    pub(crate) fn lines(&mut self, rel_stem: &str, l: &Lines<'_>) -> Result<String> {
         let stem = self.dir.join(rel_stem);
         self.ensure_parent(&stem)?;
         self.files.extend(plot::lines(&stem, l)?);
@@ -200,12 +236,12 @@ fn csv_cell(c: &str) -> String {
 }
 
 /// Full-precision number, empty for undefined.
-fn num(v: Option<f64>) -> String {
+pub(crate) fn num(v: Option<f64>) -> String {
     v.map(|x| x.to_string()).unwrap_or_default()
 }
 
 /// A name safe as a directory/file component.
-fn slug(name: &str) -> String {
+pub(crate) fn slug(name: &str) -> String {
     let s: String = name
         .chars()
         .map(|c| {
@@ -312,6 +348,7 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
             x_label: "layer (block index)",
             y_label: "JSD (bits)",
             series: &per_layer(|r| &r.mean_domain_jsd_per_layer),
+            integer_x: true,
         },
     )?;
     let _ = writeln!(
@@ -325,6 +362,7 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
             x_label: "layer (block index)",
             y_label: "max / mean",
             series: &per_layer(|r| &r.load_imbalance),
+            integer_x: true,
         },
     )?;
     let _ = writeln!(md, "Load imbalance per layer:\n\n![]({png})\n");
@@ -455,6 +493,7 @@ fn analyze_run(
                 values: &values,
                 vmin: 0.0,
                 vmax: max_share.max(f64::MIN_POSITIVE),
+                diverging: false,
             },
         )?;
         let _ = writeln!(md, "![]({png})\n");
@@ -470,6 +509,25 @@ fn analyze_run(
             })
         })
         .collect();
+
+    md.push_str("### Top experts per domain (share of the domain's tokens)\n\n| layer | domain | top experts |\n| --- | --- | --- |\n");
+    for l in 0..c.n_layers() {
+        for d in 0..c.n_domains() {
+            let top = analysis::top_experts(c, l, d, c.top_k.max(1) * 2);
+            if top.is_empty() {
+                continue;
+            }
+            let cells: Vec<String> = top.iter().map(|(e, s)| format!("e{e} {s:.3}")).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                layer_name(l),
+                c.domains[d],
+                cells.join(", ")
+            );
+        }
+    }
+    md.push('\n');
 
     // Domain JSD.
     let jsd = analysis::domain_jsd(c);
@@ -512,9 +570,20 @@ fn analyze_run(
             values: &flat,
             vmin: 0.0,
             vmax: vmax.max(f64::MIN_POSITIVE),
+            diverging: false,
         },
     )?;
     let _ = writeln!(md, "### Domain JSD (mean over layers)\n\n![]({png})\n");
+    let _ = writeln!(md, "| domain | {} |", c.domains.join(" | "));
+    let _ = writeln!(md, "| --- |{}", " --- |".repeat(c.n_domains()));
+    for (a, row) in jsd.mean.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|v| v.map_or_else(|| "-".to_string(), |x| format!("{x:.3}")))
+            .collect();
+        let _ = writeln!(md, "| {} | {} |", c.domains[a], cells.join(" | "));
+    }
+    md.push('\n');
     let per_layer_jsd: Vec<Option<f64>> =
         jsd.per_layer.iter().map(|m| mean_off_diagonal(m)).collect();
 
@@ -586,6 +655,7 @@ fn analyze_run(
                 x_label: "step",
                 y_label: "peak share (mean over layers)",
                 series: &series,
+                integer_x: true,
             },
         )?;
         let _ = writeln!(md, "### Specialisation over training\n\n![]({png})\n");
@@ -597,7 +667,7 @@ fn analyze_run(
     // Trace-only analyses.
     let mut trace_json = serde_json::Value::Null;
     if let Some(t) = &input.trace {
-        trace_json = analyze_trace(w, md, t, dir, &input.name)?;
+        trace_json = analyze_trace(w, md, t, dir, &input.name, input.token_text.as_deref())?;
     }
 
     w.json(
@@ -643,6 +713,53 @@ fn analyze_run(
     })
 }
 
+/// A token as table text: its decoded form (quoted, whitespace made visible) or its id.
+fn token_cell(id: u32, token_text: Option<&[String]>) -> String {
+    match token_text.and_then(|t| t.get(id as usize)) {
+        Some(text) => {
+            let shown: String = text
+                .chars()
+                .map(|c| match c {
+                    '\n' => '⏎',
+                    ' ' => '·',
+                    '|' => '¦',
+                    '`' => '\'',
+                    c if c.is_control() => '?',
+                    c => c,
+                })
+                .collect();
+            format!("`{shown}`")
+        }
+        None => format!("#{id}"),
+    }
+}
+
+/// Markdown table of each expert's most frequent input tokens in one layer.
+fn vocab_table(md: &mut String, v: &analysis::VocabSpecialization, token_text: Option<&[String]>) {
+    let _ = writeln!(
+        md,
+        "Layer {} — each expert's most frequent input tokens (share of its assignments){}:\n\n| expert | assignments | top tokens |\n| --- | --- | --- |",
+        v.layer,
+        if token_text.is_some() { "" } else { " (token ids: no tokenizer given)" }
+    );
+    for e in &v.experts {
+        let cells: Vec<String> = e
+            .top
+            .iter()
+            .take(6)
+            .map(|s| format!("{} {:.2}", token_cell(s.token, token_text), s.share))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            e.expert,
+            e.assignments,
+            cells.join(", ")
+        );
+    }
+    md.push('\n');
+}
+
 /// Vocabulary specialisation and co-activation tables/plots of one trace; returns their JSON.
 fn analyze_trace(
     w: &mut Out,
@@ -650,6 +767,7 @@ fn analyze_trace(
     t: &Trace,
     dir: &str,
     name: &str,
+    token_text: Option<&[String]>,
 ) -> Result<serde_json::Value> {
     let mut vocab_json = Vec::new();
     let mut coact_json = Vec::new();
@@ -664,6 +782,9 @@ fn analyze_trace(
     for l in 0..t.n_layers() {
         for kind in [TokenKind::Input, TokenKind::Predicted] {
             let v = analysis::vocab_specialization(t, l, kind, TOP_TOKENS)?;
+            if kind == TokenKind::Input {
+                vocab_table(md, &v, token_text);
+            }
             for e in &v.experts {
                 for (rank, s) in e.top.iter().enumerate() {
                     expert_rows.push(vec![
@@ -729,6 +850,7 @@ fn analyze_trace(
                 values: &values,
                 vmin: 0.0,
                 vmax: 1.0,
+                diverging: false,
             },
         )?;
         let _ = writeln!(md, "![]({png})\n");
@@ -820,7 +942,7 @@ fn write_run_jsd(w: &mut Out, md: &mut String, cmp: &Comparison) -> Result<()> {
 }
 
 /// Line plot of one variant's per-domain JSD over layers.
-fn jsd_lines(
+pub(crate) fn jsd_lines(
     w: &mut Out,
     variant: &str,
     baseline: &str,
@@ -844,6 +966,7 @@ fn jsd_lines(
             x_label: "layer (block index)",
             y_label: "JSD vs baseline (bits)",
             series: &series,
+            integer_x: true,
         },
     )
 }
@@ -910,6 +1033,7 @@ fn write_saturation(
                 x_label: "checkpoint step",
                 y_label: "top-k overlap with final",
                 series: &series,
+                integer_x: true,
             },
         )?;
         let _ = writeln!(md, "### Router saturation\n\n![]({png})\n");
@@ -965,219 +1089,6 @@ pub fn compare_runs(baseline: &AnalysisInput, variants: &[AnalysisInput]) -> Res
     })
 }
 
-/// One row of an ablation comparison: a variant's domain loss, its delta and routing shift.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ComparisonRow {
-    /// Variant name (the baseline has its own rows with zero deltas).
-    pub variant: String,
-    /// Domain name.
-    pub domain: String,
-    /// Validation loss of the variant on this domain.
-    pub val_loss: Option<f64>,
-    /// Validation loss of the baseline on this domain.
-    pub baseline_loss: Option<f64>,
-    /// `val_loss - baseline_loss` (negative = the variant is better).
-    pub delta_loss: Option<f64>,
-    /// Mean over layers of the domain's routing JSD against the baseline.
-    pub mean_jsd: Option<f64>,
-}
-
-/// Writes an ablation comparison into `out`: `comparison.csv`/`.json` (per variant and domain:
-/// loss, delta vs baseline, mean routing JSD), heatmaps of loss deltas and JSD, per-variant JSD
-/// line plots and `comparison.md`. `losses` holds (run name, domain -> validation loss) and should
-/// include the baseline; returns the rows written.
-pub fn write_comparison(
-    out: &Path,
-    comparison: &Comparison,
-    losses: &[(String, BTreeMap<String, f64>)],
-) -> Result<Vec<ComparisonRow>> {
-    let mut w = Out::new(out)?;
-    let baseline_losses = losses
-        .iter()
-        .find(|(n, _)| *n == comparison.baseline)
-        .map(|(_, l)| l);
-    let mut notes = Vec::new();
-    if baseline_losses.is_none() {
-        notes.push(format!(
-            "no validation losses for baseline {}: deltas are empty",
-            comparison.baseline
-        ));
-    }
-    // Domains in the runs' order (JSD tables), then any that only have losses.
-    let mut domains: Vec<String> = Vec::new();
-    let jsd_domains = comparison
-        .variants
-        .iter()
-        .flat_map(|v| v.jsd.domains.iter());
-    for d in jsd_domains.chain(losses.iter().flat_map(|(_, l)| l.keys())) {
-        if !domains.contains(d) {
-            domains.push(d.clone());
-        }
-    }
-    let mut names = vec![comparison.baseline.clone()];
-    names.extend(comparison.variants.iter().map(|v| v.name.clone()));
-    names.extend(losses.iter().map(|(n, _)| n.clone()).filter(|n| {
-        *n != comparison.baseline && !comparison.variants.iter().any(|v| v.name == *n)
-    }));
-    let mut rows = Vec::new();
-    for name in &names {
-        let own = losses.iter().find(|(n, _)| n == name).map(|(_, l)| l);
-        let jsd = comparison
-            .variants
-            .iter()
-            .find(|v| v.name == *name)
-            .map(|v| &v.jsd);
-        for d in &domains {
-            let val_loss = own.and_then(|l| l.get(d).copied());
-            let baseline_loss = baseline_losses.and_then(|l| l.get(d).copied());
-            let mean_jsd = if *name == comparison.baseline {
-                Some(0.0)
-            } else {
-                jsd.and_then(|j| {
-                    j.domains
-                        .iter()
-                        .position(|x| x == d)
-                        .and_then(|i| j.mean[i])
-                })
-            };
-            rows.push(ComparisonRow {
-                variant: name.clone(),
-                domain: d.clone(),
-                val_loss,
-                baseline_loss,
-                delta_loss: val_loss.zip(baseline_loss).map(|(v, b)| v - b),
-                mean_jsd,
-            });
-        }
-    }
-    let csv_rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.variant.clone(),
-                r.domain.clone(),
-                num(r.val_loss),
-                num(r.baseline_loss),
-                num(r.delta_loss),
-                num(r.mean_jsd),
-            ]
-        })
-        .collect();
-    w.csv(
-        "comparison.csv",
-        &[
-            "variant",
-            "domain",
-            "val_loss",
-            "baseline_loss",
-            "delta_loss",
-            "mean_jsd_vs_baseline",
-        ],
-        &csv_rows,
-    )?;
-    for v in &comparison.variants {
-        notes.extend(v.jsd.notes.iter().cloned());
-    }
-    w.json("comparison.json", &serde_json::json!({ "baseline": comparison.baseline, "rows": rows, "jsd": comparison, "notes": notes }))?;
-
-    let mut md = format!("# Ablation comparison against {}\n\n", comparison.baseline);
-    md.push_str(
-        "`delta_loss` = variant validation loss - baseline loss on the domain (negative = better). \
-         `mean_jsd` = Jensen-Shannon divergence (base 2) between the domain's expert distribution in \
-         the variant and in the baseline, averaged over MoE layers: how much the mixture change moved \
-         that domain's routing.\n\n| variant | domain | val_loss | delta_loss | mean_jsd |\n| --- | --- | --- | --- | --- |\n",
-    );
-    let fmt = |v: Option<f64>| {
-        v.map(|x| format!("{x:.4}"))
-            .unwrap_or_else(|| "-".to_string())
-    };
-    for r in &rows {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {} |",
-            r.variant,
-            r.domain,
-            fmt(r.val_loss),
-            fmt(r.delta_loss),
-            fmt(r.mean_jsd)
-        );
-    }
-    md.push('\n');
-    let variant_names: Vec<String> = names
-        .iter()
-        .filter(|n| **n != comparison.baseline)
-        .cloned()
-        .collect();
-    let cell = |f: &dyn Fn(&ComparisonRow) -> Option<f64>| -> Vec<Option<f64>> {
-        variant_names
-            .iter()
-            .flat_map(|n| domains.iter().map(move |d| (n, d)))
-            .map(|(n, d)| {
-                rows.iter()
-                    .find(|r| r.variant == *n && r.domain == *d)
-                    .and_then(f)
-            })
-            .collect()
-    };
-    if !variant_names.is_empty() {
-        let deltas = cell(&|r| r.delta_loss);
-        let bound = deltas
-            .iter()
-            .flatten()
-            .fold(0.0f64, |m, v| m.max(v.abs()))
-            .max(f64::MIN_POSITIVE);
-        let title = format!("Validation loss delta vs {}", comparison.baseline);
-        let png = w.heatmap(
-            "comparison_loss_delta",
-            &Heatmap {
-                title: &title,
-                x_label: "domain",
-                y_label: "variant",
-                rows: &variant_names,
-                cols: &domains,
-                values: &deltas,
-                vmin: -bound,
-                vmax: bound,
-            },
-        )?;
-        let _ = writeln!(md, "![]({png})\n");
-        let jsds = cell(&|r| r.mean_jsd);
-        let vmax = jsds
-            .iter()
-            .flatten()
-            .copied()
-            .fold(0.0, f64::max)
-            .max(f64::MIN_POSITIVE);
-        let title = format!("Mean routing JSD vs {}", comparison.baseline);
-        let png = w.heatmap(
-            "comparison_mean_jsd",
-            &Heatmap {
-                title: &title,
-                x_label: "domain",
-                y_label: "variant",
-                rows: &variant_names,
-                cols: &domains,
-                values: &jsds,
-                vmin: 0.0,
-                vmax,
-            },
-        )?;
-        let _ = writeln!(md, "![]({png})\n");
-    }
-    for v in &comparison.variants {
-        let png = jsd_lines(&mut w, &v.name, &comparison.baseline, &v.jsd, "comparison_")?;
-        let _ = writeln!(md, "![]({png})\n");
-    }
-    if !notes.is_empty() {
-        md.push_str("## Notes\n\n");
-        for n in &notes {
-            let _ = writeln!(md, "- {n}");
-        }
-    }
-    w.text("comparison.md", &md)?;
-    Ok(rows)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1219,7 +1130,7 @@ mod tests {
         let path = router_log::write_chunk(&run.join("router"), &chunk(0, 9, 1)).unwrap();
         router_log::write_chunk(&run.join("router"), &chunk(10, 19, 3)).unwrap();
         let input = load_input(&run).unwrap();
-        assert_eq!(input.name, "baseline");
+        assert_eq!(input.name, "baseline@0..19");
         assert_eq!(input.chunks.len(), 2);
         assert_eq!(input.counts.count(0, 0, 0), 14);
         assert_eq!(load_input(&path).unwrap().counts, chunk(0, 9, 1));
@@ -1243,12 +1154,14 @@ mod tests {
             counts: router_log::total(&chunks).unwrap(),
             chunks,
             trace: None,
+            token_text: None,
         };
         let variant = AnalysisInput {
             name: "no math".into(),
             counts: chunk(0, 19, 4),
             chunks: vec![],
             trace: None,
+            token_text: None,
         };
         let early = small_trace();
         let mut late = small_trace();
@@ -1261,9 +1174,12 @@ mod tests {
                 counts: t.counts(),
                 chunks: vec![],
                 trace: Some(t),
+                token_text: None,
             })
             .collect();
-        let inputs = vec![base, variant, traces[0].clone(), traces[1].clone()];
+        let mut early_named = traces[0].clone();
+        early_named.token_text = Some((0..16).map(|i| format!("w{i} ")).collect());
+        let inputs = vec![base, variant, early_named, traces[1].clone()];
         let summary = analyze(&inputs, &dir).unwrap();
         let md = fs::read_to_string(&summary.report).unwrap();
         for needle in [
@@ -1273,6 +1189,12 @@ mod tests {
             "Router saturation",
             "coactivation_layer01.png",
             "Metrics",
+            "### Top experts per domain",
+            "| domain | web | math |",
+            "| expert | assignments | top tokens |",
+            // Decoded tokens where the input has a tokenizer's texts, ids where it has none.
+            "`w7·`",
+            "#7 ",
         ] {
             assert!(md.contains(needle), "report.md lacks {needle}");
         }
@@ -1300,72 +1222,6 @@ mod tests {
         assert_eq!(json["domain_share"][0][0][0], 0.7);
         assert_eq!(summary.runs.len(), 4);
         assert!(summary.runs[2].has_trace);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn comparison_report_has_deltas_against_baseline() {
-        let dir = tmp_dir("compare");
-        let base = AnalysisInput {
-            name: "base".into(),
-            counts: chunk(0, 9, 0),
-            chunks: vec![],
-            trace: None,
-        };
-        let mut no_math = chunk(0, 9, 2);
-        no_math.tokens[1] = 0;
-        no_math.counts[4..8].copy_from_slice(&[0, 0, 0, 0]);
-        no_math.counts[12..16].copy_from_slice(&[0, 0, 0, 0]);
-        let variant = AnalysisInput {
-            name: "no-math".into(),
-            counts: no_math,
-            chunks: vec![],
-            trace: None,
-        };
-        let cmp = compare_runs(&base, &[variant]).unwrap();
-        // web layer 0: uniform vs (7,5,5,3)/20; layer 1: uniform vs (5,7,3,5)/20, the same JSD.
-        let p = [0.25; 4];
-        let q = [0.35, 0.25, 0.25, 0.15];
-        let l0 = analysis::jensen_shannon(&p, &q).unwrap();
-        assert_eq!(cmp.variants[0].jsd.per_layer[0][0], Some(l0));
-        assert_eq!(cmp.variants[0].jsd.per_layer[1][0], Some(l0));
-        assert_eq!(cmp.variants[0].jsd.mean[0], Some(l0));
-        assert_eq!(cmp.variants[0].jsd.mean[1], None);
-        assert!(cmp.variants[0].jsd.notes[0].contains("variant no-math"));
-        let losses = vec![
-            (
-                "base".to_string(),
-                BTreeMap::from([("web".to_string(), 3.0), ("math".to_string(), 2.5)]),
-            ),
-            (
-                "no-math".to_string(),
-                BTreeMap::from([("web".to_string(), 2.75), ("math".to_string(), 3.5)]),
-            ),
-        ];
-        let rows = write_comparison(&dir, &cmp, &losses).unwrap();
-        let web = rows
-            .iter()
-            .find(|r| r.variant == "no-math" && r.domain == "web")
-            .unwrap();
-        assert_eq!(web.delta_loss, Some(-0.25));
-        assert_eq!(web.mean_jsd, Some(l0));
-        let math = rows
-            .iter()
-            .find(|r| r.variant == "no-math" && r.domain == "math")
-            .unwrap();
-        assert_eq!((math.delta_loss, math.mean_jsd), (Some(1.0), None));
-        let base_web = rows
-            .iter()
-            .find(|r| r.variant == "base" && r.domain == "web")
-            .unwrap();
-        assert_eq!(base_web.delta_loss, Some(0.0));
-        let md = fs::read_to_string(dir.join("comparison.md")).unwrap();
-        assert!(md.contains("| no-math | web | 2.7500 | -0.2500 |"), "{md}");
-        assert!(dir.join("comparison_loss_delta.png").is_file());
-        assert!(dir.join("comparison_run_jsd_no-math.svg").is_file());
-        assert!(fs::read_to_string(dir.join("comparison.csv"))
-            .unwrap()
-            .contains("no-math,math,3.5,2.5,1,"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,12 +1,15 @@
 //! Ablations: several variants of one base config, trained with the same seed and token budget
 //! one after another, then compared on per-domain validation loss and on how each domain's
-//! validation tokens are routed (Jensen-Shannon divergence against the baseline).
+//! validation tokens are routed (Jensen-Shannon divergence against the baseline). With
+//! `seeds = [..]` every variant is trained once per seed and the comparison reports spread,
+//! bootstrap intervals and the routing noise floor (see `moelab_trace::compare`).
 //!
 //! An ablation file:
 //! ```toml
 //! base = "../tiny.toml"            # base run config, relative to this file
 //! out_dir = "runs/ablations/small" # default for --out (relative to the working directory)
 //! set = ["train.steps=150"]        # overrides applied to every variant
+//! seeds = [1, 2, 3]                # optional: run.seed of each replicate (OUT/<name>/seed-<s>)
 //! [[variant]]                      # the first variant is the baseline
 //! name = "baseline"
 //! [[variant]]
@@ -15,22 +18,27 @@
 //! ```
 //! Routing is compared on the final evaluation's validation-set counts
 //! (`eval/step-N/chunk-N.safetensors`): the same tokens for every variant, unlike the training
-//! router logs, whose tokens follow each variant's mixture.
+//! router logs, whose tokens follow each variant's mixture. Experts are matched across runs on a
+//! trace of the same validation tokens (`checkpoint_trace`), for the aligned JSD.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use moelab_trace::report::{
-    compare_runs, write_comparison, AnalysisInput, Comparison, ComparisonRow,
+use moelab_trace::compare::{
+    compare_replicates, write_comparison, AblationComparison, ComparisonRow, ReplicateRun,
 };
+use moelab_trace::curves::plot_curves;
 use moelab_trace::router_log::{self, RouterCounts};
 use serde::Deserialize;
 
+use crate::checkpoint_trace::{trace_checkpoint, TraceOptions};
 use crate::trainer::{evaluate_checkpoint, train, Event, Resume, RunDir, RunOptions, Summary};
 use crate::{checkpoint, interrupt, Config, TrainError};
 
 /// Sub-folder of the ablation's output with the comparison tables, plots and comparison.md.
 pub const COMPARISON_DIR: &str = "comparison";
+/// Sub-folder of the comparison with the training curves, variants overlaid.
+pub const CURVES_DIR: &str = "curves";
 
 /// The ablation file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +49,8 @@ struct AblationFile {
     out_dir: Option<PathBuf>,
     #[serde(default)]
     set: Vec<String>,
+    #[serde(default)]
+    seeds: Vec<u64>,
     #[serde(default, rename = "variant")]
     variants: Vec<VariantFile>,
 }
@@ -54,11 +64,16 @@ struct VariantFile {
     set: Vec<String>,
 }
 
-/// One variant with its resolved run config.
+/// One run of the ablation: a variant at one seed, with its resolved run config.
 #[derive(Debug, Clone)]
 pub struct Variant {
-    /// Name: the run folder under the output folder and `run.name`.
+    /// Variant name (`run.name`, or `<name>-seed-<s>` with seeds).
     pub name: String,
+    /// Its seed (`run.seed`).
+    pub seed: u64,
+    /// The run folder under the output folder and the name in progress lines: the name, or
+    /// `<name>/seed-<s>` when the ablation lists seeds.
+    pub label: String,
     /// Overrides applied to the base config (the ablation's `set`, then the variant's).
     pub overrides: Vec<String>,
     /// The resolved config (run.name = name).
@@ -74,8 +89,10 @@ pub struct Ablation {
     pub base: PathBuf,
     /// Default output folder (`out_dir`, else `runs/ablations/<file stem>`).
     pub out_dir: PathBuf,
-    /// The variants; the first is the baseline.
+    /// Every run: each variant once, or once per seed (seed by seed); the first is the baseline.
     pub variants: Vec<Variant>,
+    /// The ablation's `seeds` (empty: each variant once with the base config's seed).
+    pub seeds: Vec<u64>,
 }
 
 impl Ablation {
@@ -141,15 +158,43 @@ impl Ablation {
             }
             variants.push(Variant {
                 name: v.name.clone(),
+                seed: config.run.seed,
+                label: v.name.clone(),
                 overrides,
                 config,
             });
+        }
+        for (i, seed) in file.seeds.iter().enumerate() {
+            if file.seeds[..i].contains(seed) {
+                return Err(fail(format!(
+                    "key `seeds[{i}]`: seed {seed} is listed twice; each replicate needs its own seed"
+                )));
+            }
+        }
+        if !file.seeds.is_empty() {
+            // Seed by seed, so a study stopped part-way has whole replicates to compare.
+            variants = file
+                .seeds
+                .iter()
+                .flat_map(|&seed| {
+                    variants.iter().map(move |v| {
+                        let mut run = v.clone();
+                        run.seed = seed;
+                        run.label = format!("{}/seed-{seed}", v.name);
+                        run.config.run.seed = seed;
+                        run.config.run.name = format!("{}-seed-{seed}", v.name);
+                        run.overrides.push(format!("run.seed={seed}"));
+                        run
+                    })
+                })
+                .collect();
         }
         Ok(Ablation {
             path: path.to_path_buf(),
             base,
             out_dir,
             variants,
+            seeds: file.seeds,
         })
     }
 }
@@ -252,8 +297,8 @@ pub struct AblationOutcome {
     pub comparison_dir: Option<PathBuf>,
     /// The comparison rows (variant x domain), baseline first.
     pub rows: Vec<ComparisonRow>,
-    /// The routing comparison (per variant, domain and layer JSD against the baseline).
-    pub comparison: Option<Comparison>,
+    /// The whole comparison (rows, task scores, per-layer JSD against the baseline).
+    pub comparison: Option<AblationComparison>,
     /// Things left out of the comparison and why.
     pub notes: Vec<String>,
 }
@@ -284,14 +329,14 @@ pub fn run_ablation(
         if interrupt::requested() {
             return Ok(interrupted());
         }
-        let run_dir = out_dir.join(&variant.name);
+        let run_dir = out_dir.join(&variant.label);
         let mut cfg = variant.config.clone();
         cfg.run.out_dir = out_dir.to_path_buf();
         if let Some(step) = finished_step(&run_dir, &cfg)? {
             on_event(&AblationEvent::VariantSkipped {
                 index: i + 1,
                 total,
-                name: &variant.name,
+                name: &variant.label,
                 run_dir: &run_dir,
                 step,
             });
@@ -301,7 +346,7 @@ pub fn run_ablation(
         on_event(&AblationEvent::VariantStarted {
             index: i + 1,
             total,
-            name: &variant.name,
+            name: &variant.label,
             run_dir: &run_dir,
         });
         let options = RunOptions {
@@ -311,12 +356,12 @@ pub fn run_ablation(
         };
         let summary = train(cfg.clone(), options, &mut |event| {
             on_event(&AblationEvent::Train {
-                name: &variant.name,
+                name: &variant.label,
                 event,
             })
         })?;
         on_event(&AblationEvent::VariantFinished {
-            name: &variant.name,
+            name: &variant.label,
             summary: &summary,
         });
         if summary.interrupted {
@@ -341,12 +386,12 @@ pub fn compare_finished(
     let mut finished = Vec::with_capacity(ablation.variants.len());
     let mut missing = Vec::new();
     for variant in &ablation.variants {
-        let run_dir = out_dir.join(&variant.name);
+        let run_dir = out_dir.join(&variant.label);
         let mut cfg = variant.config.clone();
         cfg.run.out_dir = out_dir.to_path_buf();
         match finished_step(&run_dir, &cfg)? {
             Some(step) => finished.push((variant, run_dir, step)),
-            None => missing.push(variant.name.clone()),
+            None => missing.push(variant.label.clone()),
         }
     }
     if !missing.is_empty() {
@@ -376,47 +421,67 @@ fn compare(
         comparison: None,
         notes: Vec::new(),
     };
-    let mut inputs = Vec::with_capacity(finished.len());
-    let mut losses = Vec::with_capacity(finished.len());
+    let mut notes = Vec::new();
+    let mut runs = Vec::with_capacity(finished.len());
     for (variant, run_dir, step) in finished {
-        let (loss, counts) = match final_eval(run_dir, *step) {
+        let (losses, scores, counts) = match final_eval(run_dir, *step) {
             Err(TrainError::Interrupted) => return Ok(interrupted()),
             result => result?,
         };
-        losses.push((variant.name.clone(), loss));
-        inputs.push(AnalysisInput {
-            name: variant.name.clone(),
+        // The same validation tokens through every run: experts are matched on them.
+        let trace = match trace_checkpoint(
+            &RunDir::new(run_dir).checkpoint(*step),
+            &TraceOptions::default(),
+        ) {
+            Ok(t) => Some(t),
+            Err(TrainError::Interrupted) => return Ok(interrupted()),
+            Err(e) => {
+                notes.push(format!(
+                    "{}: no validation trace ({e}); raw JSD only",
+                    variant.label
+                ));
+                None
+            }
+        };
+        runs.push(ReplicateRun {
+            variant: variant.name.clone(),
+            seed: variant.seed,
+            losses,
+            scores,
             counts,
-            chunks: Vec::new(),
-            trace: None,
+            trace,
         });
     }
-    let mut notes = Vec::new();
-    let (baseline, others) = inputs.split_first().ok_or_else(|| TrainError::Ablation {
-        path: ablation.path.clone(),
-        message: "no variants".into(),
-    })?;
-    let mut comparison = Comparison {
-        baseline: baseline.name.clone(),
-        variants: Vec::new(),
-    };
-    for other in others {
-        // A variant with another model shape has no routing to compare; its losses still count.
-        match compare_runs(baseline, std::slice::from_ref(other)) {
-            Ok(c) => comparison.variants.extend(c.variants),
-            Err(e) => notes.push(format!("routing of {} not compared: {e}", other.name)),
-        }
-    }
+    let baseline = ablation
+        .variants
+        .first()
+        .ok_or_else(|| TrainError::Ablation {
+            path: ablation.path.clone(),
+            message: "no variants".into(),
+        })?;
+    let comparison = compare_replicates(&baseline.name, &runs)?;
+    notes.extend(comparison.notes.iter().cloned());
     if interrupt::requested() {
         return Ok(interrupted());
     }
     let comparison_dir = out_dir.join(COMPARISON_DIR);
-    let rows = write_comparison(&comparison_dir, &comparison, &losses)?;
+    write_comparison(&comparison_dir, &comparison)?;
+    // Curves with the variants overlaid (each the mean over its seeds).
+    let mut groups: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for (variant, run_dir, _) in finished {
+        match groups.iter_mut().find(|(name, _)| *name == variant.name) {
+            Some((_, dirs)) => dirs.push(run_dir.clone()),
+            None => groups.push((variant.name.clone(), vec![run_dir.clone()])),
+        }
+    }
+    if let Err(e) = plot_curves(&groups, &comparison_dir.join(CURVES_DIR)) {
+        notes.push(format!("training curves not drawn: {e}"));
+    }
     Ok(AblationOutcome {
         out_dir: out_dir.to_path_buf(),
         interrupted: false,
         comparison_dir: Some(comparison_dir),
-        rows,
+        rows: comparison.rows.clone(),
         comparison: Some(comparison),
         notes,
     })
@@ -450,6 +515,9 @@ pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>,
 #[derive(Debug, Deserialize)]
 struct EvalFile {
     domains: Vec<EvalDomain>,
+    /// Task name -> metric -> value (absent before task evaluation existed).
+    #[serde(default)]
+    tasks: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 /// One domain of the eval JSON (`loss` is null when the domain had no tokens).
@@ -459,12 +527,13 @@ struct EvalDomain {
     loss: Option<f64>,
 }
 
-/// Validation loss per domain and validation-set routing counts of a run's evaluation at
-/// `step`, evaluating the step's checkpoint first when the files are missing.
-pub fn final_eval(
-    run_dir: &Path,
-    step: u64,
-) -> Result<(BTreeMap<String, f64>, RouterCounts), TrainError> {
+/// What [`final_eval`] reads: loss per domain, task scores (`task/metric` -> value) and the
+/// validation-set routing counts.
+pub type FinalEval = (BTreeMap<String, f64>, BTreeMap<String, f64>, RouterCounts);
+
+/// Validation loss per domain, task scores and validation-set routing counts of a run's
+/// evaluation at `step`, evaluating the step's checkpoint first when the files are missing.
+pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
     let run = RunDir::new(run_dir);
     // The evaluation may write into the run folder: it is taken like a training run.
     let _lock = run.lock()?;
@@ -493,11 +562,23 @@ pub fn final_eval(
         .into_iter()
         .filter_map(|d| d.loss.map(|l| (d.domain, l)))
         .collect();
-    Ok((losses, router_log::total(&chunks)?))
+    let scores = eval
+        .tasks
+        .into_iter()
+        .flat_map(|(task, metrics)| {
+            metrics
+                .into_iter()
+                .map(move |(metric, value)| (format!("{task}/{metric}"), value))
+        })
+        .collect();
+    Ok((losses, scores, router_log::total(&chunks)?))
 }
 
-/// A compact text table: one row per domain, one column per variant with its validation loss,
-/// and for non-baseline variants the delta against the baseline and the mean routing JSD.
+/// A compact text table: one row per domain, one column per variant with its validation loss
+/// (mean over seeds), and for non-baseline variants the delta against the baseline (with its 95%
+/// interval when there are several seeds, `~` marking one inside the noise), and the routing JSD
+/// (aligned where experts were matched) with `~` when at or below the noise floor, whose column
+/// comes last.
 pub fn table(rows: &[ComparisonRow]) -> String {
     let mut variants: Vec<&str> = Vec::new();
     let mut domains: Vec<&str> = Vec::new();
@@ -509,11 +590,9 @@ pub fn table(rows: &[ComparisonRow]) -> String {
             domains.push(&r.domain);
         }
     }
-    let num = |v: Option<f64>, signed: bool| match v {
-        Some(x) if signed => format!("{x:+.4}"),
-        Some(x) => format!("{x:.4}"),
-        None => "-".into(),
-    };
+    let num = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
+    let mark = |within: Option<bool>| if within == Some(true) { "~" } else { "" };
+    let has_noise = rows.iter().any(|r| r.noise_jsd.is_some());
     let mut cells: Vec<Vec<String>> = Vec::new();
     let mut header = vec!["domain".to_string()];
     for (i, v) in variants.iter().enumerate() {
@@ -523,21 +602,46 @@ pub fn table(rows: &[ComparisonRow]) -> String {
             header.extend([format!("{v} loss"), "delta".into(), "jsd".into()]);
         }
     }
+    if has_noise {
+        header.push("jsd noise".into());
+    }
     cells.push(header);
     for d in &domains {
         let mut line = vec![d.to_string()];
+        let mut noise = None;
         for (i, v) in variants.iter().enumerate() {
             let row = rows.iter().find(|r| r.variant == *v && r.domain == *d);
-            line.push(num(row.and_then(|r| r.val_loss), false));
-            if i > 0 {
-                line.push(num(row.and_then(|r| r.delta_loss), true));
-                line.push(num(row.and_then(|r| r.mean_jsd), false));
+            line.push(num(row.and_then(|r| r.val_loss)));
+            let Some(r) = row.filter(|_| i > 0) else {
+                if i > 0 {
+                    line.extend(["-".into(), "-".into()]);
+                }
+                continue;
+            };
+            let mut delta = r
+                .delta_loss
+                .map_or_else(|| "-".to_string(), |x| format!("{x:+.4}"));
+            if let (Some(iv), true) = (r.delta_interval, r.seeds > 1) {
+                delta += &format!(" [{:+.3},{:+.3}]", iv.lo, iv.hi);
             }
+            delta += mark(r.delta_within_noise);
+            line.push(delta);
+            line.push(num(r.aligned_jsd.or(r.mean_jsd)) + mark(r.jsd_within_noise));
+            noise = noise.or(r.noise_aligned_jsd.or(r.noise_jsd));
+        }
+        if has_noise {
+            line.push(num(noise));
         }
         cells.push(line);
     }
     let widths: Vec<usize> = (0..cells[0].len())
-        .map(|c| cells.iter().map(|l| l[c].len()).max().unwrap_or(0))
+        .map(|c| {
+            cells
+                .iter()
+                .map(|l| l.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for line in &cells {
@@ -555,6 +659,10 @@ pub fn table(rows: &[ComparisonRow]) -> String {
             .collect();
         out += text.join("  ").trim_end();
         out.push('\n');
+    }
+    if rows.iter().any(|r| r.seeds > 1) {
+        out +=
+            "~ = inside the noise (delta interval holds 0, or JSD at or below the noise floor)\n";
     }
     out
 }
@@ -629,6 +737,57 @@ set = ["data.mixture.b=0.0"]
     }
 
     #[test]
+    fn bundled_ablation_files_load() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/ablations"
+        ));
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let a = Ablation::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!a.variants.is_empty());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "small, study and study-reduced");
+        let study = Ablation::load(&dir.join("study.toml")).unwrap();
+        assert_eq!((study.seeds.len(), study.variants.len()), (3, 21));
+    }
+
+    #[test]
+    fn seeds_replicate_every_variant_seed_by_seed() {
+        let dir = temp_dir("seeds");
+        let path = write(
+            &dir,
+            "base = \"../base.toml\"\nseeds = [4, 9]\n[[variant]]\nname = \"a\"\n[[variant]]\nname = \"b\"\n",
+        );
+        let a = Ablation::load(&path).unwrap();
+        let runs: Vec<(&str, u64, &str)> = a
+            .variants
+            .iter()
+            .map(|v| (v.name.as_str(), v.config.run.seed, v.label.as_str()))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                ("a", 4, "a/seed-4"),
+                ("b", 4, "b/seed-4"),
+                ("a", 9, "a/seed-9"),
+                ("b", 9, "b/seed-9")
+            ]
+        );
+        assert_eq!(a.seeds, vec![4, 9]);
+        let path = write(
+            &dir,
+            "base = \"../base.toml\"\nseeds = [4, 4]\n[[variant]]\nname = \"a\"\n",
+        );
+        let err = Ablation::load(&path).unwrap_err().to_string();
+        assert!(err.contains("seeds[1]"), "{err}");
+    }
+
+    #[test]
     fn refuses_bad_files_naming_the_key() {
         let dir = temp_dir("bad");
         let cases = [
@@ -670,10 +829,18 @@ set = ["data.mixture.b=0.0"]
         let row = |variant: &str, domain: &str, loss: f64, delta: f64, jsd: f64| ComparisonRow {
             variant: variant.into(),
             domain: domain.into(),
+            seeds: 1,
             val_loss: Some(loss),
+            val_loss_std: Some(0.0),
             baseline_loss: Some(loss - delta),
             delta_loss: Some(delta),
+            delta_interval: None,
+            delta_within_noise: None,
             mean_jsd: Some(jsd),
+            aligned_jsd: None,
+            noise_jsd: None,
+            noise_aligned_jsd: None,
+            jsd_within_noise: None,
         };
         let text = table(&[
             row("base", "web", 3.0, 0.0, 0.0),

@@ -24,7 +24,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 /// Writes every variant's resolved config (with `run.out_dir = out_dir`) to
-/// `out_dir/.variants/NAME.toml`; returns (name, config path) in variant order.
+/// `out_dir/.variants/LABEL.toml`; returns (label, config path) in variant order.
 pub fn write_variant_configs(
     ablation: &Ablation,
     out_dir: &Path,
@@ -35,9 +35,13 @@ pub fn write_variant_configs(
     for variant in &ablation.variants {
         let mut cfg = variant.config.clone();
         cfg.run.out_dir = out_dir.to_path_buf();
-        let path = dir.join(format!("{}.toml", variant.name));
+        // The label is the run folder's path under `out_dir` (`name/seed-S` with seeds).
+        let path = dir.join(format!("{}.toml", variant.label));
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
         moelab_io::write_atomic(&path, cfg.to_toml().as_bytes()).map_err(io(&path))?;
-        written.push((variant.name.clone(), path));
+        written.push((variant.label.clone(), path));
     }
     Ok(written)
 }

@@ -170,3 +170,16 @@ pub fn tokens_per_domain(trace: &Trace) -> Vec<(String, u64)> {
     }
     trace.domains.iter().cloned().zip(counts).collect()
 }
+
+/// The text of every token id of the tokenizer of the run that wrote `checkpoint` (the
+/// checkpoint folder a trace names), for vocabulary tables.
+pub fn token_texts(checkpoint: &Path) -> Result<Vec<String>, TrainError> {
+    use crate::tasks::Codec;
+    let checkpoint = checkpoint::resolve(checkpoint)?;
+    let cfg = crate::Config::load(&checkpoint.join("config.toml"), &[])?;
+    let dataset = crate::trainer::open_run_data(&cfg, &checkpoint)?;
+    let codec = crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
+    (0..dataset.vocab_size() as u32)
+        .map(|id| codec.decode(&[id]))
+        .collect()
+}

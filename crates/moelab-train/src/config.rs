@@ -7,6 +7,7 @@ use moelab_model::ModelConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::ScheduleKind;
+use crate::tasks::EvalConfig;
 use crate::TrainError;
 
 /// A whole run: every section of the TOML file.
@@ -27,6 +28,9 @@ pub struct Config {
     /// Metric and router-log intervals.
     #[serde(default)]
     pub log: LogConfig,
+    /// Task evaluation at every evaluation (`[[eval.tasks]]`).
+    #[serde(default, skip_serializing_if = "EvalConfig::is_empty")]
+    pub eval: EvalConfig,
 }
 
 /// Where the model runs.
@@ -504,6 +508,10 @@ seq_len = 0
 "<domain>" = 0.0
 [data.source_mixture."<domain>"]
 "<source>" = 0.0
+[data.select."<domain>"]
+scores = "REQUIRED"
+threshold = 0.0
+share = 0.0
 [[data.stages]]
 start_token = 0
 [data.stages.mixture]
@@ -512,6 +520,9 @@ start_token = 0
 steps = 0
 micro_batch = 0
 lr = 0.0
+[[eval.tasks]]
+name = "REQUIRED"
+path = "REQUIRED"
 "#;
 
     /// The field names the types accept in the table at `path` (e.g. `["model", "moe"]`), read
@@ -564,7 +575,10 @@ lr = 0.0
             for field in fields {
                 let mut key_path = path.clone();
                 key_path.push(field);
-                let dotted = key_path.join(".").replace("stages.", "stages[].");
+                let dotted = key_path
+                    .join(".")
+                    .replace("stages.", "stages[].")
+                    .replace("tasks.", "tasks[].");
                 let value = at(&resolved, &key_path);
                 let given = at(&required, &key_path);
                 match value {

@@ -1,5 +1,5 @@
-//! Evaluation: loss per domain on the fixed validation streams, and where the router sends each
-//! domain's validation tokens.
+//! Evaluation: loss per domain on the fixed validation streams, where the router sends each
+//! domain's validation tokens, and the `[[eval.tasks]]` scores (see [`crate::tasks`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::dist::Collective;
 use crate::routing_counts::RouterAccumulator;
+use crate::tasks::{load_tasks, score_task, ModelScorer, TaskScore, TokenizerCodec};
 use crate::trainer::RunDir;
 use crate::{Config, TrainError};
 
@@ -35,6 +36,8 @@ pub struct EvalReport {
     pub domains: Vec<DomainEval>,
     /// Router choices on the validation tokens, per (layer, domain, expert).
     pub routing: RouterCounts,
+    /// Scores of the `[[eval.tasks]]`, in config order.
+    pub tasks: Vec<TaskScore>,
 }
 
 /// JSON form of an evaluation: losses plus each domain's expert distribution per layer.
@@ -44,6 +47,9 @@ struct EvalJson<'a> {
     domains: &'a [DomainEval],
     /// layer -> domain -> share of the domain's tokens routed to each expert (sums to top_k).
     expert_share: BTreeMap<usize, BTreeMap<String, Vec<f64>>>,
+    /// task -> metric -> value.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    tasks: BTreeMap<String, BTreeMap<&'static str, f64>>,
 }
 
 impl EvalReport {
@@ -74,6 +80,11 @@ impl EvalReport {
             step: self.step,
             domains: &self.domains,
             expert_share,
+            tasks: self
+                .tasks
+                .iter()
+                .map(|t| (t.name.clone(), t.metrics().into_iter().collect()))
+                .collect(),
         };
         serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
@@ -122,6 +133,19 @@ impl EvalReport {
             }
             out += &line;
             out.push('\n');
+        }
+        for t in &self.tasks {
+            let metrics: Vec<String> = t
+                .metrics()
+                .iter()
+                .map(|(m, v)| format!("{m} {v:.4}"))
+                .collect();
+            out += &format!(
+                "task {:<9} {}  ({} examples)\n",
+                t.name,
+                metrics.join("  "),
+                t.examples
+            );
         }
         out
     }
@@ -196,9 +220,25 @@ pub fn evaluate(
             tokens,
         });
     }
+    let tasks = if cfg.eval.tasks.is_empty() {
+        Vec::new()
+    } else {
+        let codec = TokenizerCodec::open(&dataset.tokenizer_path())?;
+        let scorer = ModelScorer {
+            model,
+            device,
+            max_len: cfg.model.max_seq_len,
+            eos_id: dataset.eos_id(),
+        };
+        load_tasks(&cfg.eval)?
+            .iter()
+            .map(|task| score_task(task, &codec, &scorer))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     Ok(EvalReport {
         step,
         domains: results,
         routing: crate::routing_counts::reduce_counts(comm, accumulator.snapshot(step)?),
+        tasks,
     })
 }

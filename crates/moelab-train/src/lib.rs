@@ -15,6 +15,7 @@ pub mod interrupt;
 pub mod optim;
 pub mod routing_counts;
 pub mod schedule;
+pub mod tasks;
 pub mod trainer;
 
 pub use trainer::checkpoint;

@@ -196,7 +196,8 @@ impl MetricsLogger {
         self.write(&line)
     }
 
-    /// Records an evaluation: `{"step", "eval": {domain: loss}}`.
+    /// Records an evaluation: `{"step", "eval": {domain: loss}, "task": {"name/metric": value}}`
+    /// (`task` only with `[[eval.tasks]]`).
     pub(crate) fn eval(&mut self, report: &EvalReport) -> Result<(), TrainError> {
         let losses: BTreeMap<&str, f64> = report
             .domains
@@ -204,16 +205,31 @@ impl MetricsLogger {
             .filter(|d| d.tokens > 0)
             .map(|d| (d.domain.as_str(), d.loss))
             .collect();
-        let line = serde_json::json!({
+        let tasks: BTreeMap<String, f64> = report
+            .tasks
+            .iter()
+            .flat_map(|t| {
+                t.metrics()
+                    .into_iter()
+                    .map(|(m, v)| (format!("{}/{m}", t.name), v))
+            })
+            .collect();
+        let mut line = serde_json::json!({
             "step": report.step,
             "eval": losses,
             "time": now_rfc3339(),
             "elapsed_s": self.elapsed_s(),
         });
+        if !tasks.is_empty() {
+            line["task"] = serde_json::json!(tasks);
+        }
         self.write(&line)?;
         if let Some(events) = &mut self.tensorboard {
             for (domain, loss) in &losses {
                 events.scalar(&format!("eval/loss/{domain}"), report.step, *loss)?;
+            }
+            for (metric, value) in &tasks {
+                events.scalar(&format!("eval/task/{metric}"), report.step, *value)?;
             }
             events.flush()?;
         }
@@ -377,8 +393,20 @@ mod tests {
                 domain_eval("math", 0.0, 0),
             ],
             routing: RouterCounts::new(vec![1], vec!["web".into(), "math".into()], 4, 2),
+            tasks: vec![crate::tasks::TaskScore {
+                name: "arith".into(),
+                examples: 2,
+                bpb: 1.5,
+                accuracy: None,
+                exact_match: Some(0.5),
+            }],
         };
         logger.eval(&report).unwrap();
+        let jsonl = std::fs::read_to_string(run_dir.metrics()).unwrap();
+        assert!(
+            jsonl.contains(r#""task":{"arith/bpb":1.5,"arith/exact_match":0.5}"#),
+            "{jsonl}"
+        );
 
         let files: Vec<_> = std::fs::read_dir(run_dir.tensorboard())
             .unwrap()
@@ -405,6 +433,8 @@ mod tests {
                 "router/z_loss/layer_1",
                 "router/load_imbalance/layer_1",
                 "eval/loss/web",
+                "eval/task/arith/bpb",
+                "eval/task/arith/exact_match",
             ]
         );
         let value = |tag: &str| scalars.iter().find(|(_, t, _)| t == tag).unwrap().2;

@@ -275,6 +275,11 @@ impl Trainer {
             cfg.data.validation_tokens,
             cfg.train.micro_batch,
         )?;
+        // So are the task files and the tokenizer that encodes them.
+        if !cfg.eval.tasks.is_empty() {
+            crate::tasks::load_tasks(&cfg.eval)?;
+            crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
+        }
         let dataset = Arc::new(dataset);
         let mut learner = Learner::new(&cfg, &device, comm)?;
         let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;
