@@ -114,15 +114,16 @@ fn assert_tensors_close(a: &Path, b: &Path, rel: f32) {
     }
 }
 
-/// Metrics, final weights, router logs and evaluations of two runs agree.
-fn assert_runs_match(a: &Path, b: &Path, final_step: u64) {
+/// Metrics, final weights (within `weight_rel` of each tensor's largest magnitude), router logs
+/// and evaluations of two runs agree.
+fn assert_runs_match(a: &Path, b: &Path, final_step: u64, weight_rel: f32) {
     let (la, lb) = (logged(a), logged(b));
     assert_eq!(la.len(), lb.len(), "as many logged lines");
     for (x, y) in la.iter().zip(&lb) {
         assert_close(x, y, 1e-5, &format!("step {}", x["step"]));
     }
     let ckpt = format!("checkpoints/step-{final_step:08}/model.safetensors");
-    assert_tensors_close(&a.join(&ckpt), &b.join(&ckpt), 1e-5);
+    assert_tensors_close(&a.join(&ckpt), &b.join(&ckpt), weight_rel);
     let (ra, rb) = (
         read_dir(&a.join("router")).unwrap(),
         read_dir(&b.join("router")).unwrap(),
@@ -151,7 +152,7 @@ fn two_ranks_match_one_rank_of_the_same_global_batch() {
     ok(&fx.train("one", &[]));
     let out = run_mpi(&fx, 2, "two", &[]);
     ok(&out);
-    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6, 1e-5);
     // Rank 0 alone wrote the folder: one metrics line per step and eval, one config.
     let lines = logged(&fx.run_dir("two"));
     assert_eq!(lines.iter().filter(|l| l["loss"].is_number()).count(), 6);
@@ -167,7 +168,11 @@ fn a_sharded_optimizer_on_two_ranks_matches_one_rank_and_resumes_unsharded_on_on
         "two",
         &["--set", "train.shard_optimizer=true"],
     ));
-    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    // The sharded global norm sums the squares bucket block by bucket block (the full one
+    // parameter by parameter), so the clip factors differ in their last bits; Adam's normalised
+    // update carries that into the weights at a few 1e-5 after six steps (losses, evaluations
+    // and router counts still agree as in the unsharded comparison).
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6, 1e-4);
     // One global set of optimizer tensors, whatever the sharding.
     let opt = "checkpoints/step-00000006/optimizer.safetensors";
     assert_tensors_close(
@@ -188,11 +193,12 @@ fn a_sharded_optimizer_on_two_ranks_matches_one_rank_and_resumes_unsharded_on_on
             .unwrap()
     };
     assert_close(&last(&a), &last(&b), 1e-5, "resumed");
+    // Its first three steps were the sharded run's: weights as close as above.
     let model = "checkpoints/step-00000006/model.safetensors";
     assert_tensors_close(
         &fx.run_dir("one").join(model),
         &fx.run_dir("resumed").join(model),
-        1e-5,
+        1e-4,
     );
 }
 
@@ -203,7 +209,7 @@ fn global_batch_balancing_trains_on_two_ranks_as_on_one() {
     ok(&fx.train("one", &[]));
     ok(&run_mpi(&fx, 2, "two", &[]));
     // The fractions are counted over the whole global batch, so the split does not matter.
-    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6);
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("two"), 6, 1e-5);
     let lines = logged(&fx.run_dir("two"));
     let aux: Vec<f64> = lines
         .iter()

@@ -78,7 +78,11 @@ pub fn adamw_update(
     let decayed = match decay {
         Decay::On => (param * (1.0 - lr * weight_decay))?,
         Decay::Off => param.clone(),
-        Decay::Mask(mask) => (param * ((mask * (-lr * weight_decay))? + 1.0)?)?,
+        // Where decayed, the very product `Decay::On` forms, so a shard of a parameter is
+        // updated bit for bit as the whole parameter is.
+        Decay::Mask(mask) => mask
+            .ne(0.0)?
+            .where_cond(&(param * (1.0 - lr * weight_decay))?, param)?,
     };
     let next = (decayed - (update * lr)?)?;
     Ok((next, m, v))
