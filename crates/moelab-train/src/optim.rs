@@ -472,7 +472,11 @@ impl ShardedAdamW {
     ) -> std::result::Result<f64, TrainError> {
         let mut sum = [0f64];
         for block in &grads.blocks {
-            sum[0] += f64::from(block.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            // The full optimizer's per-tensor sums, so both norms agree to f64 rounding.
+            sum[0] += match moelab_kernels::sum_of_squares(block)? {
+                Some(sq) => sq,
+                None => f64::from(block.sqr()?.sum_all()?.to_scalar::<f32>()?),
+            };
         }
         comm.all_reduce_f64(&mut sum);
         Ok(sum[0].sqrt())
