@@ -7,9 +7,10 @@
 # What it does:
 #   - installs pinned CUDA 13.0 wheels from PyPI (nvcc, runtime, cuBLAS, cuRAND, NVRTC) into a
 #     venv under PREFIX; about 20 s the first time, nothing afterwards;
-#   - makes the unversioned .so links the linker looks for, and a libcuda.so *stub* exporting the
-#     driver symbols cudarc names (the driver ships in no wheel; the real libcuda.so.1 on the GPU
-#     machine is used at run time, as with NVIDIA's own lib64/stubs);
+#   - makes the unversioned .so links the linker looks for, and libcuda.so and libnccl.so *stubs*
+#     exporting the symbols cudarc names (the driver ships in no wheel and NCCL is not needed to
+#     build; the GPU machine's real libcuda.so.1 and libnccl.so.2 are used at run time, as with
+#     NVIDIA's own lib64/stubs);
 #   - exports CUDA_ROOT/CUDA_PATH/CUDA_HOME, PATH (nvcc), LIBRARY_PATH and CUDA_COMPUTE_CAP=90.
 #
 # Why 13.0 exactly: candle loads its kernels as PTX and a driver can only JIT PTX from a toolkit
@@ -43,6 +44,17 @@ _moelab_cuda_setup() {
       grep -oE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$src" | sed -E 's/.*fn (cu[A-Za-z0-9_]+)\(/\1/' | sort -u \
         | awk '{print "void " $1 "(void){}"}' > libcuda_stub.c
       gcc -shared -fPIC -o libcuda.so -Wl,-soname,libcuda.so.1 libcuda_stub.c || exit 1
+    fi
+    # The same for NCCL (candle's `nccl` feature, which moelab's cuda feature turns on, links
+    # -lnccl): a stub with the symbols cudarc names; the GPU machine's real libnccl.so.2 (torch's
+    # nvidia-nccl wheel, see scripts/gpu-check.sh) is loaded at run time.
+    if [ ! -f libnccl.so ]; then
+      local nsrc
+      nsrc=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/nccl/sys/mod.rs 2>/dev/null | tail -1)
+      [ -n "$nsrc" ] || { echo "cuda-toolchain: cudarc 0.19 nccl sources not found; run 'cargo fetch' first" >&2; exit 1; }
+      grep -oE '^\s+fn (nccl[A-Za-z0-9_]+)\(' "$nsrc" | sed -E 's/.*fn (nccl[A-Za-z0-9_]+)\(/\1/' | sort -u \
+        | awk '{print "void " $1 "(void){}"}' > libnccl_stub.c
+      gcc -shared -fPIC -o libnccl.so -Wl,-soname,libnccl.so.2 libnccl_stub.c || exit 1
     fi
   ) || { echo "cuda-toolchain: library setup failed" >&2; return 1; }
   export CUDA_ROOT=$nv CUDA_PATH=$nv CUDA_HOME=$nv

@@ -33,6 +33,9 @@ BENCH_CONFIG=${BENCH_CONFIG:-configs/gpu-b.toml}
 SMOKE_CONFIG=${SMOKE_CONFIG:-configs/gpu-smoke.toml}
 SMOKE_STEPS=${SMOKE_STEPS:-30}
 PYTHON=${PYTHON:-python3}
+# The binary links libnccl.so.2 (candle's nccl feature): torch's nvidia-nccl wheel provides it.
+nccl_lib=$("$PYTHON" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=${nccl_lib:+$nccl_lib:}$LD_LIBRARY_PATH
 declare -a ROWS
 STAGES=" ${*:-ops train bench nccl} "
 want() { [[ $STAGES == *" $1 "* ]]; }
@@ -118,10 +121,9 @@ cat "$OUT/bench-table.md"
 fi
 # 4. nccl: the same smoke run through NCCL (world size 1) against the plain CUDA run
 if want nccl; then
-nccl_lib=$("$PYTHON" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
 common=(--set train.steps=$SMOKE_STEPS --set log.interval=5 --set train.eval_interval=0 --set checkpoint.interval=0)
 [ -f "$OUT/smoke-cuda/metrics.jsonl" ] || stage train-cuda 240 $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-cuda" "${common[@]}"
-stage train-nccl 240 env MOELAB_NCCL=1 LD_LIBRARY_PATH="${nccl_lib:+$nccl_lib:}$LD_LIBRARY_PATH" \
+stage train-nccl 240 env MOELAB_NCCL=1 \
   $BIN train "$SMOKE_CONFIG" --run-dir "$OUT/smoke-nccl" "${common[@]}"
 nccl_rc=$?
 if [ $nccl_rc -eq 0 ] && python3 scripts/compare_losses.py \
