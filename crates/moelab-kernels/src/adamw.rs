@@ -1,6 +1,7 @@
 //! The AdamW update of one parameter in place on the CPU: three multi-threaded passes (first
 //! moment, second moment, parameter) over f32 buffers, no temporaries.
 
+use crate::cpu::contiguous;
 use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
@@ -103,7 +104,7 @@ pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
     let candle_core::Storage::Cpu(storage) = &*storage else {
         return Ok(None);
     };
-    let x = slice(storage, layout, "the tensor")?;
+    let x = contiguous::<f32>(storage, layout, "adamw_update", "the tensor")?;
     let chunk_sum = |c: &[f32]| -> f64 {
         let (lanes8, rest) = c.as_chunks::<8>();
         let mut lanes = [0f32; 8];
@@ -124,16 +125,6 @@ pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
         x.par_chunks(CHUNK).map(chunk_sum).collect()
     };
     Ok(Some(sums.iter().sum()))
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        bail!("adamw_update: {what} is not f32");
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("adamw_update: {what} is not contiguous"),
-    }
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
@@ -165,7 +156,7 @@ impl InplaceOp2 for Moment {
         gl: &Layout,
     ) -> Result<()> {
         let moment = slice_mut(dst, dst_l, "the moment")?;
-        let grad = slice(gs, gl, "the gradient")?;
+        let grad = contiguous::<f32>(gs, gl, "adamw_update", "the gradient")?;
         // Constants rounded to f32 as candle rounds a tensor-by-scalar op's scalar, so that this
         // and the composed version (ZeRO-1's shards, other devices) agree bit for bit.
         let scale = self.u.grad_scale as f32;
@@ -201,7 +192,10 @@ impl InplaceOp3 for Apply {
         vl: &Layout,
     ) -> Result<()> {
         let param = slice_mut(dst, dst_l, "the parameter")?;
-        let (m, v) = (slice(ms, ml, "m")?, slice(vs, vl, "v")?);
+        let (m, v) = (
+            contiguous::<f32>(ms, ml, "adamw_update", "m")?,
+            contiguous::<f32>(vs, vl, "adamw_update", "v")?,
+        );
         let u = &self.0;
         // As in the moments: candle divides by a scalar as a multiply by its f32 reciprocal.
         let (inv_c1, inv_c2) = ((1.0 / u.correction1) as f32, (1.0 / u.correction2) as f32);
