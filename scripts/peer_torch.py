@@ -7,7 +7,8 @@
         --set model.moe.n_experts=4 --set train.micro_batch=2 --set data.seq_len=32
 
 Builds transformers' `OlmoeForCausalLM` with the shapes of a moelab run config ([model],
-[model.moe]; batch = [train].micro_batch x [data].seq_len): random init, bf16 weights on CUDA
+[model.moe]; a step = [train].global_batch_tokens / [data].seq_len sequences in micro-batches of
+[train].micro_batch, gradients accumulated, as moelab trains and benches it): random init, bf16 weights on CUDA
 (f32 on CPU), SDPA attention, `grouped_mm` experts (else transformers' default, and the output
 says so), aux loss on, top-k gates not renormalised (OLMoE). A step is forward + backward +
 clip_grad_norm_(1.0) + AdamW (fused on CUDA; [train].lr, weight decay 0.1, betas 0.9/0.95) on
@@ -15,7 +16,7 @@ seeded random tokens, labels = tokens; eager and/or `torch.compile(model)`.
 
 Measured as moelab's bench: the median of --steps steps after --warmup steps, the device
 synchronised around each step; forward / backward / optimizer split from CUDA events (medians);
-tokens/s = micro_batch x seq_len / median step; peak torch.cuda.max_memory_allocated (and
+tokens/s = tokens per step / median step (forward and backward summed over the micro-batches); peak torch.cuda.max_memory_allocated (and
 max_memory_reserved; moelab bench reports the same two from the CUDA pool); MFU = tokens/s x FLOPs/token /
 989 TFLOP/s (dense bf16, H100/H200 SXM). FLOPs/token is moelab's
 definition (crates/moelab-model/src/info.rs, = the shared README's): 6 x the parameters a token
@@ -112,6 +113,10 @@ def shape_of(cfg, path):
         micro_batch=get("train.micro_batch"), seq=get("data.seq_len"), lr=get("train.lr", kind=float),
         seed=get("run.seed", 0),
     )
+    tokens = get("train.global_batch_tokens", s["micro_batch"] * s["seq"])
+    if tokens % (s["micro_batch"] * s["seq"]):
+        fail(f"{path}: train.global_batch_tokens = {tokens} is not a multiple of micro_batch x seq_len")
+    s["micro_batches"] = tokens // (s["micro_batch"] * s["seq"])
     s["kv_heads"] = get("model.n_kv_heads", s["heads"])
     if s["d"] % s["heads"] or s["heads"] % s["kv_heads"]:
         fail(f"{path}: d_model, n_heads and n_kv_heads do not divide evenly")
@@ -197,7 +202,7 @@ def run_mode(mode, s, args, device, dtype, notes):
     opt = torch.optim.AdamW(params, lr=s["lr"], betas=(0.9, 0.95), weight_decay=0.1, fused=cuda or None)
     gen = torch.Generator(device=device).manual_seed(s["seed"] + 1)
     batches = [torch.randint(0, s["vocab"], (s["micro_batch"], s["seq"]), generator=gen, device=device)
-               for _ in range(min(args.warmup + args.steps, 8))]
+               for _ in range(min((args.warmup + args.steps) * s["micro_batches"], 8))]
 
     def mark():
         if cuda:
@@ -212,13 +217,16 @@ def run_mode(mode, s, args, device, dtype, notes):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     steps, losses = [], []
     for i in range(args.warmup + args.steps):
-        tokens = batches[i % len(batches)]
         sync()
         start = time.perf_counter()
-        m0 = mark()
-        loss = step_model(input_ids=tokens, labels=tokens, use_cache=False).loss
-        m1 = mark()
-        loss.backward()
+        marks = []
+        for j in range(s["micro_batches"]):
+            tokens = batches[(i * s["micro_batches"] + j) % len(batches)]
+            m0 = mark()
+            loss = step_model(input_ids=tokens, labels=tokens, use_cache=False).loss
+            m1 = mark()
+            (loss / s["micro_batches"]).backward()
+            marks.append((m0, m1, mark()))
         m2 = mark()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -228,14 +236,16 @@ def run_mode(mode, s, args, device, dtype, notes):
         wall = (time.perf_counter() - start) * 1e3
         losses.append(loss.item())
         if i >= args.warmup:
-            steps.append((wall, ms(m0, m1), ms(m1, m2), ms(m2, m3)))
+            fwd = sum(ms(a, b) for a, b, _ in marks)
+            bwd = sum(ms(b, c) for _, b, c in marks)
+            steps.append((wall, fwd, bwd, ms(m2, m3)))
     median = [statistics.median(column) for column in zip(*steps)]
     total = sum(p.numel() for p in model.parameters())
     inactive = s["layers"] * (s["experts"] - s["top_k"]) * 3 * s["d"] * s["expert_ff"]
     active = total - inactive
     head = s["vocab"] * s["d"]  # the input embedding is a lookup; a tied head still costs its matmul
     flops = 6 * (active - head + (head if s["tied"] else 0)) + 6 * s["layers"] * s["seq"] * s["d"]
-    tokens_per_s = s["micro_batch"] * s["seq"] / (median[0] / 1e3)
+    tokens_per_s = s["micro_batches"] * s["micro_batch"] * s["seq"] / (median[0] / 1e3)
     import transformers
 
     result = dict(
@@ -249,6 +259,7 @@ def run_mode(mode, s, args, device, dtype, notes):
         device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
         transformers=transformers.__version__, dtype=str(dtype).removeprefix("torch."),
         experts_implementation=experts_used, micro_batch=s["micro_batch"], seq_len=s["seq"],
+        micro_batches=s["micro_batches"],
         first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
     )
     moelab_total, moelab_flops = moelab_counts(s)
@@ -268,7 +279,8 @@ def print_table(results):
     print(f"{r0['config']}: {r0['device']}, torch {r0['torch']}, transformers {r0['transformers']}, "
           f"{r0['dtype']}, experts {r0['experts_implementation']}")
     print(f"params {r0['params_total']:,} total, {r0['params_active']:,} active; "
-          f"{r0['flops_per_token']:,} FLOPs/token; batch {r0['micro_batch']} x {r0['seq_len']}")
+          f"{r0['flops_per_token']:,} FLOPs/token; "
+          f"step {r0['micro_batches']} x {r0['micro_batch']} x {r0['seq_len']} tokens")
     if "flops_per_token_moelab" in r0:
         print(f"moelab counts this config as {r0['params_total_moelab']:,} params, "
               f"{r0['flops_per_token_moelab']:,} FLOPs/token (MFU above uses the peer's own count)")

@@ -13,10 +13,12 @@ use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
 ///   paid a page fault per 4 KiB touched and a TLB shootdown per free (12% of a tiny step). With
 ///   one arena for all threads, peak memory stays below what it was: the buffers are reused, not
 ///   added. A no-op off glibc.
-/// - candle's elementwise worker threads spin for 25,000 rounds after each op before sleeping,
-///   which on a small machine takes a core from the GEMM threads running next (it doubled the
-///   CPU time of a tiny step on 2 cores). They now spin briefly; `CANDLE_BARRIER_POOL_SPIN_LIMIT`
-///   set by the user wins.
+/// - candle's elementwise ops run on the calling thread (`CANDLE_NUM_THREADS=1` unless set).
+///   candle 0.11 splits them over a barrier pool of its own threads beside rayon's: a second set
+///   of threads on the same cores, which also spin after each op and serialise concurrent callers
+///   behind one lock. With the step's micro-batches on separate pool threads that lock cost a
+///   sixth of the step (tiny.toml, 2 cores: 171-182 -> 150-160 ms for two micro-batches); one
+///   micro-batch alone runs no slower without it.
 pub fn tune_cpu_runtime() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters, under the allocator's own locks.
@@ -27,9 +29,9 @@ pub fn tune_cpu_runtime() {
         // per-thread arenas would each keep their own freed copies (tiny run: 570 -> 272 MB).
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    const SPIN: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(SPIN).is_none() {
-        std::env::set_var(SPIN, "200");
+    const CANDLE_THREADS: &str = "CANDLE_NUM_THREADS";
+    if std::env::var_os(CANDLE_THREADS).is_none() {
+        std::env::set_var(CANDLE_THREADS, "1");
     }
 }
 

@@ -33,8 +33,14 @@ pub struct BenchReport {
     pub device: String,
     /// Compute precision.
     pub precision: Precision,
-    /// Sequences per step (one micro-batch, as the peer).
+    /// Sequences per micro-batch.
     pub micro_batch: usize,
+    /// Micro-batches per step: the config's gradient accumulation, as `moelab train` runs it
+    /// (and the peer with the same config).
+    pub micro_batches: usize,
+    /// How many of them ran at once (CPU: one per thread). Above 1 the forward and backward
+    /// passes overlap, and `forward_ms` holds both (`backward_ms` is then 0).
+    pub concurrent_micro_batches: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
     /// Timed steps.
@@ -47,7 +53,7 @@ pub struct BenchReport {
     pub backward_ms: f64,
     /// Gradient norm, clipping and the AdamW update.
     pub optimizer_ms: f64,
-    /// micro_batch * seq_len / step time.
+    /// micro_batches * micro_batch * seq_len / step time.
     pub tokens_per_s: f64,
     /// 6 x active parameters (input embedding excluded) + attention, per token.
     pub flops_per_token: u64,
@@ -87,8 +93,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     // The high-water marks count from here: the model, its gradients and the optimizer state.
     let pool_marks = memory_high_water(&device, true);
     let mut learner = Learner::new(cfg, &device, &crate::dist::Single)?;
-    // One micro-batch per step, as the peer runs it.
+    // The config's whole step, as `moelab train` runs it and the peer with the same config.
     let (micro, seq_len) = (cfg.train.micro_batch, cfg.data.seq_len);
+    let micro_batches = cfg.accumulation_steps().max(1);
+    let sequences = micro * micro_batches;
+    let concurrent = learner.concurrent_micro_batches(sequences, cfg);
     let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))
         .collect();
@@ -101,7 +110,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     )?;
     let mut rng = SplitMix64::new(cfg.run.seed);
     let mut random_ids = || -> Vec<u32> {
-        (0..micro * seq_len)
+        (0..sequences * seq_len)
             .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
             .collect()
     };
@@ -113,14 +122,16 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         let batch = Batch {
             tokens: random_ids(),
             targets: random_ids(),
-            domain_ids: vec![0; micro],
-            source_ids: vec![0; micro],
-            n_sequences: micro,
+            domain_ids: vec![0; sequences],
+            source_ids: vec![0; sequences],
+            n_sequences: sequences,
             seq_len,
         };
         device.synchronize()?;
         let start = Instant::now();
-        let mut marks = [0f64; 3];
+        // Time spent in each phase, summed over the step's micro-batches.
+        let mut spent = [0f64; 3];
+        let mut last_mark = 0f64;
         let mut failure = None;
         let mut on_phase = |phase: Phase| {
             if let Err(e) = device.synchronize() {
@@ -131,7 +142,9 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
                 Phase::Backward => 1,
                 Phase::Optimizer => 2,
             };
-            marks[slot] = start.elapsed().as_secs_f64();
+            let now = start.elapsed().as_secs_f64();
+            spent[slot] += now - last_mark;
+            last_mark = now;
             match device_memory_used(&device) {
                 Ok(used) => peak_memory = peak_memory.max(used),
                 Err(TrainError::Candle(e)) => failure = Some(e),
@@ -152,14 +165,14 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         }
         last_loss = outcome.loss;
         if step >= options.warmup {
-            times.push([marks[0], marks[1] - marks[0], marks[2] - marks[1]]);
+            times.push(spent);
         }
     }
 
     let median_ms = |pick: &dyn Fn(&[f64; 3]) -> f64| median(times.iter().map(pick)) * 1e3;
     let step_ms = median_ms(&|t| t[0] + t[1] + t[2]);
     let info = ModelInfo::new(&cfg.model, seq_len);
-    let tokens_per_s = (micro * seq_len) as f64 / (step_ms / 1e3);
+    let tokens_per_s = (sequences * seq_len) as f64 / (step_ms / 1e3);
     let model_flops = tokens_per_s * info.train_flops_per_token as f64;
     let matmul_flops = matmul_peak(&device)?;
     let cuda = cfg.run.device == DeviceKind::Cuda;
@@ -173,6 +186,8 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         device: if cuda { "cuda" } else { "cpu" }.into(),
         precision: cfg.train.precision,
         micro_batch: micro,
+        micro_batches,
+        concurrent_micro_batches: concurrent,
         seq_len,
         steps: options.steps,
         step_ms,
@@ -198,18 +213,26 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let mut lines = vec![
             format!(
-                "moelab bench {} on {} ({}), {} x {} tokens per step, median of {} steps",
+                "moelab bench {} on {} ({}), {} x {} x {} tokens per step, median of {} steps",
                 self.config,
                 self.device,
                 self.precision.name(),
+                self.micro_batches,
                 self.micro_batch,
                 self.seq_len,
                 self.steps
             ),
-            format!(
-                "  step        {:>10.2} ms  (forward {:.2}, backward {:.2}, optimizer {:.2})",
-                self.step_ms, self.forward_ms, self.backward_ms, self.optimizer_ms
-            ),
+            if self.concurrent_micro_batches > 1 {
+                format!(
+                    "  step        {:>10.2} ms  (forward + backward {:.2}, {} micro-batches at once; optimizer {:.2})",
+                    self.step_ms, self.forward_ms, self.concurrent_micro_batches, self.optimizer_ms
+                )
+            } else {
+                format!(
+                    "  step        {:>10.2} ms  (forward {:.2}, backward {:.2}, optimizer {:.2})",
+                    self.step_ms, self.forward_ms, self.backward_ms, self.optimizer_ms
+                )
+            },
             format!("  tokens/s    {:>10.0}", self.tokens_per_s),
             format!(
                 "  model       {:>10.3} TFLOP/s ({} FLOPs/token; {:.1}% of measured matmul {:.3} TFLOP/s)",
@@ -339,7 +362,9 @@ mod tests {
         let parts = report.forward_ms + report.backward_ms + report.optimizer_ms;
         // Medians of parts need not add up exactly, but they bound the step.
         assert!(parts > 0.3 * report.step_ms && parts < 3.0 * report.step_ms);
-        let tokens = (cfg.train.micro_batch * cfg.data.seq_len) as f64;
+        // The config's whole step: all its micro-batches.
+        assert_eq!(report.micro_batches, cfg.accumulation_steps());
+        let tokens = (cfg.global_sequences() * cfg.data.seq_len) as f64;
         assert!(
             (report.tokens_per_s - tokens / (report.step_ms / 1e3)).abs()
                 < 1e-6 * report.tokens_per_s

@@ -846,10 +846,12 @@ pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
 
 /// Fixes the CPU thread count (0 = all cores) for rayon and candle's GEMM.
 pub(crate) fn set_threads(threads: usize) {
-    if threads == 0 {
-        return;
-    }
-    // candle reads RAYON_NUM_THREADS at every GEMM; rayon reads it when its global pool is first
-    // used, which is after this point.
+    // candle reads RAYON_NUM_THREADS at every GEMM and, when it is unset, counts the physical
+    // cores by reading /proc/cpuinfo (tens of times per step); rayon reads it when its global
+    // pool is first used, which is after this point. So 0 is resolved once, here.
+    let threads = match threads {
+        0 => candle_core::utils::get_num_threads(),
+        n => n,
+    };
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }

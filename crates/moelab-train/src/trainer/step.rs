@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use moelab_data::Batch;
-use moelab_model::moe::global_balance_loss;
+use moelab_model::moe::{global_balance_loss, LayerRouting};
 use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
+use rayon::prelude::*;
 
 use super::checkpoint::Checkpoint;
 use crate::balance::ExpertCounts;
@@ -201,8 +202,13 @@ impl Learner {
     /// thread: the other threads steal halves as they free up. Called from outside the pool,
     /// each of the step's few hundred parallel ops would instead park the caller and wake a
     /// worker, which cost more than the second core gave (2 threads were slower than 1 on the
-    /// tiny config). Under MPI the step stays on the calling thread, which MPI's threading level
-    /// requires of the collectives.
+    /// tiny config). A step of several micro-batches runs up to `run.threads` of them at once,
+    /// one per pool thread: each one's GEMMs and kernels still split their work from the pool,
+    /// but whole micro-batches keep every thread busy where one micro-batch's small ops leave a
+    /// thread waiting at each op's join (tiny.toml's 2 micro-batches on 2 cores: 150-167 ms
+    /// against about 196 ms one after the other). Gradients are summed in micro-batch order, so the step does not depend
+    /// on which thread ran what. Under MPI the step stays on the calling thread, which MPI's
+    /// threading level requires of the collectives, and its micro-batches run in turn.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -216,20 +222,125 @@ impl Learner {
     ) -> Result<StepOutcome, TrainError> {
         match self.cpu_pool.take() {
             Some(pool) if comm.world_size() == 1 => {
+                let lanes = self.lanes(batch.n_sequences / cfg.train.micro_batch, &pool);
                 let outcome = pool.install(|| {
-                    self.step_here(batch, step, lr, cfg, &Single, router_log, on_phase)
+                    self.step_here(batch, step, lr, cfg, &Single, router_log, on_phase, lanes)
                 });
                 self.cpu_pool = Some(pool);
                 outcome
             }
             pool => {
                 self.cpu_pool = pool;
-                self.step_here(batch, step, lr, cfg, comm, router_log, on_phase)
+                self.step_here(batch, step, lr, cfg, comm, router_log, on_phase, 1)
             }
         }
     }
 
-    /// [`Learner::step`] on the calling thread.
+    /// Forward and backward of micro-batch `m` of `batch`: its gradients (by parameter, in
+    /// `self.params` order, detached so that its graph is freed here), its scalars and routing.
+    /// `on_phase` hears the end of the forward and of the backward when given.
+    #[allow(clippy::too_many_arguments)]
+    fn micro_batch(
+        &self,
+        m: usize,
+        batch: &Batch,
+        step: u64,
+        cfg: &Config,
+        accumulation: usize,
+        global_fractions: Option<&[Vec<f64>]>,
+        mut on_phase: Option<&mut (dyn FnMut(Phase) + Send)>,
+    ) -> Result<MicroBatchResult, TrainError> {
+        let micro = cfg.train.micro_batch;
+        let seq_len = batch.seq_len;
+        let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
+        let shape = (micro, seq_len);
+        let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
+        let target = Tensor::from_slice(&batch.targets[rows], shape, &self.device)?;
+        let out = self.model.forward(
+            &input,
+            Some(&target),
+            ForwardOptions {
+                step: Some(step),
+                seed: cfg.run.seed,
+            },
+        )?;
+        let (Some(loss), Some(lm_loss), Some(token_losses)) =
+            (&out.loss, &out.lm_loss, &out.token_losses)
+        else {
+            return Err(TrainError::Argument(
+                "the model returned no loss for a batch with targets".into(),
+            ));
+        };
+        // Global balancing: the model's micro-batch aux loss (reported only, no gradient) is
+        // replaced in the objective by the loss against the step's global fractions.
+        let (loss, aux_losses) = match global_fractions {
+            Some(fractions) => {
+                let global = out
+                    .routing
+                    .iter()
+                    .zip(fractions)
+                    .map(|(r, f)| global_balance_loss(&r.router_probs, f))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let coef = cfg.model.moe.aux_loss_coef;
+                let total = Tensor::stack(&global, 0)?
+                    .sum_all()?
+                    .to_dtype(loss.dtype())?;
+                let objective = ((loss - (&out.aux_loss * coef)?)? + (total * coef)?)?;
+                (objective, global)
+            }
+            None => (
+                loss.clone(),
+                out.routing.iter().map(|r| r.aux_loss.clone()).collect(),
+            ),
+        };
+        if let Some(f) = on_phase.as_mut() {
+            f(Phase::Forward);
+        }
+        let micro_grads = (&loss / accumulation as f64)?.backward()?;
+        let grads = self
+            .params
+            .iter()
+            .map(|(_, var)| micro_grads.get(var.as_tensor()).map(Tensor::detach))
+            .collect();
+        drop(micro_grads);
+        if let Some(f) = on_phase.as_mut() {
+            f(Phase::Backward);
+        }
+        // One host copy for all scalars of the micro-batch.
+        let mut scalars = vec![loss.clone(), lm_loss.clone()];
+        scalars.extend(aux_losses);
+        scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
+        let scalars = Tensor::stack(&scalars, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let per_sequence = token_losses
+            .mean(1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let routing = out.routing.into_iter().map(detached).collect();
+        Ok(MicroBatchResult {
+            grads,
+            scalars,
+            per_sequence,
+            routing,
+        })
+    }
+
+    /// How many of a step's `micro_batches` run at once on `pool`: one per thread.
+    fn lanes(&self, micro_batches: usize, pool: &rayon::ThreadPool) -> usize {
+        pool.current_num_threads().min(micro_batches).max(1)
+    }
+
+    /// Micro-batches [`Learner::step`] runs at once for a batch of `n_sequences` in one process
+    /// (1 off the CPU), so that callers timing phases know whether they overlap.
+    pub fn concurrent_micro_batches(&self, n_sequences: usize, cfg: &Config) -> usize {
+        match &self.cpu_pool {
+            Some(pool) => self.lanes(n_sequences / cfg.train.micro_batch, pool),
+            None => 1,
+        }
+    }
+
+    /// [`Learner::step`] on the calling thread, `lanes` micro-batches at a time.
     #[allow(clippy::too_many_arguments)]
     fn step_here(
         &mut self,
@@ -240,6 +351,7 @@ impl Learner {
         comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut (dyn FnMut(Phase) + Send),
+        lanes: usize,
     ) -> Result<StepOutcome, TrainError> {
         let micro = cfg.train.micro_batch;
         let seq_len = batch.seq_len;
@@ -265,96 +377,66 @@ impl Learner {
             BalanceScope::Global if n_moe > 0 => Some(self.route_only(batch, step, cfg, comm)?),
             _ => None,
         };
-        for m in 0..local_micro_batches {
-            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
-            let shape = (micro, seq_len);
-            let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
-            let target = Tensor::from_slice(&batch.targets[rows], shape, &self.device)?;
-            let out = self.model.forward(
-                &input,
-                Some(&target),
-                ForwardOptions {
-                    step: Some(step),
-                    seed: cfg.run.seed,
-                },
-            )?;
-            let (Some(loss), Some(lm_loss), Some(token_losses)) =
-                (&out.loss, &out.lm_loss, &out.token_losses)
-            else {
-                return Err(TrainError::Argument(
-                    "the model returned no loss for a batch with targets".into(),
-                ));
+        // Micro-batches run `lanes` at a time (see [`Learner::step`]) and are summed in order,
+        // so the step is the same whichever thread ran which micro-batch.
+        let indices: Vec<usize> = (0..local_micro_batches).collect();
+        for chunk in indices.chunks(lanes.max(1)) {
+            let results = if let [m] = chunk {
+                vec![self.micro_batch(
+                    *m,
+                    batch,
+                    step,
+                    cfg,
+                    accumulation,
+                    global_fractions.as_deref(),
+                    Some(&mut *on_phase),
+                )]
+            } else {
+                let this = &*self;
+                let fractions = global_fractions.as_deref();
+                chunk
+                    .par_iter()
+                    .map(|&m| this.micro_batch(m, batch, step, cfg, accumulation, fractions, None))
+                    .collect::<Vec<_>>()
             };
-            // Global balancing: the model's micro-batch aux loss (reported only, no gradient) is
-            // replaced in the objective by the loss against the step's global fractions.
-            let (loss, aux_losses) = match &global_fractions {
-                Some(fractions) => {
-                    let global = out
-                        .routing
-                        .iter()
-                        .zip(fractions)
-                        .map(|(r, f)| global_balance_loss(&r.router_probs, f))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    let coef = cfg.model.moe.aux_loss_coef;
-                    let total = Tensor::stack(&global, 0)?
-                        .sum_all()?
-                        .to_dtype(loss.dtype())?;
-                    let objective = ((loss - (&out.aux_loss * coef)?)? + (total * coef)?)?;
-                    (objective, global)
-                }
-                None => (
-                    loss.clone(),
-                    out.routing.iter().map(|r| r.aux_loss.clone()).collect(),
-                ),
-            };
-            on_phase(Phase::Forward);
-            let micro_grads = (&loss / accumulation as f64)?.backward()?;
-            for (name, var) in &self.params {
-                if let Some(g) = micro_grads.get(var.as_tensor()) {
-                    // Detached: the micro-batch's graph is freed as soon as its backward is done.
-                    let g = g.detach();
+            for (&m, result) in chunk.iter().zip(results) {
+                let result = result?;
+                for ((name, _), g) in self.params.iter().zip(result.grads) {
+                    let Some(g) = g else { continue };
                     let sum = match grads.remove(name) {
                         Some(acc) => (acc + g)?,
                         None => g,
                     };
                     grads.insert(name.clone(), sum);
                 }
-            }
-            drop(micro_grads);
-            on_phase(Phase::Backward);
-            // One host copy for all scalars of the micro-batch.
-            let mut scalars = vec![loss.clone(), lm_loss.clone()];
-            scalars.extend(aux_losses);
-            scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
-            let values = Tensor::stack(&scalars, 0)?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
-            outcome.loss += values[0] * share;
-            outcome.lm_loss += values[1] * share;
-            for l in 0..n_moe {
-                outcome.aux_loss[l] += values[2 + l] * share;
-                outcome.z_loss[l] += values[2 + n_moe + l] * share;
-            }
-            let per_sequence = token_losses
-                .mean(1)?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
-            let domains = &batch.domain_ids[m * micro..(m + 1) * micro];
-            for (&d, loss) in domains.iter().zip(per_sequence) {
-                let entry = domain_sums.entry(d).or_insert((0.0, 0));
-                entry.0 += loss;
-                entry.1 += 1;
-            }
-            for (l, record) in out.routing.iter().enumerate() {
-                for (total, n) in outcome.tokens_per_expert[l]
-                    .iter_mut()
-                    .zip(&record.tokens_per_expert)
-                {
-                    *total += n;
+                if chunk.len() > 1 {
+                    on_phase(Phase::Forward);
+                    on_phase(Phase::Backward);
                 }
+                let values = result.scalars;
+                outcome.loss += values[0] * share;
+                outcome.lm_loss += values[1] * share;
+                for l in 0..n_moe {
+                    outcome.aux_loss[l] += values[2 + l] * share;
+                    outcome.z_loss[l] += values[2 + n_moe + l] * share;
+                }
+                let domains = &batch.domain_ids[m * micro..(m + 1) * micro];
+                for (&d, loss) in domains.iter().zip(result.per_sequence) {
+                    let entry = domain_sums.entry(d).or_insert((0.0, 0));
+                    entry.0 += loss;
+                    entry.1 += 1;
+                }
+                for (l, record) in result.routing.iter().enumerate() {
+                    for (total, n) in outcome.tokens_per_expert[l]
+                        .iter_mut()
+                        .zip(&record.tokens_per_expert)
+                    {
+                        *total += n;
+                    }
+                }
+                // Router logs number steps like metrics: by steps completed.
+                router_log.record(step + 1, &result.routing, domains, seq_len)?;
             }
-            // Router logs number steps like metrics: by steps completed.
-            router_log.record(step + 1, &out.routing, domains, seq_len)?;
         }
         let names = router_log.domains();
         let domain_sums = reduce_outcome(comm, &mut outcome, domain_sums, names.len())?;
@@ -399,6 +481,31 @@ impl Learner {
         }
         on_phase(Phase::Optimizer);
         Ok(outcome)
+    }
+}
+
+/// What one micro-batch's forward and backward leave for the step.
+struct MicroBatchResult {
+    /// Gradient per parameter (in `Learner::params` order), `None` where it has none.
+    grads: Vec<Option<Tensor>>,
+    /// Objective, LM loss, aux loss per MoE layer, z-loss per MoE layer.
+    scalars: Vec<f64>,
+    /// Mean LM loss of each sequence.
+    per_sequence: Vec<f64>,
+    /// The routing, cut from the graph.
+    routing: Vec<LayerRouting>,
+}
+
+/// `r` with every tensor detached, so that holding it keeps no graph alive.
+fn detached(r: LayerRouting) -> LayerRouting {
+    LayerRouting {
+        expert_ids: r.expert_ids.detach(),
+        gate_weights: r.gate_weights.detach(),
+        router_probs: r.router_probs.detach(),
+        kept: r.kept.map(|k| k.detach()),
+        aux_loss: r.aux_loss.detach(),
+        z_loss: r.z_loss.detach(),
+        ..r
     }
 }
 
@@ -481,4 +588,90 @@ fn update_expert_bias(
         bias.set(&(bias.as_tensor() + delta)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use moelab_model::rng::SplitMix64;
+
+    fn batch(cfg: &Config, seed: u64) -> Batch {
+        let sequences = cfg.global_sequences();
+        let seq_len = cfg.data.seq_len;
+        let mut rng = SplitMix64::new(seed);
+        let mut ids = || -> Vec<u32> {
+            (0..sequences * seq_len)
+                .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
+                .collect()
+        };
+        Batch {
+            tokens: ids(),
+            targets: ids(),
+            domain_ids: (0..sequences as u32).map(|i| i % 2).collect(),
+            source_ids: vec![0; sequences],
+            n_sequences: sequences,
+            seq_len,
+        }
+    }
+
+    fn router_log(cfg: &Config) -> RouterAccumulator {
+        let layers = (0..cfg.model.n_layers)
+            .filter(|&l| cfg.model.is_moe_layer(l))
+            .collect();
+        RouterAccumulator::new(
+            layers,
+            vec!["a".into(), "b".into()],
+            cfg.model.moe.n_experts,
+            cfg.model.moe.top_k,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    /// Micro-batches run at once on the pool's threads give the step they give one after the
+    /// other: the same outcome and the same weights, bit for bit.
+    #[test]
+    fn concurrent_micro_batches_match_sequential_ones_bit_for_bit() {
+        let mut cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        cfg.run.threads = 2;
+        assert_eq!(cfg.accumulation_steps(), 2);
+        let mut weights = Vec::new();
+        let mut outcomes = Vec::new();
+        for concurrent in [true, false] {
+            let mut learner = Learner::new(&cfg, &Device::Cpu, &Single).unwrap();
+            if concurrent {
+                assert_eq!(
+                    learner.concurrent_micro_batches(cfg.global_sequences(), &cfg),
+                    2
+                );
+            }
+            let mut log = router_log(&cfg);
+            let mut phases = Vec::new();
+            for step in 0..3 {
+                let b = batch(&cfg, step);
+                let mut on_phase = |p: Phase| phases.push(p);
+                let outcome = if concurrent {
+                    learner.step(&b, step, 1e-2, &cfg, &Single, &mut log, &mut on_phase)
+                } else {
+                    // On the calling thread, one micro-batch after the other.
+                    learner.step_here(&b, step, 1e-2, &cfg, &Single, &mut log, &mut on_phase, 1)
+                }
+                .unwrap();
+                assert!(outcome.applied);
+                outcomes.push(format!("{outcome:?}"));
+            }
+            // Both report each micro-batch's forward and backward, then the update.
+            assert_eq!(phases.len(), 3 * 5);
+            assert_eq!(phases.iter().filter(|&&p| p == Phase::Optimizer).count(), 3);
+            let w: Vec<Vec<f32>> = learner
+                .params
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            weights.push(w);
+        }
+        assert_eq!(outcomes[..3], outcomes[3..]);
+        assert!(weights[0] == weights[1], "weights differ after 3 steps");
+    }
 }
