@@ -391,3 +391,128 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
     }
 }
+
+/// Scalar types gemm 0.19 implements.
+pub(crate) trait GemmElem: WithDType {
+    const ZERO: Self;
+    const ONE: Self;
+}
+impl GemmElem for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+impl GemmElem for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+impl GemmElem for half::f16 {
+    const ZERO: Self = half::f16::ZERO;
+    const ONE: Self = half::f16::ONE;
+}
+
+/// A strided matrix view into a slice: (data, row stride, column stride).
+pub(crate) type View<'a, T> = (&'a [T], usize, usize);
+
+/// How [`gemm_into`] writes its result and whether it splits the product over rayon.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gemm {
+    /// Add into `dst` instead of overwriting it.
+    pub accumulate: bool,
+    /// Split over the current rayon pool when the product is large enough to pay for it.
+    pub threaded: bool,
+}
+
+impl Gemm {
+    /// Overwrite; threaded when large (a product on its own).
+    pub const SIZED: Gemm = Gemm {
+        accumulate: false,
+        threaded: true,
+    };
+    /// Overwrite, on this thread (a tile inside a task that is already parallel).
+    pub const TILE: Gemm = Gemm {
+        accumulate: false,
+        threaded: false,
+    };
+    /// Add into dst, on this thread.
+    pub const TILE_ADD: Gemm = Gemm {
+        accumulate: true,
+        threaded: false,
+    };
+}
+
+/// Elements spanned by a `rows x cols` matrix view with the given strides.
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// `dst (m x n, row-major) = lhs (m x k) @ rhs (k x n)` (or `+=` with `mode.accumulate`) through
+/// the gemm crate; bounds are checked here so the unsafe gemm call cannot read or write out of
+/// range.
+pub(crate) fn gemm_into<T: GemmElem>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    mode: Gemm,
+) -> Result<()> {
+    let (lhs, lhs_rs, lhs_cs) = lhs;
+    let (rhs, rhs_rs, rhs_cs) = rhs;
+    if dst.len() < m * n
+        || lhs.len() < span(m, k, lhs_rs, lhs_cs)
+        || rhs.len() < span(k, n, rhs_rs, rhs_cs)
+    {
+        bail!("internal gemm view out of bounds ({m}x{k} @ {k}x{n})");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // An empty sum: skip gemm rather than rely on how it treats k = 0.
+        if !mode.accumulate {
+            dst[..m * n].fill(T::ZERO);
+        }
+        return Ok(());
+    }
+    // Splitting small products over threads costs more than it saves.
+    let parallelism = if mode.threaded && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // gemm computes dst = alpha * dst + beta * lhs @ rhs, reading dst only when asked.
+    let (read_dst, alpha) = if mode.accumulate {
+        (true, T::ONE)
+    } else {
+        (false, T::ZERO)
+    };
+    // SAFETY: every index gemm touches lies within the spans checked above, dst does not alias
+    // lhs/rhs (it is a separate &mut), and T is one of gemm's supported scalar types.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            alpha,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}

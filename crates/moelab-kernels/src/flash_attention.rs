@@ -7,8 +7,10 @@
 //! the op and no second pass over the scores to recompute it. The same layout is meant for the
 //! future CUDA kernel, which this file is the CPU reference of.
 
-use crate::cpu::{check_float, contiguous, vectorized, Acc, PAR_THRESHOLD};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use crate::cpu::{
+    check_float, contiguous, gemm_into, vectorized, Acc, Gemm, GemmElem, PAR_THRESHOLD,
+};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per tile (`B_r` in the paper): one key tile is reused from cache by this many rows.
@@ -18,11 +20,17 @@ const KEY_TILE: usize = 64;
 
 /// Causal attention like [`crate::causal_attention`] (same shapes, errors and results), computed
 /// tile by tile in O(T*D) memory per head instead of materialising the `T x T` scores.
+///
+/// This is the model's attention. Off the CPU it is [`crate::causal_attention`] until the CUDA
+/// kernel exists (its CPU reference is this file).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let op = "flash_attention";
     let dims = check_inputs(op, q, k, v)?;
     if !scale.is_finite() {
         bail!("{op}: scale must be finite, got {scale}");
+    }
+    if !q.device().is_cpu() {
+        return crate::causal_attention(q, k, v, scale);
     }
     let dtype = q.dtype();
     // bf16/f16 run in f32: L stored in half precision would make backward's exp(S - L) off by
@@ -87,7 +95,7 @@ fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
 }
 
 /// A float type the kernels compute in directly (f32, f64): storage and accumulation coincide.
-trait Float: Acc + WithDType + std::ops::MulAssign {}
+trait Float: Acc + GemmElem + std::ops::MulAssign {}
 impl Float for f32 {}
 impl Float for f64 {}
 
@@ -150,14 +158,6 @@ fn dot<F: Acc>(a: &[F], b: &[F]) -> F {
     s
 }
 
-/// `out += a * x`.
-#[inline(always)]
-fn axpy<F: Acc>(out: &mut [F], a: F, x: &[F]) {
-    for (o, v) in out.iter_mut().zip(x) {
-        *o += a * *v;
-    }
-}
-
 /// One chunk of each of three outputs, as rayon's `zip` hands them over.
 type Chunks3<'a, F> = ((&'a mut [F], &'a mut [F]), &'a mut [F]);
 
@@ -169,10 +169,10 @@ fn for_each_group<F: Send>(
     a: (&mut [F], usize),
     b: (&mut [F], usize),
     c: (&mut [F], usize),
-    f: impl Fn(usize, &mut [F], &mut [F], &mut [F]) + Send + Sync,
-) {
+    f: impl Fn(usize, &mut [F], &mut [F], &mut [F]) -> Result<()> + Send + Sync,
+) -> Result<()> {
     if a.1 == 0 || b.1 == 0 || c.1 == 0 {
-        return;
+        return Ok(());
     }
     let zipped = |(i, ((x, y), z)): (usize, Chunks3<'_, F>)| f(i, x, y, z);
     if parallel {
@@ -180,18 +180,20 @@ fn for_each_group<F: Send>(
             .zip(b.0.par_chunks_mut(b.1))
             .zip(c.0.par_chunks_mut(c.1))
             .enumerate()
-            .for_each(zipped);
+            .try_for_each(zipped)
     } else {
         a.0.chunks_mut(a.1)
             .zip(b.0.chunks_mut(b.1))
             .zip(c.0.chunks_mut(c.1))
             .enumerate()
-            .for_each(zipped);
+            .try_for_each(zipped)
     }
 }
 
 /// Forward of one (batch, query head): Algorithm 1 of FlashAttention-2 with the causal mask.
-/// `q`, `out`: (T, D) of this head; `k`, `v`: (T, D) of its kv head; `lse`: (T,).
+/// `q`, `out`: (T, D) of this head; `k`, `v`: (T, D) of its kv head; `lse`: (T,). The tile
+/// products `S = Q_i K_j^T` and `O_i += P V_j` are gemm calls on this thread (the caller runs
+/// one head per task); the online softmax runs between them on the `S` tile.
 #[inline(always)]
 fn forward_head<F: Float>(
     q: &[F],
@@ -201,65 +203,79 @@ fn forward_head<F: Float>(
     scale: F,
     out: &mut [F],
     lse: &mut [F],
-) {
-    let mut row_max = [F::NEG_INFINITY; QUERY_TILE];
-    let mut row_sum = [F::ZERO; QUERY_TILE];
-    let mut p = [F::ZERO; KEY_TILE];
+) -> Result<()> {
+    let zero = <F as Acc>::ZERO;
+    let mut row_max = [<F as Acc>::NEG_INFINITY; QUERY_TILE];
+    let mut row_sum = [zero; QUERY_TILE];
+    let mut p = vec![zero; QUERY_TILE * KEY_TILE];
     for i0 in (0..t).step_by(QUERY_TILE) {
         let i1 = (i0 + QUERY_TILE).min(t);
-        row_max.fill(F::NEG_INFINITY);
-        row_sum.fill(F::ZERO);
-        out[i0 * d..i1 * d].fill(F::ZERO);
+        let rows = i1 - i0;
+        row_max.fill(<F as Acc>::NEG_INFINITY);
+        row_sum.fill(zero);
+        let o = &mut out[i0 * d..i1 * d];
+        o.fill(zero);
         // Key tiles past the last row of this query tile are fully masked: stop at the diagonal.
         for j0 in (0..i1).step_by(KEY_TILE) {
-            let j1 = (j0 + KEY_TILE).min(i1);
-            for i in i0..i1 {
-                let r = i - i0;
+            let cols = (j0 + KEY_TILE).min(i1) - j0;
+            // S (rows x cols) = Q_i (rows x D) @ K_j^T (D x cols): K_j read transposed in place.
+            gemm_into(
+                (rows, cols, d),
+                &mut p,
+                (&q[i0 * d..], d, 1),
+                (&k[j0 * d..], 1, d),
+                Gemm::TILE,
+            )?;
+            for r in 0..rows {
+                let i = i0 + r;
+                let prow = &mut p[r * cols..(r + 1) * cols];
                 // Causal mask inside the diagonal tile: row i sees keys 0..=i.
-                let visible = (i + 1).min(j1).saturating_sub(j0);
-                if visible == 0 {
-                    continue;
-                }
-                let qi = &q[i * d..(i + 1) * d];
+                let visible = (i + 1).min(j0 + cols).saturating_sub(j0);
                 let mut m = row_max[r];
-                for (c, pc) in p[..visible].iter_mut().enumerate() {
-                    let j = j0 + c;
-                    let s = dot(qi, &k[j * d..(j + 1) * d]) * scale;
-                    *pc = s;
-                    if s > m {
-                        m = s;
+                for s in prow[..visible].iter_mut() {
+                    *s *= scale;
+                    if *s > m {
+                        m = *s;
                     }
                 }
                 // Online softmax: rescale what was summed under the old max (exp(-inf) = 0 on
                 // the first tile, and m is finite because key 0 is always visible).
-                let alpha = (row_max[r] - m).exp();
-                let mut sum = F::ZERO;
-                for pc in p[..visible].iter_mut() {
-                    *pc = (*pc - m).exp();
-                    sum += *pc;
+                let alpha = if visible == 0 {
+                    <F as Acc>::ONE
+                } else {
+                    (row_max[r] - m).exp()
+                };
+                let mut sum = zero;
+                for s in prow[..visible].iter_mut() {
+                    *s = (*s - m).exp();
+                    sum += *s;
                 }
+                prow[visible..].fill(zero);
                 row_sum[r] = row_sum[r] * alpha + sum;
                 row_max[r] = m;
-                let oi = &mut out[i * d..(i + 1) * d];
-                for o in oi.iter_mut() {
-                    *o *= alpha;
-                }
-                for (c, pc) in p[..visible].iter().enumerate() {
-                    let j = j0 + c;
-                    axpy(oi, *pc, &v[j * d..(j + 1) * d]);
+                for x in o[r * d..(r + 1) * d].iter_mut() {
+                    *x *= alpha;
                 }
             }
+            // O_i (rows x D) += P (rows x cols) @ V_j (cols x D).
+            gemm_into(
+                (rows, d, cols),
+                o,
+                (&p, cols, 1),
+                (&v[j0 * d..], d, 1),
+                Gemm::TILE_ADD,
+            )?;
         }
         // The division is deferred to the end of the row (FA2's change to Algorithm 1).
-        for i in i0..i1 {
-            let r = i - i0;
-            let inv = F::ONE / row_sum[r];
-            for o in out[i * d..(i + 1) * d].iter_mut() {
-                *o *= inv;
+        for r in 0..rows {
+            let inv = <F as Acc>::ONE / row_sum[r];
+            for x in o[r * d..(r + 1) * d].iter_mut() {
+                *x *= inv;
             }
-            lse[i] = row_max[r] + row_sum[r].ln();
+            lse[i0 + r] = row_max[r] + row_sum[r].ln();
         }
     }
+    Ok(())
 }
 
 /// Forward op on (q, k, v); output: O then L, flat (see the module comment).
@@ -281,7 +297,7 @@ impl FlashAttention {
         let v = sized::<F>(vs, vl, self.name(), "v", dm.kv_len())?;
         let (t, d, rep) = (dm.t, dm.d, dm.rep());
         let scale = <F as Acc>::from_f64(self.scale);
-        let mut packed = vec![F::ZERO; dm.q_len() + dm.lse_len()];
+        let mut packed = vec![<F as Acc>::ZERO; dm.q_len() + dm.lse_len()];
         let (out, lse) = packed.split_at_mut(dm.q_len());
         let head = |bh: usize, (out, lse): (&mut [F], &mut [F])| {
             let (bi, hi) = (bh / dm.h, bh % dm.h);
@@ -300,7 +316,7 @@ impl FlashAttention {
                         lse,
                     )
                 },
-            );
+            )
         };
         // One (batch, head) per task, each computed by one thread in a fixed order, so results
         // do not depend on the thread count.
@@ -308,12 +324,12 @@ impl FlashAttention {
             out.par_chunks_mut(t * d)
                 .zip(lse.par_chunks_mut(t))
                 .enumerate()
-                .for_each(|(bh, chunks)| head(bh, chunks));
+                .try_for_each(|(bh, chunks)| head(bh, chunks))?;
         } else if t > 0 {
             out.chunks_mut(t * d)
                 .zip(lse.chunks_mut(t))
                 .enumerate()
-                .for_each(|(bh, chunks)| head(bh, chunks));
+                .try_for_each(|(bh, chunks)| head(bh, chunks))?;
         }
         let n = packed.len();
         Ok((F::to_cpu_storage_owned(packed), Shape::from(n)))
@@ -376,7 +392,10 @@ struct HeadGrad<'a, F> {
 }
 
 /// Backward of one query head: Algorithm 2 of FlashAttention-2 with the causal mask. Adds into
-/// `dq` (this head), `dk`, `dv` (its kv head, shared with the other heads of the group).
+/// `dq` (this head), `dk`, `dv` (its kv head, shared with the other heads of the group). Per
+/// (key tile j, query tile i): `S = Q_i K_j^T`, `P = exp(S scale - L)`, `dV_j += P^T dO_i`,
+/// `dP = dO_i V_j^T`, `dS = P (dP - D) scale`, `dQ_i += dS K_j`, `dK_j += dS^T Q_i`, each product
+/// a gemm call on this thread.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_head<F: Float>(
@@ -388,32 +407,83 @@ fn backward_head<F: Float>(
     delta: &mut [F],
     dq: &mut [F],
     (dk, dv): (&mut [F], &mut [F]),
-) {
+) -> Result<()> {
+    let zero = <F as Acc>::ZERO;
     // D_i = rowsum(dO_i * O_i); a gradient on L_i (dL/dS_ij = P_ij) folds into it with a minus
     // sign, since dS_ij = P_ij (dP_ij - D_i + dL_i).
     for (i, di) in delta.iter_mut().enumerate() {
         *di = dot(&g.d_out[i * d..(i + 1) * d], &g.out[i * d..(i + 1) * d]) - g.d_lse[i];
     }
-    // Outer loop over key tiles so the tile's K, V, dK and dV stay in cache while query rows
-    // stream past; rows above the diagonal tile see none of its keys and are skipped.
+    let mut p = vec![zero; QUERY_TILE * KEY_TILE];
+    let mut ds = vec![zero; QUERY_TILE * KEY_TILE];
+    // Outer loop over key tiles so the tile's K, V, dK and dV stay in cache while query tiles
+    // stream past; query tiles above the diagonal see none of its keys and are skipped.
     for j0 in (0..t).step_by(KEY_TILE) {
-        let j1 = (j0 + KEY_TILE).min(t);
-        for i in j0..t {
-            let visible = (i + 1).min(j1) - j0;
-            let qi = &g.q[i * d..(i + 1) * d];
-            let doi = &g.d_out[i * d..(i + 1) * d];
-            let dqi = &mut dq[i * d..(i + 1) * d];
-            for j in j0..j0 + visible {
-                let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
-                // P recomputed from L: exp(S - L) is already normalised.
-                let p = (dot(qi, kj) * scale - g.lse[i]).exp();
-                axpy(&mut dv[j * d..(j + 1) * d], p, doi);
-                let ds = p * (dot(doi, vj) - delta[i]) * scale;
-                axpy(dqi, ds, kj);
-                axpy(&mut dk[j * d..(j + 1) * d], ds, qi);
+        let cols = (j0 + KEY_TILE).min(t) - j0;
+        for i0 in (j0 / QUERY_TILE * QUERY_TILE..t).step_by(QUERY_TILE) {
+            let rows = (i0 + QUERY_TILE).min(t) - i0;
+            gemm_into(
+                (rows, cols, d),
+                &mut p,
+                (&g.q[i0 * d..], d, 1),
+                (&k[j0 * d..], 1, d),
+                Gemm::TILE,
+            )?;
+            // P recomputed from L: exp(S - L) is already normalised; masked entries are 0.
+            for r in 0..rows {
+                let i = i0 + r;
+                let visible = (i + 1).min(j0 + cols).saturating_sub(j0);
+                let prow = &mut p[r * cols..(r + 1) * cols];
+                for s in prow[..visible].iter_mut() {
+                    *s = (*s * scale - g.lse[i]).exp();
+                }
+                prow[visible..].fill(zero);
             }
+            // dV_j (cols x D) += P^T (cols x rows) @ dO_i (rows x D).
+            gemm_into(
+                (cols, d, rows),
+                &mut dv[j0 * d..],
+                (&p, 1, cols),
+                (&g.d_out[i0 * d..], d, 1),
+                Gemm::TILE_ADD,
+            )?;
+            // dP (rows x cols) = dO_i (rows x D) @ V_j^T (D x cols).
+            gemm_into(
+                (rows, cols, d),
+                &mut ds,
+                (&g.d_out[i0 * d..], d, 1),
+                (&v[j0 * d..], 1, d),
+                Gemm::TILE,
+            )?;
+            for r in 0..rows {
+                let di = delta[i0 + r];
+                let (prow, dsrow) = (
+                    &p[r * cols..(r + 1) * cols],
+                    &mut ds[r * cols..(r + 1) * cols],
+                );
+                for (x, &pv) in dsrow.iter_mut().zip(prow) {
+                    *x = pv * (*x - di) * scale;
+                }
+            }
+            // dQ_i (rows x D) += dS (rows x cols) @ K_j (cols x D).
+            gemm_into(
+                (rows, d, cols),
+                &mut dq[i0 * d..],
+                (&ds, cols, 1),
+                (&k[j0 * d..], d, 1),
+                Gemm::TILE_ADD,
+            )?;
+            // dK_j (cols x D) += dS^T (cols x rows) @ Q_i (rows x D).
+            gemm_into(
+                (cols, d, rows),
+                &mut dk[j0 * d..],
+                (&ds, 1, cols),
+                (&g.q[i0 * d..], d, 1),
+                Gemm::TILE_ADD,
+            )?;
         }
     }
+    Ok(())
 }
 
 /// Backward op on (q, k ++ v, O ++ L ++ dO ++ dL); output: dQ ++ dK ++ dV, flat.
@@ -440,7 +510,7 @@ impl FlashAttentionBackward {
         let (d_out, d_lse) = rest.split_at(nq);
         let (t, d, rep) = (dm.t, dm.d, dm.rep());
         let scale = <F as Acc>::from_f64(self.scale);
-        let mut packed = vec![F::ZERO; nq + 2 * nk];
+        let mut packed = vec![<F as Acc>::ZERO; nq + 2 * nk];
         let (dq, dkv) = packed.split_at_mut(nq);
         let (dk, dv) = dkv.split_at_mut(nk);
         // One task per (batch, kv head): its query heads run in order, so the sums into the
@@ -453,7 +523,7 @@ impl FlashAttentionBackward {
             |group, dq, dk, dv| {
                 let kvo = group * t * d;
                 let (kg, vg) = (&k[kvo..kvo + t * d], &v[kvo..kvo + t * d]);
-                let mut delta = vec![F::ZERO; t];
+                let mut delta = vec![<F as Acc>::ZERO; t];
                 for r in 0..rep {
                     let bh = group * rep + r;
                     let (qo, lo) = (bh * t * d, bh * t);
@@ -478,10 +548,11 @@ impl FlashAttentionBackward {
                                 (&mut *dk, &mut *dv),
                             )
                         },
-                    );
+                    )?;
                 }
+                Ok(())
             },
-        );
+        )?;
         let n = packed.len();
         Ok((F::to_cpu_storage_owned(packed), Shape::from(n)))
     }

@@ -1,6 +1,6 @@
 //! Grouped GEMM for MoE experts: each contiguous block of rows is multiplied by its own weight.
 
-use crate::cpu::contiguous;
+use crate::cpu::{contiguous, gemm_into, Gemm, GemmElem};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -123,78 +123,6 @@ pub(crate) fn check_group_sizes(
     Ok(())
 }
 
-/// Elements spanned by a `rows x cols` matrix view with the given strides.
-fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-    if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * rs + (cols - 1) * cs + 1
-    }
-}
-
-/// A strided matrix view into a slice: (data, row stride, column stride).
-type View<'a, T> = (&'a [T], usize, usize);
-
-/// `dst (m x n, row-major) = lhs (m x k) @ rhs (k x n)`, overwriting dst; bounds are checked
-/// here so the unsafe gemm call cannot read or write out of range.
-fn gemm_into<T: GemmElem>(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [T],
-    lhs: View<'_, T>,
-    rhs: View<'_, T>,
-) -> Result<()> {
-    let (lhs, lhs_rs, lhs_cs) = lhs;
-    let (rhs, rhs_rs, rhs_cs) = rhs;
-    if dst.len() < m * n
-        || lhs.len() < span(m, k, lhs_rs, lhs_cs)
-        || rhs.len() < span(k, n, rhs_rs, rhs_cs)
-    {
-        bail!("grouped_matmul: internal gemm view out of bounds ({m}x{k} @ {k}x{n})");
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        // An empty sum: skip gemm rather than rely on how it treats k = 0.
-        dst[..m * n].fill(T::ZERO);
-        return Ok(());
-    }
-    // Splitting small products over threads costs more than it saves.
-    let parallelism = if m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: every index gemm touches lies within the spans checked above, dst does not alias
-    // lhs/rhs (it is a separate &mut), and T is one of gemm's supported scalar types.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-    Ok(())
-}
-
 /// Calls `f(group, first_row, rows, out)` for each group, where `out` is the group's disjoint
 /// `chunk_len(rows)`-long slice of `dst`. Groups run on rayon when `dst` is large: MoE groups are
 /// often too small for gemm's own threading to pay off.
@@ -239,24 +167,6 @@ fn via_f32(
     let (out, shape) = f(&widen(a), &widen(b))?;
     let out = out.into_iter().map(bf16::from_f32).collect();
     Ok((CpuStorage::BF16(out), shape))
-}
-
-/// Scalar types gemm 0.19 implements.
-trait GemmElem: candle_core::WithDType {
-    const ZERO: Self;
-    const ONE: Self;
-}
-impl GemmElem for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-impl GemmElem for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-}
-impl GemmElem for half::f16 {
-    const ZERO: Self = half::f16::ZERO;
-    const ONE: Self = half::f16::ONE;
 }
 
 macro_rules! gemm_dispatch {
@@ -330,7 +240,7 @@ impl GroupedMatmul {
             } else {
                 (we, k, 1)
             };
-            gemm_into(rows, out_w, inner, ye, (xe, a, 1), rhs)
+            gemm_into((rows, out_w, inner), ye, (xe, a, 1), rhs, Gemm::SIZED)
         })?;
         Ok((y, Shape::from((n, out_w))))
     }
@@ -439,7 +349,7 @@ impl GroupedWeightGrad {
                 let ae = &a[row0 * p..(row0 + rows) * p];
                 let be = &b[row0 * q..(row0 + rows) * q];
                 // a_e^T is (P, rows) with row stride 1 and column stride P.
-                gemm_into(p, q, rows, out, (ae, 1, p), (be, q, 1))
+                gemm_into((p, q, rows), out, (ae, 1, p), (be, q, 1), Gemm::SIZED)
             },
         )?;
         Ok((dw, Shape::from((e, p, q))))

@@ -69,7 +69,7 @@ impl Attention {
         let k = moelab_kernels::rope(&heads(k, self.n_kv_heads)?, cos, sin)?;
         let v = heads(v, self.n_kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = moelab_kernels::causal_attention(&q, &k, &v, scale)?;
+        let y = moelab_kernels::flash_attention::flash_attention(&q, &k, &v, scale)?;
         let y = y
             .transpose(1, 2)?
             .reshape((tokens, self.n_heads * self.head_dim))?;
