@@ -40,7 +40,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 /// Errors naming the first row whose target is not a valid class index.
-fn check_targets(op: &str, targets: &[u32], v: usize) -> Result<()> {
+pub(crate) fn check_targets(op: &str, targets: &[u32], v: usize) -> Result<()> {
     if let Some((row, t)) = targets.iter().enumerate().find(|(_, &t)| t as usize >= v) {
         bail!("{op}: target {t} at row {row} is out of range for {v} classes");
     }
@@ -49,7 +49,7 @@ fn check_targets(op: &str, targets: &[u32], v: usize) -> Result<()> {
 
 /// Row max and sum of exp(x - max), the stable pieces of logsumexp.
 #[inline(always)]
-fn max_and_sum<T: Elem>(row: &[T]) -> (T::A, T::A) {
+pub(crate) fn max_and_sum<T: Elem>(row: &[T]) -> (T::A, T::A) {
     let max = row_max(row);
     (max, exp_sum(row, max, None))
 }

@@ -21,8 +21,10 @@ pub struct ForwardOptions {
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
 pub struct Output {
-    /// (batch, seq, vocab) next-token logits.
-    pub logits: Tensor,
+    /// (batch, seq, vocab) next-token logits, when no targets were given. With targets the head
+    /// and the loss are one op ([`moelab_kernels::linear_cross_entropy`]) and no logits tensor
+    /// is made.
+    pub logits: Option<Tensor>,
     /// (batch, seq) cross-entropy per position, when targets were given.
     pub token_losses: Option<Tensor>,
     /// Mean LM cross-entropy, when targets were given.
@@ -35,6 +37,15 @@ pub struct Output {
     pub loss: Option<Tensor>,
     /// One record per MoE layer, in layer order.
     pub routing: Vec<LayerRouting>,
+}
+
+impl Output {
+    /// The logits of a forward pass run without targets.
+    pub fn logits(&self) -> std::result::Result<&Tensor, ModelError> {
+        self.logits.as_ref().ok_or_else(|| {
+            ModelError::Input("the logits are not kept by a forward pass with targets".into())
+        })
+    }
 }
 
 /// A block's feed-forward: dense SwiGLU or mixture of experts.
@@ -246,21 +257,17 @@ impl MoeTransformer {
             routing.extend(record);
         }
         let h = self.final_norm.forward(&h)?;
-        // Logits (and so the cross-entropy) in the master dtype, as the peers do; (tokens, vocab).
-        let flat_logits = self
-            .lm_head
-            .forward(&h)?
-            .to_dtype(self.embed.embeddings().dtype())?;
-        let logits = flat_logits.reshape((batch, seq, self.cfg.vocab_size))?;
+        // Logits (and so the cross-entropy) in the master dtype, as the peers do.
+        let master = self.embed.embeddings().dtype();
 
-        let zero = Tensor::zeros((), logits.dtype(), logits.device())?;
+        let zero = Tensor::zeros((), master, h.device())?;
         let sum = |losses: Vec<&Tensor>| -> Result<Tensor> {
             losses.into_iter().try_fold(zero.clone(), |acc, l| acc + l)
         };
         let aux_loss = sum(routing.iter().map(|r| &r.aux_loss).collect())?;
         let z_loss = sum(routing.iter().map(|r| &r.z_loss).collect())?;
 
-        let (token_losses, lm_loss, loss) = match targets {
+        let (logits, token_losses, lm_loss, loss) = match targets {
             Some(targets) => {
                 if targets.dims() != tokens.dims() {
                     return Err(ModelError::Input(format!(
@@ -269,19 +276,27 @@ impl MoeTransformer {
                         tokens.dims()
                     )));
                 }
-                let token_losses =
-                    moelab_kernels::cross_entropy(&flat_logits, &targets.flatten_all()?)?;
+                let token_losses = moelab_kernels::linear_cross_entropy(
+                    &h,
+                    &self.lm_head.weight().to_dtype(master)?,
+                    &targets.flatten_all()?,
+                )?;
                 let lm_loss = token_losses.mean_all()?;
                 let moe = &self.cfg.moe;
                 let loss = ((&lm_loss + (&aux_loss * moe.aux_loss_coef)?)?
                     + (&z_loss * moe.z_loss_coef)?)?;
                 (
+                    None,
                     Some(token_losses.reshape((batch, seq))?),
                     Some(lm_loss),
                     Some(loss),
                 )
             }
-            None => (None, None, None),
+            None => {
+                let logits = self.lm_head.forward(&h)?.to_dtype(master)?;
+                let logits = logits.reshape((batch, seq, self.cfg.vocab_size))?;
+                (Some(logits), None, None, None)
+            }
         };
         Ok(Output {
             logits,

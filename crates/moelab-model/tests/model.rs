@@ -425,7 +425,11 @@ fn bf16_compute_matches_f32_and_keeps_f32_gradients() {
             .unwrap();
         let loss = out.loss.unwrap();
         assert_eq!(loss.dtype(), DType::F32);
-        assert_eq!(out.logits.dtype(), DType::F32);
+        assert!(
+            out.logits.is_none(),
+            "a forward with targets keeps no logits"
+        );
+        assert_eq!(out.token_losses.as_ref().unwrap().dtype(), DType::F32);
         let grads = loss.backward().unwrap();
         (loss.to_scalar::<f32>().unwrap(), grads)
     };

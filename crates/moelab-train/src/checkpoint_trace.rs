@@ -105,7 +105,7 @@ fn trace_batch(
     let input = Tensor::from_slice(&batch.tokens, (n, t), device)?;
     let out = model.forward(&input, None, ForwardOptions::default())?;
     let predicted = out
-        .logits
+        .logits()?
         .argmax(D::Minus1)?
         .flatten_all()?
         .to_dtype(DType::U32)?

@@ -339,7 +339,7 @@ pub fn dump_logits(
         ),
         (
             "logits".to_string(),
-            out.logits.to_dtype(DType::F32)?.contiguous()?,
+            out.logits()?.to_dtype(DType::F32)?.contiguous()?,
         ),
     ]);
     checkpoint::save_tensors(&map, file)?;

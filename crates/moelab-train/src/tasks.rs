@@ -404,10 +404,10 @@ impl Scorer for ModelScorer<'_> {
             let out = self
                 .model
                 .forward(&self.input(&tokens)?, None, ForwardOptions::default())?;
-            let next = out
-                .logits
+            let logits = out.logits()?;
+            let next = logits
                 .squeeze(0)?
-                .get(out.logits.dim(1)? - 1)?
+                .get(logits.dim(1)? - 1)?
                 .argmax(D::Minus1)?
                 .to_dtype(DType::U32)?
                 .to_scalar::<u32>()?;
