@@ -34,3 +34,14 @@ pub use swiglu::swiglu;
 
 #[cfg(test)]
 pub(crate) mod test_util;
+
+/// Whether the fused ops run their own kernels for `t` rather than composed candle ops: always on
+/// the CPU; on CUDA (feature `cuda`) for f32, bf16 and f16.
+pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
+    use candle_core::DType;
+    let device = t.device();
+    device.is_cpu()
+        || (cfg!(feature = "cuda")
+            && device.is_cuda()
+            && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16))
+}

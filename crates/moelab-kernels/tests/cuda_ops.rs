@@ -267,12 +267,14 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         grads: vec![Some("x"), Some("w")],
         op: Box::new(move |t| moelab_kernels::grouped_matmul(&t[0], &t[1], &sizes)),
     });
-    cases.push(Case {
-        name: "swiglu (37, 1000)".into(),
-        inputs: vec![rng.tensor(&[37, 1000], 4.0), rng.tensor(&[37, 1000], 2.0)],
-        grads: vec![Some("gate"), Some("up")],
-        op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
-    });
+    for dims in [[37usize, 1000].as_slice(), &[3, 5, 77]] {
+        cases.push(Case {
+            name: format!("swiglu {dims:?}"),
+            inputs: vec![rng.tensor(dims, 4.0), rng.tensor(dims, 2.0)],
+            grads: vec![Some("gate"), Some("up")],
+            op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
+        });
+    }
     // 7 tokens, 15 rows: token 5 gets no row, token 0 four (an expert taking most of them).
     let token_of_row = vec![0u32, 3, 0, 1, 6, 0, 2, 4, 0, 3, 1, 6, 2, 4, 3];
     let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, 7).unwrap();
