@@ -275,18 +275,37 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
             op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
         });
     }
-    // 7 tokens, 15 rows: token 5 gets no row, token 0 four (an expert taking most of them).
+    // 7 tokens, 15 rows: token 5 gets no row, token 0 four.
     let token_of_row = vec![0u32, 3, 0, 1, 6, 0, 2, 4, 0, 3, 1, 6, 2, 4, 3];
-    let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, 7).unwrap();
-    cases.push(Case {
-        name: "moe permute + unpermute 7 tokens -> 15 rows x 96".into(),
-        inputs: vec![rng.tensor(&[7, 96], 1.0), rng.tensor(&[15], 1.0)],
-        grads: vec![Some("x"), Some("gates")],
-        op: Box::new(move |t| {
-            let rows = moelab_kernels::moe_dispatch::permute(&t[0], &routing)?;
-            moelab_kernels::moe_dispatch::unpermute(&rows, &t[1], &routing)
-        }),
-    });
+    moe_cases(
+        &mut cases,
+        rng,
+        "7 tokens -> 15 rows x 96",
+        token_of_row,
+        7,
+        96,
+    );
+    // Routings as the model builds them (rows grouped by expert, tokens in order within one).
+    // Uneven loads with an empty expert: 37 tokens top-2 of 6 experts, expert 0 chosen by about
+    // half the tokens, expert 2 by none.
+    let mut experts = Vec::new();
+    for _ in 0..37 {
+        let pick = |rng: &mut Rng| [1u32, 3, 4, 5][(rng.next_u64() % 4) as usize];
+        let first = if rng.uniform() < 0.0 { 0 } else { pick(rng) };
+        let mut second = pick(rng);
+        while second == first {
+            second = pick(rng);
+        }
+        experts.extend([first, second]);
+    }
+    let (token_of_row, loads) = expert_major(&experts, 2, 6);
+    assert_eq!(loads[2], 0);
+    let label = format!("37 tokens top-2, loads {loads:?}, x 97");
+    moe_cases(&mut cases, rng, &label, token_of_row, 37, 97);
+    // One expert takes every token (top-1, the other three empty).
+    let (token_of_row, loads) = expert_major(&[3; 41], 1, 4);
+    let label = format!("41 tokens top-1, loads {loads:?}, x 300");
+    moe_cases(&mut cases, rng, &label, token_of_row, 41, 300);
     cases.push(Case {
         name: "causal_attention q(2,4,37,64) kv(2,2,37,64)".into(),
         inputs: vec![
@@ -298,6 +317,52 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         op: Box::new(|t| moelab_kernels::causal_attention(&t[0], &t[1], &t[2], 0.125)),
     });
     cases
+}
+
+/// Rows in expert order for `experts` (token t's `k` choices at `t * k ..`): grouped by expert,
+/// tokens ascending within a group, as the model's dispatch plan. Returns `token_of_row` and the
+/// per-expert loads.
+fn expert_major(experts: &[u32], k: usize, n_experts: usize) -> (Vec<u32>, Vec<usize>) {
+    let mut loads = vec![0usize; n_experts];
+    let mut token_of_row = Vec::with_capacity(experts.len());
+    for e in 0..n_experts as u32 {
+        for (slot, _) in experts.iter().enumerate().filter(|(_, &x)| x == e) {
+            token_of_row.push((slot / k) as u32);
+            loads[e as usize] += 1;
+        }
+    }
+    (token_of_row, loads)
+}
+
+/// The MoE dispatch cases of one routing: the permute alone (rows, and dx through the permute's
+/// backward) and permute -> un-permute (the gated combine; dx and the gates' gradient through
+/// both backwards).
+fn moe_cases(
+    cases: &mut Vec<Case>,
+    rng: &mut Rng,
+    label: &str,
+    token_of_row: Vec<u32>,
+    n_tokens: usize,
+    d: usize,
+) {
+    let rows = token_of_row.len();
+    let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, n_tokens).unwrap();
+    let r = routing.clone();
+    cases.push(Case {
+        name: format!("moe permute {label}"),
+        inputs: vec![rng.tensor(&[n_tokens, d], 1.0)],
+        grads: vec![Some("x")],
+        op: Box::new(move |t| moelab_kernels::moe_dispatch::permute(&t[0], &r)),
+    });
+    cases.push(Case {
+        name: format!("moe permute + unpermute {label}"),
+        inputs: vec![rng.tensor(&[n_tokens, d], 1.0), rng.tensor(&[rows], 1.0)],
+        grads: vec![Some("x"), Some("gates")],
+        op: Box::new(move |t| {
+            let rows = moelab_kernels::moe_dispatch::permute(&t[0], &routing)?;
+            moelab_kernels::moe_dispatch::unpermute(&rows, &t[1], &routing)
+        }),
+    });
 }
 
 /// The empty group's weight gradient is exactly zero on the device.
