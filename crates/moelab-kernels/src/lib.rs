@@ -22,7 +22,7 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 
-pub use adamw::{adamw_update, fused_adamw_supported, sum_of_squares, AdamWUpdate};
+pub use adamw::{adamw_update, fused_adamw_supported, sum_of_squares, AdamWUpdate, SquareSum};
 pub use attention::causal_attention;
 pub use cpu::tune_cpu_runtime;
 pub use cross_entropy::cross_entropy;

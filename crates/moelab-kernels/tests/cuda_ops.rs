@@ -407,6 +407,127 @@ fn check_empty_group_grad(report: &mut Report, rng: &mut Rng, cuda: &Device, dty
     }
 }
 
+/// AdamW's composed update (the tensor ops the fused kernel replaces), as the optimizer's
+/// fallback and the CPU test write it: returns the new (param, m, v).
+fn composed_adamw(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    u: &moelab_kernels::AdamWUpdate,
+) -> Result<[Tensor; 3]> {
+    let g = (g * u.grad_scale)?;
+    let m = ((m * u.beta1)? + (&g * (1.0 - u.beta1))?)?;
+    let v = ((v * u.beta2)? + (g.sqr()? * (1.0 - u.beta2))?)?;
+    let step = ((&m / u.correction1)? / ((&v / u.correction2)?.sqrt()? + u.eps)?)?;
+    let p = ((p * (1.0 - u.decay))? - (step * u.lr)?)?;
+    Ok([p, m, v])
+}
+
+/// (param, m, v) after the fused update on the device, the composed one on the device and the
+/// composed one on the CPU.
+type AdamWRuns = [[Tensor; 3]; 3];
+
+/// Three AdamW steps of an `n`-element f32 parameter from zero moments, three ways.
+fn adamw_runs(rng: &mut Rng, cuda: &Device, n: usize) -> Result<AdamWRuns> {
+    let p0 = rng.tensor(&[n], 1.0);
+    let zeros = Tensor::zeros(n, DType::F32, &Device::Cpu)?;
+    let on_cuda = |t: &Tensor| t.to_device(cuda);
+    let fused = [on_cuda(&p0)?, on_cuda(&zeros)?, on_cuda(&zeros)?];
+    let mut device_ref = [on_cuda(&p0)?, on_cuda(&zeros)?, on_cuda(&zeros)?];
+    let mut cpu_ref = [p0, zeros.clone(), zeros];
+    for step in 1..=3i32 {
+        let g = rng.tensor(&[n], 0.5);
+        let u = moelab_kernels::AdamWUpdate {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 1e-3,
+            correction1: 1.0 - 0.9f64.powi(step),
+            correction2: 1.0 - 0.95f64.powi(step),
+            grad_scale: 0.7,
+        };
+        let gd = g.to_device(cuda)?;
+        let [p, m, v] = &fused;
+        if !moelab_kernels::fused_adamw_supported(p, m, v, &gd) {
+            candle_core::bail!("fused_adamw_supported is false for f32 CUDA tensors");
+        }
+        moelab_kernels::adamw_update(p, m, v, &gd, &u)?;
+        let [p, m, v] = &device_ref;
+        device_ref = composed_adamw(p, m, v, &gd, &u)?;
+        let [p, m, v] = &cpu_ref;
+        cpu_ref = composed_adamw(p, m, v, &g, &u)?;
+    }
+    Ok([fused, device_ref, cpu_ref])
+}
+
+/// The fused AdamW kernel over three steps against the composed update run on the same device
+/// (bit for bit: the kernel rounds every operation as the composed ops do) and on the CPU.
+fn check_adamw(report: &mut Report, rng: &mut Rng, cuda: &Device) {
+    let label = "adamw_update f32 (50001,) x 3 steps";
+    let [fused, device_ref, cpu_ref] = match adamw_runs(rng, cuda, 50_001) {
+        Ok(runs) => runs,
+        Err(e) => return report.error(label, DType::F32, "update", e),
+    };
+    for (i, what) in ["param", "m", "v"].iter().enumerate() {
+        let got = flat_f64(&fused[i]);
+        let diff = |want: &Tensor| {
+            got.iter()
+                .zip(flat_f64(want))
+                .fold(0.0f64, |d, (a, b)| d.max((a - b).abs()))
+        };
+        let (on_device, on_cpu) = (diff(&device_ref[i]), diff(&cpu_ref[i]));
+        let nans = got.iter().filter(|v| !v.is_finite()).count();
+        let ok = nans == 0 && on_device == 0.0 && on_cpu == 0.0;
+        println!(
+            "{label:<46} F32   {what:<8} max|fused - composed| on device {on_device:.3e}, against CPU {on_cpu:.3e}  non-finite {nans}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            report.failures.push(format!(
+                "{label} {what}: fused differs from the composed update by {on_device:e} (device) / {on_cpu:e} (CPU), {nans} non-finite"
+            ));
+        }
+    }
+}
+
+/// The device sum of squares (the grad norm's terms) against an f64 sum of the same values;
+/// 300001 elements: more than the first pass's 1024 blocks of 256 cover in one sweep.
+fn check_sum_of_squares(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType) {
+    let label = "sum_of_squares (300001,)";
+    let x = rng.tensor(&[300_001], 2.0).to_dtype(dtype).unwrap();
+    let want: f64 = flat_f64(&x).iter().map(|v| v * v).sum();
+    let got = match moelab_kernels::sum_of_squares(&x.to_device(cuda).unwrap()) {
+        Ok(moelab_kernels::SquareSum::Device(t)) if t.device().is_cuda() => {
+            t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>())
+        }
+        Ok(other) => {
+            return report.error(label, dtype, "fwd", format!("not on the device: {other:?}"))
+        }
+        Err(e) => return report.error(label, dtype, "fwd", e),
+    };
+    match got {
+        Ok(got) => {
+            // f32 accumulation of 3e5 positive terms, mostly pairwise: ~1e-6 relative at worst;
+            // one dropped or doubled 256-element block moves the sum by ~1e-3.
+            let err = (got - want).abs() / want;
+            let ok = err < 1e-5;
+            println!(
+                "{label:<46} {:<5} fwd      rel_err {err:>10.3e}  tol 1e-5  {}",
+                format!("{dtype:?}"),
+                if ok { "ok" } else { "FAIL" }
+            );
+            if !ok {
+                report.failures.push(format!(
+                    "{label} {dtype:?}: {got} against {want} ({err:.3e})"
+                ));
+            }
+        }
+        Err(e) => report.error(label, dtype, "fwd", e),
+    }
+}
+
 /// An unsupported dtype is a clear error naming the op, not a crash.
 fn check_f64_is_rejected(report: &mut Report, cuda: &Device) {
     let x = Tensor::zeros((2, 3), DType::F64, cuda).unwrap();
@@ -453,7 +574,9 @@ fn cuda_ops_match_cpu_reference() {
             run_case(&mut report, &mut rng, &cuda, dtype, case);
         }
         check_empty_group_grad(&mut report, &mut rng, &cuda, dtype);
+        check_sum_of_squares(&mut report, &mut rng, &cuda, dtype);
     }
+    check_adamw(&mut report, &mut rng, &cuda);
     check_f64_is_rejected(&mut report, &cuda);
     cuda.synchronize().unwrap();
     assert!(

@@ -3,6 +3,7 @@
 //! on request) and launch helpers. The launchers themselves live in `rows` (softmax, RMSNorm,
 //! RoPE, cross-entropy), `gemm` (cuBLAS), and one file per fused op named as its `src/*.rs`.
 
+pub(crate) mod adamw;
 pub(crate) mod gemm;
 pub(crate) mod moe_dispatch;
 pub(crate) mod rows;
