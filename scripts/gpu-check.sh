@@ -10,7 +10,8 @@
 # Stages (each under its own timeout, so one hang cannot eat the device budget):
 #   1. ops:   every CUDA op against its CPU reference on fresh random inputs, outputs poisoned
 #             (tests/cuda_ops.rs: softmax, RMSNorm, RoPE, cross-entropy, grouped GEMM, swiglu,
-#             MoE permute / un-permute, attention, sum of squares, fused AdamW; OPS_EXPECTED)
+#             MoE permute / un-permute, attention, sum of squares, fused AdamW, router top-k;
+#             OPS_EXPECTED)
 #   2. train: configs/gpu-smoke.toml, 30 steps on CUDA bf16 vs CPU f32, losses compared
 #   3. bench: moelab bench on configs/gpu-b.toml, then the PyTorch peer (eager, torch.compile)
 #   4. nccl:  configs/gpu-smoke.toml on CUDA through the NCCL collective at world size 1
@@ -58,7 +59,7 @@ echo "GPU: $(cat "$OUT/gpu.txt")"
 # 1. ops
 # Every kernel's rows must be in the log (a stale binary without a kernel's case fails here).
 OPS_EXPECTED=(softmax_last_dim causal_softmax rms_norm rope cross_entropy grouped_matmul swiglu
-  "moe permute [0-9]" "moe permute + unpermute" causal_attention sum_of_squares adamw_update)
+  "moe permute [0-9]" "moe permute + unpermute" causal_attention sum_of_squares adamw_update router_topk)
 ops_missing() {
   local op
   for op in "${OPS_EXPECTED[@]}"; do grep -q "^$op" "$OUT/ops.log" || printf '%s, ' "$op"; done

@@ -19,6 +19,7 @@ pub mod grouped_matmul;
 pub mod moe_dispatch;
 pub mod rms_norm;
 pub mod rope;
+pub mod router_topk;
 pub mod softmax;
 pub mod swiglu;
 
@@ -29,6 +30,7 @@ pub use cross_entropy::cross_entropy;
 pub use grouped_matmul::grouped_matmul;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_tables};
+pub use router_topk::{router_topk, TopK};
 pub use softmax::{causal_softmax, softmax_last_dim};
 pub use swiglu::swiglu;
 

@@ -528,6 +528,56 @@ fn check_sum_of_squares(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype
     }
 }
 
+/// Router top-k on the device against the CPU choosing from the same (uploaded) scores, so
+/// both see identical values: the ids and the histogram must be equal, ties included.
+fn check_router_topk(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType) {
+    // (tokens, experts, k, bias, scores rounded to quarters so that rows have ties)
+    for (tokens, n_experts, k, with_bias, ties) in [
+        (37usize, 64usize, 8usize, true, false),
+        (300, 7, 2, false, true),
+        (5, 300, 3, true, false),
+    ] {
+        let label = format!("router_topk ({tokens}, {n_experts}) k{k}");
+        let mut scores = rng.tensor(&[tokens, n_experts], 1.0);
+        if ties {
+            scores = ((scores * 4.0).unwrap().round().unwrap() / 4.0).unwrap();
+        }
+        let scores = scores.to_dtype(dtype).unwrap();
+        let bias = with_bias.then(|| rng.tensor(&[n_experts], 0.1));
+        let run = |device: &Device| -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+            let bias = match &bias {
+                Some(b) => Some(b.to_device(device)?),
+                None => None,
+            };
+            let top = moelab_kernels::router_topk(&scores.to_device(device)?, bias.as_ref(), k)?;
+            Ok((
+                top.expert_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?,
+                top.counts.to_device(&Device::Cpu)?.to_vec1::<u32>()?,
+            ))
+        };
+        let want = run(&Device::Cpu).unwrap();
+        match run(cuda) {
+            Ok(got) => {
+                let bad_ids = got.0.iter().zip(&want.0).filter(|(a, b)| a != b).count();
+                let ok = bad_ids == 0 && got.1 == want.1;
+                println!(
+                    "{label:<46} {:<5} fwd      {bad_ids} of {tokens} rows differ, counts {}  {}",
+                    format!("{dtype:?}"),
+                    if got.1 == want.1 { "equal" } else { "differ" },
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    report.failures.push(format!(
+                        "{label} {dtype:?}: {bad_ids} rows differ; counts {:?} against {:?}",
+                        got.1, want.1
+                    ));
+                }
+            }
+            Err(e) => report.error(&label, dtype, "fwd", e),
+        }
+    }
+}
+
 /// An unsupported dtype is a clear error naming the op, not a crash.
 fn check_f64_is_rejected(report: &mut Report, cuda: &Device) {
     let x = Tensor::zeros((2, 3), DType::F64, cuda).unwrap();
@@ -575,6 +625,7 @@ fn cuda_ops_match_cpu_reference() {
         }
         check_empty_group_grad(&mut report, &mut rng, &cuda, dtype);
         check_sum_of_squares(&mut report, &mut rng, &cuda, dtype);
+        check_router_topk(&mut report, &mut rng, &cuda, dtype);
     }
     check_adamw(&mut report, &mut rng, &cuda);
     check_f64_is_rejected(&mut report, &cuda);

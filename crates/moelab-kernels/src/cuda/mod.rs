@@ -6,6 +6,7 @@
 pub(crate) mod adamw;
 pub(crate) mod gemm;
 pub(crate) mod moe_dispatch;
+pub(crate) mod router_topk;
 pub(crate) mod rows;
 pub(crate) mod swiglu;
 
