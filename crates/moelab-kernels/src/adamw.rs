@@ -473,6 +473,31 @@ mod tests {
     }
 
     #[test]
+    fn the_device_sum_op_matches_the_host_sum() {
+        // The op the CUDA path applies, run on the CPU; a transposed (non-contiguous) input.
+        let t = rand(4, (300, 70), 1.5, DType::F32).t().unwrap();
+        let SquareSum::Host(host) = sum_of_squares(&t).unwrap() else {
+            panic!("an f32 CPU tensor is summed on the host");
+        };
+        let op = t
+            .contiguous()
+            .unwrap()
+            .apply_op1_no_bwd(&SumOfSquares)
+            .unwrap();
+        assert!(op.dims().is_empty());
+        assert_eq!(op.to_scalar::<f32>().unwrap(), host as f32);
+        let want: f64 = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum();
+        assert!((host - want).abs() < 1e-5 * want, "{host} {want}");
+    }
+
+    #[test]
     fn refuses_what_it_does_not_take() {
         let a = rand(1, 8, 1.0, DType::F32);
         let b = rand(2, 9, 1.0, DType::F32);

@@ -448,6 +448,23 @@ mod tests {
     }
 
     #[test]
+    fn the_device_index_packs_rows_then_csr_and_is_built_once() {
+        let r = routing();
+        let index = r.device_index(&Device::Cpu).unwrap();
+        // token_of_row, then starts (6), then each token's rows in order.
+        let want: Vec<u32> = [
+            vec![0, 2, 0, 4, 1, 0, 2],
+            vec![0, 3, 4, 6, 6, 7],
+            vec![0, 2, 5, 4, 1, 6, 3],
+        ]
+        .concat();
+        assert_eq!(index.to_vec1::<u32>().unwrap(), want);
+        assert_eq!(r.device_index(&Device::Cpu).unwrap().id(), index.id());
+        let rows = r.index(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(rows, want[..7]);
+    }
+
+    #[test]
     fn gradcheck_through_both() {
         let r = routing();
         let x = Var::from_tensor(&rand(4, (5, 3), 1.0, DType::F64)).unwrap();
