@@ -9,6 +9,9 @@
 # it); a device call is limited to 10 minutes, so split the stages over two calls if needed.
 # Stages (each under its own timeout, so one hang cannot eat the device budget):
 #   1. ops:   every CUDA op against its CPU reference on fresh random inputs, outputs poisoned
+#             (tests/cuda_ops.rs: softmax, RMSNorm, RoPE, cross-entropy, grouped GEMM, swiglu,
+#             MoE permute / un-permute, attention, sum of squares, fused AdamW, router top-k;
+#             OPS_EXPECTED)
 #   2. train: configs/gpu-smoke.toml, 30 steps on CUDA bf16 vs CPU f32, losses compared
 #   3. bench: moelab bench on configs/gpu-b.toml, then the PyTorch peer (eager, torch.compile)
 #   4. nccl:  configs/gpu-smoke.toml on CUDA through the NCCL collective at world size 1
@@ -54,12 +57,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 echo "GPU: $(cat "$OUT/gpu.txt")"
 
 # 1. ops
+# Every kernel's rows must be in the log (a stale binary without a kernel's case fails here).
+OPS_EXPECTED=(softmax_last_dim causal_softmax rms_norm rope cross_entropy grouped_matmul swiglu
+  "moe permute [0-9]" "moe permute + unpermute" causal_attention flash_attention linear_cross_entropy
+  sum_of_squares adamw_update router_topk)
+ops_missing() {
+  local op
+  for op in "${OPS_EXPECTED[@]}"; do grep -q "^$op" "$OUT/ops.log" || printf '%s, ' "$op"; done
+}
 if ! want ops; then :
 elif stage ops 240 env MOELAB_POISON_OUTPUTS=1 "$BIN_DIR/cuda_ops" --test-threads 1 --nocapture \
-    && ! grep -q '^skipped' "$OUT/ops.log"; then
+    && ! grep -q '^skipped' "$OUT/ops.log" && [ -z "$(ops_missing)" ]; then
   ROWS+=("ops|PASS|$(grep -c ' ok$' "$OUT/ops.log") op/dtype/pass rows ok, $(grep -o 'seed [0-9]*' "$OUT/ops.log" | head -1)")
+elif [ -f "$OUT/ops.log" ] && ! grep -q -E '^skipped|panicked|FAIL' "$OUT/ops.log" && [ -n "$(ops_missing)" ]; then
+  ROWS+=("ops|FAIL|no rows for: $(ops_missing | cut -c1-70)")
 else
-  ROWS+=("ops|FAIL|$(grep -m1 -E 'panicked|FAIL|error' "$OUT/ops.log" | cut -c1-80)")
+  ROWS+=("ops|FAIL|$(grep -m1 -E 'skipped|panicked|FAIL|error' "$OUT/ops.log" | cut -c1-80)")
 fi
 
 # 2. train: CUDA bf16 vs CPU f32, same config, seed and data

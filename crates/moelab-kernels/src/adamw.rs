@@ -1,8 +1,12 @@
-//! The AdamW update of one parameter in place on the CPU: three multi-threaded passes (first
-//! moment, second moment, parameter) over f32 buffers, no temporaries.
+//! The AdamW update of one parameter in place, and the sum of squares of a gradient (the global
+//! grad norm's terms). On the CPU the update is three multi-threaded passes (first moment,
+//! second moment, parameter) over f32 buffers, no temporaries; on CUDA (feature `cuda`) one
+//! kernel pass per tensor (`kernels/adamw.cu`). Both give the composed update's bits.
 
 use crate::cpu::contiguous;
-use candle_core::{bail, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, DType, InplaceOp2, InplaceOp3, Layout, Result, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 /// One step's constants. `decay` is the decoupled weight decay already multiplied by the
@@ -27,11 +31,14 @@ pub struct AdamWUpdate {
     pub grad_scale: f64,
 }
 
-/// Whether [`adamw_update`] takes these tensors: all f32 on the CPU, one shape.
+/// Whether [`adamw_update`] takes these tensors: all f32 of one shape on one device, the CPU or
+/// (feature `cuda`) a CUDA device.
 pub fn fused_adamw_supported(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor) -> bool {
-    [param, m, v, grad]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.dims() == param.dims())
+    let device = param.device();
+    (device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda()))
+        && [param, m, v, grad].iter().all(|t| {
+            t.device().same_device(device) && t.dtype() == DType::F32 && t.dims() == param.dims()
+        })
 }
 
 /// In place: `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2` with `g = grad_scale grad`, then
@@ -47,7 +54,7 @@ pub fn adamw_update(
 ) -> Result<()> {
     if !fused_adamw_supported(param, m, v, grad) {
         bail!(
-            "adamw_update: param {:?}, m {:?}, v {:?} and grad {:?} must be f32 CPU tensors of one shape",
+            "adamw_update: param {:?}, m {:?}, v {:?} and grad {:?} must be f32 tensors of one shape on one CPU or CUDA device",
             param.dims(),
             m.dims(),
             v.dims(),
@@ -55,6 +62,10 @@ pub fn adamw_update(
         );
     }
     let grad = grad.contiguous()?;
+    #[cfg(feature = "cuda")]
+    if param.device().is_cuda() {
+        return cuda_update(param, m, v, &grad, update);
+    }
     m.inplace_op2(
         &grad,
         &Moment {
@@ -92,19 +103,37 @@ fn for_chunks<const N: usize>(
     }
 }
 
-/// `sum(t^2)` in f64, one read of an f32 CPU tensor (the global gradient norm's terms), or
-/// `None` for other tensors. Sums 8 f32 lanes per chunk, chunks in order: the result does not
-/// depend on the thread count.
-pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return Ok(None);
-    }
+/// `sum(t^2)` of one tensor, where it was computed.
+#[derive(Debug)]
+pub enum SquareSum {
+    /// An f32 CPU tensor's sum, in f64.
+    Host(f64),
+    /// An f32 scalar tensor on the tensor's device, not yet read (callers add these up and read
+    /// the total once).
+    Device(Tensor),
+}
+
+/// `sum(t^2)` (the global gradient norm's terms): on the host for an f32 CPU tensor (one read,
+/// 8 f32 lanes per chunk summed in f64, chunks in order: independent of the thread count); on
+/// CUDA (feature `cuda`; f32, bf16, f16) a two-pass block reduction in f32 left on the device;
+/// elsewhere the composed `t.to_dtype(f32).sqr().sum_all()`.
+pub fn sum_of_squares(t: &Tensor) -> Result<SquareSum> {
     let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(storage) = &*storage else {
-        return Ok(None);
-    };
-    let x = contiguous::<f32>(storage, layout, "adamw_update", "the tensor")?;
+    if t.device().is_cpu() && t.dtype() == DType::F32 {
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(storage) = &*storage else {
+            bail!("sum_of_squares: CPU tensor without CPU storage");
+        };
+        let x = contiguous::<f32>(storage, layout, "sum_of_squares", "the tensor")?;
+        return Ok(SquareSum::Host(host_sum_of_squares(x)));
+    }
+    if crate::has_kernel(&t) && !t.device().is_cpu() {
+        return Ok(SquareSum::Device(t.apply_op1_no_bwd(&SumOfSquares)?));
+    }
+    Ok(SquareSum::Device(t.to_dtype(DType::F32)?.sqr()?.sum_all()?))
+}
+
+fn host_sum_of_squares(x: &[f32]) -> f64 {
     let chunk_sum = |c: &[f32]| -> f64 {
         let (lanes8, rest) = c.as_chunks::<8>();
         let mut lanes = [0f32; 8];
@@ -124,7 +153,31 @@ pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
     } else {
         x.par_chunks(CHUNK).map(chunk_sum).collect()
     };
-    Ok(Some(sums.iter().sum()))
+    sums.iter().sum()
+}
+
+/// `sum(t^2)` as an f32 scalar tensor on the tensor's device.
+struct SumOfSquares;
+
+impl CustomOp1 for SumOfSquares {
+    fn name(&self) -> &'static str {
+        "moelab-sum-of-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous::<f32>(s, l, self.name(), "the tensor")?;
+        let sum = host_sum_of_squares(x) as f32;
+        Ok((CpuStorage::F32(vec![sum]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::adamw::sum_of_squares(self.name(), s, l)
+    }
 }
 
 fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
@@ -210,6 +263,123 @@ impl InplaceOp3 for Apply {
     }
 }
 
+/// The CUDA update: one kernel over param, m and v (written) and grad, under candle's write
+/// locks of the three (taken one inside the other) after candle's aliasing checks have shown
+/// the four tensors use distinct storage (shared storage would deadlock the nested locks).
+#[cfg(feature = "cuda")]
+fn cuda_update(
+    param: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    update: &AdamWUpdate,
+) -> Result<()> {
+    param.inplace_op3(m, v, &Distinct)?;
+    m.inplace_op3(v, grad, &Distinct)?;
+    param.inplace_op2(grad, &Distinct)?;
+    v.inplace_op2(grad, &Distinct)?;
+    with_cuda_mut(param, |ps, pl| {
+        with_cuda_mut(m, |ms, ml| {
+            with_cuda_mut(v, |vs, vl| {
+                let (gs, gl) = grad.storage_and_layout();
+                let candle_core::Storage::Cuda(gs) = &*gs else {
+                    bail!("adamw_update: the gradient is not on the CUDA device");
+                };
+                crate::cuda::adamw::adamw_step((ps, pl), (ms, ml), (vs, vl), (gs, gl), update)
+            })
+        })
+    })
+}
+
+/// Does nothing: applied in place, it makes candle check that the sources share no storage
+/// with the destination.
+#[cfg(feature = "cuda")]
+struct Distinct;
+
+#[cfg(feature = "cuda")]
+impl InplaceOp2 for Distinct {
+    fn name(&self) -> &'static str {
+        "moelab-adamw-distinct"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        Ok(())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &mut candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl InplaceOp3 for Distinct {
+    fn name(&self) -> &'static str {
+        "moelab-adamw-distinct"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &mut candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` on `t`'s CUDA storage under candle's write lock (an in-place op whose body is `f`).
+#[cfg(feature = "cuda")]
+fn with_cuda_mut(
+    t: &Tensor,
+    f: impl FnOnce(&mut candle_core::CudaStorage, &Layout) -> Result<()>,
+) -> Result<()> {
+    t.inplace_op1(&WithCudaMut(std::cell::RefCell::new(Some(f))))
+}
+
+#[cfg(feature = "cuda")]
+struct WithCudaMut<F>(std::cell::RefCell<Option<F>>);
+
+#[cfg(feature = "cuda")]
+impl<F: FnOnce(&mut candle_core::CudaStorage, &Layout) -> Result<()>> candle_core::InplaceOp1
+    for WithCudaMut<F>
+{
+    fn name(&self) -> &'static str {
+        "moelab-adamw"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!("adamw_update: a CPU tensor on the CUDA path")
+    }
+
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        match self.0.borrow_mut().take() {
+            Some(f) => f(s, l),
+            None => bail!("adamw_update: in-place body run twice"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -275,14 +445,56 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            let got = sum_of_squares(&t).unwrap().unwrap();
+            let SquareSum::Host(got) = sum_of_squares(&t).unwrap() else {
+                panic!("an f32 CPU tensor is summed on the host");
+            };
             assert!(
                 (got - f64::from(want)).abs() < 1e-4 * f64::from(want),
                 "{got} {want}"
             );
         }
+        // Other dtypes: an f32 scalar tensor.
         let half = rand(3, 5, 1.0, DType::BF16);
-        assert_eq!(sum_of_squares(&half).unwrap(), None);
+        let SquareSum::Device(sum) = sum_of_squares(&half).unwrap() else {
+            panic!("a bf16 tensor is summed as a tensor");
+        };
+        let want = half
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert_eq!(sum.dtype(), DType::F32);
+        assert_eq!(
+            sum.to_scalar::<f32>().unwrap(),
+            want.to_scalar::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_device_sum_op_matches_the_host_sum() {
+        // The op the CUDA path applies, run on the CPU; a transposed (non-contiguous) input.
+        let t = rand(4, (300, 70), 1.5, DType::F32).t().unwrap();
+        let SquareSum::Host(host) = sum_of_squares(&t).unwrap() else {
+            panic!("an f32 CPU tensor is summed on the host");
+        };
+        let op = t
+            .contiguous()
+            .unwrap()
+            .apply_op1_no_bwd(&SumOfSquares)
+            .unwrap();
+        assert!(op.dims().is_empty());
+        assert_eq!(op.to_scalar::<f32>().unwrap(), host as f32);
+        let want: f64 = t
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum();
+        assert!((host - want).abs() < 1e-5 * want, "{host} {want}");
     }
 
     #[test]
@@ -303,6 +515,6 @@ mod tests {
         assert!(!fused_adamw_supported(&a, &a, &a, &b));
         assert!(!fused_adamw_supported(&half, &a, &a, &a));
         let err = adamw_update(&a, &a, &a, &b, &u).unwrap_err().to_string();
-        assert!(err.contains("must be f32 CPU tensors"), "{err}");
+        assert!(err.contains("must be f32 tensors of one shape"), "{err}");
     }
 }

@@ -20,10 +20,11 @@ pub mod linear_cross_entropy;
 pub mod moe_dispatch;
 pub mod rms_norm;
 pub mod rope;
+pub mod router_topk;
 pub mod softmax;
 pub mod swiglu;
 
-pub use adamw::{adamw_update, fused_adamw_supported, sum_of_squares, AdamWUpdate};
+pub use adamw::{adamw_update, fused_adamw_supported, sum_of_squares, AdamWUpdate, SquareSum};
 pub use attention::causal_attention;
 pub use cpu::tune_cpu_runtime;
 pub use cross_entropy::cross_entropy;
@@ -31,8 +32,20 @@ pub use grouped_matmul::grouped_matmul;
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_tables};
+pub use router_topk::{router_topk, TopK};
 pub use softmax::{causal_softmax, softmax_last_dim};
 pub use swiglu::swiglu;
 
 #[cfg(test)]
 pub(crate) mod test_util;
+
+/// Whether the fused ops run their own kernels for `t` rather than composed candle ops: always on
+/// the CPU; on CUDA (feature `cuda`) for f32, bf16 and f16.
+pub(crate) fn has_kernel(t: &candle_core::Tensor) -> bool {
+    use candle_core::DType;
+    let device = t.device();
+    device.is_cpu()
+        || (cfg!(feature = "cuda")
+            && device.is_cuda()
+            && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16))
+}

@@ -1,25 +1,29 @@
-//! MoE dispatch on the CPU: permute tokens into expert order and un-permute the experts' outputs
-//! back with the gate-weighted combine fused in, each one op with its backward (in place of
-//! index_select, a broadcast multiply, zeros and index_add, and their gradient buffers).
+//! MoE dispatch: permute tokens into expert order and un-permute the experts' outputs back with
+//! the gate-weighted combine fused in, each one op with its backward (in place of index_select,
+//! a broadcast multiply, zeros and index_add, and their gradient buffers).
 //!
 //! Both take a [`Routing`]: for each permuted row the token it came from. Rows are gathered and
-//! scattered per token in row order, so results do not depend on the thread count. On other
-//! devices the same functions run the composed candle ops.
+//! scattered per token in row order, so results do not depend on the thread count. On the CPU
+//! and (feature `cuda`) on CUDA they are fused ops (`kernels/moe_dispatch.cu`); on other devices
+//! the same functions run the composed candle ops.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::cpu::{check_float, check_same_dtype, contiguous, float_dispatch, map_rows, Acc, Elem};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result};
-use candle_core::{Shape, Tensor};
+use candle_core::{Device, Shape, Tensor};
 
 /// Which token each permuted row holds, and the inverse: each token's rows in order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Routing {
     n_tokens: usize,
     token_of_row: Vec<u32>,
     /// CSR over tokens: rows of token t are `rows[starts[t]..starts[t + 1]]`, ascending.
     starts: Vec<usize>,
     rows: Vec<u32>,
+    /// The index as one u32 tensor (`token_of_row`, `starts`, `rows`) on the first non-CPU
+    /// device it was asked for: uploaded once, shared by the forward and backward ops.
+    device_index: OnceLock<Tensor>,
 }
 
 impl Routing {
@@ -31,6 +35,12 @@ impl Routing {
             .find(|(_, &t)| t as usize >= n_tokens)
         {
             bail!("moe routing: row {r} names token {t}, but there are {n_tokens} tokens");
+        }
+        if u32::try_from(token_of_row.len()).is_err() {
+            bail!(
+                "moe routing: {} rows exceed the u32 row index",
+                token_of_row.len()
+            );
         }
         let mut starts = vec![0usize; n_tokens + 1];
         for &t in &token_of_row {
@@ -50,6 +60,7 @@ impl Routing {
             token_of_row,
             starts,
             rows,
+            device_index: OnceLock::new(),
         }))
     }
 
@@ -57,8 +68,54 @@ impl Routing {
         &self.rows[self.starts[token]..self.starts[token + 1]]
     }
 
-    fn index(&self, device: &candle_core::Device) -> Result<Tensor> {
-        Tensor::from_slice(&self.token_of_row, self.token_of_row.len(), device)
+    /// The whole index on `device` as one u32 tensor: `token_of_row` (rows), `starts`
+    /// (tokens + 1), `rows` (rows). Cached for the first device asked; others get a fresh copy.
+    fn device_index(&self, device: &Device) -> Result<Tensor> {
+        if let Some(t) = self.device_index.get() {
+            if t.device().same_device(device) {
+                return Ok(t.clone());
+            }
+        }
+        let mut packed = Vec::with_capacity(2 * self.token_of_row.len() + self.n_tokens + 1);
+        packed.extend_from_slice(&self.token_of_row);
+        // Every start is at most the row count, which `new` checked fits in u32.
+        packed.extend(self.starts.iter().map(|&s| s as u32));
+        packed.extend_from_slice(&self.rows);
+        let len = packed.len();
+        let t = Tensor::from_vec(packed, len, device)?;
+        Ok(self.device_index.get_or_init(|| t.clone()).clone())
+    }
+
+    /// `token_of_row` on `device`, for the composed ops.
+    fn index(&self, device: &Device) -> Result<Tensor> {
+        let n = self.token_of_row.len();
+        if device.is_cpu() {
+            return Tensor::from_slice(&self.token_of_row, n, device);
+        }
+        self.device_index(device)?.narrow(0, 0, n)
+    }
+
+    /// Runs `f` on the CUDA storage of the device index (see [`Routing::device_index`]).
+    #[cfg(feature = "cuda")]
+    fn with_cuda_index<R>(
+        &self,
+        dev: &candle_core::CudaDevice,
+        op: &str,
+        f: impl FnOnce(&crate::cuda::moe_dispatch::DeviceRouting<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let index = self.device_index(&Device::Cuda(dev.clone()))?;
+        let (storage, layout) = index.storage_and_layout();
+        let candle_core::Storage::Cuda(storage) = &*storage else {
+            bail!("{op}: the routing index is not on the CUDA device");
+        };
+        let routing = crate::cuda::moe_dispatch::DeviceRouting::new(
+            op,
+            storage,
+            layout,
+            self.token_of_row.len(),
+            self.n_tokens,
+        )?;
+        f(&routing)
     }
 }
 
@@ -72,7 +129,7 @@ pub fn permute(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
             routing.n_tokens
         );
     }
-    if !x.device().is_cpu() {
+    if !crate::has_kernel(x) {
         return x.index_select(&routing.index(x.device())?, 0);
     }
     x.contiguous()?.apply_op1(Permute(routing.clone()))
@@ -92,7 +149,7 @@ pub fn unpermute(rows: &Tensor, gates: &Tensor, routing: &Arc<Routing>) -> Resul
             routing.token_of_row.len()
         );
     }
-    if !rows.device().is_cpu() {
+    if !crate::has_kernel(rows) {
         let weighted = rows.broadcast_mul(&gates.unsqueeze(1)?)?;
         let zeros = Tensor::zeros((routing.n_tokens, d), rows.dtype(), rows.device())?;
         return zeros.index_add(&routing.index(rows.device())?, &weighted, 0);
@@ -139,6 +196,17 @@ impl CustomOp1 for Permute {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s), self.name(), T => self.fwd::<T>(s, l))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.with_cuda_index(&s.device, self.name(), |routing| {
+            crate::cuda::moe_dispatch::permute_fwd(self.name(), (s, l), routing)
+        })
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -196,6 +264,19 @@ impl CustomOp2 for Unpermute {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>((s1, l1), (s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.with_cuda_index(&s1.device, self.name(), |routing| {
+            crate::cuda::moe_dispatch::unpermute_fwd(self.name(), (s1, l1), (s2, l2), routing)
+        })
     }
 
     fn bwd(
@@ -277,6 +358,27 @@ impl CustomOp3 for UnpermuteBackward {
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.with_cuda_index(&s1.device, self.name(), |routing| {
+            crate::cuda::moe_dispatch::unpermute_bwd(
+                self.name(),
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                routing,
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -343,6 +445,23 @@ mod tests {
                 0.0
             );
         }
+    }
+
+    #[test]
+    fn the_device_index_packs_rows_then_csr_and_is_built_once() {
+        let r = routing();
+        let index = r.device_index(&Device::Cpu).unwrap();
+        // token_of_row, then starts (6), then each token's rows in order.
+        let want: Vec<u32> = [
+            vec![0, 2, 0, 4, 1, 0, 2],
+            vec![0, 3, 4, 6, 6, 7],
+            vec![0, 2, 5, 4, 1, 6, 3],
+        ]
+        .concat();
+        assert_eq!(index.to_vec1::<u32>().unwrap(), want);
+        assert_eq!(r.device_index(&Device::Cpu).unwrap().id(), index.id());
+        let rows = r.index(&Device::Cpu).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(rows, want[..7]);
     }
 
     #[test]

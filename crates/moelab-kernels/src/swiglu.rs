@@ -1,5 +1,6 @@
 //! The SwiGLU gate `silu(gate) * up` as one op with its backward (two candle ops and their four
-//! gradient buffers otherwise).
+//! gradient buffers otherwise). With feature `cuda` both passes also run as CUDA kernels
+//! (`kernels/swiglu.cu`).
 
 use crate::cpu::{
     check_float, check_same_dtype, contiguous, float_dispatch, vectorized, Acc, Elem,
@@ -8,7 +9,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use rayon::prelude::*;
 
 /// `silu(gate) * up` elementwise, `silu(x) = x sigmoid(x)`; `gate` and `up` of one shape. On the
-/// CPU one fused pass forward and one backward; elsewhere the composed candle ops.
+/// CPU and CUDA one fused pass forward and one backward; elsewhere the composed candle ops.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     check_float("swiglu", "gate", gate)?;
     check_same_dtype("swiglu", "up", up, gate)?;
@@ -19,7 +20,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.dims()
         );
     }
-    if !gate.device().is_cpu() {
+    if !crate::has_kernel(gate) {
         return gate.silu()? * up;
     }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
@@ -74,6 +75,17 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.fwd::<T>((s1, l1), (s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu::swiglu_fwd(self.name(), (s1, l1), (s2, l2))
     }
 
     fn bwd(
@@ -152,6 +164,19 @@ impl CustomOp3 for SwiGluBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         float_dispatch!(crate::cpu::storage_dtype(s1), self.name(), T => self.run::<T>((s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::swiglu::swiglu_bwd(self.name(), (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

@@ -267,24 +267,45 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         grads: vec![Some("x"), Some("w")],
         op: Box::new(move |t| moelab_kernels::grouped_matmul(&t[0], &t[1], &sizes)),
     });
-    cases.push(Case {
-        name: "swiglu (37, 1000)".into(),
-        inputs: vec![rng.tensor(&[37, 1000], 4.0), rng.tensor(&[37, 1000], 2.0)],
-        grads: vec![Some("gate"), Some("up")],
-        op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
-    });
-    // 7 tokens, 15 rows: token 5 gets no row, token 0 four (an expert taking most of them).
+    for dims in [[37usize, 1000].as_slice(), &[3, 5, 77]] {
+        cases.push(Case {
+            name: format!("swiglu {dims:?}"),
+            inputs: vec![rng.tensor(dims, 4.0), rng.tensor(dims, 2.0)],
+            grads: vec![Some("gate"), Some("up")],
+            op: Box::new(|t| moelab_kernels::swiglu(&t[0], &t[1])),
+        });
+    }
+    // 7 tokens, 15 rows: token 5 gets no row, token 0 four.
     let token_of_row = vec![0u32, 3, 0, 1, 6, 0, 2, 4, 0, 3, 1, 6, 2, 4, 3];
-    let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, 7).unwrap();
-    cases.push(Case {
-        name: "moe permute + unpermute 7 tokens -> 15 rows x 96".into(),
-        inputs: vec![rng.tensor(&[7, 96], 1.0), rng.tensor(&[15], 1.0)],
-        grads: vec![Some("x"), Some("gates")],
-        op: Box::new(move |t| {
-            let rows = moelab_kernels::moe_dispatch::permute(&t[0], &routing)?;
-            moelab_kernels::moe_dispatch::unpermute(&rows, &t[1], &routing)
-        }),
-    });
+    moe_cases(
+        &mut cases,
+        rng,
+        "7 tokens -> 15 rows x 96",
+        token_of_row,
+        7,
+        96,
+    );
+    // Routings as the model builds them (rows grouped by expert, tokens in order within one).
+    // Uneven loads with an empty expert: 37 tokens top-2 of 6 experts, expert 0 chosen by about
+    // half the tokens, expert 2 by none.
+    let mut experts = Vec::new();
+    for _ in 0..37 {
+        let pick = |rng: &mut Rng| [1u32, 3, 4, 5][(rng.next_u64() % 4) as usize];
+        let first = if rng.uniform() < 0.0 { 0 } else { pick(rng) };
+        let mut second = pick(rng);
+        while second == first {
+            second = pick(rng);
+        }
+        experts.extend([first, second]);
+    }
+    let (token_of_row, loads) = expert_major(&experts, 2, 6);
+    assert_eq!(loads[2], 0);
+    let label = format!("37 tokens top-2, loads {loads:?}, x 97");
+    moe_cases(&mut cases, rng, &label, token_of_row, 37, 97);
+    // One expert takes every token (top-1, the other three empty).
+    let (token_of_row, loads) = expert_major(&[3; 41], 1, 4);
+    let label = format!("41 tokens top-1, loads {loads:?}, x 300");
+    moe_cases(&mut cases, rng, &label, token_of_row, 41, 300);
     cases.push(Case {
         name: "causal_attention q(2,4,37,64) kv(2,2,37,64)".into(),
         inputs: vec![
@@ -295,7 +316,77 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         grads: vec![Some("q"), Some("k"), Some("v")],
         op: Box::new(|t| moelab_kernels::causal_attention(&t[0], &t[1], &t[2], 0.125)),
     });
+    // The model's entry points: tiled on the CPU (the reference here), composed on CUDA until
+    // their fused kernels exist; the check is that the device path gives the same numbers.
+    cases.push(Case {
+        name: "flash_attention q(2,4,37,64) kv(2,2,37,64)".into(),
+        inputs: vec![
+            rng.tensor(&[2, 4, 37, 64], 1.0),
+            rng.tensor(&[2, 2, 37, 64], 1.0),
+            rng.tensor(&[2, 2, 37, 64], 1.0),
+        ],
+        grads: vec![Some("q"), Some("k"), Some("v")],
+        op: Box::new(|t| {
+            moelab_kernels::flash_attention::flash_attention(&t[0], &t[1], &t[2], 0.125)
+        }),
+    });
+    cases.push(Case {
+        name: "linear_cross_entropy h(37,64) w(1000,64)".into(),
+        inputs: vec![
+            rng.tensor(&[37, 64], 1.0),
+            rng.tensor(&[1000, 64], 0.5),
+            rng.targets(37, 1000),
+        ],
+        grads: vec![Some("h"), Some("w"), None],
+        op: Box::new(|t| moelab_kernels::linear_cross_entropy(&t[0], &t[1], &t[2])),
+    });
     cases
+}
+
+/// Rows in expert order for `experts` (token t's `k` choices at `t * k ..`): grouped by expert,
+/// tokens ascending within a group, as the model's dispatch plan. Returns `token_of_row` and the
+/// per-expert loads.
+fn expert_major(experts: &[u32], k: usize, n_experts: usize) -> (Vec<u32>, Vec<usize>) {
+    let mut loads = vec![0usize; n_experts];
+    let mut token_of_row = Vec::with_capacity(experts.len());
+    for e in 0..n_experts as u32 {
+        for (slot, _) in experts.iter().enumerate().filter(|(_, &x)| x == e) {
+            token_of_row.push((slot / k) as u32);
+            loads[e as usize] += 1;
+        }
+    }
+    (token_of_row, loads)
+}
+
+/// The MoE dispatch cases of one routing: the permute alone (rows, and dx through the permute's
+/// backward) and permute -> un-permute (the gated combine; dx and the gates' gradient through
+/// both backwards).
+fn moe_cases(
+    cases: &mut Vec<Case>,
+    rng: &mut Rng,
+    label: &str,
+    token_of_row: Vec<u32>,
+    n_tokens: usize,
+    d: usize,
+) {
+    let rows = token_of_row.len();
+    let routing = moelab_kernels::moe_dispatch::Routing::new(token_of_row, n_tokens).unwrap();
+    let r = routing.clone();
+    cases.push(Case {
+        name: format!("moe permute {label}"),
+        inputs: vec![rng.tensor(&[n_tokens, d], 1.0)],
+        grads: vec![Some("x")],
+        op: Box::new(move |t| moelab_kernels::moe_dispatch::permute(&t[0], &r)),
+    });
+    cases.push(Case {
+        name: format!("moe permute + unpermute {label}"),
+        inputs: vec![rng.tensor(&[n_tokens, d], 1.0), rng.tensor(&[rows], 1.0)],
+        grads: vec![Some("x"), Some("gates")],
+        op: Box::new(move |t| {
+            let rows = moelab_kernels::moe_dispatch::permute(&t[0], &routing)?;
+            moelab_kernels::moe_dispatch::unpermute(&rows, &t[1], &routing)
+        }),
+    });
 }
 
 /// The empty group's weight gradient is exactly zero on the device.
@@ -337,6 +428,177 @@ fn check_empty_group_grad(report: &mut Report, rng: &mut Rng, cuda: &Device, dty
             }
         }
         Err(e) => report.error(label, dtype, "bwd", e),
+    }
+}
+
+/// AdamW's composed update (the tensor ops the fused kernel replaces), as the optimizer's
+/// fallback and the CPU test write it: returns the new (param, m, v).
+fn composed_adamw(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    u: &moelab_kernels::AdamWUpdate,
+) -> Result<[Tensor; 3]> {
+    let g = (g * u.grad_scale)?;
+    let m = ((m * u.beta1)? + (&g * (1.0 - u.beta1))?)?;
+    let v = ((v * u.beta2)? + (g.sqr()? * (1.0 - u.beta2))?)?;
+    let step = ((&m / u.correction1)? / ((&v / u.correction2)?.sqrt()? + u.eps)?)?;
+    let p = ((p * (1.0 - u.decay))? - (step * u.lr)?)?;
+    Ok([p, m, v])
+}
+
+/// (param, m, v) after the fused update on the device, the composed one on the device and the
+/// composed one on the CPU.
+type AdamWRuns = [[Tensor; 3]; 3];
+
+/// Three AdamW steps of an `n`-element f32 parameter from zero moments, three ways.
+fn adamw_runs(rng: &mut Rng, cuda: &Device, n: usize) -> Result<AdamWRuns> {
+    let p0 = rng.tensor(&[n], 1.0);
+    let zeros = Tensor::zeros(n, DType::F32, &Device::Cpu)?;
+    let on_cuda = |t: &Tensor| t.to_device(cuda);
+    let fused = [on_cuda(&p0)?, on_cuda(&zeros)?, on_cuda(&zeros)?];
+    let mut device_ref = [on_cuda(&p0)?, on_cuda(&zeros)?, on_cuda(&zeros)?];
+    let mut cpu_ref = [p0, zeros.clone(), zeros];
+    for step in 1..=3i32 {
+        let g = rng.tensor(&[n], 0.5);
+        let u = moelab_kernels::AdamWUpdate {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 1e-3,
+            correction1: 1.0 - 0.9f64.powi(step),
+            correction2: 1.0 - 0.95f64.powi(step),
+            grad_scale: 0.7,
+        };
+        let gd = g.to_device(cuda)?;
+        let [p, m, v] = &fused;
+        if !moelab_kernels::fused_adamw_supported(p, m, v, &gd) {
+            candle_core::bail!("fused_adamw_supported is false for f32 CUDA tensors");
+        }
+        moelab_kernels::adamw_update(p, m, v, &gd, &u)?;
+        let [p, m, v] = &device_ref;
+        device_ref = composed_adamw(p, m, v, &gd, &u)?;
+        let [p, m, v] = &cpu_ref;
+        cpu_ref = composed_adamw(p, m, v, &g, &u)?;
+    }
+    Ok([fused, device_ref, cpu_ref])
+}
+
+/// The fused AdamW kernel over three steps against the composed update run on the same device
+/// (bit for bit: the kernel rounds every operation as the composed ops do) and on the CPU.
+fn check_adamw(report: &mut Report, rng: &mut Rng, cuda: &Device) {
+    let label = "adamw_update f32 (50001,) x 3 steps";
+    let [fused, device_ref, cpu_ref] = match adamw_runs(rng, cuda, 50_001) {
+        Ok(runs) => runs,
+        Err(e) => return report.error(label, DType::F32, "update", e),
+    };
+    for (i, what) in ["param", "m", "v"].iter().enumerate() {
+        let got = flat_f64(&fused[i]);
+        let diff = |want: &Tensor| {
+            got.iter()
+                .zip(flat_f64(want))
+                .fold(0.0f64, |d, (a, b)| d.max((a - b).abs()))
+        };
+        let (on_device, on_cpu) = (diff(&device_ref[i]), diff(&cpu_ref[i]));
+        let nans = got.iter().filter(|v| !v.is_finite()).count();
+        let ok = nans == 0 && on_device == 0.0 && on_cpu == 0.0;
+        println!(
+            "{label:<46} F32   {what:<8} max|fused - composed| on device {on_device:.3e}, against CPU {on_cpu:.3e}  non-finite {nans}  {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            report.failures.push(format!(
+                "{label} {what}: fused differs from the composed update by {on_device:e} (device) / {on_cpu:e} (CPU), {nans} non-finite"
+            ));
+        }
+    }
+}
+
+/// The device sum of squares (the grad norm's terms) against an f64 sum of the same values;
+/// 300001 elements: more than the first pass's 1024 blocks of 256 cover in one sweep.
+fn check_sum_of_squares(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType) {
+    let label = "sum_of_squares (300001,)";
+    let x = rng.tensor(&[300_001], 2.0).to_dtype(dtype).unwrap();
+    let want: f64 = flat_f64(&x).iter().map(|v| v * v).sum();
+    let got = match moelab_kernels::sum_of_squares(&x.to_device(cuda).unwrap()) {
+        Ok(moelab_kernels::SquareSum::Device(t)) if t.device().is_cuda() => {
+            t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>())
+        }
+        Ok(other) => {
+            return report.error(label, dtype, "fwd", format!("not on the device: {other:?}"))
+        }
+        Err(e) => return report.error(label, dtype, "fwd", e),
+    };
+    match got {
+        Ok(got) => {
+            // f32 accumulation of 3e5 positive terms, mostly pairwise: ~1e-6 relative at worst;
+            // one dropped or doubled 256-element block moves the sum by ~1e-3.
+            let err = (got - want).abs() / want;
+            let ok = err < 1e-5;
+            println!(
+                "{label:<46} {:<5} fwd      rel_err {err:>10.3e}  tol 1e-5  {}",
+                format!("{dtype:?}"),
+                if ok { "ok" } else { "FAIL" }
+            );
+            if !ok {
+                report.failures.push(format!(
+                    "{label} {dtype:?}: {got} against {want} ({err:.3e})"
+                ));
+            }
+        }
+        Err(e) => report.error(label, dtype, "fwd", e),
+    }
+}
+
+/// Router top-k on the device against the CPU choosing from the same (uploaded) scores, so
+/// both see identical values: the ids and the histogram must be equal, ties included.
+fn check_router_topk(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: DType) {
+    // (tokens, experts, k, bias, scores rounded to quarters so that rows have ties)
+    for (tokens, n_experts, k, with_bias, ties) in [
+        (37usize, 64usize, 8usize, true, false),
+        (300, 7, 2, false, true),
+        (5, 300, 3, true, false),
+    ] {
+        let label = format!("router_topk ({tokens}, {n_experts}) k{k}");
+        let mut scores = rng.tensor(&[tokens, n_experts], 1.0);
+        if ties {
+            scores = ((scores * 4.0).unwrap().round().unwrap() / 4.0).unwrap();
+        }
+        let scores = scores.to_dtype(dtype).unwrap();
+        let bias = with_bias.then(|| rng.tensor(&[n_experts], 0.1));
+        let run = |device: &Device| -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+            let bias = match &bias {
+                Some(b) => Some(b.to_device(device)?),
+                None => None,
+            };
+            let top = moelab_kernels::router_topk(&scores.to_device(device)?, bias.as_ref(), k)?;
+            Ok((
+                top.expert_ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?,
+                top.counts.to_device(&Device::Cpu)?.to_vec1::<u32>()?,
+            ))
+        };
+        let want = run(&Device::Cpu).unwrap();
+        match run(cuda) {
+            Ok(got) => {
+                let bad_ids = got.0.iter().zip(&want.0).filter(|(a, b)| a != b).count();
+                let ok = bad_ids == 0 && got.1 == want.1;
+                println!(
+                    "{label:<46} {:<5} fwd      {bad_ids} of {tokens} rows differ, counts {}  {}",
+                    format!("{dtype:?}"),
+                    if got.1 == want.1 { "equal" } else { "differ" },
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    report.failures.push(format!(
+                        "{label} {dtype:?}: {bad_ids} rows differ; counts {:?} against {:?}",
+                        got.1, want.1
+                    ));
+                }
+            }
+            Err(e) => report.error(&label, dtype, "fwd", e),
+        }
     }
 }
 
@@ -386,7 +648,10 @@ fn cuda_ops_match_cpu_reference() {
             run_case(&mut report, &mut rng, &cuda, dtype, case);
         }
         check_empty_group_grad(&mut report, &mut rng, &cuda, dtype);
+        check_sum_of_squares(&mut report, &mut rng, &cuda, dtype);
+        check_router_topk(&mut report, &mut rng, &cuda, dtype);
     }
+    check_adamw(&mut report, &mut rng, &cuda);
     check_f64_is_rejected(&mut report, &cuda);
     cuda.synchronize().unwrap();
     assert!(

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
+use moelab_kernels::SquareSum;
 
 use crate::dist::Collective;
 use crate::TrainError;
@@ -161,15 +162,16 @@ impl AdamW {
         let mut total: Option<Tensor> = None;
         for slot in &self.slots {
             if let Some(g) = grads.get(&slot.name) {
-                if let Some(sq) = moelab_kernels::sum_of_squares(g)? {
-                    host += sq;
-                    continue;
+                match moelab_kernels::sum_of_squares(g)? {
+                    SquareSum::Host(sq) => host += sq,
+                    // Summed on the device; the total is read once, below.
+                    SquareSum::Device(sq) => {
+                        total = Some(match total {
+                            Some(t) => (t + sq)?,
+                            None => sq,
+                        })
+                    }
                 }
-                let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
-                total = Some(match total {
-                    Some(t) => (t + sq)?,
-                    None => sq,
-                });
             }
         }
         let device = match total {
@@ -474,8 +476,8 @@ impl ShardedAdamW {
         for block in &grads.blocks {
             // The full optimizer's per-tensor sums, so both norms agree to f64 rounding.
             sum[0] += match moelab_kernels::sum_of_squares(block)? {
-                Some(sq) => sq,
-                None => f64::from(block.sqr()?.sum_all()?.to_scalar::<f32>()?),
+                SquareSum::Host(sq) => sq,
+                SquareSum::Device(sq) => f64::from(sq.to_scalar::<f32>()?),
             };
         }
         comm.all_reduce_f64(&mut sum);

@@ -1,9 +1,14 @@
 //! CUDA plumbing shared by the ops (feature `cuda`): the embedded kernel fatbin and its
 //! per-device module cache, dtype dispatch, contiguous input views, output allocation (poisoned
-//! on request) and launch helpers. The launchers themselves live in `rows` and `gemm`.
+//! on request) and launch helpers. The launchers themselves live in `rows` (softmax, RMSNorm,
+//! RoPE, cross-entropy), `gemm` (cuBLAS), and one file per fused op named as its `src/*.rs`.
 
+pub(crate) mod adamw;
 pub(crate) mod gemm;
+pub(crate) mod moe_dispatch;
+pub(crate) mod router_topk;
 pub(crate) mod rows;
+pub(crate) mod swiglu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -108,6 +113,22 @@ macro_rules! cuda_dispatch {
     };
 }
 pub(crate) use cuda_dispatch;
+
+/// Launches a kernel on the device's stream: `launch!(dev, op, func, cfg, args...)`, each arg an
+/// expression whose reference is pushed in order (`&mut` for outputs).
+macro_rules! launch {
+    ($dev:expr, $op:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        let stream = $dev.cuda_stream();
+        let mut builder = stream.launch_builder(&$func);
+        $(builder.arg($arg);)+
+        // SAFETY: every call site passes the arguments in the order and types of the kernel's
+        // C signature, with sizes checked against the buffers' layouts.
+        unsafe { builder.launch($cfg) }
+            .map_err(|e| $crate::cuda::cuda_error($op, "kernel launch", e))?;
+    }};
+}
+pub(crate) use launch;
 
 /// The dtype of a CUDA storage.
 pub(crate) fn storage_dtype(s: &CudaStorage) -> DType {

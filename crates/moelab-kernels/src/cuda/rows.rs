@@ -3,25 +3,10 @@
 //! launches one block per row (RoPE: a grid-stride loop over rotation pairs).
 
 use super::{
-    alloc_output, cuda_dispatch, cuda_error, function, grid_stride_config, input, rows_config,
+    alloc_output, cuda_dispatch, function, grid_stride_config, input, launch, rows_config,
     storage_dtype, KernelElem,
 };
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::{bail, CudaStorage, Layout, Result, Shape};
-
-/// Launches a kernel on the device's stream: `launch!(dev, op, func, cfg, args...)`, each arg an
-/// expression whose reference is pushed in order (`&mut` for outputs).
-macro_rules! launch {
-    ($dev:expr, $op:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let stream = $dev.cuda_stream();
-        let mut builder = stream.launch_builder(&$func);
-        $(builder.arg($arg);)+
-        // SAFETY: every call site passes the arguments in the order and types of the kernel's
-        // C signature, with sizes checked against the buffers' layouts.
-        unsafe { builder.launch($cfg) }
-            .map_err(|e| cuda_error($op, "kernel launch", e))?;
-    }};
-}
 
 /// Softmax over the last dim of `x`; `causal` masks keys past each query as in
 /// `crate::softmax::causal_softmax`.
