@@ -83,7 +83,8 @@ enum Command {
     /// Example: moelab bench configs/gpu-b.toml --steps 20 --json
     ///          moelab bench configs/tiny.toml --steps 5
     Bench {
-        /// Run config (TOML); its run.device, train.precision, micro_batch and seq_len are used.
+        /// Run config (TOML); its run.device, train.precision, micro_batch, global_batch_tokens
+        /// (the micro-batches of one step) and seq_len are used.
         config: PathBuf,
         /// Override a config key, e.g. --set train.micro_batch=16 (repeatable).
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
