@@ -25,13 +25,22 @@ const KEY_TILE: usize = 64;
 /// kernel exists (its CPU reference is this file).
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let op = "flash_attention";
-    let dims = check_inputs(op, q, k, v)?;
-    if !scale.is_finite() {
-        bail!("{op}: scale must be finite, got {scale}");
-    }
+    let dims = check_inputs(op, q, k, v, scale)?;
     if !q.device().is_cpu() {
         return crate::causal_attention(q, k, v, scale);
     }
+    apply(q, k, v, scale, dims)
+}
+
+/// [`flash_attention`] that always runs the fused op, never the composed fallback: the entry
+/// through which a device kernel is checked before the model uses it.
+pub fn flash_attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = check_inputs("flash_attention_fused", q, k, v, scale)?;
+    apply(q, k, v, scale, dims)
+}
+
+/// Runs the forward op on checked inputs and returns `O` in the input dtype.
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, dims: Dims) -> Result<Tensor> {
     let dtype = q.dtype();
     // bf16/f16 run in f32: L stored in half precision would make backward's exp(S - L) off by
     // several percent, and the kernels accumulate in f32 for these types anyway.
@@ -49,25 +58,25 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 
 /// Shapes shared by the forward and backward ops.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Dims {
-    b: usize,
-    h: usize,
-    kv: usize,
-    t: usize,
-    d: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) kv: usize,
+    pub(crate) t: usize,
+    pub(crate) d: usize,
 }
 
 impl Dims {
     /// Elements of q (and of O and dQ).
-    fn q_len(&self) -> usize {
+    pub(crate) fn q_len(&self) -> usize {
         self.b * self.h * self.t * self.d
     }
     /// Elements of k (and of v, dK and dV).
-    fn kv_len(&self) -> usize {
+    pub(crate) fn kv_len(&self) -> usize {
         self.b * self.kv * self.t * self.d
     }
     /// Elements of L (one per query row).
-    fn lse_len(&self) -> usize {
+    pub(crate) fn lse_len(&self) -> usize {
         self.b * self.h * self.t
     }
     /// Query heads served by each kv head.
@@ -82,7 +91,7 @@ impl Dims {
 
 /// The checks every causal attention op makes (`attention::check_inputs`), plus the ones this
 /// kernel needs.
-fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
+fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Dims> {
     let (b, h, kv, t, d) = crate::attention::check_inputs(op, q, k, v)?;
     check_float(op, "q", q)?;
     if d == 0 {
@@ -90,6 +99,9 @@ fn check_inputs(op: &str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
             "{op}: head dim D must be at least 1, got shape {:?}",
             q.dims()
         );
+    }
+    if !scale.is_finite() {
+        bail!("{op}: scale must be finite, got {scale}");
     }
     Ok(Dims { b, h, kv, t, d })
 }
@@ -855,6 +867,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("flash_attention: scale"), "{err}");
+    }
+
+    #[test]
+    fn fused_entry_matches_on_cpu_and_checks_its_inputs() {
+        // On the CPU both entries run the same op: identical results, forward and backward.
+        let x = inputs(120, (2, 4, 2, 37, 16), DType::F32);
+        let r = rand(123, (2, 4, 37, 16), 1.0, DType::F32);
+        let a = flash_attention(&x[0], &x[1], &x[2], 0.25).unwrap();
+        let b = flash_attention_fused(&x[0], &x[1], &x[2], 0.25).unwrap();
+        assert_eq!(to_f64_vec(&a), to_f64_vec(&b));
+        let ga = grads(flash_attention, &x, &r, 0.25);
+        let gb = grads(flash_attention_fused, &x, &r, 0.25);
+        for (g, w) in ga.iter().zip(&gb) {
+            assert_eq!(to_f64_vec(g), to_f64_vec(w));
+        }
+        let err = flash_attention_fused(&x[0], &x[0], &x[2], 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("flash_attention_fused: "), "{err}");
+        let err = flash_attention_fused(&x[0], &x[1], &x[2], f64::INFINITY)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("flash_attention_fused: scale"), "{err}");
     }
 
     #[test]
