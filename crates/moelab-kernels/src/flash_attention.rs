@@ -4,8 +4,9 @@
 //! The forward op returns one flat buffer: the output `O (B*H*T*D)` followed by the per-row
 //! log-sum-exp `L (B*H*T)` of the scaled scores. [`flash_attention`] narrows it to `O`, which is a
 //! free, contiguous view, so backward gets `L` back through candle's `res` argument: no state in
-//! the op and no second pass over the scores to recompute it. The same layout is meant for the
-//! future CUDA kernel, which this file is the CPU reference of.
+//! the op and no second pass over the scores to recompute it. The CUDA kernels
+//! (`kernels/flash_attention.cu`, feature `cuda`) use the same layouts; this file is their CPU
+//! reference.
 
 use crate::cpu::{
     check_float, contiguous, gemm_into, vectorized, Acc, Gemm, GemmElem, PAR_THRESHOLD,
@@ -21,8 +22,9 @@ const KEY_TILE: usize = 64;
 /// Causal attention like [`crate::causal_attention`] (same shapes, errors and results), computed
 /// tile by tile in O(T*D) memory per head instead of materialising the `T x T` scores.
 ///
-/// This is the model's attention. Off the CPU it is [`crate::causal_attention`] until the CUDA
-/// kernel exists (its CPU reference is this file).
+/// This is the model's attention. Off the CPU it is still [`crate::causal_attention`]: the CUDA
+/// kernels ([`flash_attention_fused`]) have compiled but not yet run on a GPU, and the model
+/// switches to them once `scripts/gpu-check.sh ops` has passed them.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let op = "flash_attention";
     let dims = check_inputs(op, q, k, v, scale)?;
@@ -32,8 +34,9 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     apply(q, k, v, scale, dims)
 }
 
-/// [`flash_attention`] that always runs the fused op, never the composed fallback: the entry
-/// through which a device kernel is checked before the model uses it.
+/// [`flash_attention`] that always runs the fused op: the tiled CPU code, or on CUDA the kernels
+/// of `kernels/flash_attention.cu` (f32 inside, head dim D at most 128), never the composed
+/// fallback. The cuda_ops harness checks the kernels through it.
 pub fn flash_attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = check_inputs("flash_attention_fused", q, k, v, scale)?;
     apply(q, k, v, scale, dims)
@@ -365,6 +368,26 @@ impl CustomOp3 for FlashAttention {
         f32_f64_dispatch!(s1, self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::flash_attention::flash_attention_fwd(
+            self.name(),
+            &self.dims,
+            self.scale,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -585,6 +608,26 @@ impl CustomOp3 for FlashAttentionBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         f32_f64_dispatch!(s1, self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::flash_attention::flash_attention_bwd(
+            self.name(),
+            &self.dims,
+            self.scale,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )
     }
 }
 

@@ -316,20 +316,27 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         grads: vec![Some("q"), Some("k"), Some("v")],
         op: Box::new(|t| moelab_kernels::causal_attention(&t[0], &t[1], &t[2], 0.125)),
     });
-    // The model's entry points: tiled on the CPU (the reference here), composed on CUDA until
-    // their fused kernels exist; the check is that the device path gives the same numbers.
-    cases.push(Case {
-        name: "flash_attention q(2,4,37,64) kv(2,2,37,64)".into(),
-        inputs: vec![
-            rng.tensor(&[2, 4, 37, 64], 1.0),
-            rng.tensor(&[2, 2, 37, 64], 1.0),
-            rng.tensor(&[2, 2, 37, 64], 1.0),
-        ],
-        grads: vec![Some("q"), Some("k"), Some("v")],
-        op: Box::new(|t| {
-            moelab_kernels::flash_attention::flash_attention(&t[0], &t[1], &t[2], 0.125)
-        }),
-    });
+    // The fused attention kernels (kernels/flash_attention.cu) through the entry that never
+    // falls back to the composed ops; the CPU reference is the tiled op. T = 37 and 130 are not
+    // multiples of the kernels' 64-row blocks or 32-row tiles; D = 64 and 128 (the kernels'
+    // maximum); 2 query heads per kv head.
+    for (t, d) in [(37usize, 64usize), (130, 128)] {
+        cases.push(Case {
+            name: format!("flash_attention q(2,4,{t},{d}) kv(2,2,{t},{d})"),
+            inputs: vec![
+                rng.tensor(&[2, 4, t, d], 1.0),
+                rng.tensor(&[2, 2, t, d], 1.0),
+                rng.tensor(&[2, 2, t, d], 1.0),
+            ],
+            grads: vec![Some("q"), Some("k"), Some("v")],
+            op: Box::new(move |x| {
+                let scale = 1.0 / (d as f64).sqrt();
+                moelab_kernels::flash_attention::flash_attention_fused(&x[0], &x[1], &x[2], scale)
+            }),
+        });
+    }
+    // The model's entry point: tiled on the CPU (the reference here), composed on CUDA until its
+    // fused kernel exists; the check is that the device path gives the same numbers.
     cases.push(Case {
         name: "linear_cross_entropy h(37,64) w(1000,64)".into(),
         inputs: vec![

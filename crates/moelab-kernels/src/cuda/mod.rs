@@ -4,6 +4,7 @@
 //! RoPE, cross-entropy), `gemm` (cuBLAS), and one file per fused op named as its `src/*.rs`.
 
 pub(crate) mod adamw;
+pub(crate) mod flash_attention;
 pub(crate) mod gemm;
 pub(crate) mod moe_dispatch;
 pub(crate) mod router_topk;
