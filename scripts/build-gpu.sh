@@ -12,8 +12,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cuda-toolchain.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/moelab/cuda-target}
-cargo build --release --features cuda -p moelab-cli
-tests=$(cargo test --release --features cuda -p moelab-kernels --test cuda_ops --no-run \
+# The kernels' build script watches kernels/*.cu by absolute path, so a target folder last built
+# from another checkout would keep embedding that checkout's kernels: make it re-run here.
+touch crates/moelab-kernels/build.rs
+# --workspace as in CI: a -p build unifies other features and would rebuild candle's CUDA kernels.
+cargo build --release --features cuda --workspace --all-targets
+tests=$(cargo test --release --features cuda --workspace --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for line in sys.stdin:
