@@ -299,6 +299,29 @@ macro_rules! float_dispatch {
 }
 pub(crate) use float_dispatch;
 
+/// [`float_dispatch`] for the ops that compute in f32 or f64 only (their wrappers widen half
+/// types before the op): `$T` bound to f32 or f64, other dtypes an error naming the op.
+macro_rules! f32_f64_dispatch {
+    ($dtype:expr, $op:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            dt => candle_core::bail!(
+                "{}: unsupported dtype {:?} (expected f32 or f64; the op's wrapper converts bf16/f16)",
+                $op,
+                dt
+            ),
+        }
+    };
+}
+pub(crate) use f32_f64_dispatch;
+
 /// The elements of a contiguous storage view; wrappers call `.contiguous()`, so failure here
 /// means a caller bypassed them.
 pub(crate) fn contiguous<'a, T: WithDType>(

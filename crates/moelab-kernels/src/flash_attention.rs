@@ -114,26 +114,6 @@ trait Float: Acc + GemmElem + std::ops::MulAssign {}
 impl Float for f32 {}
 impl Float for f64 {}
 
-/// Runs `$body` with `$F` bound to f32 or f64; the wrapper converts half types before the op.
-macro_rules! f32_f64_dispatch {
-    ($s:expr, $op:expr, $F:ident => $body:expr) => {
-        match crate::cpu::storage_dtype($s) {
-            DType::F32 => {
-                type $F = f32;
-                $body
-            }
-            DType::F64 => {
-                type $F = f64;
-                $body
-            }
-            dt => bail!(
-                "{}: unsupported dtype {dt:?} (expected f32 or f64; flash_attention converts bf16/f16)",
-                $op
-            ),
-        }
-    };
-}
-
 /// Errors unless a contiguous input holds exactly `len` elements.
 fn sized<'a, F: Float>(
     s: &'a CpuStorage,
@@ -365,7 +345,7 @@ impl CustomOp3 for FlashAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        f32_f64_dispatch!(s1, self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
+        crate::cpu::f32_f64_dispatch!(crate::cpu::storage_dtype(s1), self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
     }
 
     #[cfg(feature = "cuda")]
@@ -607,7 +587,7 @@ impl CustomOp3 for FlashAttentionBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        f32_f64_dispatch!(s1, self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
+        crate::cpu::f32_f64_dispatch!(crate::cpu::storage_dtype(s1), self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
     }
 
     #[cfg(feature = "cuda")]

@@ -135,22 +135,6 @@ fn poisoned(op: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("{op}: saved state poisoned by an earlier panic"))
 }
 
-macro_rules! f32_f64_dispatch {
-    ($s:expr, $op:expr, $F:ident => $body:expr) => {
-        match crate::cpu::storage_dtype($s) {
-            DType::F32 => {
-                type $F = f32;
-                $body
-            }
-            DType::F64 => {
-                type $F = f64;
-                $body
-            }
-            dt => bail!("{}: unsupported dtype {dt:?} (f32 or f64 on CPU)", $op),
-        }
-    };
-}
-
 impl CustomOp3 for LinearCrossEntropy {
     fn name(&self) -> &'static str {
         "moelab-linear-cross-entropy"
@@ -165,7 +149,7 @@ impl CustomOp3 for LinearCrossEntropy {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        f32_f64_dispatch!(s1, self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
+        crate::cpu::f32_f64_dispatch!(crate::cpu::storage_dtype(s1), self.name(), F => self.fwd::<F>((s1, l1), (s2, l2), (s3, l3)))
     }
 
     fn bwd(
@@ -260,7 +244,7 @@ impl CustomOp3 for LinearCrossEntropyBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        f32_f64_dispatch!(s1, self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
+        crate::cpu::f32_f64_dispatch!(crate::cpu::storage_dtype(s1), self.name(), F => self.run::<F>((s1, l1), (s2, l2), (s3, l3)))
     }
 }
 
