@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, Criterion};
 use moelab_model::{ForwardOptions, ModelConfig, MoeTransformer};
+use moelab_train::loss::LossWeights;
 use moelab_train::routing_counts::RouterAccumulator;
 
 fn tiny() -> ModelConfig {
@@ -42,7 +43,11 @@ fn step(c: &mut Criterion) {
             let out = model
                 .forward(&tokens, Some(&targets), ForwardOptions::default())
                 .unwrap();
-            out.loss.unwrap().backward().unwrap()
+            moelab_train::loss::objective(&out, LossWeights::new(&cfg.moe), None)
+                .unwrap()
+                .loss
+                .backward()
+                .unwrap()
         })
     });
     let out = model

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use moelab_train::ablate::{self, Ablation, AblationEvent};
 use moelab_train::ablate_launch;
-use moelab_train::checkpoint_trace::{tokens_per_domain, trace_checkpoint, TraceOptions};
+use moelab_train::trace_checkpoint::{tokens_per_domain, trace_checkpoint, TraceOptions};
 
 use crate::progress::TrainProgress;
 
@@ -146,7 +146,7 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
     // Vocabulary tables show decoded tokens when the traced run's tokenizer can be found.
     for input in &mut inputs {
         if let Some(trace) = &input.trace {
-            match moelab_train::checkpoint_trace::token_texts(std::path::Path::new(
+            match moelab_train::trace_checkpoint::token_texts(std::path::Path::new(
                 &trace.checkpoint,
             )) {
                 Ok(texts) => input.token_text = Some(texts),

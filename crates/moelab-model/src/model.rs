@@ -29,13 +29,9 @@ pub struct Output {
     pub token_losses: Option<Tensor>,
     /// Mean LM cross-entropy, when targets were given.
     pub lm_loss: Option<Tensor>,
-    /// Load-balancing losses summed over MoE layers (zero for a dense model).
-    pub aux_loss: Tensor,
-    /// Router z-losses summed over MoE layers (zero for a dense model).
-    pub z_loss: Tensor,
-    /// The training objective: lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss.
-    pub loss: Option<Tensor>,
-    /// One record per MoE layer, in layer order.
+    /// One record per MoE layer, in layer order, each with its own (unweighted) balance and
+    /// z-loss. The model never sums the losses into a training objective: the train crate's
+    /// `loss.rs` does, for every balance scope.
     pub routing: Vec<LayerRouting>,
 }
 
@@ -260,14 +256,7 @@ impl MoeTransformer {
         // Logits (and so the cross-entropy) in the master dtype, as the peers do.
         let master = self.embed.embeddings().dtype();
 
-        let zero = Tensor::zeros((), master, h.device())?;
-        let sum = |losses: Vec<&Tensor>| -> Result<Tensor> {
-            losses.into_iter().try_fold(zero.clone(), |acc, l| acc + l)
-        };
-        let aux_loss = sum(routing.iter().map(|r| &r.aux_loss).collect())?;
-        let z_loss = sum(routing.iter().map(|r| &r.z_loss).collect())?;
-
-        let (logits, token_losses, lm_loss, loss) = match targets {
+        let (logits, token_losses, lm_loss) = match targets {
             Some(targets) => {
                 if targets.dims() != tokens.dims() {
                     return Err(ModelError::Input(format!(
@@ -282,29 +271,22 @@ impl MoeTransformer {
                     &targets.flatten_all()?,
                 )?;
                 let lm_loss = token_losses.mean_all()?;
-                let moe = &self.cfg.moe;
-                let loss = ((&lm_loss + (&aux_loss * moe.aux_loss_coef)?)?
-                    + (&z_loss * moe.z_loss_coef)?)?;
                 (
                     None,
                     Some(token_losses.reshape((batch, seq))?),
                     Some(lm_loss),
-                    Some(loss),
                 )
             }
             None => {
                 let logits = self.lm_head.forward(&h)?.to_dtype(master)?;
                 let logits = logits.reshape((batch, seq, self.cfg.vocab_size))?;
-                (Some(logits), None, None, None)
+                (Some(logits), None, None)
             }
         };
         Ok(Output {
             logits,
             token_losses,
             lm_loss,
-            aux_loss,
-            z_loss,
-            loss,
             routing,
         })
     }

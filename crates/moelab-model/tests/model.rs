@@ -199,6 +199,22 @@ fn moe_ffn_equals_a_per_token_reference() {
     }
 }
 
+/// The training objective as the train crate's loss.rs builds it (micro-batch scope): the model
+/// returns the terms, the caller weighs and sums them.
+fn objective(out: &moelab_model::Output, cfg: &ModelConfig) -> Tensor {
+    let lm = out.lm_loss.clone().unwrap();
+    let zero = Tensor::zeros((), lm.dtype(), lm.device()).unwrap();
+    let sum = |terms: Vec<&Tensor>| {
+        terms
+            .into_iter()
+            .fold(zero.clone(), |a, t| (a + t).unwrap())
+    };
+    let aux = sum(out.routing.iter().map(|r| &r.aux_loss).collect());
+    let z = sum(out.routing.iter().map(|r| &r.z_loss).collect());
+    ((lm + (aux * cfg.moe.aux_loss_coef).unwrap()).unwrap() + (z * cfg.moe.z_loss_coef).unwrap())
+        .unwrap()
+}
+
 fn assert_every_parameter_gets_a_gradient(text: &str) {
     let cfg = config(text);
     let (model, varmap) = MoeTransformer::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
@@ -207,7 +223,7 @@ fn assert_every_parameter_gets_a_gradient(text: &str) {
     let out = model
         .forward(&input, Some(&target), ForwardOptions::default())
         .unwrap();
-    let grads = out.loss.unwrap().backward().unwrap();
+    let grads = objective(&out, &cfg).backward().unwrap();
     let all = params(&varmap);
     assert!(!all.is_empty());
     for (name, var) in all {
@@ -250,7 +266,7 @@ fn same_seed_gives_bit_identical_loss() {
         let out = model
             .forward(&input, Some(&target), ForwardOptions::default())
             .unwrap();
-        out.loss.unwrap().to_scalar::<f32>().unwrap().to_bits()
+        objective(&out, &cfg).to_scalar::<f32>().unwrap().to_bits()
     };
     assert_eq!(loss(5), loss(5));
     assert_ne!(loss(5), loss(6));
@@ -423,7 +439,7 @@ fn bf16_compute_matches_f32_and_keeps_f32_gradients() {
         let out = model
             .forward(&input, Some(&target), ForwardOptions::default())
             .unwrap();
-        let loss = out.loss.unwrap();
+        let loss = objective(&out, &cfg);
         assert_eq!(loss.dtype(), DType::F32);
         assert!(
             out.logits.is_none(),

@@ -31,8 +31,10 @@ use moelab_trace::curves::plot_curves;
 use moelab_trace::router_log::{self, RouterCounts};
 use serde::Deserialize;
 
-use crate::checkpoint_trace::{trace_checkpoint, TraceOptions};
-use crate::trainer::{evaluate_checkpoint, train, Event, Resume, RunDir, RunOptions, Summary};
+use crate::eval::{evaluate_checkpoint, EvalFile};
+use crate::run::RunDir;
+use crate::trace_checkpoint::{trace_checkpoint, TraceOptions};
+use crate::trainer::{train, Event, Resume, RunOptions, Summary};
 use crate::{checkpoint, interrupt, Config, TrainError};
 
 /// Sub-folder of the ablation's output with the comparison tables, plots and comparison.md.
@@ -102,10 +104,7 @@ impl Ablation {
             path: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(&path))?;
         let value: toml::Value = text
             .parse::<toml::Table>()
             .map(toml::Value::Table)
@@ -311,10 +310,7 @@ pub fn run_ablation(
     on_event: &mut dyn FnMut(&AblationEvent<'_>),
 ) -> Result<AblationOutcome, TrainError> {
     // Ctrl-C is a request to stop at the next safe point in every phase, not only in training.
-    interrupt::install().map_err(|source| TrainError::Io {
-        path: out_dir.to_path_buf(),
-        source,
-    })?;
+    interrupt::install().map_err(TrainError::io(&out_dir))?;
     let interrupted = || AblationOutcome {
         out_dir: out_dir.to_path_buf(),
         interrupted: true,
@@ -379,10 +375,7 @@ pub fn compare_finished(
     ablation: &Ablation,
     out_dir: &Path,
 ) -> Result<AblationOutcome, TrainError> {
-    interrupt::install().map_err(|source| TrainError::Io {
-        path: out_dir.to_path_buf(),
-        source,
-    })?;
+    interrupt::install().map_err(TrainError::io(&out_dir))?;
     let mut finished = Vec::with_capacity(ablation.variants.len());
     let mut missing = Vec::new();
     for variant in &ablation.variants {
@@ -511,22 +504,6 @@ pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>,
     }
 }
 
-/// The eval JSON's fields that the comparison needs.
-#[derive(Debug, Deserialize)]
-struct EvalFile {
-    domains: Vec<EvalDomain>,
-    /// Task name -> metric -> value (absent before task evaluation existed).
-    #[serde(default)]
-    tasks: BTreeMap<String, BTreeMap<String, f64>>,
-}
-
-/// One domain of the eval JSON (`loss` is null when the domain had no tokens).
-#[derive(Debug, Deserialize)]
-struct EvalDomain {
-    domain: String,
-    loss: Option<f64>,
-}
-
 /// What [`final_eval`] reads: loss per domain, task scores (`task/metric` -> value) and the
 /// validation-set routing counts.
 pub type FinalEval = (BTreeMap<String, f64>, BTreeMap<String, f64>, RouterCounts);
@@ -549,29 +526,11 @@ pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
         report.write(&run)?;
         chunks = router_log::read_dir(&chunk_dir)?;
     }
-    let text = std::fs::read_to_string(&json_path).map_err(|source| TrainError::Io {
-        path: json_path.clone(),
-        source,
-    })?;
-    let eval: EvalFile = serde_json::from_str(&text).map_err(|e| TrainError::RunDir {
+    let eval = EvalFile::read(&json_path).map_err(|e| TrainError::RunDir {
         path: run_dir.to_path_buf(),
-        reason: format!("{}: {e}", json_path.display()),
+        reason: e.to_string(),
     })?;
-    let losses = eval
-        .domains
-        .into_iter()
-        .filter_map(|d| d.loss.map(|l| (d.domain, l)))
-        .collect();
-    let scores = eval
-        .tasks
-        .into_iter()
-        .flat_map(|(task, metrics)| {
-            metrics
-                .into_iter()
-                .map(move |(metric, value)| (format!("{task}/{metric}"), value))
-        })
-        .collect();
-    Ok((losses, scores, router_log::total(&chunks)?))
+    Ok((eval.losses(), eval.scores(), router_log::total(&chunks)?))
 }
 
 /// A compact text table: one row per domain, one column per variant with its validation loss

@@ -16,13 +16,6 @@ use crate::{interrupt, TrainError};
 /// Folder of the ablation output holding the variants' configs, logs and the Slurm script.
 pub const VARIANTS_DIR: &str = ".variants";
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Writes every variant's resolved config (with `run.out_dir = out_dir`) to
 /// `out_dir/.variants/LABEL.toml`; returns (label, config path) in variant order.
 pub fn write_variant_configs(
@@ -30,7 +23,7 @@ pub fn write_variant_configs(
     out_dir: &Path,
 ) -> Result<Vec<(String, PathBuf)>, TrainError> {
     let dir = out_dir.join(VARIANTS_DIR);
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let mut written = Vec::with_capacity(ablation.variants.len());
     for variant in &ablation.variants {
         let mut cfg = variant.config.clone();
@@ -38,9 +31,9 @@ pub fn write_variant_configs(
         // The label is the run folder's path under `out_dir` (`name/seed-S` with seeds).
         let path = dir.join(format!("{}.toml", variant.label));
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            std::fs::create_dir_all(parent).map_err(TrainError::io(parent))?;
         }
-        moelab_io::write_atomic(&path, cfg.to_toml().as_bytes()).map_err(io(&path))?;
+        moelab_io::write_atomic(&path, cfg.to_toml().as_bytes()).map_err(TrainError::io(&path))?;
         written.push((variant.label.clone(), path));
     }
     Ok(written)
@@ -70,7 +63,7 @@ pub fn run_parallel(
     if parallel == 0 {
         return Err(TrainError::Argument("--parallel must be at least 1".into()));
     }
-    interrupt::install().map_err(io(out_dir))?;
+    interrupt::install().map_err(TrainError::io(out_dir))?;
     let configs = write_variant_configs(ablation, out_dir)?;
     // Variants sharing a dataset must not all prepare it at once: it is prepared here first.
     for variant in &ablation.variants {
@@ -105,8 +98,8 @@ pub fn run_parallel(
                 .find(|s| running.iter().all(|(r, ..)| r != s))
                 .unwrap_or(0);
             let log = out_dir.join(VARIANTS_DIR).join(format!("{name}.log"));
-            let file = std::fs::File::create(&log).map_err(io(&log))?;
-            let err = file.try_clone().map_err(io(&log))?;
+            let file = std::fs::File::create(&log).map_err(TrainError::io(&log))?;
+            let err = file.try_clone().map_err(TrainError::io(&log))?;
             let mut cmd = Command::new(exe);
             cmd.arg("train")
                 .arg(&config)
@@ -119,7 +112,7 @@ pub fn run_parallel(
             if device == DeviceKind::Cuda {
                 cmd.env("CUDA_VISIBLE_DEVICES", slot.to_string());
             }
-            let child = cmd.spawn().map_err(io(exe))?;
+            let child = cmd.spawn().map_err(TrainError::io(exe))?;
             on_line(format!(
                 "{name}: training (process {}, slot {slot}, log {})",
                 child.id(),
@@ -133,7 +126,7 @@ pub fn run_parallel(
         std::thread::sleep(Duration::from_millis(50));
         let mut i = 0;
         while i < running.len() {
-            let status = running[i].3.try_wait().map_err(io(exe))?;
+            let status = running[i].3.try_wait().map_err(TrainError::io(exe))?;
             let Some(status) = status else {
                 i += 1;
                 continue;
@@ -175,10 +168,10 @@ pub fn write_slurm_script(
     out_dir: &Path,
     options: &SlurmOptions,
 ) -> Result<PathBuf, TrainError> {
-    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let out_dir = std::path::absolute(out_dir).map_err(io(out_dir))?;
+    std::fs::create_dir_all(out_dir).map_err(TrainError::io(out_dir))?;
+    let out_dir = std::path::absolute(out_dir).map_err(TrainError::io(out_dir))?;
     let configs = write_variant_configs(ablation, &out_dir)?;
-    let exe = std::path::absolute(&options.exe).map_err(io(&options.exe))?;
+    let exe = std::path::absolute(&options.exe).map_err(TrainError::io(&options.exe))?;
     let name = ablation
         .path
         .file_stem()
@@ -225,7 +218,7 @@ pub fn write_slurm_script(
         quote(&out_dir),
     );
     let path = out_dir.join(VARIANTS_DIR).join("ablate.sbatch");
-    moelab_io::write_atomic(&path, text.as_bytes()).map_err(io(&path))?;
+    moelab_io::write_atomic(&path, text.as_bytes()).map_err(TrainError::io(&path))?;
     Ok(path)
 }
 

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use crate::config::{DeviceKind, Precision};
 use crate::routing_counts::RouterAccumulator;
-use crate::trainer::{open_device, set_threads, Learner, Phase, GPU_PEAK_FLOPS};
+use crate::run::device::{open_device, set_threads};
+use crate::trainer::{Learner, Phase, GPU_PEAK_FLOPS};
 use crate::{Config, TrainError};
 
 /// How long to measure.
@@ -97,7 +98,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     let (micro, seq_len) = (cfg.train.micro_batch, cfg.data.seq_len);
     let micro_batches = cfg.accumulation_steps().max(1);
     let sequences = micro * micro_batches;
-    let concurrent = learner.concurrent_micro_batches(sequences, cfg);
+    let concurrent = learner.concurrent_micro_batches(sequences);
     let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))
         .collect();
@@ -155,7 +156,6 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
             &batch,
             step as u64,
             cfg.train.lr,
-            cfg,
             &crate::dist::Single,
             &mut router_log,
             &mut on_phase,

@@ -1,6 +1,6 @@
 //! The train crate's one error type.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong setting up or running a training run.
 #[derive(Debug, thiserror::Error)]
@@ -87,4 +87,12 @@ pub enum TrainError {
     /// The model rejected the config or failed.
     #[error(transparent)]
     Model(#[from] moelab_model::ModelError),
+}
+
+impl TrainError {
+    /// The constructor for an I/O error on `path`: `.map_err(TrainError::io(&path))`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + use<> {
+        let path = path.to_path_buf();
+        move |source| TrainError::Io { path, source }
+    }
 }

@@ -2,26 +2,29 @@
 //! domain's validation tokens, and the `[[eval.tasks]]` scores (see [`crate::tasks`]).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use moelab_data::Dataset;
 use moelab_model::{ForwardOptions, MoeTransformer};
 use moelab_trace::router_log::{write_chunk, RouterCounts};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dist::Collective;
+use crate::dist::Single;
 use crate::routing_counts::RouterAccumulator;
+use crate::run::load::{load_model, open_run_data};
+use crate::run::RunDir;
 use crate::tasks::{load_tasks, score_task, ModelScorer, TaskScore, TokenizerCodec};
-use crate::trainer::RunDir;
 use crate::{Config, TrainError};
 
 /// Validation loss of one domain.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainEval {
     /// Domain name.
     pub domain: String,
-    /// Mean cross-entropy per token (nats).
+    /// Mean cross-entropy per token (nats); NaN when the domain had no tokens (null in JSON).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     /// Validation tokens scored.
     pub tokens: u64,
@@ -40,16 +43,55 @@ pub struct EvalReport {
     pub tasks: Vec<TaskScore>,
 }
 
-/// JSON form of an evaluation: losses plus each domain's expert distribution per layer.
-#[derive(Debug, Serialize)]
-struct EvalJson<'a> {
-    step: u64,
-    domains: &'a [DomainEval],
+/// The evaluation file `eval/step-N.json`, as written and as read back (by the ablation's
+/// comparison): losses plus each domain's expert distribution per layer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EvalFile {
+    /// Optimizer steps the model had taken.
+    pub step: u64,
+    /// Loss per domain, in dataset domain order.
+    pub domains: Vec<DomainEval>,
     /// layer -> domain -> share of the domain's tokens routed to each expert (sums to top_k).
-    expert_share: BTreeMap<usize, BTreeMap<String, Vec<f64>>>,
-    /// task -> metric -> value.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    tasks: BTreeMap<String, BTreeMap<&'static str, f64>>,
+    #[serde(default)]
+    pub expert_share: BTreeMap<usize, BTreeMap<String, Vec<f64>>>,
+    /// task -> metric -> value (absent before task evaluation existed).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tasks: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+impl EvalFile {
+    /// Reads `path`; the error names the file.
+    pub fn read(path: &Path) -> Result<Self, TrainError> {
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+        serde_json::from_str(&text)
+            .map_err(|e| TrainError::Argument(format!("{}: {e}", path.display())))
+    }
+
+    /// Validation loss per domain that had tokens.
+    pub fn losses(&self) -> BTreeMap<String, f64> {
+        self.domains
+            .iter()
+            .filter(|d| d.loss.is_finite())
+            .map(|d| (d.domain.clone(), d.loss))
+            .collect()
+    }
+
+    /// Task scores as `task/metric` -> value.
+    pub fn scores(&self) -> BTreeMap<String, f64> {
+        self.tasks
+            .iter()
+            .flat_map(|(task, metrics)| {
+                metrics
+                    .iter()
+                    .map(move |(metric, value)| (format!("{task}/{metric}"), *value))
+            })
+            .collect()
+    }
+}
+
+/// serde writes a NaN loss as null; it reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl EvalReport {
@@ -76,14 +118,20 @@ impl EvalReport {
                 .collect();
             expert_share.insert(layer, per_domain);
         }
-        let json = EvalJson {
+        let json = EvalFile {
             step: self.step,
-            domains: &self.domains,
+            domains: self.domains.clone(),
             expert_share,
             tasks: self
                 .tasks
                 .iter()
-                .map(|t| (t.name.clone(), t.metrics().into_iter().collect()))
+                .map(|t| {
+                    let metrics = t.metrics().into_iter();
+                    (
+                        t.name.clone(),
+                        metrics.map(|(k, v)| (k.to_string(), v)).collect(),
+                    )
+                })
                 .collect(),
         };
         serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -93,18 +141,10 @@ impl EvalReport {
     /// `eval/step-N/chunk-N.safetensors` (the counts first: the JSON marks a complete pair).
     pub fn write(&self, run_dir: &RunDir) -> Result<PathBuf, TrainError> {
         let eval_dir = run_dir.eval();
-        std::fs::create_dir_all(&eval_dir).map_err(|source| TrainError::Io {
-            path: eval_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&eval_dir).map_err(TrainError::io(&eval_dir))?;
         write_chunk(&run_dir.eval_counts(self.step), &self.routing)?;
         let path = run_dir.eval_json(self.step);
-        moelab_io::write_atomic(&path, self.to_json().as_bytes()).map_err(|source| {
-            TrainError::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        moelab_io::write_atomic(&path, self.to_json().as_bytes()).map_err(TrainError::io(&path))?;
         Ok(path)
     }
 
@@ -241,4 +281,12 @@ pub fn evaluate(
         routing: crate::routing_counts::reduce_counts(comm, accumulator.snapshot(step)?),
         tasks,
     })
+}
+
+/// Evaluates a checkpoint on its run's validation streams.
+pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
+    let device = Device::Cpu;
+    let (cfg, model, ckpt) = load_model(dir, &device)?;
+    let dataset = open_run_data(&cfg, dir)?;
+    evaluate(&model, &dataset, &cfg, ckpt.state.step, &device, &Single)
 }

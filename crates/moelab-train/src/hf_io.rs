@@ -248,8 +248,8 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         // The real model checks every name and shape once more.
         let (model, varmap) =
             MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &Device::Cpu)?;
-        let params = crate::trainer::named_params(&varmap)?;
-        crate::trainer::restore_model(&model, &params, &tensors, hf_dir)?;
+        let params = crate::run::load::named_params(&varmap)?;
+        crate::run::load::restore_model(&model, &params, &tensors, hf_dir)?;
 
         let dataset = Arc::new(moelab_data::ensure_prepared(&cfg.data)?);
         if dataset.vocab_size() > cfg.model.vocab_size {
@@ -305,8 +305,8 @@ pub fn dump_logits(
     tokens: Option<usize>,
 ) -> Result<DumpSummary, TrainError> {
     let device = Device::Cpu;
-    let (cfg, model, _) = crate::trainer::load_model(checkpoint, &device)?;
-    let dataset = crate::trainer::open_run_data(&cfg, checkpoint)?;
+    let (cfg, model, _) = crate::run::load::load_model(checkpoint, &device)?;
+    let dataset = crate::run::load::open_run_data(&cfg, checkpoint)?;
     let seq_len = tokens.unwrap_or(cfg.data.seq_len).min(cfg.data.seq_len);
     if seq_len == 0 {
         return Err(TrainError::Argument("--tokens must be at least 1".into()));

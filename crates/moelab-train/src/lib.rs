@@ -1,32 +1,33 @@
 //! The training run: config, optimizer, schedules, checkpoints, metrics, evaluation and
-//! router-activation logging. `trainer/mod.rs` reads top to bottom.
+//! router-activation logging. `trainer/mod.rs` reads top to bottom;
+//! `run/` (the run folder, checkpoints, loading) is the layer everything else sits on.
 
 pub mod ablate;
 pub mod ablate_launch;
 pub mod balance;
 pub mod bench;
-pub mod checkpoint_trace;
 pub mod config;
 pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod hf_io;
 pub mod interrupt;
+pub mod loss;
 pub mod optim;
 pub mod routing_counts;
+pub mod run;
 pub mod schedule;
 pub mod tasks;
+pub mod trace_checkpoint;
 pub mod trainer;
 
-pub use trainer::checkpoint;
+pub use run::checkpoint;
 
 pub use ablate::{run_ablation, Ablation, AblationEvent, AblationOutcome};
 pub use bench::{bench, BenchOptions, BenchReport};
-pub use checkpoint_trace::{trace_checkpoint, TraceOptions};
 pub use config::{Config, RunConfig};
 pub use error::TrainError;
-pub use eval::EvalReport;
-pub use trainer::{
-    evaluate_checkpoint, train, train_on, Event, Resume, RunDir, RunOptions, StepMetrics, Summary,
-    Trainer,
-};
+pub use eval::{evaluate_checkpoint, EvalReport};
+pub use run::{RunDir, RunLock};
+pub use trace_checkpoint::{trace_checkpoint, TraceOptions};
+pub use trainer::{train, train_on, Event, Resume, RunOptions, StepMetrics, Summary, Trainer};

@@ -626,6 +626,172 @@ impl ShardedAdamW {
     }
 }
 
+/// What the learner needs of its optimizer, whether each rank holds every moment ([`AdamW`])
+/// or its share of them ([`ShardedAdamW`], `train.shard_optimizer`): sum the gradients over
+/// the ranks and measure them, then update with them.
+pub trait Optimizer {
+    /// Sums `grads` (this rank's, by parameter name) over the ranks of `comm`, keeps the result
+    /// for [`Optimizer::update`] and returns the global gradient norm (the same on every rank).
+    fn reduce(
+        &mut self,
+        comm: &dyn Collective,
+        grads: HashMap<String, Tensor>,
+    ) -> std::result::Result<f64, TrainError>;
+    /// Applies the gradients [`Optimizer::reduce`] kept, scaled by `grad_scale` (the clipping
+    /// factor), at learning rate `lr`.
+    fn update(
+        &mut self,
+        comm: &dyn Collective,
+        lr: f64,
+        grad_scale: f64,
+    ) -> std::result::Result<(), TrainError>;
+    /// Drops the gradients [`Optimizer::reduce`] kept, for a step whose update is skipped.
+    fn discard(&mut self);
+    /// The moments by name (whole parameters, gathered if sharded: every rank must call it)
+    /// and the update count, as a checkpoint stores them.
+    fn state(
+        &self,
+        comm: &dyn Collective,
+    ) -> std::result::Result<(u64, Vec<(String, Tensor)>), TrainError>;
+    /// Restores the state a checkpoint stored at any world size.
+    fn load_state(
+        &mut self,
+        step: u64,
+        tensors: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String>;
+    /// Bytes of optimizer state this rank holds.
+    fn state_bytes(&self) -> usize;
+}
+
+/// [`AdamW`] with every moment on every rank; gradients are all-reduced.
+pub struct ReplicatedOptimizer {
+    adamw: AdamW,
+    params: Vec<(String, Var)>,
+    reduced: HashMap<String, Tensor>,
+}
+
+impl ReplicatedOptimizer {
+    /// Optimises `params` (sorted by name) with `adamw`.
+    pub fn new(adamw: AdamW, params: Vec<(String, Var)>) -> Self {
+        Self {
+            adamw,
+            params,
+            reduced: HashMap::new(),
+        }
+    }
+}
+
+impl Optimizer for ReplicatedOptimizer {
+    fn reduce(
+        &mut self,
+        comm: &dyn Collective,
+        mut grads: HashMap<String, Tensor>,
+    ) -> std::result::Result<f64, TrainError> {
+        crate::dist::data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
+        let norm = self.adamw.grad_norm(&grads)?;
+        self.reduced = grads;
+        Ok(norm)
+    }
+
+    fn update(
+        &mut self,
+        _comm: &dyn Collective,
+        lr: f64,
+        grad_scale: f64,
+    ) -> std::result::Result<(), TrainError> {
+        let grads = std::mem::take(&mut self.reduced);
+        Ok(self.adamw.step(&grads, lr, grad_scale)?)
+    }
+
+    fn discard(&mut self) {
+        self.reduced.clear();
+    }
+
+    fn state(
+        &self,
+        _comm: &dyn Collective,
+    ) -> std::result::Result<(u64, Vec<(String, Tensor)>), TrainError> {
+        Ok(self.adamw.state()?)
+    }
+
+    fn load_state(
+        &mut self,
+        step: u64,
+        tensors: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
+        self.adamw.load_state(step, tensors)
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.adamw.state_bytes()
+    }
+}
+
+/// [`ShardedAdamW`]: gradients are reduce-scattered, each rank updates its blocks.
+pub struct ShardedOptimizer {
+    adamw: ShardedAdamW,
+    reduced: Option<ShardGrads>,
+}
+
+impl ShardedOptimizer {
+    /// Steps with `adamw`.
+    pub fn new(adamw: ShardedAdamW) -> Self {
+        Self {
+            adamw,
+            reduced: None,
+        }
+    }
+}
+
+impl Optimizer for ShardedOptimizer {
+    fn reduce(
+        &mut self,
+        comm: &dyn Collective,
+        grads: HashMap<String, Tensor>,
+    ) -> std::result::Result<f64, TrainError> {
+        let shards = self.adamw.reduce_scatter(comm, &grads)?;
+        drop(grads);
+        let norm = self.adamw.grad_norm(comm, &shards)?;
+        self.reduced = Some(shards);
+        Ok(norm)
+    }
+
+    fn update(
+        &mut self,
+        comm: &dyn Collective,
+        lr: f64,
+        grad_scale: f64,
+    ) -> std::result::Result<(), TrainError> {
+        let shards = self.reduced.take().ok_or_else(|| {
+            TrainError::Argument("the sharded optimizer was asked to update before reducing".into())
+        })?;
+        self.adamw.step(comm, &shards, lr, grad_scale)
+    }
+
+    fn discard(&mut self) {
+        self.reduced = None;
+    }
+
+    fn state(
+        &self,
+        comm: &dyn Collective,
+    ) -> std::result::Result<(u64, Vec<(String, Tensor)>), TrainError> {
+        self.adamw.state(comm)
+    }
+
+    fn load_state(
+        &mut self,
+        step: u64,
+        tensors: &HashMap<String, Tensor>,
+    ) -> std::result::Result<(), String> {
+        self.adamw.load_state(step, tensors)
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.adamw.state_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -116,10 +116,7 @@ pub struct Task {
 
 /// Reads and checks one task file; errors name the file, the line and what is wrong.
 pub fn load_task(cfg: &TaskConfig) -> Result<Task, TrainError> {
-    let text = std::fs::read_to_string(&cfg.path).map_err(|source| TrainError::Io {
-        path: cfg.path.clone(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(&cfg.path).map_err(TrainError::io(&cfg.path))?;
     let bad = |line: usize, reason: String| {
         TrainError::Argument(format!(
             "task `{}` ({}:{line}): {reason}",

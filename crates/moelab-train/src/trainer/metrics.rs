@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use super::step::StepOutcome;
 use super::tensorboard::EventWriter;
-use super::RunDir;
 use crate::config::Config;
 use crate::eval::EvalReport;
+use crate::run::RunDir;
 use crate::TrainError;
 
 /// Dense bf16 peak of the H100/H200 class, the denominator of MFU on CUDA.
@@ -85,10 +85,6 @@ impl MetricsLogger {
         flops_per_token: Option<f64>,
     ) -> Result<Self, TrainError> {
         let path = &run_dir.metrics();
-        let io = |source| TrainError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let kept: String = match std::fs::read_to_string(path) {
             Ok(text) if resume_step > 0 => text
                 .lines()
@@ -102,11 +98,11 @@ impl MetricsLogger {
                 .collect(),
             _ => String::new(),
         };
-        moelab_io::write_atomic(path, kept.as_bytes()).map_err(io)?;
+        moelab_io::write_atomic(path, kept.as_bytes()).map_err(TrainError::io(path))?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)
-            .map_err(io)?;
+            .map_err(TrainError::io(path))?;
         let tensorboard = if cfg.log.tensorboard {
             Some(EventWriter::create(&run_dir.tensorboard(), resume_step)?)
         } else {
@@ -286,10 +282,7 @@ impl MetricsLogger {
         };
         let line =
             serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-        writeln!(file, "{line}").map_err(|source| TrainError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        writeln!(file, "{line}").map_err(TrainError::io(&self.path))
     }
 }
 

@@ -1,39 +1,38 @@
 //! The training run. [`Trainer::setup`] validates everything (config, run folder, data,
 //! checkpoint) before it writes anything into the run folder; [`Trainer::run`] is the loop:
 //! step, log, router log, evaluate, checkpoint. The pieces decide their own timing:
-//! `step.rs` (the step `train` and `bench` share), `checkpointer.rs`, `metrics.rs`, `run_dir.rs`.
+//! `step.rs` (the step `train` and `bench` share), `checkpoint_policy.rs` (when to save, what to
+//! keep, which checkpoint is known good), `metrics.rs`. The run folder and the checkpoint format
+//! are the `run` layer below.
 
-pub mod checkpoint;
-mod checkpointer;
+mod checkpoint_policy;
 mod metrics;
-mod run_dir;
 mod step;
 mod tensorboard;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_core::Device;
 use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
-use moelab_model::{fmt_bytes, MemoryEstimate, ModelInfo, MoeTransformer};
+use moelab_model::ModelInfo;
 
 use crate::config::DeviceKind;
 use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport};
 use crate::interrupt;
 use crate::routing_counts::RouterAccumulator;
+use crate::run::checkpoint::{self, TrainState};
+use crate::run::device::{check_memory, open_device, set_threads};
+use crate::run::{RunDir, RunLock};
 use crate::schedule::Schedule;
 use crate::{Config, TrainError};
-use checkpoint::TrainState;
-use checkpointer::Checkpointer;
+use checkpoint_policy::Checkpointer;
 use metrics::MetricsLogger;
 pub use metrics::StepMetrics;
 pub(crate) use metrics::GPU_PEAK_FLOPS;
-pub use run_dir::{RunDir, RunLock};
-pub use step::{Learner, Phase, StepOutcome};
+pub use step::{Accumulated, Learner, Phase, StepConfig, StepOutcome};
 
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq)]
@@ -282,7 +281,7 @@ impl Trainer {
         }
         let dataset = Arc::new(dataset);
         let mut learner = Learner::new(&cfg, &device, comm)?;
-        let resume = checkpointer::resume_point(&run_dir, options.resume.as_ref(), &device)?;
+        let resume = checkpoint_policy::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
         let (stream, state, resumed_from) = match resume {
             Some(ckpt) => {
@@ -349,8 +348,8 @@ impl Trainer {
         if leader {
             run_dir.record_config(&resolved, options.resume.is_some())?;
             checkpoint::remove_partial(&run_dir.checkpoints())?;
-            set_aside = set_aside_later_checkpoints(&run_dir, state.step)?;
-            remove_evals_after(&run_dir, state.step)?;
+            set_aside = run_dir.set_aside_checkpoints_after(state.step)?;
+            run_dir.remove_evals_after(state.step)?;
             if run_dir.router().exists() {
                 moelab_trace::router_log::remove_after(&run_dir.router(), state.step)?;
             }
@@ -380,10 +379,7 @@ impl Trainer {
             total_steps: cfg.train.steps,
             decay_fraction: cfg.train.decay_fraction,
         };
-        interrupt::install().map_err(|source| TrainError::Io {
-            path: run_dir.root().to_path_buf(),
-            source,
-        })?;
+        interrupt::install().map_err(TrainError::io(&run_dir.root()))?;
         let checkpointer = Checkpointer::new(
             &run_dir,
             cfg.checkpoint.clone(),
@@ -430,7 +426,6 @@ impl Trainer {
                 &batch?,
                 self.state.step,
                 lr,
-                &self.cfg,
                 self.comm.as_ref(),
                 &mut self.router_log,
                 &mut |_| {},
@@ -578,56 +573,6 @@ impl Trainer {
     }
 }
 
-/// Refuses, before anything is allocated, a run whose estimated memory (weights, gradients,
-/// AdamW state and one micro-batch's activations) exceeds what the device has free; a model that
-/// cannot fit would otherwise swap or thrash for minutes before failing.
-fn check_memory(cfg: &Config, device: &Device) -> Result<(), TrainError> {
-    let estimate = MemoryEstimate::new(
-        &cfg.model,
-        cfg.train.micro_batch,
-        cfg.data.seq_len,
-        cfg.train.precision.compute_dtype(),
-    );
-    let needed = estimate.total_bytes();
-    let Some((available, what)) = available_memory(device) else {
-        return Ok(());
-    };
-    if needed > available {
-        return Err(TrainError::Device(format!(
-            "the run needs about {} ({} weights, {} gradients, {} optimizer state, {} activations per micro-batch of {}) but {what} has {} available; shrink the model or train.micro_batch, or pass --ignore-memory-check to try anyway (`moelab model-info CONFIG` shows the estimate)",
-            fmt_bytes(needed),
-            fmt_bytes(estimate.weights_bytes + estimate.compute_weights_bytes),
-            fmt_bytes(estimate.gradients_bytes),
-            fmt_bytes(estimate.optimizer_bytes),
-            fmt_bytes(estimate.activations_bytes),
-            cfg.train.micro_batch,
-            fmt_bytes(available),
-        )));
-    }
-    Ok(())
-}
-
-/// Free memory of `device` in bytes and what it is: the GPU's free memory, or on CPU the
-/// kernel's MemAvailable; `None` where it cannot be read.
-fn available_memory(device: &Device) -> Option<(u64, &'static str)> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        let (free, _total) = cuda.cuda_stream().context().mem_get_info().ok()?;
-        return Some((free as u64, "the GPU"));
-    }
-    let _ = device;
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((kib * 1024, "this machine"))
-}
-
 /// Opens the dataset, preparing it from `data.sources` on first use; the preparation's progress
 /// is forwarded as [`Event::Preparing`] (it runs on a worker thread, this one draws).
 fn prepare_data(cfg: &Config, on_event: &mut dyn FnMut(&Event)) -> Result<Dataset, TrainError> {
@@ -650,70 +595,6 @@ fn prepare_data(cfg: &Config, on_event: &mut dyn FnMut(&Event)) -> Result<Datase
             ))),
         }
     })
-}
-
-/// Resuming from a checkpoint older than the run's newest: the checkpoints past it belong to a
-/// continuation that is being replaced; they are moved to `abandoned/`, never deleted.
-fn set_aside_later_checkpoints(run_dir: &RunDir, step: u64) -> Result<Option<PathBuf>, TrainError> {
-    let later: Vec<PathBuf> = checkpoint::list(&run_dir.checkpoints())?
-        .into_iter()
-        .filter(|(s, _)| *s > step)
-        .map(|(_, p)| p)
-        .collect();
-    if later.is_empty() {
-        return Ok(None);
-    }
-    let target = run_dir.abandoned(step);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TrainError::Io { path, source }
-    };
-    std::fs::create_dir_all(&target).map_err(io(&target))?;
-    for dir in later {
-        let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
-        std::fs::rename(&dir, target.join(name)).map_err(io(&dir))?;
-    }
-    moelab_io::sync_dir(&run_dir.checkpoints()).map_err(io(&run_dir.checkpoints()))?;
-    Ok(Some(target))
-}
-
-/// Removes evaluations past `step` (an interrupted or abandoned continuation's), as metrics and
-/// router chunks past it are removed.
-fn remove_evals_after(run_dir: &RunDir, step: u64) -> Result<(), TrainError> {
-    let eval_dir = run_dir.eval();
-    let Ok(entries) = std::fs::read_dir(&eval_dir) else {
-        return Ok(());
-    };
-    for entry in entries.filter_map(Result::ok) {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let eval_step = name
-            .strip_prefix("step-")
-            .map(|n| n.trim_end_matches(".json"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if eval_step.is_some_and(|s| s > step) {
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            removed.map_err(|source| TrainError::Io { path, source })?;
-        }
-    }
-    Ok(())
-}
-
-/// The device `run.device` names (on CUDA, GPU `ordinal`: the process's rank on its node);
-/// CUDA needs a build with `--features cuda`.
-pub(crate) fn open_device(kind: DeviceKind, ordinal: usize) -> Result<Device, TrainError> {
-    match kind {
-        DeviceKind::Cpu => Ok(Device::Cpu),
-        DeviceKind::Cuda => Device::new_cuda(ordinal).map_err(|e| {
-            TrainError::Device(format!(
-                "run.device = \"cuda\" but CUDA device {ordinal} is not usable ({e}); this binary needs a build with --features cuda (see scripts/cuda-toolchain.sh), one GPU per process, or set run.device = \"cpu\""
-            ))
-        }),
-    }
 }
 
 /// Refuses a job whose global batch does not split into whole micro-batches on every rank.
@@ -743,115 +624,4 @@ fn check_ranks_agree(comm: &dyn Collective, v: &Validated) -> Result<(), TrainEr
     let data = dist::fingerprint(v.stream.state(0).fingerprint.as_bytes());
     dist::check_same(comm, "dataset fingerprint", data, Shown::Fingerprint)?;
     dist::check_same(comm, "checkpoint step", v.state.step, Shown::Count)
-}
-
-/// Trainable parameters by name, sorted.
-pub(crate) fn named_params(varmap: &VarMap) -> Result<Vec<(String, Var)>, TrainError> {
-    let vars = varmap
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Checkpoint("parameter map lock poisoned".into()))?;
-    let mut params: Vec<(String, Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    params.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(params)
-}
-
-/// Parameters and expert biases as saved in model.safetensors.
-fn model_tensors(params: &[(String, Var)], model: &MoeTransformer) -> HashMap<String, Tensor> {
-    params
-        .iter()
-        .cloned()
-        .chain(model.expert_biases())
-        .map(|(name, var)| (name, var.as_tensor().clone()))
-        .collect()
-}
-
-/// Loads checkpoint tensors into the model; every tensor must exist with the right shape and
-/// nothing may be left over, and the error names the tensor otherwise.
-pub fn restore_model(
-    model: &MoeTransformer,
-    params: &[(String, Var)],
-    saved: &HashMap<String, Tensor>,
-    dir: &Path,
-) -> Result<(), TrainError> {
-    let wanted: Vec<(String, Var)> = params
-        .iter()
-        .cloned()
-        .chain(model.expert_biases())
-        .collect();
-    for (name, var) in &wanted {
-        let tensor = saved.get(name).ok_or_else(|| {
-            TrainError::Checkpoint(format!(
-                "{}: model.safetensors lacks tensor `{name}` that the config needs",
-                dir.display()
-            ))
-        })?;
-        if tensor.dims() != var.dims() {
-            return Err(TrainError::Checkpoint(format!(
-                "{}: tensor `{name}` has shape {:?} but the config needs {:?}",
-                dir.display(),
-                tensor.dims(),
-                var.dims()
-            )));
-        }
-        var.set(&tensor.to_dtype(var.dtype())?)?;
-    }
-    if let Some(extra) = saved.keys().find(|k| !wanted.iter().any(|(n, _)| n == *k)) {
-        return Err(TrainError::Checkpoint(format!(
-            "{}: tensor `{extra}` in model.safetensors has no place in the configured model",
-            dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Loads a checkpoint's model for evaluation: its own config, its weights.
-pub fn load_model(
-    dir: &Path,
-    device: &Device,
-) -> Result<(Config, MoeTransformer, checkpoint::Checkpoint), TrainError> {
-    let ckpt = checkpoint::load(dir, device)?;
-    let config_path = dir.join("config.toml");
-    let cfg = Config::load(&config_path, &[])?;
-    let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
-    restore_model(&model, &named_params(&varmap)?, &ckpt.model, dir)?;
-    Ok((cfg, model, ckpt))
-}
-
-/// Opens the dataset of the run that wrote `checkpoint`, for evaluating or tracing it. A relative
-/// `data.dataset` is relative to the folder the run was started from; from anywhere else it is
-/// missing, which is said as such (rather than preparing a new dataset in the wrong place).
-pub fn open_run_data(cfg: &Config, checkpoint: &Path) -> Result<Dataset, TrainError> {
-    let dataset = &cfg.data.dataset;
-    if dataset.is_relative() && !dataset.exists() {
-        let cwd = std::env::current_dir().unwrap_or_default();
-        return Err(TrainError::Argument(format!(
-            "{}: its run's data.dataset = \"{}\" is relative to the folder the run was started from, and {} has no such folder; run this command from that folder, or make data.dataset absolute in {}",
-            checkpoint.display(),
-            dataset.display(),
-            cwd.display(),
-            checkpoint.join("config.toml").display()
-        )));
-    }
-    Ok(moelab_data::ensure_prepared(&cfg.data)?)
-}
-
-/// Evaluates a checkpoint on its run's validation streams.
-pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
-    let device = Device::Cpu;
-    let (cfg, model, ckpt) = load_model(dir, &device)?;
-    let dataset = open_run_data(&cfg, dir)?;
-    evaluate(&model, &dataset, &cfg, ckpt.state.step, &device, &Single)
-}
-
-/// Fixes the CPU thread count (0 = all cores) for rayon and candle's GEMM.
-pub(crate) fn set_threads(threads: usize) {
-    // candle reads RAYON_NUM_THREADS at every GEMM and, when it is unset, counts the physical
-    // cores by reading /proc/cpuinfo (tens of times per step); rayon reads it when its global
-    // pool is first used, which is after this point. So 0 is resolved once, here.
-    let threads = match threads {
-        0 => candle_core::utils::get_num_threads(),
-        n => n,
-    };
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 }

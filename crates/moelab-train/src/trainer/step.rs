@@ -1,20 +1,26 @@
-//! The training step, the one piece of code `moelab train` and `moelab bench` both run:
-//! forward and backward over the batch's micro-batches (gradients summed), the global gradient
-//! norm, and, when the loss and gradient are finite, clipping, AdamW and the expert-bias update.
+//! The training step, the one piece of code `moelab train` and `moelab bench` both run, in two
+//! parts: [`Learner::accumulate`] (forward and backward over the batch's micro-batches,
+//! gradients summed, the objective from `loss.rs`) and [`Learner::apply`] (losses and
+//! gradients reduced over ranks, the global norm, and, when both are finite, clipping, the
+//! optimizer and the expert-bias update).
 
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor, Var};
 use moelab_data::Batch;
-use moelab_model::moe::{global_balance_loss, LayerRouting};
+use moelab_model::moe::LayerRouting;
 use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
 use rayon::prelude::*;
 
-use super::checkpoint::Checkpoint;
 use crate::balance::ExpertCounts;
 use crate::dist::{data_parallel, Collective, Single};
-use crate::optim::{clip_scale, AdamW, AdamWParams, ShardedAdamW};
+use crate::loss::{self, LossValues, LossWeights};
+use crate::optim::{
+    clip_scale, AdamW, AdamWParams, Optimizer, ReplicatedOptimizer, ShardedAdamW, ShardedOptimizer,
+};
 use crate::routing_counts::RouterAccumulator;
+use crate::run::checkpoint::Checkpoint;
+use crate::run::load::{model_tensors, named_params, restore_model};
 use crate::{Config, TrainError};
 
 /// Tensors by name.
@@ -25,16 +31,57 @@ pub struct Learner {
     /// The model (compute dtype from `train.precision`, f32 master weights).
     pub model: MoeTransformer,
     params: Vec<(String, Var)>,
-    optimizer: Optimizer,
+    optimizer: Box<dyn Optimizer + Send + Sync>,
     device: Device,
     /// On the CPU, the threads the step runs on (see [`Learner::step`]).
     cpu_pool: Option<rayon::ThreadPool>,
+    cfg: StepConfig,
 }
 
-/// Every parameter's moments, or this rank's share of them (`train.shard_optimizer`).
-enum Optimizer {
-    Full(AdamW),
-    Sharded(ShardedAdamW),
+/// What a step needs of the run's config; fixed for the run.
+#[derive(Debug, Clone)]
+pub struct StepConfig {
+    /// Sequences per micro-batch (`train.micro_batch`).
+    pub micro_batch: usize,
+    /// The run seed (routing warm-up noise).
+    pub seed: u64,
+    /// The auxiliary losses' weights and balance scope.
+    pub loss: LossWeights,
+    /// MoE layers of the model.
+    pub n_moe_layers: usize,
+    /// Routed experts per MoE layer.
+    pub n_experts: usize,
+    /// Gradient-norm clip (`train.grad_clip`).
+    pub grad_clip: Option<f64>,
+    /// Expert-bias update rate (`train.expert_bias_rate`).
+    pub expert_bias_rate: f64,
+    /// Steps (1-based) whose loss is replaced by NaN, to test the non-finite guard.
+    pub debug_nan_steps: Vec<u64>,
+}
+
+impl StepConfig {
+    /// The step settings of `cfg`.
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            micro_batch: cfg.train.micro_batch,
+            seed: cfg.run.seed,
+            loss: LossWeights::new(&cfg.model.moe),
+            n_moe_layers: cfg.model.n_moe_layers(),
+            n_experts: cfg.model.moe.n_experts,
+            grad_clip: cfg.train.grad_clip,
+            expert_bias_rate: cfg.train.expert_bias_rate,
+            debug_nan_steps: cfg.train.debug_nan_steps.clone(),
+        }
+    }
+}
+
+/// A step's summed gradients and this rank's scalars, between [`Learner::accumulate`] and
+/// [`Learner::apply`].
+pub struct Accumulated {
+    grads: HashMap<String, Tensor>,
+    outcome: StepOutcome,
+    /// LM loss sums and sequence counts by domain id.
+    domain_sums: BTreeMap<u32, (f64, usize)>,
 }
 
 /// A point inside a step, reported to the caller as it passes (bench times them).
@@ -92,23 +139,24 @@ impl Learner {
     pub fn new(cfg: &Config, device: &Device, comm: &dyn Collective) -> Result<Self, TrainError> {
         let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
         let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
-        let params = super::named_params(&varmap)?;
+        let params = named_params(&varmap)?;
         let hyper = AdamWParams {
             beta1: cfg.train.beta1,
             beta2: cfg.train.beta2,
             eps: cfg.train.eps,
             weight_decay: cfg.train.weight_decay,
         };
-        let optimizer = if cfg.train.shard_optimizer {
-            Optimizer::Sharded(ShardedAdamW::new(
+        let optimizer: Box<dyn Optimizer + Send + Sync> = if cfg.train.shard_optimizer {
+            Box::new(ShardedOptimizer::new(ShardedAdamW::new(
                 params.clone(),
                 hyper,
                 &cfg.train.no_decay,
                 (comm.rank(), comm.world_size()),
                 data_parallel::BUCKET_ELEMENTS,
-            )?)
+            )?))
         } else {
-            Optimizer::Full(AdamW::new(params.clone(), hyper, &cfg.train.no_decay)?)
+            let adamw = AdamW::new(params.clone(), hyper, &cfg.train.no_decay)?;
+            Box::new(ReplicatedOptimizer::new(adamw, params.clone()))
         };
         let cpu_pool = match device {
             Device::Cpu => Some(
@@ -126,18 +174,16 @@ impl Learner {
             optimizer,
             device: device.clone(),
             cpu_pool,
+            cfg: StepConfig::new(cfg),
         })
     }
 
     /// Loads a checkpoint's weights and optimizer state; every tensor must fit.
     pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
-        super::restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
-        let step = ckpt.state.optimizer_step;
-        match &mut self.optimizer {
-            Optimizer::Full(adamw) => adamw.load_state(step, &ckpt.optimizer),
-            Optimizer::Sharded(sharded) => sharded.load_state(step, &ckpt.optimizer),
-        }
-        .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
+        restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
+        self.optimizer
+            .load_state(ckpt.state.optimizer_step, &ckpt.optimizer)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
     }
 
     /// Model tensors (parameters and expert biases) and optimizer moments, by name, as a
@@ -147,55 +193,21 @@ impl Learner {
         &self,
         comm: &dyn Collective,
     ) -> Result<(TensorMap, TensorMap, u64), TrainError> {
-        let model = super::model_tensors(&self.params, &self.model);
-        let (step, moments) = match &self.optimizer {
-            Optimizer::Full(adamw) => adamw.state()?,
-            Optimizer::Sharded(sharded) => sharded.state(comm)?,
-        };
+        let model = model_tensors(&self.params, &self.model);
+        let (step, moments) = self.optimizer.state(comm)?;
         Ok((model, moments.into_iter().collect(), step))
     }
 
     /// Bytes of optimizer state this rank holds.
     pub fn optimizer_state_bytes(&self) -> usize {
-        match &self.optimizer {
-            Optimizer::Full(adamw) => adamw.state_bytes(),
-            Optimizer::Sharded(sharded) => sharded.state_bytes(),
-        }
-    }
-
-    /// The routing pass of global balancing: every micro-batch of this rank's `batch` routed
-    /// (forward without targets or backward), choices counted, and the fractions over all
-    /// ranks returned.
-    fn route_only(
-        &self,
-        batch: &Batch,
-        step: u64,
-        cfg: &Config,
-        comm: &dyn Collective,
-    ) -> Result<Vec<Vec<f64>>, TrainError> {
-        let micro = cfg.train.micro_batch;
-        let seq_len = batch.seq_len;
-        let mut counts = ExpertCounts::new(cfg.model.n_moe_layers(), cfg.model.moe.n_experts);
-        for m in 0..batch.n_sequences / micro {
-            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
-            let input = Tensor::from_slice(&batch.tokens[rows], (micro, seq_len), &self.device)?;
-            let out = self.model.forward(
-                &input,
-                None,
-                ForwardOptions {
-                    step: Some(step),
-                    seed: cfg.run.seed,
-                },
-            )?;
-            counts.add_routing(&out.routing)?;
-        }
-        Ok(counts.global_fractions(comm))
+        self.optimizer.state_bytes()
     }
 
     /// Runs step `step` (0-based) on `batch` (this rank's share of the global batch) at
-    /// learning rate `lr`; routing choices go to `router_log`, and `on_phase` is called as each
-    /// phase ends. Gradients, losses and loads are summed over the ranks of `comm`, so every
-    /// rank applies the same update and returns the same outcome.
+    /// learning rate `lr`: [`Learner::accumulate`] then [`Learner::apply`]. Routing choices go
+    /// to `router_log`, and `on_phase` is called as each phase ends. Gradients, losses and
+    /// loads are summed over the ranks of `comm`, so every rank applies the same update and
+    /// returns the same outcome.
     ///
     /// On the CPU in a single process the whole step runs on one of the pool's threads
     /// (`run.threads` of them), so that every kernel and GEMM inside splits its work from a pool
@@ -205,125 +217,49 @@ impl Learner {
     /// tiny config). A step of several micro-batches runs up to `run.threads` of them at once,
     /// one per pool thread: each one's GEMMs and kernels still split their work from the pool,
     /// but whole micro-batches keep every thread busy where one micro-batch's small ops leave a
-    /// thread waiting at each op's join (tiny.toml's 2 micro-batches on 2 cores: 150-167 ms
-    /// against about 196 ms one after the other). Gradients are summed in micro-batch order, so the step does not depend
-    /// on which thread ran what. Under MPI the step stays on the calling thread, which MPI's
-    /// threading level requires of the collectives, and its micro-batches run in turn.
-    #[allow(clippy::too_many_arguments)]
+    /// thread waiting at each op's join. Gradients are summed in micro-batch order, so the step
+    /// does not depend on which thread ran what. Under MPI the step stays on the calling
+    /// thread, which MPI's threading level requires of the collectives, and its micro-batches
+    /// run in turn.
     pub fn step(
         &mut self,
         batch: &Batch,
         step: u64,
         lr: f64,
-        cfg: &Config,
         comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut (dyn FnMut(Phase) + Send),
     ) -> Result<StepOutcome, TrainError> {
         match self.cpu_pool.take() {
             Some(pool) if comm.world_size() == 1 => {
-                let lanes = self.lanes(batch.n_sequences / cfg.train.micro_batch, &pool);
+                let lanes = self.lanes(batch.n_sequences / self.cfg.micro_batch, &pool);
                 let outcome = pool.install(|| {
-                    self.step_here(batch, step, lr, cfg, &Single, router_log, on_phase, lanes)
+                    self.step_with_lanes(batch, step, lr, &Single, router_log, on_phase, lanes)
                 });
                 self.cpu_pool = Some(pool);
                 outcome
             }
             pool => {
                 self.cpu_pool = pool;
-                self.step_here(batch, step, lr, cfg, comm, router_log, on_phase, 1)
+                self.step_with_lanes(batch, step, lr, comm, router_log, on_phase, 1)
             }
         }
     }
 
-    /// Forward and backward of micro-batch `m` of `batch`: its gradients (by parameter, in
-    /// `self.params` order, detached so that its graph is freed here), its scalars and routing.
-    /// `on_phase` hears the end of the forward and of the backward when given.
+    /// [`Learner::step`] on the calling thread, `lanes` micro-batches at a time.
     #[allow(clippy::too_many_arguments)]
-    fn micro_batch(
-        &self,
-        m: usize,
+    fn step_with_lanes(
+        &mut self,
         batch: &Batch,
         step: u64,
-        cfg: &Config,
-        accumulation: usize,
-        global_fractions: Option<&[Vec<f64>]>,
-        mut on_phase: Option<&mut (dyn FnMut(Phase) + Send)>,
-    ) -> Result<MicroBatchResult, TrainError> {
-        let micro = cfg.train.micro_batch;
-        let seq_len = batch.seq_len;
-        let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
-        let shape = (micro, seq_len);
-        let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
-        let target = Tensor::from_slice(&batch.targets[rows], shape, &self.device)?;
-        let out = self.model.forward(
-            &input,
-            Some(&target),
-            ForwardOptions {
-                step: Some(step),
-                seed: cfg.run.seed,
-            },
-        )?;
-        let (Some(loss), Some(lm_loss), Some(token_losses)) =
-            (&out.loss, &out.lm_loss, &out.token_losses)
-        else {
-            return Err(TrainError::Argument(
-                "the model returned no loss for a batch with targets".into(),
-            ));
-        };
-        // Global balancing: the model's micro-batch aux loss (reported only, no gradient) is
-        // replaced in the objective by the loss against the step's global fractions.
-        let (loss, aux_losses) = match global_fractions {
-            Some(fractions) => {
-                let global = out
-                    .routing
-                    .iter()
-                    .zip(fractions)
-                    .map(|(r, f)| global_balance_loss(&r.router_probs, f))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let coef = cfg.model.moe.aux_loss_coef;
-                let total = Tensor::stack(&global, 0)?
-                    .sum_all()?
-                    .to_dtype(loss.dtype())?;
-                let objective = ((loss - (&out.aux_loss * coef)?)? + (total * coef)?)?;
-                (objective, global)
-            }
-            None => (
-                loss.clone(),
-                out.routing.iter().map(|r| r.aux_loss.clone()).collect(),
-            ),
-        };
-        if let Some(f) = on_phase.as_mut() {
-            f(Phase::Forward);
-        }
-        let micro_grads = (&loss / accumulation as f64)?.backward()?;
-        let grads = self
-            .params
-            .iter()
-            .map(|(_, var)| micro_grads.get(var.as_tensor()).map(Tensor::detach))
-            .collect();
-        drop(micro_grads);
-        if let Some(f) = on_phase.as_mut() {
-            f(Phase::Backward);
-        }
-        // One host copy for all scalars of the micro-batch.
-        let mut scalars = vec![loss.clone(), lm_loss.clone()];
-        scalars.extend(aux_losses);
-        scalars.extend(out.routing.iter().map(|r| r.z_loss.clone()));
-        let scalars = Tensor::stack(&scalars, 0)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let per_sequence = token_losses
-            .mean(1)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let routing = out.routing.into_iter().map(detached).collect();
-        Ok(MicroBatchResult {
-            grads,
-            scalars,
-            per_sequence,
-            routing,
-        })
+        lr: f64,
+        comm: &dyn Collective,
+        router_log: &mut RouterAccumulator,
+        on_phase: &mut (dyn FnMut(Phase) + Send),
+        lanes: usize,
+    ) -> Result<StepOutcome, TrainError> {
+        let accumulated = self.accumulate(batch, step, comm, router_log, on_phase, lanes)?;
+        self.apply(accumulated, step, lr, comm, router_log.domains(), on_phase)
     }
 
     /// How many of a step's `micro_batches` run at once on `pool`: one per thread.
@@ -333,52 +269,48 @@ impl Learner {
 
     /// Micro-batches [`Learner::step`] runs at once for a batch of `n_sequences` in one process
     /// (1 off the CPU), so that callers timing phases know whether they overlap.
-    pub fn concurrent_micro_batches(&self, n_sequences: usize, cfg: &Config) -> usize {
+    pub fn concurrent_micro_batches(&self, n_sequences: usize) -> usize {
         match &self.cpu_pool {
-            Some(pool) => self.lanes(n_sequences / cfg.train.micro_batch, pool),
+            Some(pool) => self.lanes(n_sequences / self.cfg.micro_batch, pool),
             None => 1,
         }
     }
 
-    /// [`Learner::step`] on the calling thread, `lanes` micro-batches at a time.
-    #[allow(clippy::too_many_arguments)]
-    fn step_here(
-        &mut self,
+    /// Forward and backward over this rank's micro-batches of `batch`, `lanes` at a time:
+    /// gradients summed in micro-batch order, each micro-batch's loss weighing 1/(micro-batches
+    /// over all ranks); the routing is recorded in `router_log`. Nothing is reduced over ranks.
+    pub fn accumulate(
+        &self,
         batch: &Batch,
         step: u64,
-        lr: f64,
-        cfg: &Config,
         comm: &dyn Collective,
         router_log: &mut RouterAccumulator,
         on_phase: &mut (dyn FnMut(Phase) + Send),
         lanes: usize,
-    ) -> Result<StepOutcome, TrainError> {
-        let micro = cfg.train.micro_batch;
-        let seq_len = batch.seq_len;
-        // Micro-batches of the whole step, over all ranks: each one's loss weighs 1/accumulation.
-        let accumulation = batch.n_sequences / micro * comm.world_size();
+    ) -> Result<Accumulated, TrainError> {
+        let micro = self.cfg.micro_batch;
         let local_micro_batches = batch.n_sequences / micro;
-        let n_moe = cfg.model.n_moe_layers();
-        let n_experts = cfg.model.moe.n_experts;
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut outcome = StepOutcome {
-            loss: 0.0,
-            lm_loss: 0.0,
-            domain_loss: BTreeMap::new(),
-            aux_loss: vec![0.0; n_moe],
-            z_loss: vec![0.0; n_moe],
-            tokens_per_expert: vec![vec![0; n_experts]; n_moe],
-            grad_norm: 0.0,
-            applied: false,
+        let accumulation = local_micro_batches * comm.world_size();
+        let (n_moe, n_experts) = (self.cfg.n_moe_layers, self.cfg.n_experts);
+        let mut acc = Accumulated {
+            grads: HashMap::new(),
+            outcome: StepOutcome {
+                loss: 0.0,
+                lm_loss: 0.0,
+                domain_loss: BTreeMap::new(),
+                aux_loss: vec![0.0; n_moe],
+                z_loss: vec![0.0; n_moe],
+                tokens_per_expert: vec![vec![0; n_experts]; n_moe],
+                grad_norm: 0.0,
+                applied: false,
+            },
+            domain_sums: BTreeMap::new(),
         };
-        let mut domain_sums: BTreeMap<u32, (f64, usize)> = BTreeMap::new();
-        let share = 1.0 / accumulation as f64;
-        let global_fractions = match cfg.model.moe.aux_loss_scope {
-            BalanceScope::Global if n_moe > 0 => Some(self.route_only(batch, step, cfg, comm)?),
+        let global_fractions = match self.cfg.loss.scope {
+            BalanceScope::Global if n_moe > 0 => Some(self.route_only(batch, step, comm)?),
             _ => None,
         };
-        // Micro-batches run `lanes` at a time (see [`Learner::step`]) and are summed in order,
-        // so the step is the same whichever thread ran which micro-batch.
+        let fractions = global_fractions.as_deref();
         let indices: Vec<usize> = (0..local_micro_batches).collect();
         for chunk in indices.chunks(lanes.max(1)) {
             let results = if let [m] = chunk {
@@ -386,101 +318,196 @@ impl Learner {
                     *m,
                     batch,
                     step,
-                    cfg,
                     accumulation,
-                    global_fractions.as_deref(),
+                    fractions,
                     Some(&mut *on_phase),
                 )]
             } else {
-                let this = &*self;
-                let fractions = global_fractions.as_deref();
                 chunk
                     .par_iter()
-                    .map(|&m| this.micro_batch(m, batch, step, cfg, accumulation, fractions, None))
+                    .map(|&m| self.micro_batch(m, batch, step, accumulation, fractions, None))
                     .collect::<Vec<_>>()
             };
             for (&m, result) in chunk.iter().zip(results) {
-                let result = result?;
-                for ((name, _), g) in self.params.iter().zip(result.grads) {
-                    let Some(g) = g else { continue };
-                    let sum = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    };
-                    grads.insert(name.clone(), sum);
-                }
                 if chunk.len() > 1 {
                     on_phase(Phase::Forward);
                     on_phase(Phase::Backward);
                 }
-                let values = result.scalars;
-                outcome.loss += values[0] * share;
-                outcome.lm_loss += values[1] * share;
-                for l in 0..n_moe {
-                    outcome.aux_loss[l] += values[2 + l] * share;
-                    outcome.z_loss[l] += values[2 + n_moe + l] * share;
-                }
+                let result = result?;
                 let domains = &batch.domain_ids[m * micro..(m + 1) * micro];
-                for (&d, loss) in domains.iter().zip(result.per_sequence) {
-                    let entry = domain_sums.entry(d).or_insert((0.0, 0));
-                    entry.0 += loss;
-                    entry.1 += 1;
-                }
-                for (l, record) in result.routing.iter().enumerate() {
-                    for (total, n) in outcome.tokens_per_expert[l]
-                        .iter_mut()
-                        .zip(&record.tokens_per_expert)
-                    {
-                        *total += n;
-                    }
-                }
                 // Router logs number steps like metrics: by steps completed.
-                router_log.record(step + 1, &result.routing, domains, seq_len)?;
+                router_log.record(step + 1, &result.routing, domains, batch.seq_len)?;
+                acc.add(result, &self.params, domains, 1.0 / accumulation as f64)?;
             }
         }
-        let names = router_log.domains();
-        let domain_sums = reduce_outcome(comm, &mut outcome, domain_sums, names.len())?;
+        Ok(acc)
+    }
+
+    /// Reduces an accumulated step over the ranks of `comm` (losses, loads, per-domain losses
+    /// named by `domain_names`, gradients) and, when the loss and gradient norm are finite,
+    /// clips, updates the parameters and the expert biases.
+    pub fn apply(
+        &mut self,
+        accumulated: Accumulated,
+        step: u64,
+        lr: f64,
+        comm: &dyn Collective,
+        domain_names: &[String],
+        on_phase: &mut (dyn FnMut(Phase) + Send),
+    ) -> Result<StepOutcome, TrainError> {
+        let Accumulated {
+            grads,
+            mut outcome,
+            domain_sums,
+        } = accumulated;
+        let domain_sums = reduce_outcome(comm, &mut outcome, domain_sums, domain_names.len())?;
         outcome.domain_loss = domain_sums
             .into_iter()
             .map(|(d, (sum, n))| {
-                let name = names.get(d as usize).cloned();
+                let name = domain_names.get(d as usize).cloned();
                 (name.unwrap_or_else(|| d.to_string()), sum / n as f64)
             })
             .collect();
-        if cfg.train.debug_nan_steps.contains(&(step + 1)) {
+        if self.cfg.debug_nan_steps.contains(&(step + 1)) {
             outcome.loss = f64::NAN;
         }
-        let shards = match &self.optimizer {
-            Optimizer::Full(adamw) => {
-                data_parallel::all_reduce_gradients(comm, &self.params, &mut grads)?;
-                outcome.grad_norm = adamw.grad_norm(&grads)?;
-                None
-            }
-            Optimizer::Sharded(sharded) => {
-                let shards = sharded.reduce_scatter(comm, &grads)?;
-                grads.clear();
-                outcome.grad_norm = sharded.grad_norm(comm, &shards)?;
-                Some(shards)
-            }
-        };
+        outcome.grad_norm = self.optimizer.reduce(comm, grads)?;
         outcome.applied = outcome.loss.is_finite() && outcome.grad_norm.is_finite();
         if outcome.applied {
-            let scale = clip_scale(outcome.grad_norm, cfg.train.grad_clip);
-            match (&mut self.optimizer, shards) {
-                (Optimizer::Sharded(sharded), Some(shards)) => {
-                    sharded.step(comm, &shards, lr, scale)?
-                }
-                (Optimizer::Full(adamw), _) => adamw.step(&grads, lr, scale)?,
-                (Optimizer::Sharded(_), None) => {}
-            }
+            let scale = clip_scale(outcome.grad_norm, self.cfg.grad_clip);
+            self.optimizer.update(comm, lr, scale)?;
             update_expert_bias(
                 &self.model,
                 &outcome.tokens_per_expert,
-                cfg.train.expert_bias_rate,
+                self.cfg.expert_bias_rate,
             )?;
+        } else {
+            self.optimizer.discard();
         }
         on_phase(Phase::Optimizer);
         Ok(outcome)
+    }
+
+    /// The routing pass of global balancing: every micro-batch of this rank's `batch` routed
+    /// (forward without targets or backward), choices counted, and the fractions over all
+    /// ranks returned.
+    fn route_only(
+        &self,
+        batch: &Batch,
+        step: u64,
+        comm: &dyn Collective,
+    ) -> Result<Vec<Vec<f64>>, TrainError> {
+        let micro = self.cfg.micro_batch;
+        let seq_len = batch.seq_len;
+        let mut counts = ExpertCounts::new(self.cfg.n_moe_layers, self.cfg.n_experts);
+        for m in 0..batch.n_sequences / micro {
+            let rows = m * micro * seq_len..(m + 1) * micro * seq_len;
+            let input = Tensor::from_slice(&batch.tokens[rows], (micro, seq_len), &self.device)?;
+            let out = self
+                .model
+                .forward(&input, None, self.forward_options(step))?;
+            counts.add_routing(&out.routing)?;
+        }
+        Ok(counts.global_fractions(comm))
+    }
+
+    fn forward_options(&self, step: u64) -> ForwardOptions {
+        ForwardOptions {
+            step: Some(step),
+            seed: self.cfg.seed,
+        }
+    }
+
+    /// Forward and backward of micro-batch `m` of `batch`: its gradients (by parameter, in
+    /// `self.params` order, detached so that its graph is freed here), its losses and routing.
+    /// `on_phase` hears the end of the forward and of the backward when given.
+    fn micro_batch(
+        &self,
+        m: usize,
+        batch: &Batch,
+        step: u64,
+        accumulation: usize,
+        global_fractions: Option<&[Vec<f64>]>,
+        mut on_phase: Option<&mut (dyn FnMut(Phase) + Send)>,
+    ) -> Result<MicroBatchResult, TrainError> {
+        let micro = self.cfg.micro_batch;
+        let rows = m * micro * batch.seq_len..(m + 1) * micro * batch.seq_len;
+        let shape = (micro, batch.seq_len);
+        let input = Tensor::from_slice(&batch.tokens[rows.clone()], shape, &self.device)?;
+        let target = Tensor::from_slice(&batch.targets[rows], shape, &self.device)?;
+        let out = self
+            .model
+            .forward(&input, Some(&target), self.forward_options(step))?;
+        let objective = loss::objective(&out, self.cfg.loss, global_fractions)?;
+        if let Some(f) = on_phase.as_mut() {
+            f(Phase::Forward);
+        }
+        let micro_grads = (&objective.loss / accumulation as f64)?.backward()?;
+        let grads = self
+            .params
+            .iter()
+            .map(|(_, var)| micro_grads.get(var.as_tensor()).map(Tensor::detach))
+            .collect();
+        drop(micro_grads);
+        if let Some(f) = on_phase.as_mut() {
+            f(Phase::Backward);
+        }
+        let token_losses = out.token_losses.as_ref().ok_or_else(|| {
+            TrainError::Argument(
+                "the model returned no per-token loss for a batch with targets".into(),
+            )
+        })?;
+        let per_sequence = token_losses
+            .mean(1)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        Ok(MicroBatchResult {
+            grads,
+            losses: objective.values()?,
+            per_sequence,
+            routing: out.routing.into_iter().map(detached).collect(),
+        })
+    }
+}
+
+impl Accumulated {
+    /// Adds one micro-batch's result (its sequences from `domains`), its losses weighing
+    /// `share`.
+    fn add(
+        &mut self,
+        result: MicroBatchResult,
+        params: &[(String, Var)],
+        domains: &[u32],
+        share: f64,
+    ) -> Result<(), TrainError> {
+        for ((name, _), g) in params.iter().zip(result.grads) {
+            let Some(g) = g else { continue };
+            let sum = match self.grads.remove(name) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            self.grads.insert(name.clone(), sum);
+        }
+        let (outcome, losses) = (&mut self.outcome, &result.losses);
+        outcome.loss += losses.loss * share;
+        outcome.lm_loss += losses.lm * share;
+        for (total, value) in outcome.aux_loss.iter_mut().zip(&losses.balance) {
+            *total += value * share;
+        }
+        for (total, value) in outcome.z_loss.iter_mut().zip(&losses.z) {
+            *total += value * share;
+        }
+        for (&d, loss) in domains.iter().zip(&result.per_sequence) {
+            let entry = self.domain_sums.entry(d).or_insert((0.0, 0));
+            entry.0 += loss;
+            entry.1 += 1;
+        }
+        for (load, record) in outcome.tokens_per_expert.iter_mut().zip(&result.routing) {
+            for (total, n) in load.iter_mut().zip(&record.tokens_per_expert) {
+                *total += n;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -488,8 +515,8 @@ impl Learner {
 struct MicroBatchResult {
     /// Gradient per parameter (in `Learner::params` order), `None` where it has none.
     grads: Vec<Option<Tensor>>,
-    /// Objective, LM loss, aux loss per MoE layer, z-loss per MoE layer.
-    scalars: Vec<f64>,
+    /// The objective and its terms.
+    losses: LossValues,
     /// Mean LM loss of each sequence.
     per_sequence: Vec<f64>,
     /// The routing, cut from the graph.
@@ -641,10 +668,7 @@ mod tests {
         for concurrent in [true, false] {
             let mut learner = Learner::new(&cfg, &Device::Cpu, &Single).unwrap();
             if concurrent {
-                assert_eq!(
-                    learner.concurrent_micro_batches(cfg.global_sequences(), &cfg),
-                    2
-                );
+                assert_eq!(learner.concurrent_micro_batches(cfg.global_sequences()), 2);
             }
             let mut log = router_log(&cfg);
             let mut phases = Vec::new();
@@ -652,10 +676,10 @@ mod tests {
                 let b = batch(&cfg, step);
                 let mut on_phase = |p: Phase| phases.push(p);
                 let outcome = if concurrent {
-                    learner.step(&b, step, 1e-2, &cfg, &Single, &mut log, &mut on_phase)
+                    learner.step(&b, step, 1e-2, &Single, &mut log, &mut on_phase)
                 } else {
                     // On the calling thread, one micro-batch after the other.
-                    learner.step_here(&b, step, 1e-2, &cfg, &Single, &mut log, &mut on_phase, 1)
+                    learner.step_with_lanes(&b, step, 1e-2, &Single, &mut log, &mut on_phase, 1)
                 }
                 .unwrap();
                 assert!(outcome.applied);

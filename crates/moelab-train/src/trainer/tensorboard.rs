@@ -43,10 +43,7 @@ impl EventWriter {
     /// Creates `dir` if needed and a new event file in it; `resume_step` is the checkpoint step
     /// a resumed run continues from (0 for a fresh run).
     pub(crate) fn create(dir: &Path, resume_step: u64) -> Result<Self, TrainError> {
-        std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(TrainError::io(&dir))?;
         let host = hostname();
         let pid = std::process::id();
         let mut secs = unix_seconds() as u64;
@@ -84,10 +81,7 @@ impl EventWriter {
     /// Hands buffered events to the OS, so that a killed run loses at most its last step.
     pub(crate) fn flush(&mut self) -> Result<(), TrainError> {
         let path = &self.path;
-        self.file.flush().map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })
+        self.file.flush().map_err(TrainError::io(&path))
     }
 
     /// The event file being written.
@@ -105,10 +99,7 @@ impl EventWriter {
         bytes.extend_from_slice(&masked_crc32c(data).to_le_bytes());
         self.file
             .write_all(&bytes)
-            .map_err(|source| TrainError::Io {
-                path: self.path.clone(),
-                source,
-            })
+            .map_err(TrainError::io(&self.path))
     }
 }
 

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use moelab_data::MixtureStream;
 
-use super::checkpoint::{self, Checkpoint, TrainState};
-use super::run_dir::RunDir;
 #[cfg(doc)]
 use super::step::Learner;
 use super::step::TensorMap;
 use super::Resume;
 use crate::config::CheckpointConfig;
+use crate::run::checkpoint::{self, Checkpoint, TrainState};
+use crate::run::RunDir;
 use crate::TrainError;
 
 /// Saves, prunes and finds the checkpoints of one run.

@@ -13,7 +13,8 @@ use moelab_model::{ForwardOptions, MoeTransformer};
 use moelab_trace::{Trace, TraceBatch, TraceBuilder};
 
 use crate::checkpoint;
-use crate::trainer::load_model;
+use crate::run::device::set_threads;
+use crate::run::load::{load_model, open_run_data};
 use crate::TrainError;
 
 /// What to trace.
@@ -34,8 +35,8 @@ pub fn trace_checkpoint(checkpoint: &Path, options: &TraceOptions) -> Result<Tra
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(&checkpoint, &device)?;
     // The trainer's thread setting, so a trace is reproducible.
-    crate::trainer::set_threads(cfg.run.threads);
-    let dataset: Dataset = crate::trainer::open_run_data(&cfg, &checkpoint)?;
+    set_threads(cfg.run.threads);
+    let dataset: Dataset = open_run_data(&cfg, &checkpoint)?;
     let selected = select_domains(&dataset, &options.domains)?;
     let layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))
@@ -177,7 +178,7 @@ pub fn token_texts(checkpoint: &Path) -> Result<Vec<String>, TrainError> {
     use crate::tasks::Codec;
     let checkpoint = checkpoint::resolve(checkpoint)?;
     let cfg = crate::Config::load(&checkpoint.join("config.toml"), &[])?;
-    let dataset = crate::trainer::open_run_data(&cfg, &checkpoint)?;
+    let dataset = open_run_data(&cfg, &checkpoint)?;
     let codec = crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
     (0..dataset.vocab_size() as u32)
         .map(|id| codec.decode(&[id]))

@@ -68,11 +68,9 @@ const COMPLETE_MARKER: &str = "state.json";
 /// replaced checkpoints; removed by [`remove_partial`].
 const TMP_PREFIX: &str = ".tmp-";
 
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+/// Kept for hf_io.rs until it calls [`TrainError::io`] directly.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + use<> {
+    TrainError::io(path)
 }
 
 /// Folder name of the checkpoint after `step` steps.
@@ -81,7 +79,7 @@ pub fn dir_name(step: u64) -> String {
 }
 
 fn fsync(path: &Path) -> Result<(), TrainError> {
-    moelab_io::sync_file(path).map_err(io(path))
+    moelab_io::sync_file(path).map_err(TrainError::io(path))
 }
 
 /// Writes a checkpoint atomically under `checkpoints_dir`; returns its folder. A checkpoint
@@ -94,7 +92,7 @@ pub fn save(
     state: &TrainState,
     config_toml: &str,
 ) -> Result<PathBuf, TrainError> {
-    std::fs::create_dir_all(checkpoints_dir).map_err(io(checkpoints_dir))?;
+    std::fs::create_dir_all(checkpoints_dir).map_err(TrainError::io(checkpoints_dir))?;
     let final_dir = checkpoints_dir.join(dir_name(state.step));
     let tmp = checkpoints_dir.join(format!(
         "{TMP_PREFIX}{}-{}",
@@ -102,11 +100,11 @@ pub fn save(
         std::process::id()
     ));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     let config_path = tmp.join("config.toml");
-    std::fs::write(&config_path, config_toml).map_err(io(&config_path))?;
+    std::fs::write(&config_path, config_toml).map_err(TrainError::io(&config_path))?;
     fsync(&config_path)?;
     let tensors = |name: &str, map: &HashMap<String, Tensor>| -> Result<(), TrainError> {
         let path = tmp.join(name);
@@ -119,7 +117,7 @@ pub fn save(
     let state_path = tmp.join(COMPLETE_MARKER);
     let json = serde_json::to_string_pretty(state)
         .map_err(|e| TrainError::Checkpoint(format!("serialising state: {e}")))?;
-    std::fs::write(&state_path, json).map_err(io(&state_path))?;
+    std::fs::write(&state_path, json).map_err(TrainError::io(&state_path))?;
     fsync(&state_path)?;
     fsync(&tmp)?;
     // Anything under the final name (an older run's checkpoint of this step, or an incomplete
@@ -131,12 +129,12 @@ pub fn save(
     ));
     let had_old = final_dir.exists();
     if had_old {
-        std::fs::rename(&final_dir, &replaced).map_err(io(&final_dir))?;
+        std::fs::rename(&final_dir, &replaced).map_err(TrainError::io(&final_dir))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
     fsync(checkpoints_dir)?;
     if had_old {
-        std::fs::remove_dir_all(&replaced).map_err(io(&replaced))?;
+        std::fs::remove_dir_all(&replaced).map_err(TrainError::io(&replaced))?;
     }
     Ok(final_dir)
 }
@@ -146,7 +144,7 @@ pub fn save(
 pub fn save_tensors(map: &HashMap<String, Tensor>, path: &Path) -> Result<(), TrainError> {
     candle_core::safetensors::save(map, path)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-    moelab_io::give_default_permissions(path).map_err(io(path))
+    moelab_io::give_default_permissions(path).map_err(TrainError::io(path))
 }
 
 /// Complete checkpoints under `checkpoints_dir`, oldest first.
@@ -155,8 +153,8 @@ pub fn list(checkpoints_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
         return Ok(Vec::new());
     }
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(checkpoints_dir).map_err(io(checkpoints_dir))? {
-        let path = entry.map_err(io(checkpoints_dir))?.path();
+    for entry in std::fs::read_dir(checkpoints_dir).map_err(TrainError::io(checkpoints_dir))? {
+        let path = entry.map_err(TrainError::io(checkpoints_dir))?.path();
         let step = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -177,14 +175,14 @@ pub fn remove_partial(checkpoints_dir: &Path) -> Result<(), TrainError> {
     if !checkpoints_dir.exists() {
         return Ok(());
     }
-    for entry in std::fs::read_dir(checkpoints_dir).map_err(io(checkpoints_dir))? {
-        let path = entry.map_err(io(checkpoints_dir))?.path();
+    for entry in std::fs::read_dir(checkpoints_dir).map_err(TrainError::io(checkpoints_dir))? {
+        let path = entry.map_err(TrainError::io(checkpoints_dir))?.path();
         if path
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with(TMP_PREFIX))
         {
-            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            std::fs::remove_dir_all(&path).map_err(TrainError::io(&path))?;
         }
     }
     Ok(())
@@ -202,7 +200,7 @@ pub fn prune(
     let mut removed = Vec::new();
     for (step, path) in &all[..keep_from] {
         if !milestones.contains(step) {
-            std::fs::remove_dir_all(path).map_err(io(path))?;
+            std::fs::remove_dir_all(path).map_err(TrainError::io(path))?;
             removed.push(path.clone());
         }
     }
@@ -251,7 +249,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))
     };
     let state_path = dir.join(COMPLETE_MARKER);
-    let state_text = std::fs::read_to_string(&state_path).map_err(io(&state_path))?;
+    let state_text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
     let state = serde_json::from_str(&state_text)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
     let config_path = dir.join("config.toml");
@@ -260,7 +258,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
         model: tensors("model.safetensors")?,
         optimizer: tensors("optimizer.safetensors")?,
         state,
-        config_toml: std::fs::read_to_string(&config_path).map_err(io(&config_path))?,
+        config_toml: std::fs::read_to_string(&config_path).map_err(TrainError::io(&config_path))?,
     })
 }
 

@@ -104,19 +104,60 @@ impl RunDir {
         }
     }
 
+    /// Resuming from a checkpoint older than the run's newest: the checkpoints past `step`
+    /// belong to a continuation that is being replaced; they are moved to `abandoned/`, never
+    /// deleted. Returns where they went.
+    pub fn set_aside_checkpoints_after(&self, step: u64) -> Result<Option<PathBuf>, TrainError> {
+        let later: Vec<PathBuf> = checkpoint::list(&self.checkpoints())?
+            .into_iter()
+            .filter(|(s, _)| *s > step)
+            .map(|(_, p)| p)
+            .collect();
+        if later.is_empty() {
+            return Ok(None);
+        }
+        let target = self.abandoned(step);
+        std::fs::create_dir_all(&target).map_err(TrainError::io(&target))?;
+        for dir in later {
+            let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
+            std::fs::rename(&dir, target.join(name)).map_err(TrainError::io(&dir))?;
+        }
+        let checkpoints = self.checkpoints();
+        moelab_io::sync_dir(&checkpoints).map_err(TrainError::io(&checkpoints))?;
+        Ok(Some(target))
+    }
+
+    /// Removes evaluations past `step` (an interrupted or abandoned continuation's), as metrics
+    /// and router chunks past it are removed.
+    pub fn remove_evals_after(&self, step: u64) -> Result<(), TrainError> {
+        let Ok(entries) = std::fs::read_dir(self.eval()) else {
+            return Ok(());
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let eval_step = name
+                .strip_prefix("step-")
+                .map(|n| n.trim_end_matches(".json"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if eval_step.is_some_and(|s| s > step) {
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(TrainError::io(&path))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the folder for this process (creating it), or fails naming the process that holds
     /// it; a refused process changes nothing.
     pub fn lock(&self) -> Result<RunLock, TrainError> {
         let created = !self.root.exists();
-        std::fs::create_dir_all(&self.root).map_err(|source| TrainError::Io {
-            path: self.root.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&self.root).map_err(TrainError::io(&self.root))?;
         let path = self.root.join(LOCK_FILE);
-        let io = |source| TrainError::Io {
-            path: path.clone(),
-            source,
-        };
         // Not truncated before the lock is ours: the holder's PID must survive a refused open.
         let mut file = OpenOptions::new()
             .read(true)
@@ -124,7 +165,7 @@ impl RunDir {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(io)?;
+            .map_err(TrainError::io(&path))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -142,10 +183,10 @@ impl RunDir {
                     ),
                 });
             }
-            Err(TryLockError::Error(source)) => return Err(io(source)),
+            Err(TryLockError::Error(source)) => return Err(TrainError::io(&path)(source)),
         }
-        file.set_len(0).map_err(io)?;
-        writeln!(file, "{}", std::process::id()).map_err(io)?;
+        file.set_len(0).map_err(TrainError::io(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(TrainError::io(&path))?;
         Ok(RunLock {
             _file: file,
             created,
