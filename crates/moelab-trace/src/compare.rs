@@ -220,7 +220,6 @@ pub fn compare_replicates(baseline: &str, runs: &[ReplicateRun]) -> Result<Ablat
             seeds.push(r.seed);
         }
     }
-    let run_of = |v: &str, s: u64| runs.iter().find(|r| r.variant == v && r.seed == s);
     let base_runs: Vec<&ReplicateRun> = runs.iter().filter(|r| r.variant == baseline).collect();
     if base_runs.is_empty() {
         return Err(TraceError::Invalid(format!(
@@ -236,21 +235,7 @@ pub fn compare_replicates(baseline: &str, runs: &[ReplicateRun]) -> Result<Ablat
             }
         }
     }
-
-    // Noise floor: the baseline against itself with another seed, every pair.
-    let mut noise_pairs = Vec::new();
-    for (i, a) in base_runs.iter().enumerate() {
-        for b in &base_runs[i + 1..] {
-            noise_pairs.push(PairJsd::of(a, b, &mut notes)?);
-        }
-    }
-    if noise_pairs.is_empty() {
-        notes.push(
-            "one seed of the baseline: no noise floor (add `seeds = [..]` with two or more to \
-             the ablation file)"
-                .into(),
-        );
-    }
+    let noise_pairs = noise_floor_pairs(&base_runs, &mut notes)?;
 
     let mut rows = Vec::new();
     let mut scores = Vec::new();
@@ -259,122 +244,18 @@ pub fn compare_replicates(baseline: &str, runs: &[ReplicateRun]) -> Result<Ablat
         variants: Vec::new(),
     };
     for v in &variants {
-        let is_base = *v == baseline;
-        // Paired runs (variant, baseline) at each seed both have.
-        let pairs: Vec<(&ReplicateRun, &ReplicateRun)> = seeds
-            .iter()
-            .filter_map(|&s| Some((run_of(v, s)?, run_of(baseline, s)?)))
-            .collect();
-        let own: Vec<&ReplicateRun> = runs.iter().filter(|r| r.variant == *v).collect();
-        let jsd_pairs: Vec<PairJsd> = if is_base {
-            Vec::new()
-        } else {
-            let mut out = Vec::new();
-            for (run, base) in &pairs {
-                match PairJsd::of(base, run, &mut notes) {
-                    Ok(p) => out.push(p),
-                    Err(e) => notes.push(format!(
-                        "routing of {}@seed {} not compared: {e}",
-                        run.variant, run.seed
-                    )),
-                }
-            }
-            out
-        };
-        if let Some(avg) = average_jsd(&jsd_pairs.iter().map(|p| &p.raw).collect::<Vec<_>>()) {
+        let group = VariantRuns::of(v, baseline, runs, &seeds, &mut notes);
+        if let Some(avg) = average_jsd(&group.jsd_pairs.iter().map(|p| &p.raw).collect::<Vec<_>>())
+        {
             jsd.variants.push(VariantJsd {
                 name: v.to_string(),
                 jsd: avg,
             });
         }
         for d in &domains {
-            let losses: Vec<f64> = own
-                .iter()
-                .filter_map(|r| r.losses.get(d).copied())
-                .collect();
-            let base_losses: Vec<f64> = base_runs
-                .iter()
-                .filter_map(|r| r.losses.get(d).copied())
-                .collect();
-            let diffs: Vec<f64> = pairs
-                .iter()
-                .filter_map(|(r, b)| Some(r.losses.get(d)? - b.losses.get(d)?))
-                .collect();
-            let (delta_loss, delta_interval, delta_within_noise) = if is_base {
-                (spread(&losses).map(|_| 0.0), None, None)
-            } else {
-                delta_stats(&diffs)
-            };
-            let noise_jsd = largest(noise_pairs.iter().map(|p| p.raw_mean(d)));
-            let noise_aligned_jsd = largest(noise_pairs.iter().map(|p| p.aligned_mean(d)));
-            let (mean_jsd, aligned_jsd) = if is_base {
-                (Some(0.0), Some(0.0))
-            } else {
-                (
-                    mean(jsd_pairs.iter().map(|p| p.raw_mean(d))),
-                    mean(jsd_pairs.iter().map(|p| p.aligned_mean(d))),
-                )
-            };
-            let jsd_within_noise = if is_base {
-                None
-            } else {
-                match (aligned_jsd, noise_aligned_jsd) {
-                    (Some(j), Some(n)) => Some(j <= n),
-                    _ => mean_jsd.zip(noise_jsd).map(|(j, n)| j <= n),
-                }
-            };
-            let s = spread(&losses);
-            rows.push(ComparisonRow {
-                variant: v.to_string(),
-                domain: d.clone(),
-                seeds: losses.len(),
-                val_loss: s.map(|s| s.mean),
-                val_loss_std: s.map(|s| s.std),
-                baseline_loss: spread(&base_losses).map(|s| s.mean),
-                delta_loss,
-                delta_interval,
-                delta_within_noise,
-                mean_jsd,
-                aligned_jsd,
-                noise_jsd,
-                noise_aligned_jsd,
-                jsd_within_noise,
-            });
+            rows.push(group.loss_row(d, &base_runs, &noise_pairs));
         }
-        let mut metrics: Vec<&String> = Vec::new();
-        for r in &own {
-            for m in r.scores.keys() {
-                if !metrics.contains(&m) {
-                    metrics.push(m);
-                }
-            }
-        }
-        for m in metrics {
-            let values: Vec<f64> = own
-                .iter()
-                .filter_map(|r| r.scores.get(m).copied())
-                .collect();
-            let Some(s) = spread(&values) else { continue };
-            let diffs: Vec<f64> = pairs
-                .iter()
-                .filter_map(|(r, b)| Some(r.scores.get(m)? - b.scores.get(m)?))
-                .collect();
-            let (delta, delta_interval, delta_within_noise) = if is_base {
-                (Some(0.0), None, None)
-            } else {
-                delta_stats(&diffs)
-            };
-            scores.push(ScoreRow {
-                variant: v.to_string(),
-                metric: m.clone(),
-                seeds: s.n,
-                mean: s.mean,
-                std: s.std,
-                delta,
-                delta_interval,
-                delta_within_noise,
-            });
-        }
+        scores.extend(group.score_rows());
     }
     for v in &jsd.variants {
         notes.extend(v.jsd.notes.iter().cloned());
@@ -388,6 +269,179 @@ pub fn compare_replicates(baseline: &str, runs: &[ReplicateRun]) -> Result<Ablat
         jsd,
         notes,
     })
+}
+
+/// Noise floor: the baseline against itself with another seed, every pair.
+fn noise_floor_pairs(base_runs: &[&ReplicateRun], notes: &mut Vec<String>) -> Result<Vec<PairJsd>> {
+    let mut noise_pairs = Vec::new();
+    for (i, a) in base_runs.iter().enumerate() {
+        for b in &base_runs[i + 1..] {
+            noise_pairs.push(PairJsd::of(a, b, notes)?);
+        }
+    }
+    if noise_pairs.is_empty() {
+        notes.push(
+            "one seed of the baseline: no noise floor (add `seeds = [..]` with two or more to \
+             the ablation file)"
+                .into(),
+        );
+    }
+    Ok(noise_pairs)
+}
+
+/// One variant's runs: its own, each paired with the baseline's at the same seed, and the
+/// routing JSD of every pair.
+struct VariantRuns<'a> {
+    name: &'a str,
+    is_base: bool,
+    own: Vec<&'a ReplicateRun>,
+    /// (variant, baseline) at each seed both have.
+    pairs: Vec<(&'a ReplicateRun, &'a ReplicateRun)>,
+    /// JSD of each pair (none for the baseline itself).
+    jsd_pairs: Vec<PairJsd>,
+}
+
+impl<'a> VariantRuns<'a> {
+    fn of(
+        name: &'a str,
+        baseline: &str,
+        runs: &'a [ReplicateRun],
+        seeds: &[u64],
+        notes: &mut Vec<String>,
+    ) -> Self {
+        let is_base = name == baseline;
+        let run_of = |v: &str, s: u64| runs.iter().find(|r| r.variant == v && r.seed == s);
+        let pairs: Vec<(&ReplicateRun, &ReplicateRun)> = seeds
+            .iter()
+            .filter_map(|&s| Some((run_of(name, s)?, run_of(baseline, s)?)))
+            .collect();
+        let own: Vec<&ReplicateRun> = runs.iter().filter(|r| r.variant == name).collect();
+        let mut jsd_pairs = Vec::new();
+        if !is_base {
+            for (run, base) in &pairs {
+                match PairJsd::of(base, run, notes) {
+                    Ok(p) => jsd_pairs.push(p),
+                    Err(e) => notes.push(format!(
+                        "routing of {}@seed {} not compared: {e}",
+                        run.variant, run.seed
+                    )),
+                }
+            }
+        }
+        VariantRuns {
+            name,
+            is_base,
+            own,
+            pairs,
+            jsd_pairs,
+        }
+    }
+
+    /// The variant's loss, delta and routing shift on domain `d`.
+    fn loss_row(
+        &self,
+        d: &str,
+        base_runs: &[&ReplicateRun],
+        noise_pairs: &[PairJsd],
+    ) -> ComparisonRow {
+        let is_base = self.is_base;
+        let losses: Vec<f64> = self
+            .own
+            .iter()
+            .filter_map(|r| r.losses.get(d).copied())
+            .collect();
+        let base_losses: Vec<f64> = base_runs
+            .iter()
+            .filter_map(|r| r.losses.get(d).copied())
+            .collect();
+        let diffs: Vec<f64> = self
+            .pairs
+            .iter()
+            .filter_map(|(r, b)| Some(r.losses.get(d)? - b.losses.get(d)?))
+            .collect();
+        let (delta_loss, delta_interval, delta_within_noise) = if is_base {
+            (spread(&losses).map(|_| 0.0), None, None)
+        } else {
+            delta_stats(&diffs)
+        };
+        let noise_jsd = largest(noise_pairs.iter().map(|p| p.raw_mean(d)));
+        let noise_aligned_jsd = largest(noise_pairs.iter().map(|p| p.aligned_mean(d)));
+        let (mean_jsd, aligned_jsd) = if is_base {
+            (Some(0.0), Some(0.0))
+        } else {
+            (
+                mean(self.jsd_pairs.iter().map(|p| p.raw_mean(d))),
+                mean(self.jsd_pairs.iter().map(|p| p.aligned_mean(d))),
+            )
+        };
+        let jsd_within_noise = if is_base {
+            None
+        } else {
+            match (aligned_jsd, noise_aligned_jsd) {
+                (Some(j), Some(n)) => Some(j <= n),
+                _ => mean_jsd.zip(noise_jsd).map(|(j, n)| j <= n),
+            }
+        };
+        let s = spread(&losses);
+        ComparisonRow {
+            variant: self.name.to_string(),
+            domain: d.to_string(),
+            seeds: losses.len(),
+            val_loss: s.map(|s| s.mean),
+            val_loss_std: s.map(|s| s.std),
+            baseline_loss: spread(&base_losses).map(|s| s.mean),
+            delta_loss,
+            delta_interval,
+            delta_within_noise,
+            mean_jsd,
+            aligned_jsd,
+            noise_jsd,
+            noise_aligned_jsd,
+            jsd_within_noise,
+        }
+    }
+
+    /// The variant's task metrics over seeds, with deltas against the baseline.
+    fn score_rows(&self) -> Vec<ScoreRow> {
+        let mut metrics: Vec<&String> = Vec::new();
+        for r in &self.own {
+            for m in r.scores.keys() {
+                if !metrics.contains(&m) {
+                    metrics.push(m);
+                }
+            }
+        }
+        let mut scores = Vec::new();
+        for m in metrics {
+            let values: Vec<f64> = self
+                .own
+                .iter()
+                .filter_map(|r| r.scores.get(m).copied())
+                .collect();
+            let Some(s) = spread(&values) else { continue };
+            let diffs: Vec<f64> = self
+                .pairs
+                .iter()
+                .filter_map(|(r, b)| Some(r.scores.get(m)? - b.scores.get(m)?))
+                .collect();
+            let (delta, delta_interval, delta_within_noise) = if self.is_base {
+                (Some(0.0), None, None)
+            } else {
+                delta_stats(&diffs)
+            };
+            scores.push(ScoreRow {
+                variant: self.name.to_string(),
+                metric: m.clone(),
+                seeds: s.n,
+                mean: s.mean,
+                std: s.std,
+                delta,
+                delta_interval,
+                delta_within_noise,
+            });
+        }
+        scores
+    }
 }
 
 /// `x.xxxx`, or `-` when undefined.
@@ -505,6 +559,30 @@ it (aligned where available) is marked *within noise*.\n\n";
 /// of loss deltas and aligned JSD and per-variant JSD line plots; returns the files written.
 pub fn write_comparison(out: &Path, cmp: &AblationComparison) -> Result<Vec<PathBuf>> {
     let mut w = Out::new(out)?;
+    write_csv(&mut w, cmp)?;
+    w.json("comparison.json", cmp)?;
+
+    let mut md = format!("# Ablation comparison against {}\n\n", cmp.baseline);
+    md.push_str(EXPLANATION);
+    md.push_str(&markdown_tables(cmp));
+    md.push('\n');
+    write_heatmaps(&mut w, &mut md, cmp)?;
+    for v in &cmp.jsd.variants {
+        let png = jsd_lines(&mut w, &v.name, &cmp.baseline, &v.jsd, "comparison_")?;
+        let _ = writeln!(md, "![]({png})\n");
+    }
+    if !cmp.notes.is_empty() {
+        md.push_str("## Notes\n\n");
+        for n in &cmp.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    w.text("comparison.md", &md)?;
+    Ok(w.files)
+}
+
+/// `comparison.csv`: one line per variant and domain, every number at full precision.
+fn write_csv(w: &mut Out, cmp: &AblationComparison) -> Result<()> {
     let csv_rows: Vec<Vec<String>> = cmp
         .rows
         .iter()
@@ -550,13 +628,11 @@ pub fn write_comparison(out: &Path, cmp: &AblationComparison) -> Result<Vec<Path
             "jsd_within_noise",
         ],
         &csv_rows,
-    )?;
-    w.json("comparison.json", cmp)?;
+    )
+}
 
-    let mut md = format!("# Ablation comparison against {}\n\n", cmp.baseline);
-    md.push_str(EXPLANATION);
-    md.push_str(&markdown_tables(cmp));
-    md.push('\n');
+/// Heatmaps (variant x domain) of the loss delta and of the routing JSD, embedded in `md`.
+fn write_heatmaps(w: &mut Out, md: &mut String, cmp: &AblationComparison) -> Result<()> {
     let mut variants: Vec<String> = Vec::new();
     let mut domains: Vec<String> = Vec::new();
     for r in &cmp.rows {
@@ -566,6 +642,9 @@ pub fn write_comparison(out: &Path, cmp: &AblationComparison) -> Result<Vec<Path
         if !domains.contains(&r.domain) {
             domains.push(r.domain.clone());
         }
+    }
+    if variants.is_empty() {
+        return Ok(());
     }
     let grid = |f: &dyn Fn(&ComparisonRow) -> Option<f64>| -> Vec<Option<f64>> {
         variants
@@ -579,68 +658,55 @@ pub fn write_comparison(out: &Path, cmp: &AblationComparison) -> Result<Vec<Path
             })
             .collect()
     };
-    if !variants.is_empty() {
-        let deltas = grid(&|r| r.delta_loss);
-        let bound = deltas
-            .iter()
-            .flatten()
-            .fold(0.0f64, |m, v| m.max(v.abs()))
-            .max(f64::MIN_POSITIVE);
-        let title = format!(
-            "Validation loss delta vs {} (mean over seeds)",
-            cmp.baseline
-        );
-        let png = w.heatmap(
-            "comparison_loss_delta",
-            &Heatmap {
-                title: &title,
-                x_label: "domain",
-                y_label: "variant",
-                rows: &variants,
-                cols: &domains,
-                values: &deltas,
-                vmin: -bound,
-                vmax: bound,
-                diverging: true,
-            },
-        )?;
-        let _ = writeln!(md, "![]({png})\n");
-        let aligned = grid(&|r| r.aligned_jsd.or(r.mean_jsd));
-        let vmax = aligned
-            .iter()
-            .flatten()
-            .copied()
-            .fold(0.0, f64::max)
-            .max(f64::MIN_POSITIVE);
-        let title = format!("Routing JSD vs {} (aligned where matched)", cmp.baseline);
-        let png = w.heatmap(
-            "comparison_mean_jsd",
-            &Heatmap {
-                title: &title,
-                x_label: "domain",
-                y_label: "variant",
-                rows: &variants,
-                cols: &domains,
-                values: &aligned,
-                vmin: 0.0,
-                vmax,
-                diverging: false,
-            },
-        )?;
-        let _ = writeln!(md, "![]({png})\n");
-    }
-    for v in &cmp.jsd.variants {
-        let png = jsd_lines(&mut w, &v.name, &cmp.baseline, &v.jsd, "comparison_")?;
-        let _ = writeln!(md, "![]({png})\n");
-    }
-    if !cmp.notes.is_empty() {
-        md.push_str("## Notes\n\n");
-        for n in &cmp.notes {
-            let _ = writeln!(md, "- {n}");
-        }
-    }
-    w.text("comparison.md", &md)?;
-    Ok(w.files)
+    let deltas = grid(&|r| r.delta_loss);
+    let bound = deltas
+        .iter()
+        .flatten()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    let title = format!(
+        "Validation loss delta vs {} (mean over seeds)",
+        cmp.baseline
+    );
+    let png = w.heatmap(
+        "comparison_loss_delta",
+        &Heatmap {
+            title: &title,
+            x_label: "domain",
+            y_label: "variant",
+            rows: &variants,
+            cols: &domains,
+            values: &deltas,
+            vmin: -bound,
+            vmax: bound,
+            diverging: true,
+        },
+    )?;
+    let _ = writeln!(md, "![]({png})\n");
+    let aligned = grid(&|r| r.aligned_jsd.or(r.mean_jsd));
+    let vmax = aligned
+        .iter()
+        .flatten()
+        .copied()
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let title = format!("Routing JSD vs {} (aligned where matched)", cmp.baseline);
+    let png = w.heatmap(
+        "comparison_mean_jsd",
+        &Heatmap {
+            title: &title,
+            x_label: "domain",
+            y_label: "variant",
+            rows: &variants,
+            cols: &domains,
+            values: &aligned,
+            vmin: 0.0,
+            vmax,
+            diverging: false,
+        },
+    )?;
+    let _ = writeln!(md, "![]({png})\n");
+    Ok(())
 }
 
 #[cfg(test)]

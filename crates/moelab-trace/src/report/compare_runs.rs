@@ -1,0 +1,117 @@
+//! One domain's routing in a variant against a baseline (same-domain JSD per layer): the
+//! comparison itself, its tables and line plots (also drawn by the ablation comparison).
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::analysis::{self, RunJsd};
+use crate::error::Result;
+use crate::plot::Lines;
+
+use super::input::AnalysisInput;
+use super::writer::{layer_points, num, slug, Out};
+
+/// Run-JSD tables and plots for the report (`analyze`).
+pub(super) fn write_run_jsd(w: &mut Out, md: &mut String, cmp: &Comparison) -> Result<()> {
+    let mut rows = Vec::new();
+    let _ = writeln!(md, "### Routing shift against {}\n", cmp.baseline);
+    for v in &cmp.variants {
+        for (l, row) in v.jsd.per_layer.iter().enumerate() {
+            for (d, val) in row.iter().enumerate() {
+                rows.push(vec![
+                    v.name.clone(),
+                    v.jsd.layers.get(l).copied().unwrap_or(l).to_string(),
+                    v.jsd.domains[d].clone(),
+                    num(*val),
+                ]);
+            }
+        }
+        for (d, val) in v.jsd.mean.iter().enumerate() {
+            rows.push(vec![
+                v.name.clone(),
+                "mean".to_string(),
+                v.jsd.domains[d].clone(),
+                num(*val),
+            ]);
+        }
+        let png = jsd_lines(w, &v.name, &cmp.baseline, &v.jsd, "")?;
+        let _ = writeln!(md, "![]({png})\n");
+    }
+    w.csv(
+        "run_jsd.csv",
+        &["variant", "layer", "domain", "jsd_vs_baseline"],
+        &rows,
+    )
+}
+
+/// Line plot of one variant's per-domain JSD over layers.
+pub(crate) fn jsd_lines(
+    w: &mut Out,
+    variant: &str,
+    baseline: &str,
+    jsd: &RunJsd,
+    prefix: &str,
+) -> Result<String> {
+    let series: Vec<(String, Vec<(f64, f64)>)> = jsd
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(d, name)| {
+            let vals: Vec<Option<f64>> = jsd.per_layer.iter().map(|row| row[d]).collect();
+            (name.clone(), layer_points(&jsd.layers, &vals))
+        })
+        .collect();
+    let title = format!("Routing shift: {variant} vs {baseline}");
+    w.lines(
+        &format!("{prefix}run_jsd_{}", slug(variant)),
+        &Lines {
+            title: &title,
+            x_label: "layer (block index)",
+            y_label: "JSD vs baseline (bits)",
+            series: &series,
+            integer_x: true,
+        },
+    )
+}
+
+/// One variant's per-domain, per-layer JSD against the baseline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantJsd {
+    /// Variant name.
+    pub name: String,
+    /// JSD of each domain between baseline and this variant.
+    pub jsd: RunJsd,
+}
+
+/// Routing shift of several variants against one baseline (an ablation).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// Baseline name.
+    pub baseline: String,
+    /// Per-variant JSD tables.
+    pub variants: Vec<VariantJsd>,
+}
+
+/// Same-domain JSD of each variant against the baseline ([`analysis::run_jsd`], baseline first).
+pub fn compare_runs(baseline: &AnalysisInput, variants: &[AnalysisInput]) -> Result<Comparison> {
+    let variants = variants
+        .iter()
+        .map(|v| {
+            let mut jsd = analysis::run_jsd(&baseline.counts, &v.counts)?;
+            for n in &mut jsd.notes {
+                *n = n
+                    .replace("the first run", &format!("baseline {}", baseline.name))
+                    .replace("the second run", &format!("variant {}", v.name));
+            }
+            Ok(VariantJsd {
+                name: v.name.clone(),
+                jsd,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Comparison {
+        baseline: baseline.name.clone(),
+        variants,
+    })
+}
