@@ -45,7 +45,7 @@ pub(super) fn write_run_jsd(w: &mut Out, md: &mut String, cmp: &Comparison) -> R
     )
 }
 
-/// Line plot of one variant's per-domain JSD over layers.
+/// Line plot of one variant's per-domain raw JSD over layers.
 pub(crate) fn jsd_lines(
     w: &mut Out,
     variant: &str,
@@ -62,13 +62,13 @@ pub(crate) fn jsd_lines(
             (name.clone(), layer_points(&jsd.layers, &vals))
         })
         .collect();
-    let title = format!("Routing shift: {variant} vs {baseline}");
+    let title = format!("Raw routing JSD: {variant} vs {baseline}");
     w.lines(
         &format!("{prefix}run_jsd_{}", slug(variant)),
         &Lines {
             title: &title,
             x_label: "layer (block index)",
-            y_label: "JSD vs baseline (bits)",
+            y_label: "raw JSD vs baseline (bits)",
             series: &series,
             integer_x: true,
         },
