@@ -51,7 +51,7 @@ const METRICS_MD: &str = "\
 - **Domain share** `counts[l][d][e] / tokens[d]`: the fraction of domain d's tokens that layer l \
 routes to expert e (OLMoE's domain specialisation). Each row sums to top_k; domain-blind routing \
 gives top_k / n_experts everywhere, so cells well above that mark experts specialised on the domain.
-- **Domain JSD**: Jensen-Shannon divergence (base 2, 0 = same routing, 1 = disjoint experts) between \
+- **Domain JSD** (raw: the experts of one model need no matching): Jensen-Shannon divergence (base 2, 0 = same routing, 1 = disjoint experts) between \
 two domains' expert distributions `counts[l][d][:] / sum`, per layer and averaged over layers.
 - **Load imbalance** `max_e load[e] / mean_e load[e]` per layer, load summed over domains: 1 is \
 perfectly balanced, n_experts means one expert takes everything.
@@ -64,9 +64,11 @@ assignments. Computed for input tokens and for the model's predicted tokens.
 tokens routed to i: of the tokens that chose i, the fraction that also chose j.
 - **Router saturation** (traces of the same tokens at several checkpoints): mean over tokens of \
 `|topk_a ∩ topk_final| / k` per layer; 1 means the routing has stopped changing.
-- **Run JSD** (several inputs): the same domain's expert distribution in a variant vs the first \
-input (baseline), per layer; how a mixture change moves routing. Empty where either run has no \
-tokens of the domain.
+- **Run JSD** (several inputs; raw: experts compared by index, `moelab ablate` adds the JSD aligned \
+after matching experts): the same domain's expert distribution in a variant vs the first input \
+(baseline), per layer; how a mixture change moves routing. Empty where either run has no tokens \
+of the domain. Only inputs that count the same kind of tokens as the baseline are compared: run \
+folders (router logs) with run folders, traces with traces.
 ";
 
 /// Analyses every input, writes tables, plots and `report.md` into `out`.
@@ -84,9 +86,17 @@ pub fn analyze(inputs: &[AnalysisInput], out: &Path) -> Result<ReportSummary> {
         runs.push(run::analyze_run(&mut w, &mut md, &mut notes, input, &dir)?);
     }
     write_all_inputs(&mut w, &mut md, inputs, &runs)?;
-    if let Some((baseline, variants)) = inputs.split_first() {
+    if let Some((baseline, others)) = inputs.split_first() {
+        // Only inputs that count the same kind of tokens as the baseline are its variants.
+        let mut variants = Vec::new();
+        for v in others {
+            match compare_runs::token_set_mismatch(baseline, v) {
+                Some(why) => notes.push(why),
+                None => variants.push(v),
+            }
+        }
         if !variants.is_empty() {
-            match compare_runs(baseline, variants) {
+            match compare_runs::compare_each(baseline, variants.into_iter()) {
                 Ok(cmp) => {
                     compare_runs::write_run_jsd(&mut w, &mut md, &cmp)?;
                     w.json("run_jsd.json", &cmp)?;
@@ -154,16 +164,16 @@ fn write_all_inputs(
     let png = w.lines(
         "domain_jsd_per_layer",
         &Lines {
-            title: "Mean pairwise domain JSD per layer",
+            title: "Mean pairwise raw domain JSD per layer",
             x_label: "layer (block index)",
-            y_label: "JSD (bits)",
+            y_label: "raw JSD (bits)",
             series: &per_layer(|r| &r.mean_domain_jsd_per_layer),
             integer_x: true,
         },
     )?;
     let _ = writeln!(
         md,
-        "Mean JSD between distinct domains per layer:\n\n![]({png})\n"
+        "Mean raw JSD between distinct domains per layer:\n\n![]({png})\n"
     );
     let png = w.lines(
         "load_imbalance",
@@ -307,7 +317,25 @@ mod tests {
         assert!(share.contains("0,web,0,14,20,0.7,2\n"), "{share}");
         assert!(dir.join("no_math/domain_share_layer01.svg").is_file());
         let run_jsd = fs::read_to_string(dir.join("run_jsd.csv")).unwrap();
-        assert!(run_jsd.starts_with("variant,layer,domain,jsd_vs_baseline\n"));
+        assert!(run_jsd.starts_with("variant,layer,domain,raw_jsd_vs_baseline\n"));
+        // The traces route other tokens than the baseline's router log: not its variants.
+        assert!(
+            run_jsd.contains("\nno math,") && !run_jsd.contains("early"),
+            "{run_jsd}"
+        );
+        assert!(
+            summary
+                .notes
+                .iter()
+                .any(|n| n.contains("early is not compared with base")
+                    && n.contains("validation tokens routed at step 10")
+                    && n.contains("steps 0..=19")),
+            "{:?}",
+            summary.notes
+        );
+        assert!(md.contains("Raw JSD (experts compared by index)"), "{md}");
+        let svg = fs::read_to_string(dir.join("run_jsd_no_math.svg")).unwrap();
+        assert!(svg.contains("Raw routing JSD: no math vs base"), "{svg}");
         let json: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(dir.join("base/analysis.json")).unwrap())
                 .unwrap();

@@ -287,12 +287,12 @@ fn write_domain_jsd(
     }
     w.csv(
         &format!("{dir}/domain_jsd.csv"),
-        &["layer", "domain_a", "domain_b", "jsd"],
+        &["layer", "domain_a", "domain_b", "raw_jsd"],
         &rows,
     )?;
     let flat: Vec<Option<f64>> = jsd.mean.iter().flatten().copied().collect();
     let vmax = flat.iter().flatten().copied().fold(0.0, f64::max);
-    let title = format!("{}: domain JSD, mean over layers", input.name);
+    let title = format!("{}: raw domain JSD, mean over layers", input.name);
     let png = w.heatmap(
         &format!("{dir}/domain_jsd_mean"),
         &Heatmap {
@@ -307,7 +307,10 @@ fn write_domain_jsd(
             diverging: false,
         },
     )?;
-    let _ = writeln!(md, "### Domain JSD (mean over layers)\n\n![]({png})\n");
+    let _ = writeln!(
+        md,
+        "### Domain JSD, raw (one model: its experts need no matching; mean over layers)\n\n![]({png})\n"
+    );
     let _ = writeln!(md, "| domain | {} |", c.domains.join(" | "));
     let _ = writeln!(md, "| --- |{}", " --- |".repeat(c.n_domains()));
     for (a, row) in jsd.mean.iter().enumerate() {
