@@ -911,12 +911,13 @@ pub fn terminal_table(rows: &[ComparisonRow]) -> String {
     for line in &cells {
         let padded: Vec<String> = line
             .iter()
+            .zip(&widths)
             .enumerate()
-            .map(|(c, s)| {
+            .map(|(c, (s, w))| {
                 if c == 0 {
-                    format!("{s:<w$}", w = widths[c])
+                    format!("{s:<w$}")
                 } else {
-                    format!("{s:>w$}", w = widths[c])
+                    format!("{s:>w$}")
                 }
             })
             .collect();
@@ -926,8 +927,7 @@ pub fn terminal_table(rows: &[ComparisonRow]) -> String {
     if !one_seed {
         out +=
             "~ = inside the noise (delta interval holds 0, or JSD at or below the noise floor)\n";
-    }
-    if one_seed {
+    } else {
         let _ = writeln!(
             out,
             "one seed: no std, no interval and no noise floor ({ONE_SEED}); nothing here can be \
