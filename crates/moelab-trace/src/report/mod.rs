@@ -2,11 +2,11 @@
 //! that embeds the PNGs with a short explanation of each metric.
 //!
 //! - this module: the report's frame (all-inputs plots, notes, summary);
-//! - [`input`]: loading a run folder, trace, router folder or chunk file;
-//! - [`run`]: one input's routing tables (domain share, top experts, domain JSD, load, peaks);
-//! - [`per_token`]: what only a trace has (vocabulary, co-activation, saturation over checkpoints);
-//! - [`compare_runs`]: one domain's routing in a variant against a baseline;
-//! - [`writer`]: the files, cell formats and the file-name sanitiser.
+//! - `input`: loading a run folder, trace, router folder or chunk file;
+//! - `run`: one input's routing tables (domain share, top experts, domain JSD, load, peaks);
+//! - `per_token`: what only a trace has (vocabulary, co-activation, saturation over checkpoints);
+//! - `compare_runs`: one domain's routing in a variant against a baseline;
+//! - `writer`: the files, cell formats and the file-name sanitiser.
 
 mod compare_runs;
 mod input;
