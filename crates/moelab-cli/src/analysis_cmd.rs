@@ -173,7 +173,7 @@ pub fn analyze(args: AnalyzeArgs) -> anyhow::Result<()> {
         "input",
         "steps",
         "tokens",
-        "mean dom. JSD"
+        "raw domain JSD"
     );
     for run in &summary.runs {
         let tokens: i64 = run.tokens.values().sum();

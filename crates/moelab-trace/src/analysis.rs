@@ -200,7 +200,7 @@ pub fn run_jsd(a: &RouterCounts, b: &RouterCounts) -> Result<RunJsd> {
             let tokens = counts.domain_index(name).map_or(0, |d| counts.tokens_of(d));
             if tokens == 0 {
                 notes.push(format!(
-                    "domain {name} has no tokens in the {run} run; its JSD is empty"
+                    "domain {name} has no tokens in the {run} run; no raw or aligned JSD for it"
                 ));
             }
         }

@@ -135,18 +135,84 @@ pub fn plot_curves(groups: &[(String, Vec<PathBuf>)], out: &Path) -> Result<Curv
         .collect();
     domains.sort();
     domains.dedup();
-    let mut w = Out::new(out)?;
-    let mut md = String::from("# Training curves\n\n");
-    let mut plots = Vec::new();
-    let mut draw = |w: &mut Out,
-                    md: &mut String,
-                    stem: &str,
-                    title: &str,
-                    y_label: &str,
-                    picks: &[(&str, String)]|
-     -> Result<()> {
+    let mut p = CurvePlots {
+        w: Out::new(out)?,
+        md: String::from("# Training curves\n\n"),
+        plots: Vec::new(),
+        lines: &lines,
+    };
+    p.draw(
+        "loss_train",
+        "Training loss",
+        "loss (nats/token)",
+        &[("", "train/loss".into())],
+    )?;
+    for d in &domains {
+        p.draw(
+            &format!("loss_{}", slug(d)),
+            &format!("Loss on {d}: train (last logged step) and validation"),
+            "loss (nats/token)",
+            &[("train", format!("train/{d}")), ("val", format!("val/{d}"))],
+        )?;
+    }
+    p.draw(
+        "aux_loss",
+        "Load-balancing loss (mean over MoE layers)",
+        "aux loss",
+        &[("", "aux_loss".into())],
+    )?;
+    p.draw(
+        "z_loss",
+        "Router z-loss (mean over MoE layers)",
+        "z loss",
+        &[("", "z_loss".into())],
+    )?;
+    p.draw(
+        "load_imbalance",
+        "Load imbalance (max / mean expert load, mean over layers)",
+        "max / mean",
+        &[("", "load_imbalance".into())],
+    )?;
+    for m in metrics.iter().filter(|m| m.starts_with("task/")) {
+        p.draw(
+            &slug(&m.replace('/', "_")),
+            &format!("Task {}", &m["task/".len()..]),
+            m.rsplit('/').next().unwrap_or("score"),
+            &[("", m.clone())],
+        )?;
+    }
+    let CurvePlots {
+        mut w, md, plots, ..
+    } = p;
+    w.text("curves.md", &md)?;
+    Ok(CurvesSummary {
+        out_dir: out.to_path_buf(),
+        files: w.files,
+        plots,
+    })
+}
+
+/// The plots of [`plot_curves`] as they are drawn: the files, `curves.md` and the lines to draw.
+struct CurvePlots<'a> {
+    w: Out,
+    md: String,
+    plots: Vec<String>,
+    /// (group label, its averaged series).
+    lines: &'a [(String, Series)],
+}
+
+impl CurvePlots<'_> {
+    /// One plot of the `picks` (legend suffix, metric) of every group; nothing when no group
+    /// has any of them.
+    fn draw(
+        &mut self,
+        stem: &str,
+        title: &str,
+        y_label: &str,
+        picks: &[(&str, String)],
+    ) -> Result<()> {
         let mut series = Vec::new();
-        for (label, s) in &lines {
+        for (label, s) in self.lines {
             for (suffix, metric) in picks {
                 if let Some(points) = s.get(metric) {
                     let name = if suffix.is_empty() {
@@ -161,7 +227,7 @@ pub fn plot_curves(groups: &[(String, Vec<PathBuf>)], out: &Path) -> Result<Curv
         if series.is_empty() {
             return Ok(());
         }
-        let png = w.lines(
+        let png = self.w.lines(
             stem,
             &Lines {
                 title,
@@ -171,68 +237,10 @@ pub fn plot_curves(groups: &[(String, Vec<PathBuf>)], out: &Path) -> Result<Curv
                 integer_x: true,
             },
         )?;
-        md.push_str(&format!("![]({png})\n\n"));
-        plots.push(png);
+        self.md.push_str(&format!("![]({png})\n\n"));
+        self.plots.push(png);
         Ok(())
-    };
-    draw(
-        &mut w,
-        &mut md,
-        "loss_train",
-        "Training loss",
-        "loss (nats/token)",
-        &[("", "train/loss".into())],
-    )?;
-    for d in &domains {
-        draw(
-            &mut w,
-            &mut md,
-            &format!("loss_{}", slug(d)),
-            &format!("Loss on {d}: train (last logged step) and validation"),
-            "loss (nats/token)",
-            &[("train", format!("train/{d}")), ("val", format!("val/{d}"))],
-        )?;
     }
-    draw(
-        &mut w,
-        &mut md,
-        "aux_loss",
-        "Load-balancing loss (mean over MoE layers)",
-        "aux loss",
-        &[("", "aux_loss".into())],
-    )?;
-    draw(
-        &mut w,
-        &mut md,
-        "z_loss",
-        "Router z-loss (mean over MoE layers)",
-        "z loss",
-        &[("", "z_loss".into())],
-    )?;
-    draw(
-        &mut w,
-        &mut md,
-        "load_imbalance",
-        "Load imbalance (max / mean expert load, mean over layers)",
-        "max / mean",
-        &[("", "load_imbalance".into())],
-    )?;
-    for m in metrics.iter().filter(|m| m.starts_with("task/")) {
-        draw(
-            &mut w,
-            &mut md,
-            &slug(&m.replace('/', "_")),
-            &format!("Task {}", &m["task/".len()..]),
-            m.rsplit('/').next().unwrap_or("score"),
-            &[("", m.clone())],
-        )?;
-    }
-    w.text("curves.md", &md)?;
-    Ok(CurvesSummary {
-        out_dir: out.to_path_buf(),
-        files: w.files,
-        plots,
-    })
 }
 
 #[cfg(test)]

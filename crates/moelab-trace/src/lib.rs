@@ -4,15 +4,17 @@
 //! - [`router_log`]: per (layer, domain, expert) counts the trainer writes while training;
 //! - [`trace`]: per-token routing of a checkpoint over fixed validation streams;
 //! - [`analysis`]: pure metric functions over both;
-//! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md`;
+//! - [`report`]: CSV/JSON tables, PNG/SVG plots and a `report.md` (per input, per trace, and
+//!   variants against a baseline), and the file-name sanitiser [`report::slug`];
 //! - [`curves`]: training curves from metrics.jsonl;
 //! - [`compare`]: ablation comparisons over seed replicates;
 //! - [`stats`]: spread and bootstrap intervals over seed replicates;
-//! - [`align`]: matching experts across runs (Hungarian assignment on co-assigned tokens).
+//! - [`align`]: matching experts across runs (Hungarian assignment on co-assigned tokens);
+//! - `safetensors_io` (private): typed safetensors reads and writes, atomic file writes.
 
 mod error;
 mod plot;
-mod st;
+mod safetensors_io;
 
 pub mod align;
 pub mod analysis;

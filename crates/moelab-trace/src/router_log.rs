@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, TraceError};
-use crate::st::{self, Loaded, OwnedTensor};
+use crate::safetensors_io::{self, Loaded, OwnedTensor};
 
 /// The `format` metadata value of router-log chunks (and of a trace's `counts.safetensors`).
 pub const FORMAT: &str = "moelab-router-log-v1";
@@ -289,7 +289,7 @@ impl RouterCounts {
     pub fn write_to(&self, path: &Path) -> Result<()> {
         self.validate()?;
         let (tensors, meta) = self.to_tensors();
-        st::write_safetensors(path, &tensors, meta)
+        safetensors_io::write_safetensors(path, &tensors, meta)
     }
 }
 
@@ -314,7 +314,7 @@ pub fn write_chunk(dir: &Path, chunk: &RouterCounts) -> Result<PathBuf> {
 
 /// Reads one router-log chunk (or a trace's `counts.safetensors`), checking format and shapes.
 pub fn read_chunk(path: &Path) -> Result<RouterCounts> {
-    let bytes = st::read_bytes(path)?;
+    let bytes = safetensors_io::read_bytes(path)?;
     let file = Loaded::parse(path, &bytes)?;
     from_loaded(&file)
 }
@@ -600,7 +600,7 @@ mod tests {
         let (tensors, mut meta) = c.to_tensors();
         meta.remove("top_k");
         let path = dir.join("chunk-00000003.safetensors");
-        st::write_safetensors(&path, &tensors, meta.clone()).unwrap();
+        safetensors_io::write_safetensors(&path, &tensors, meta.clone()).unwrap();
         let err = read_chunk(&path).unwrap_err().to_string();
         assert!(
             err.contains("top_k") && err.contains("chunk-00000003"),
@@ -608,7 +608,7 @@ mod tests {
         );
         meta.insert("top_k".into(), "2".into());
         meta.insert("n_experts".into(), "4".into());
-        st::write_safetensors(&path, &tensors, meta).unwrap();
+        safetensors_io::write_safetensors(&path, &tensors, meta).unwrap();
         let err = read_chunk(&path).unwrap_err().to_string();
         assert!(err.contains("counts") && err.contains("shape"), "{err}");
         fs::write(&path, b"not safetensors").unwrap();
@@ -654,7 +654,7 @@ mod tests {
             }
             let (tensors, meta) = c.to_tensors();
             let path = dir.join("chunk-00000003.safetensors");
-            st::write_safetensors(&path, &tensors, meta).unwrap();
+            safetensors_io::write_safetensors(&path, &tensors, meta).unwrap();
             let err = read_chunk(&path).unwrap_err();
             assert!(
                 matches!(&err, TraceError::BadTensor { name: n, .. } if n == name),

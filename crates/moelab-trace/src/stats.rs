@@ -15,8 +15,9 @@ pub struct Spread {
     pub n: usize,
     /// Arithmetic mean.
     pub mean: f64,
-    /// Sample standard deviation (n - 1 in the denominator); 0 for a single value.
-    pub std: f64,
+    /// Sample standard deviation (n - 1 in the denominator); `None` for a single value, whose
+    /// spread cannot be estimated (not 0: that would claim a perfectly repeatable result).
+    pub std: Option<f64>,
     /// Smallest value.
     pub min: f64,
     /// Largest value.
@@ -30,11 +31,8 @@ pub fn spread(values: &[f64]) -> Option<Spread> {
         return None;
     }
     let mean = values.iter().sum::<f64>() / n as f64;
-    let std = if n > 1 {
-        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-    } else {
-        0.0
-    };
+    let std = (n > 1)
+        .then(|| (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     Some(Spread {
@@ -89,10 +87,12 @@ impl SplitMix64 {
 /// Percentile bootstrap interval of the mean of `values` at `level` (e.g. 0.95): the mean of
 /// [`BOOTSTRAP_RESAMPLES`] resamples with replacement, drawn with the fixed
 /// [`BOOTSTRAP_SEED`]; the bounds are the empirical (1 - level)/2 and (1 + level)/2 quantiles
-/// (the smallest resample mean whose empirical CDF reaches the probability). `None` when empty.
+/// (the smallest resample mean whose empirical CDF reaches the probability). `None` with fewer
+/// than two values: every resample of one value is that value, and the zero-width "interval"
+/// would claim a certainty one measurement cannot give.
 pub fn bootstrap_mean_interval(values: &[f64], level: f64) -> Option<Interval> {
     let n = values.len();
-    if n == 0 || !(0.0..1.0).contains(&level) {
+    if n < 2 || !(0.0..1.0).contains(&level) {
         return None;
     }
     let mut rng = SplitMix64(BOOTSTRAP_SEED);
@@ -124,8 +124,10 @@ mod tests {
         let s = spread(&[1.0, 2.0, 3.0, 6.0]).unwrap();
         assert_eq!((s.n, s.mean, s.min, s.max), (4, 3.0, 1.0, 6.0));
         // Squared deviations 4 + 1 + 0 + 9 = 14 over n - 1 = 3.
-        assert!((s.std - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        assert_eq!(spread(&[2.5]).unwrap().std, 0.0);
+        assert!((s.std.unwrap() - (14.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        // One value has a mean but no spread.
+        let one = spread(&[2.5]).unwrap();
+        assert_eq!((one.n, one.mean, one.std), (1, 2.5, None));
         assert!(spread(&[]).is_none());
     }
 
@@ -138,9 +140,8 @@ mod tests {
         let iv = bootstrap_mean_interval(&[0.0, 0.0, 0.0, 4.0], 0.95).unwrap();
         assert_eq!(iv, Interval { lo: 0.0, hi: 3.0 });
         assert!(iv.contains(0.0) && !iv.contains(3.5));
-        // One value: every resample is that value.
-        let one = bootstrap_mean_interval(&[0.25], 0.95).unwrap();
-        assert_eq!(one, Interval { lo: 0.25, hi: 0.25 });
+        // One value: no interval (every resample would be that value).
+        assert_eq!(bootstrap_mean_interval(&[0.25], 0.95), None);
         // Two values [1, 3]: means 1, 2, 3 with probabilities 1/4, 1/2, 1/4 -> [1, 3].
         let two = bootstrap_mean_interval(&[1.0, 3.0], 0.95).unwrap();
         assert_eq!(two, Interval { lo: 1.0, hi: 3.0 });

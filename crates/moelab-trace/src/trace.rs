@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::error::{Result, TraceError};
 use crate::router_log::{self, RouterCounts};
-use crate::st::{self, Loaded, OwnedTensor};
+use crate::safetensors_io::{self, Loaded, OwnedTensor};
 
 /// The `format` metadata value of `trace.safetensors`.
 pub const FORMAT: &str = "moelab-trace-v1";
@@ -413,7 +413,7 @@ impl Trace {
             tensors.push(("router_probs", OwnedTensor::f32(&[l, n, e], p)));
         }
         let metadata = self.metadata();
-        st::write_safetensors(&dir.join(TRACE_FILE), &tensors, metadata.clone())?;
+        safetensors_io::write_safetensors(&dir.join(TRACE_FILE), &tensors, metadata.clone())?;
         self.counts().write_to(&dir.join(COUNTS_FILE))?;
 
         let index = serde_json::json!({
@@ -442,13 +442,13 @@ impl Trace {
             path: path.clone(),
             source,
         })?;
-        st::write_atomic(&path, text.as_bytes())
+        safetensors_io::write_atomic(&path, text.as_bytes())
     }
 
     /// Reads a trace directory's `trace.safetensors` (the other two files are derived).
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(TRACE_FILE);
-        let bytes = st::read_bytes(&path)?;
+        let bytes = safetensors_io::read_bytes(&path)?;
         let file = Loaded::parse(&path, &bytes)?;
         file.expect_format(FORMAT)?;
         let layers: Vec<usize> = file.meta_json("layers")?;

@@ -533,97 +533,11 @@ pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
     Ok((eval.losses(), eval.scores(), router_log::total(&chunks)?))
 }
 
-/// A compact text table: one row per domain, one column per variant with its validation loss
-/// (mean over seeds), and for non-baseline variants the delta against the baseline (with its 95%
-/// interval when there are several seeds, `~` marking one inside the noise), and the routing JSD
-/// (aligned where experts were matched) with `~` when at or below the noise floor, whose column
-/// comes last.
+/// The compact terminal table of a comparison (see [`moelab_trace::compare::terminal_table`]):
+/// per domain its validation tokens, each variant's loss, delta, raw and aligned JSD, and the
+/// noise floors, or "n/a (one seed)".
 pub fn table(rows: &[ComparisonRow]) -> String {
-    let mut variants: Vec<&str> = Vec::new();
-    let mut domains: Vec<&str> = Vec::new();
-    for r in rows {
-        if !variants.contains(&r.variant.as_str()) {
-            variants.push(&r.variant);
-        }
-        if !domains.contains(&r.domain.as_str()) {
-            domains.push(&r.domain);
-        }
-    }
-    let num = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
-    let mark = |within: Option<bool>| if within == Some(true) { "~" } else { "" };
-    let has_noise = rows.iter().any(|r| r.noise_jsd.is_some());
-    let mut cells: Vec<Vec<String>> = Vec::new();
-    let mut header = vec!["domain".to_string()];
-    for (i, v) in variants.iter().enumerate() {
-        if i == 0 {
-            header.push(format!("{v} loss"));
-        } else {
-            header.extend([format!("{v} loss"), "delta".into(), "jsd".into()]);
-        }
-    }
-    if has_noise {
-        header.push("jsd noise".into());
-    }
-    cells.push(header);
-    for d in &domains {
-        let mut line = vec![d.to_string()];
-        let mut noise = None;
-        for (i, v) in variants.iter().enumerate() {
-            let row = rows.iter().find(|r| r.variant == *v && r.domain == *d);
-            line.push(num(row.and_then(|r| r.val_loss)));
-            let Some(r) = row.filter(|_| i > 0) else {
-                if i > 0 {
-                    line.extend(["-".into(), "-".into()]);
-                }
-                continue;
-            };
-            let mut delta = r
-                .delta_loss
-                .map_or_else(|| "-".to_string(), |x| format!("{x:+.4}"));
-            if let (Some(iv), true) = (r.delta_interval, r.seeds > 1) {
-                delta += &format!(" [{:+.3},{:+.3}]", iv.lo, iv.hi);
-            }
-            delta += mark(r.delta_within_noise);
-            line.push(delta);
-            line.push(num(r.aligned_jsd.or(r.mean_jsd)) + mark(r.jsd_within_noise));
-            noise = noise.or(r.noise_aligned_jsd.or(r.noise_jsd));
-        }
-        if has_noise {
-            line.push(num(noise));
-        }
-        cells.push(line);
-    }
-    let widths: Vec<usize> = (0..cells[0].len())
-        .map(|c| {
-            cells
-                .iter()
-                .map(|l| l.get(c).map_or(0, String::len))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for line in &cells {
-        let text: Vec<String> = line
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        out += text.join("  ").trim_end();
-        out.push('\n');
-    }
-    if rows.iter().any(|r| r.seeds > 1) {
-        out +=
-            "~ = inside the noise (delta interval holds 0, or JSD at or below the noise floor)\n";
-    }
-    out
+    moelab_trace::compare::terminal_table(rows)
 }
 
 #[cfg(test)]
@@ -781,38 +695,5 @@ set = ["data.mixture.b=0.0"]
             let err = Ablation::load(&path).unwrap_err().to_string();
             assert!(err.contains(needle), "{needle}: {err}");
         }
-    }
-
-    #[test]
-    fn table_lists_every_variant() {
-        let row = |variant: &str, domain: &str, loss: f64, delta: f64, jsd: f64| ComparisonRow {
-            variant: variant.into(),
-            domain: domain.into(),
-            seeds: 1,
-            val_loss: Some(loss),
-            val_loss_std: Some(0.0),
-            baseline_loss: Some(loss - delta),
-            delta_loss: Some(delta),
-            delta_interval: None,
-            delta_within_noise: None,
-            mean_jsd: Some(jsd),
-            aligned_jsd: None,
-            noise_jsd: None,
-            noise_aligned_jsd: None,
-            jsd_within_noise: None,
-        };
-        let text = table(&[
-            row("base", "web", 3.0, 0.0, 0.0),
-            row("base", "code", 2.0, 0.0, 0.0),
-            row("no_code", "web", 2.9, -0.1, 0.01),
-            row("no_code", "code", 2.5, 0.5, 0.2),
-        ]);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].contains("base loss") && lines[0].contains("no_code loss"));
-        assert!(
-            lines[2].starts_with("code") && lines[2].contains("+0.5000"),
-            "{text}"
-        );
     }
 }
