@@ -1,7 +1,7 @@
 //! `moelab trace`, `moelab analyze`, `moelab plot` and `moelab ablate`: per-token routing of a
 //! checkpoint, routing reports, training curves, and mixture ablations with their comparison.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -197,55 +197,72 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
     let ablation = Ablation::load(&args.ablation)?;
     let out = args.out.clone().unwrap_or_else(|| ablation.out_dir.clone());
     if args.slurm {
-        let exe = std::env::current_exe().context("finding the moelab binary")?;
-        let options = ablate_launch::SlurmOptions {
-            exe,
-            ranks: args.ranks,
-        };
-        let script = ablate_launch::write_slurm_script(&ablation, &out, &options)?;
-        outln!("wrote {}", script.display());
-        if !args.dry_run {
-            outln!("{}", ablate_launch::submit_slurm(&script)?);
-        }
-        outln!(
-            "when the jobs have finished: moelab ablate {} --out {} --compare",
-            args.ablation.display(),
-            out.display()
-        );
-        return Ok(());
+        ablate_slurm(&args, &ablation, &out)
+    } else if let Some(parallel) = args.parallel {
+        ablate_parallel(&args, &ablation, &out, parallel)
+    } else if args.compare {
+        print_comparison(&args, &ablate::compare_finished(&ablation, &out)?)
+    } else {
+        ablate_here(&args, &ablation, &out)
     }
-    if args.compare || args.parallel.is_some() {
-        if let Some(parallel) = args.parallel {
-            let exe = std::env::current_exe().context("finding the moelab binary")?;
-            let mut say = |line: String| {
-                if args.json {
-                    eprintln!("{line}")
-                } else {
-                    outln!("{line}")
-                }
-            };
-            let ran = ablate_launch::run_parallel(&ablation, &out, parallel, &exe, &mut say)?;
-            if ran.interrupted {
-                say(format!(
-                    "stopped by signal; run `moelab ablate {} --out {} --parallel {parallel}` again to resume",
-                    args.ablation.display(),
-                    out.display()
-                ));
-                return Ok(());
-            }
-        }
-        let outcome = ablate::compare_finished(&ablation, &out)?;
-        return print_comparison(&args, &outcome);
-    }
-    // With --json, stdout holds only the final JSON: progress goes to stderr.
-    let json = args.json;
-    let say = |line: String| {
+}
+
+/// With --json, stdout holds only the final JSON: progress lines go to stderr.
+fn say_line(json: bool) -> impl Fn(String) {
+    move |line: String| {
         if json {
             eprintln!("{line}")
         } else {
             outln!("{line}")
         }
+    }
+}
+
+/// `--slurm`: writes (and unless --dry-run submits) the job array script.
+fn ablate_slurm(args: &AblateArgs, ablation: &Ablation, out: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the moelab binary")?;
+    let options = ablate_launch::SlurmOptions {
+        exe,
+        ranks: args.ranks,
     };
+    let script = ablate_launch::write_slurm_script(ablation, out, &options)?;
+    outln!("wrote {}", script.display());
+    if !args.dry_run {
+        outln!("{}", ablate_launch::submit_slurm(&script)?);
+    }
+    outln!(
+        "when the jobs have finished: moelab ablate {} --out {} --compare",
+        args.ablation.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `--parallel N`: the variants as N child processes, then the comparison.
+fn ablate_parallel(
+    args: &AblateArgs,
+    ablation: &Ablation,
+    out: &Path,
+    parallel: usize,
+) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the moelab binary")?;
+    let say = say_line(args.json);
+    let ran = ablate_launch::run_parallel(ablation, out, parallel, &exe, &mut |l| say(l))?;
+    if ran.interrupted {
+        say(format!(
+            "stopped by signal; run `moelab ablate {} --out {} --parallel {parallel}` again to resume",
+            args.ablation.display(),
+            out.display()
+        ));
+        return Ok(());
+    }
+    print_comparison(args, &ablate::compare_finished(ablation, out)?)
+}
+
+/// The default: every variant in turn in this process, with progress bars, then the comparison.
+fn ablate_here(args: &AblateArgs, ablation: &Ablation, out: &Path) -> anyhow::Result<()> {
+    let json = args.json;
+    let say = say_line(json);
     let seeds = if ablation.seeds.is_empty() {
         String::new()
     } else {
@@ -311,7 +328,7 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let outcome = ablate::run_ablation(&ablation, &out, &mut on_event)?;
+    let outcome = ablate::run_ablation(ablation, out, &mut on_event)?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -323,7 +340,7 @@ pub fn ablate(args: AblateArgs) -> anyhow::Result<()> {
         ));
         return Ok(());
     }
-    print_comparison(&args, &outcome)
+    print_comparison(args, &outcome)
 }
 
 /// Prints an ablation's comparison: the rows as JSON with --json, else the table and notes.
