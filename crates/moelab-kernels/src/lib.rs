@@ -9,6 +9,9 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda-emu")]
+pub mod emu;
+mod launch;
 
 pub mod adamw;
 pub mod attention;

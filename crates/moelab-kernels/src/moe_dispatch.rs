@@ -68,6 +68,23 @@ impl Routing {
         &self.rows[self.starts[token]..self.starts[token + 1]]
     }
 
+    /// The index the CUDA kernels read, as one u32 vector: `token_of_row`, then the CSR
+    /// `starts` (n_tokens + 1), then the CSR `rows`.
+    pub(crate) fn packed_index(&self) -> Vec<u32> {
+        let mut packed = Vec::with_capacity(2 * self.token_of_row.len() + self.n_tokens + 1);
+        packed.extend_from_slice(&self.token_of_row);
+        // Every start is at most the row count, which `new` checked fits in u32.
+        packed.extend(self.starts.iter().map(|&s| s as u32));
+        packed.extend_from_slice(&self.rows);
+        packed
+    }
+
+    /// The number of tokens and of rows.
+    #[cfg(feature = "cuda-emu")]
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.n_tokens, self.token_of_row.len())
+    }
+
     /// The whole index on `device` as one u32 tensor: `token_of_row` (rows), `starts`
     /// (tokens + 1), `rows` (rows). Cached for the first device asked; others get a fresh copy.
     fn device_index(&self, device: &Device) -> Result<Tensor> {
@@ -76,11 +93,7 @@ impl Routing {
                 return Ok(t.clone());
             }
         }
-        let mut packed = Vec::with_capacity(2 * self.token_of_row.len() + self.n_tokens + 1);
-        packed.extend_from_slice(&self.token_of_row);
-        // Every start is at most the row count, which `new` checked fits in u32.
-        packed.extend(self.starts.iter().map(|&s| s as u32));
-        packed.extend_from_slice(&self.rows);
+        let packed = self.packed_index();
         let len = packed.len();
         let t = Tensor::from_vec(packed, len, device)?;
         Ok(self.device_index.get_or_init(|| t.clone()).clone())
