@@ -265,25 +265,66 @@ pub trait Elem: Copy + 'static {
     fn poison() -> Self;
 }
 
-kernel_table!(f32, KERNELS_F32, "f32", [
-    moelab_softmax_fwd_f32, moelab_softmax_bwd_f32, moelab_rms_norm_fwd_f32, moelab_rope_fwd_f32,
-    moelab_cross_entropy_fwd_f32, moelab_cross_entropy_bwd_f32, moelab_swiglu_fwd_f32,
-    moelab_swiglu_bwd_f32, moelab_moe_gather_f32, moelab_moe_combine_f32,
-    moelab_moe_unpermute_bwd_f32, moelab_router_topk_f32, moelab_sum_squares_partial_f32
-]);
-kernel_table!(half::bf16, KERNELS_BF16, "bf16", [
-    moelab_softmax_fwd_bf16, moelab_softmax_bwd_bf16, moelab_rms_norm_fwd_bf16,
-    moelab_rope_fwd_bf16, moelab_cross_entropy_fwd_bf16, moelab_cross_entropy_bwd_bf16,
-    moelab_swiglu_fwd_bf16, moelab_swiglu_bwd_bf16, moelab_moe_gather_bf16,
-    moelab_moe_combine_bf16, moelab_moe_unpermute_bwd_bf16, moelab_router_topk_bf16,
-    moelab_sum_squares_partial_bf16
-]);
-kernel_table!(half::f16, KERNELS_F16, "f16", [
-    moelab_softmax_fwd_f16, moelab_softmax_bwd_f16, moelab_rms_norm_fwd_f16, moelab_rope_fwd_f16,
-    moelab_cross_entropy_fwd_f16, moelab_cross_entropy_bwd_f16, moelab_swiglu_fwd_f16,
-    moelab_swiglu_bwd_f16, moelab_moe_gather_f16, moelab_moe_combine_f16,
-    moelab_moe_unpermute_bwd_f16, moelab_router_topk_f16, moelab_sum_squares_partial_f16
-]);
+kernel_table!(
+    f32,
+    KERNELS_F32,
+    "f32",
+    [
+        moelab_softmax_fwd_f32,
+        moelab_softmax_bwd_f32,
+        moelab_rms_norm_fwd_f32,
+        moelab_rope_fwd_f32,
+        moelab_cross_entropy_fwd_f32,
+        moelab_cross_entropy_bwd_f32,
+        moelab_swiglu_fwd_f32,
+        moelab_swiglu_bwd_f32,
+        moelab_moe_gather_f32,
+        moelab_moe_combine_f32,
+        moelab_moe_unpermute_bwd_f32,
+        moelab_router_topk_f32,
+        moelab_sum_squares_partial_f32
+    ]
+);
+kernel_table!(
+    half::bf16,
+    KERNELS_BF16,
+    "bf16",
+    [
+        moelab_softmax_fwd_bf16,
+        moelab_softmax_bwd_bf16,
+        moelab_rms_norm_fwd_bf16,
+        moelab_rope_fwd_bf16,
+        moelab_cross_entropy_fwd_bf16,
+        moelab_cross_entropy_bwd_bf16,
+        moelab_swiglu_fwd_bf16,
+        moelab_swiglu_bwd_bf16,
+        moelab_moe_gather_bf16,
+        moelab_moe_combine_bf16,
+        moelab_moe_unpermute_bwd_bf16,
+        moelab_router_topk_bf16,
+        moelab_sum_squares_partial_bf16
+    ]
+);
+kernel_table!(
+    half::f16,
+    KERNELS_F16,
+    "f16",
+    [
+        moelab_softmax_fwd_f16,
+        moelab_softmax_bwd_f16,
+        moelab_rms_norm_fwd_f16,
+        moelab_rope_fwd_f16,
+        moelab_cross_entropy_fwd_f16,
+        moelab_cross_entropy_bwd_f16,
+        moelab_swiglu_fwd_f16,
+        moelab_swiglu_bwd_f16,
+        moelab_moe_gather_f16,
+        moelab_moe_combine_f16,
+        moelab_moe_unpermute_bwd_f16,
+        moelab_router_topk_f16,
+        moelab_sum_squares_partial_f16
+    ]
+);
 
 extern "C" {
     fn moelab_adamw_f32(
@@ -389,7 +430,9 @@ pub fn softmax_bwd<T: Elem>(y: &[T], g: &[T], dims: &[usize]) -> Result<Vec<T>> 
         let (yp, gp, dp) = (P(y.as_ptr()), P(g.as_ptr()), M(dx.as_mut_ptr()));
         let bufs = [buf("y", y), buf("grad", g), buf("dx", &dx)];
         let name = format!("moelab_softmax_bwd_{}", T::SUFFIX);
-        run(&name, dims, &bufs, move || unsafe { f(yp.0, gp.0, dp.0, n) })?;
+        run(&name, dims, &bufs, move || unsafe {
+            f(yp.0, gp.0, dp.0, n)
+        })?;
     }
     Ok(dx)
 }
@@ -410,7 +453,9 @@ pub fn rms_norm_fwd<T: Elem>(x: &[T], dims: &[usize], w: &[T], eps: f64) -> Resu
         let eps = eps as f32;
         let bufs = [buf("x", x), buf("weight", w), buf("y", &y)];
         let name = format!("moelab_rms_norm_fwd_{}", T::SUFFIX);
-        run(&name, dims, &bufs, move || unsafe { f(xp.0, wp.0, yp.0, d, eps) })?;
+        run(&name, dims, &bufs, move || unsafe {
+            f(xp.0, wp.0, yp.0, d, eps)
+        })?;
     }
     Ok(y)
 }
@@ -446,7 +491,12 @@ pub fn rope_fwd<T: Elem>(x: &[T], dims: &[usize], cos: &[T], sin: &[T]) -> Resul
 }
 
 /// Per-row cross-entropy of `logits (n, v)` against `targets (n,)`.
-pub fn cross_entropy_fwd<T: Elem>(logits: &[T], n: usize, v: usize, targets: &[u32]) -> Result<Vec<T>> {
+pub fn cross_entropy_fwd<T: Elem>(
+    logits: &[T],
+    n: usize,
+    v: usize,
+    targets: &[u32],
+) -> Result<Vec<T>> {
     let op = "cross_entropy";
     let (n, v) = launch::logits_dims(op, &[n, v])?;
     check_len(op, "logits", logits.len(), n * v)?;
@@ -455,10 +505,20 @@ pub fn cross_entropy_fwd<T: Elem>(logits: &[T], n: usize, v: usize, targets: &[u
     if n > 0 && v > 0 {
         let dims = launch::rows(n, op)?;
         let f = T::kernels().cross_entropy_fwd;
-        let (lp, tp, op_) = (P(logits.as_ptr()), P(targets.as_ptr()), M(loss.as_mut_ptr()));
-        let bufs = [buf("logits", logits), buf("targets", targets), buf("loss", &loss)];
+        let (lp, tp, op_) = (
+            P(logits.as_ptr()),
+            P(targets.as_ptr()),
+            M(loss.as_mut_ptr()),
+        );
+        let bufs = [
+            buf("logits", logits),
+            buf("targets", targets),
+            buf("loss", &loss),
+        ];
         let name = format!("moelab_cross_entropy_fwd_{}", T::SUFFIX);
-        run(&name, dims, &bufs, move || unsafe { f(lp.0, tp.0, op_.0, v) })?;
+        run(&name, dims, &bufs, move || unsafe {
+            f(lp.0, tp.0, op_.0, v)
+        })?;
     } else if n > 0 {
         bail!("{op}: logits have zero classes");
     }
@@ -494,7 +554,9 @@ pub fn cross_entropy_bwd<T: Elem>(
             buf("dlogits", &dl),
         ];
         let name = format!("moelab_cross_entropy_bwd_{}", T::SUFFIX);
-        run(&name, dims, &bufs, move || unsafe { f(lp.0, tp.0, gp.0, dp.0, v) })?;
+        run(&name, dims, &bufs, move || unsafe {
+            f(lp.0, tp.0, gp.0, dp.0, v)
+        })?;
     }
     Ok(dl)
 }
@@ -532,7 +594,12 @@ pub fn swiglu_bwd<T: Elem>(gate: &[T], up: &[T], grad: &[T]) -> Result<Vec<T>> {
             P(grad.as_ptr()),
             M(out.as_mut_ptr()),
         );
-        let bufs = [buf("gate", gate), buf("up", up), buf("grad", grad), buf("out", &out)];
+        let bufs = [
+            buf("gate", gate),
+            buf("up", up),
+            buf("grad", grad),
+            buf("out", &out),
+        ];
         let name = format!("moelab_swiglu_bwd_{}", T::SUFFIX);
         run(&name, launch::grid_stride(n), &bufs, move || unsafe {
             f(gp.0, up_.0, dp.0, op_.0, n)
@@ -569,7 +636,12 @@ pub fn moe_permute<T: Elem>(x: &[T], d: usize, routing: &Routing) -> Result<Vec<
 
 /// The un-permute: `rows (rows, d)`, `gates (rows,)` -> `(tokens, d)`, each token the gated sum
 /// of its rows in row order.
-pub fn moe_unpermute<T: Elem>(rows_in: &[T], gates: &[T], d: usize, routing: &Routing) -> Result<Vec<T>> {
+pub fn moe_unpermute<T: Elem>(
+    rows_in: &[T],
+    gates: &[T],
+    d: usize,
+    routing: &Routing,
+) -> Result<Vec<T>> {
     let op = "moe_unpermute";
     let (index, rows, n_tokens) = routing_index(routing);
     check_len(op, "rows", rows_in.len(), rows * d)?;
@@ -652,8 +724,17 @@ pub fn router_topk<T: Elem>(
     let op = "router_topk";
     let zeros = vec![0.0f32; n_experts];
     let bias = bias.unwrap_or(&zeros);
-    if n_experts == 0 || scores.len() % n_experts != 0 || k == 0 || k > n_experts || bias.len() != n_experts {
-        bail!("{op}: {} scores, {} biases, {n_experts} experts and k {k} do not match", scores.len(), bias.len());
+    if n_experts == 0
+        || !scores.len().is_multiple_of(n_experts)
+        || k == 0
+        || k > n_experts
+        || bias.len() != n_experts
+    {
+        bail!(
+            "{op}: {} scores, {} biases, {n_experts} experts and k {k} do not match",
+            scores.len(),
+            bias.len()
+        );
     }
     let tokens = scores.len() / n_experts;
     let dims = launch::router_topk(op, tokens.max(1), n_experts)?;
@@ -669,7 +750,12 @@ pub fn router_topk<T: Elem>(
             M(ids.as_mut_ptr()),
             M(counts.as_mut_ptr()),
         );
-        let bufs = [buf("scores", scores), buf("bias", bias), buf("ids", ids), buf("counts", counts)];
+        let bufs = [
+            buf("scores", scores),
+            buf("bias", bias),
+            buf("ids", ids),
+            buf("counts", counts),
+        ];
         let name = format!("moelab_router_topk_{}", T::SUFFIX);
         run(&name, dims, &bufs, move || unsafe {
             f(sp.0, bp.0, ip.0, cp.0, n_experts, k, has_bias)
@@ -701,7 +787,13 @@ pub fn sum_of_squares<T: Elem>(x: &[T]) -> Result<f32> {
 }
 
 /// One fused AdamW step of `p`, `m`, `v` in place.
-pub fn adamw_step(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], u: &AdamWUpdate) -> Result<()> {
+pub fn adamw_step(
+    p: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &[f32],
+    u: &AdamWUpdate,
+) -> Result<()> {
     let op = "adamw_update";
     let n = p.len();
     check_len(op, "m", m.len(), n)?;
@@ -710,21 +802,38 @@ pub fn adamw_step(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], u: 
     if n == 0 {
         return Ok(());
     }
-    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] = launch::adamw_scalars(u);
+    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] =
+        launch::adamw_scalars(u);
     let bufs = [buf("p", p), buf("m", m), buf("v", v), buf("grad", grad)];
-    let (pp, mp, vp, gp) = (M(p.as_mut_ptr()), M(m.as_mut_ptr()), M(v.as_mut_ptr()), P(grad.as_ptr()));
-    run("moelab_adamw_f32", launch::grid_stride(n), &bufs, move || unsafe {
-        moelab_adamw_f32(
-            pp.0, mp.0, vp.0, gp.0, n, scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr,
-            keep,
-        )
-    })
+    let (pp, mp, vp, gp) = (
+        M(p.as_mut_ptr()),
+        M(m.as_mut_ptr()),
+        M(v.as_mut_ptr()),
+        P(grad.as_ptr()),
+    );
+    run(
+        "moelab_adamw_f32",
+        launch::grid_stride(n),
+        &bufs,
+        move || unsafe {
+            moelab_adamw_f32(
+                pp.0, mp.0, vp.0, gp.0, n, scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps,
+                lr, keep,
+            )
+        },
+    )
 }
 
 /// Flash attention's shapes `(B, H, KV, T, D)`, checked as the CUDA launcher checks them.
-fn fa_dims(op: &str, (b, h, kv, t, d): (usize, usize, usize, usize, usize)) -> Result<crate::flash_attention::Dims> {
+fn fa_dims(
+    op: &str,
+    (b, h, kv, t, d): (usize, usize, usize, usize, usize),
+) -> Result<crate::flash_attention::Dims> {
     if kv == 0 || h % kv != 0 || d == 0 || d > launch::FA_MAX_D {
-        bail!("{op}: H {h} must be a multiple of KV {kv}, and D {d} in 1..={}", launch::FA_MAX_D);
+        bail!(
+            "{op}: H {h} must be a multiple of KV {kv}, and D {d} in 1..={}",
+            launch::FA_MAX_D
+        );
     }
     Ok(crate::flash_attention::Dims { b, h, kv, t, d })
 }
@@ -747,7 +856,12 @@ pub fn flash_attention_fwd(
         let cfg = launch::flash_head_rows(op, dims.b * dims.h, dims.t)?;
         let scale = scale as f32;
         let (b, h, kv, t, d) = (dims.b, dims.h, dims.kv, dims.t, dims.d);
-        let (qp, kp, vp, op_) = (P(q.as_ptr()), P(k.as_ptr()), P(v.as_ptr()), M(out.as_mut_ptr()));
+        let (qp, kp, vp, op_) = (
+            P(q.as_ptr()),
+            P(k.as_ptr()),
+            P(v.as_ptr()),
+            M(out.as_mut_ptr()),
+        );
         let bufs = [buf("q", q), buf("k", k), buf("v", v), buf("out", &out)];
         run("moelab_flash_attn_fwd_f32", cfg, &bufs, move || unsafe {
             moelab_flash_attn_fwd_f32(qp.0, kp.0, vp.0, op_.0, b, h, kv, t, d, scale)
@@ -777,16 +891,36 @@ pub fn flash_attention_bwd(
         let mut delta = output::<f32>(nl);
         let (sp, dp) = (P(saved.as_ptr()), M(delta.as_mut_ptr()));
         let bufs = [buf("saved", saved), buf("delta", &delta)];
-        run("moelab_flash_attn_delta_f32", launch::grid_stride(nl), &bufs, move || unsafe {
-            moelab_flash_attn_delta_f32(sp.0, dp.0, nl, d)
-        })?;
+        run(
+            "moelab_flash_attn_delta_f32",
+            launch::grid_stride(nl),
+            &bufs,
+            move || unsafe { moelab_flash_attn_delta_f32(sp.0, dp.0, nl, d) },
+        )?;
         type Bwd = unsafe extern "C" fn(
-            *const f32, *const f32, *const f32, *const f32, *mut f32,
-            usize, usize, usize, usize, usize, f32,
+            *const f32,
+            *const f32,
+            *const f32,
+            *const f32,
+            *mut f32,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            f32,
         );
         let passes: [(&str, Bwd, usize); 2] = [
-            ("moelab_flash_attn_bwd_dq_f32", moelab_flash_attn_bwd_dq_f32, b * h),
-            ("moelab_flash_attn_bwd_dkv_f32", moelab_flash_attn_bwd_dkv_f32, b * kv),
+            (
+                "moelab_flash_attn_bwd_dq_f32",
+                moelab_flash_attn_bwd_dq_f32,
+                b * h,
+            ),
+            (
+                "moelab_flash_attn_bwd_dkv_f32",
+                moelab_flash_attn_bwd_dkv_f32,
+                b * kv,
+            ),
         ];
         for (name, f, heads) in passes {
             let cfg = launch::flash_head_rows(op, heads, t)?;
@@ -797,7 +931,13 @@ pub fn flash_attention_bwd(
                 P(delta.as_ptr()),
                 M(grads.as_mut_ptr()),
             );
-            let bufs = [buf("q", q), buf("kv", kv_in), buf("saved", saved), buf("delta", &delta), buf("grads", &grads)];
+            let bufs = [
+                buf("q", q),
+                buf("kv", kv_in),
+                buf("saved", saved),
+                buf("delta", &delta),
+                buf("grads", &grads),
+            ];
             run(name, cfg, &bufs, move || unsafe {
                 f(qp.0, kp.0, sp.0, dp.0, gp.0, b, h, kv, t, d, scale)
             })?;

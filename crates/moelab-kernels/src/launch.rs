@@ -87,7 +87,9 @@ pub(crate) fn flash_head_rows(op: &str, heads: usize, t: usize) -> Result<Launch
             block: (FA_ROWS as u32, 1, 1),
             shared_bytes: 0,
         }),
-        _ => bail!("{op}: {heads} heads x {blocks} row blocks of {FA_ROWS} exceed the CUDA grid limits"),
+        _ => bail!(
+            "{op}: {heads} heads x {blocks} row blocks of {FA_ROWS} exceed the CUDA grid limits"
+        ),
     }
 }
 
@@ -166,6 +168,7 @@ pub(crate) fn adamw_scalars(u: &crate::adamw::AdamWUpdate) -> [f32; 10] {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -187,7 +190,10 @@ mod tests {
         assert_eq!(softmax_shape("t", &[2, 3, 5, 7], true).unwrap(), (5, 7));
         assert_eq!(softmax_shape("t", &[2, 7], false).unwrap(), (1, 7));
         assert!(softmax_shape("t", &[2, 8, 7], true).is_err());
-        assert_eq!(rope_shape("t", &[1, 2, 3, 4], &[3, 2], &[3, 2]).unwrap(), (3, 4));
+        assert_eq!(
+            rope_shape("t", &[1, 2, 3, 4], &[3, 2], &[3, 2]).unwrap(),
+            (3, 4)
+        );
         assert!(rope_shape("t", &[1, 2, 3, 4], &[3, 3], &[3, 2]).is_err());
         assert!(logits_dims("t", &[3]).is_err());
     }

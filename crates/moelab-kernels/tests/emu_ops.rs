@@ -49,7 +49,9 @@ impl Rng {
 
     /// `n` class indices below `v`.
     fn targets(&mut self, n: usize, v: usize) -> Vec<u32> {
-        (0..n).map(|_| (self.next_u64() % v as u64) as u32).collect()
+        (0..n)
+            .map(|_| (self.next_u64() % v as u64) as u32)
+            .collect()
     }
 }
 
@@ -74,11 +76,18 @@ impl Report {
     fn compare(&mut self, op: &str, dtype: DType, pass: &str, got: &[f64], want: &[f64]) {
         let label = format!("{op:<46} {:<5} {pass:<8}", format!("{dtype:?}"));
         if got.len() != want.len() {
-            return self.fail(format!("{label} {} elements, reference {}", got.len(), want.len()));
+            return self.fail(format!(
+                "{label} {} elements, reference {}",
+                got.len(),
+                want.len()
+            ));
         }
         let nans = got.iter().filter(|v| !v.is_finite()).count();
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let diff = got.iter().zip(want).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
         let err = diff / scale.max(1e-12);
         let tol = tolerance(dtype);
         let ok = nans == 0 && err <= tol;
@@ -131,7 +140,12 @@ fn host<T: WithDType>(t: &Tensor) -> Vec<T> {
 }
 
 fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// The CPU reference in f64 of `op` on `inputs` (dtype-rounded values): its output and the
@@ -145,7 +159,11 @@ fn reference(
     let mut vars = Vec::new();
     let mut tensors = Vec::new();
     for (t, g) in inputs.iter().zip(grads) {
-        let t = if t.dtype().is_float() { t.to_dtype(DType::F64).unwrap() } else { t.clone() };
+        let t = if t.dtype().is_float() {
+            t.to_dtype(DType::F64).unwrap()
+        } else {
+            t.clone()
+        };
         if *g {
             let v = Var::from_tensor(&t).unwrap();
             tensors.push(v.as_tensor().clone());
@@ -159,7 +177,12 @@ fn reference(
     let Some(u) = upstream else {
         return (flat(&y), Vec::new());
     };
-    let gs = (&y * u.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = (&y * u.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let grads = vars
         .iter()
         .flatten()
@@ -198,16 +221,24 @@ impl Run<'_> {
                     moelab_kernels::softmax_last_dim(&t[0])
                 }
             },
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &[true],
             Some(&u),
         );
-        let Some(y) = self.report.ok(label, emu::softmax_fwd::<T>(&host(&x), dims, causal)) else {
+        let Some(y) = self
+            .report
+            .ok(label, emu::softmax_fwd::<T>(&host(&x), dims, causal))
+        else {
             return;
         };
-        self.report.compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
-        if let Some(dx) = self.report.ok(label, emu::softmax_bwd::<T>(&y, &host(&u), dims)) {
-            self.report.compare(label, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
+        self.report
+            .compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
+        if let Some(dx) = self
+            .report
+            .ok(label, emu::softmax_bwd::<T>(&y, &host(&u), dims))
+        {
+            self.report
+                .compare(label, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
         }
     }
 
@@ -222,8 +253,12 @@ impl Run<'_> {
             &[false, false],
             None,
         );
-        if let Some(y) = self.report.ok(label, emu::rms_norm_fwd::<T>(&host(&x), &dims, &host(&w), 1e-5)) {
-            self.report.compare(label, self.dtype, "fwd", &f64s(&y), &want);
+        if let Some(y) = self.report.ok(
+            label,
+            emu::rms_norm_fwd::<T>(&host(&x), &dims, &host(&w), 1e-5),
+        ) {
+            self.report
+                .compare(label, self.dtype, "fwd", &f64s(&y), &want);
         }
     }
 
@@ -242,18 +277,31 @@ impl Run<'_> {
             Some(&u),
         );
         let (cos_h, sin_h) = (host::<T>(&cos), host::<T>(&sin));
-        if let Some(y) = self.report.ok(label, emu::rope_fwd::<T>(&host(&x), &dims, &cos_h, &sin_h)) {
-            self.report.compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
+        if let Some(y) = self
+            .report
+            .ok(label, emu::rope_fwd::<T>(&host(&x), &dims, &cos_h, &sin_h))
+        {
+            self.report
+                .compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
         }
         // The backward is the same kernel with -sin (exact in every dtype).
         let neg_sin = host::<T>(&sin.neg().unwrap());
-        if let Some(dx) = self.report.ok(label, emu::rope_fwd::<T>(&host(&u), &dims, &cos_h, &neg_sin)) {
-            self.report.compare(label, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
+        if let Some(dx) = self.report.ok(
+            label,
+            emu::rope_fwd::<T>(&host(&u), &dims, &cos_h, &neg_sin),
+        ) {
+            self.report
+                .compare(label, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
         }
     }
 
     /// cross_entropy on `logits (n, v)`, fwd and bwd; `label` names the row.
-    fn cross_entropy_on<T: Elem + WithDType>(&mut self, label: &str, logits: &Tensor, targets: &[u32]) {
+    fn cross_entropy_on<T: Elem + WithDType>(
+        &mut self,
+        label: &str,
+        logits: &Tensor,
+        targets: &[u32],
+    ) {
         let (n, v) = logits.dims2().unwrap();
         let u = self.input(&[n], 1.0);
         let t = Tensor::from_slice(targets, n, &Device::Cpu).unwrap();
@@ -264,11 +312,19 @@ impl Run<'_> {
             Some(&u),
         );
         let l = host::<T>(logits);
-        if let Some(y) = self.report.ok(label, emu::cross_entropy_fwd::<T>(&l, n, v, targets)) {
-            self.report.compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
+        if let Some(y) = self
+            .report
+            .ok(label, emu::cross_entropy_fwd::<T>(&l, n, v, targets))
+        {
+            self.report
+                .compare(label, self.dtype, "fwd", &f64s(&y), &want_y);
         }
-        if let Some(d) = self.report.ok(label, emu::cross_entropy_bwd::<T>(&l, n, v, targets, &host(&u))) {
-            self.report.compare(label, self.dtype, "bwd dlogits", &f64s(&d), &want_g[0]);
+        if let Some(d) = self.report.ok(
+            label,
+            emu::cross_entropy_bwd::<T>(&l, n, v, targets, &host(&u)),
+        ) {
+            self.report
+                .compare(label, self.dtype, "bwd dlogits", &f64s(&d), &want_g[0]);
         }
     }
 
@@ -291,19 +347,36 @@ impl Run<'_> {
         );
         let (g, up) = (host::<T>(&gate), host::<T>(&up));
         if let Some(y) = self.report.ok(&label, emu::swiglu_fwd::<T>(&g, &up)) {
-            self.report.compare(&label, self.dtype, "fwd", &f64s(&y), &want_y);
+            self.report
+                .compare(&label, self.dtype, "fwd", &f64s(&y), &want_y);
         }
-        if let Some(out) = self.report.ok(&label, emu::swiglu_bwd::<T>(&g, &up, &host(&u))) {
+        if let Some(out) = self
+            .report
+            .ok(&label, emu::swiglu_bwd::<T>(&g, &up, &host(&u)))
+        {
             let n = g.len();
-            self.report.compare(&label, self.dtype, "bwd dgate", &f64s(&out[..n]), &want_g[0]);
-            self.report.compare(&label, self.dtype, "bwd dup", &f64s(&out[n..]), &want_g[1]);
+            self.report.compare(
+                &label,
+                self.dtype,
+                "bwd dgate",
+                &f64s(&out[..n]),
+                &want_g[0],
+            );
+            self.report
+                .compare(&label, self.dtype, "bwd dup", &f64s(&out[n..]), &want_g[1]);
         }
     }
 
     /// The MoE dispatch cases of one routing, as cuda_ops' `moe_cases`: the permute alone and
     /// permute -> un-permute, forward and backward through the kernels the CUDA ops launch
     /// (the permute's backward is the combine with unit gates).
-    fn moe<T: Elem + WithDType>(&mut self, label: &str, token_of_row: Vec<u32>, n_tokens: usize, d: usize) {
+    fn moe<T: Elem + WithDType>(
+        &mut self,
+        label: &str,
+        token_of_row: Vec<u32>,
+        n_tokens: usize,
+        d: usize,
+    ) {
         let rows = token_of_row.len();
         let routing = Routing::new(token_of_row, n_tokens).unwrap();
         let ones = vec![T::from_f64(1.0); rows];
@@ -312,13 +385,25 @@ impl Run<'_> {
         let x = self.input(&[n_tokens, d], 1.0);
         let u = self.input(&[rows, d], 1.0);
         let r = routing.clone();
-        let (want_y, want_g) =
-            reference(move |t| moelab_kernels::moe_dispatch::permute(&t[0], &r), &[x.clone()], &[true], Some(&u));
-        if let Some(y) = self.report.ok(&name, emu::moe_permute::<T>(&host(&x), d, &routing)) {
-            self.report.compare(&name, self.dtype, "fwd", &f64s(&y), &want_y);
+        let (want_y, want_g) = reference(
+            move |t| moelab_kernels::moe_dispatch::permute(&t[0], &r),
+            std::slice::from_ref(&x),
+            &[true],
+            Some(&u),
+        );
+        if let Some(y) = self
+            .report
+            .ok(&name, emu::moe_permute::<T>(&host(&x), d, &routing))
+        {
+            self.report
+                .compare(&name, self.dtype, "fwd", &f64s(&y), &want_y);
         }
-        if let Some(dx) = self.report.ok(&name, emu::moe_unpermute::<T>(&host(&u), &ones, d, &routing)) {
-            self.report.compare(&name, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
+        if let Some(dx) = self.report.ok(
+            &name,
+            emu::moe_unpermute::<T>(&host(&u), &ones, d, &routing),
+        ) {
+            self.report
+                .compare(&name, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
         }
         // Permute, then the gated un-permute.
         let name = format!("moe permute + unpermute {label}");
@@ -335,7 +420,14 @@ impl Run<'_> {
             &[true, true],
             Some(&u),
         );
-        self.moe_combine::<T>(&name, (&x, &gates, &u), d, &routing, &ones, (&want_y, &want_g));
+        self.moe_combine::<T>(
+            &name,
+            (&x, &gates, &u),
+            d,
+            &routing,
+            &ones,
+            (&want_y, &want_g),
+        );
     }
 
     fn moe_combine<T: Elem + WithDType>(
@@ -348,21 +440,36 @@ impl Run<'_> {
         (want_y, want_g): (&[f64], &[Vec<f64>]),
     ) {
         let gates = host::<T>(gates);
-        let Some(permuted) = self.report.ok(name, emu::moe_permute::<T>(&host(x), d, routing)) else {
+        let Some(permuted) = self
+            .report
+            .ok(name, emu::moe_permute::<T>(&host(x), d, routing))
+        else {
             return;
         };
-        if let Some(y) = self.report.ok(name, emu::moe_unpermute::<T>(&permuted, &gates, d, routing)) {
-            self.report.compare(name, self.dtype, "fwd", &f64s(&y), want_y);
+        if let Some(y) = self
+            .report
+            .ok(name, emu::moe_unpermute::<T>(&permuted, &gates, d, routing))
+        {
+            self.report
+                .compare(name, self.dtype, "fwd", &f64s(&y), want_y);
         }
-        let Some(back) = self.report.ok(name, emu::moe_unpermute_bwd::<T>(&permuted, &gates, &host(u), d, routing)) else {
+        let Some(back) = self.report.ok(
+            name,
+            emu::moe_unpermute_bwd::<T>(&permuted, &gates, &host(u), d, routing),
+        ) else {
             return;
         };
         let rows = gates.len();
         let (d_rows, d_gates) = back.split_at(rows * d);
-        if let Some(dx) = self.report.ok(name, emu::moe_unpermute::<T>(d_rows, ones, d, routing)) {
-            self.report.compare(name, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
+        if let Some(dx) = self
+            .report
+            .ok(name, emu::moe_unpermute::<T>(d_rows, ones, d, routing))
+        {
+            self.report
+                .compare(name, self.dtype, "bwd dx", &f64s(&dx), &want_g[0]);
         }
-        self.report.compare(name, self.dtype, "bwd dgates", &f64s(d_gates), &want_g[1]);
+        self.report
+            .compare(name, self.dtype, "bwd dgates", &f64s(d_gates), &want_g[1]);
     }
 
     fn moe_cases<T: Elem + WithDType>(&mut self) {
@@ -374,7 +481,11 @@ impl Run<'_> {
         let mut experts = Vec::new();
         for _ in 0..37 {
             let pick = |rng: &mut Rng| [1u32, 3, 4, 5][(rng.next_u64() % 4) as usize];
-            let first = if self.rng.uniform() < 0.0 { 0 } else { pick(self.rng) };
+            let first = if self.rng.uniform() < 0.0 {
+                0
+            } else {
+                pick(self.rng)
+            };
             let mut second = pick(self.rng);
             while second == first {
                 second = pick(self.rng);
@@ -383,10 +494,20 @@ impl Run<'_> {
         }
         let (token_of_row, loads) = expert_major(&experts, 2, 6);
         assert_eq!(loads[2], 0);
-        self.moe::<T>(&format!("37 tokens top-2, loads {loads:?}, x 97"), token_of_row, 37, 97);
+        self.moe::<T>(
+            &format!("37 tokens top-2, loads {loads:?}, x 97"),
+            token_of_row,
+            37,
+            97,
+        );
         // One expert takes every token (top-1, the other three empty).
         let (token_of_row, loads) = expert_major(&[3; 41], 1, 4);
-        self.moe::<T>(&format!("41 tokens top-1, loads {loads:?}, x 300"), token_of_row, 41, 300);
+        self.moe::<T>(
+            &format!("41 tokens top-1, loads {loads:?}, x 300"),
+            token_of_row,
+            41,
+            300,
+        );
     }
 
     /// Flash attention through its kernels (f32: bf16/f16 inputs are converted first, as the
@@ -407,7 +528,10 @@ impl Run<'_> {
         );
         let f32s = |t: &Tensor| host::<f32>(&t.to_dtype(DType::F32).unwrap());
         let (q, k, v, u) = (f32s(&q), f32s(&k), f32s(&v), f32s(&u));
-        let Some(out) = self.report.ok(&label, emu::flash_attention_fwd(&q, &k, &v, shape, scale)) else {
+        let Some(out) = self
+            .report
+            .ok(&label, emu::flash_attention_fwd(&q, &k, &v, shape, scale))
+        else {
             return;
         };
         let (nq, nl) = (q.len(), q.len() / d);
@@ -416,16 +540,24 @@ impl Run<'_> {
         self.report.compare(&label, self.dtype, "fwd", &o, &want_y);
         let mut saved = out.clone();
         saved.extend_from_slice(&u);
-        saved.extend(std::iter::repeat(0.0f32).take(nl));
+        saved.extend(std::iter::repeat_n(0.0f32, nl));
         let kv: Vec<f32> = k.iter().chain(&v).copied().collect();
-        let Some(g) = self.report.ok(&label, emu::flash_attention_bwd(&q, &kv, &saved, shape, scale)) else {
+        let Some(g) = self.report.ok(
+            &label,
+            emu::flash_attention_bwd(&q, &kv, &saved, shape, scale),
+        ) else {
             return;
         };
         let nk = k.len();
-        let parts = [(&g[..nq], "bwd dq"), (&g[nq..nq + nk], "bwd dk"), (&g[nq + nk..], "bwd dv")];
+        let parts = [
+            (&g[..nq], "bwd dq"),
+            (&g[nq..nq + nk], "bwd dk"),
+            (&g[nq + nk..], "bwd dv"),
+        ];
         for (i, (part, pass)) in parts.into_iter().enumerate() {
             let part: Vec<f64> = part.iter().map(|&x| round_to(self.dtype, x)).collect();
-            self.report.compare(&label, self.dtype, pass, &part, &want_g[i]);
+            self.report
+                .compare(&label, self.dtype, pass, &part, &want_g[i]);
         }
     }
 
@@ -435,7 +567,10 @@ impl Run<'_> {
         let want: f64 = flat(&x).iter().map(|v| v * v).sum();
         if let Some(got) = self.report.ok(label, emu::sum_of_squares::<T>(&host(&x))) {
             let err = (got as f64 - want).abs() / want;
-            let row = format!("{label:<46} {:<5} fwd      rel_err {err:>10.3e}  tol 1e-5", format!("{:?}", self.dtype));
+            let row = format!(
+                "{label:<46} {:<5} fwd      rel_err {err:>10.3e}  tol 1e-5",
+                format!("{:?}", self.dtype)
+            );
             self.report.check(row, err < 1e-5);
         }
     }
@@ -459,11 +594,19 @@ impl Run<'_> {
             let bias_h = bias.as_ref().map(host::<f32>);
             let got = emu::router_topk::<T>(&host(&scores), n_experts, bias_h.as_deref(), k);
             if let Some((ids, counts)) = self.report.ok(&label, got) {
-                let bad = ids.chunks(k).zip(want_ids.chunks(k)).filter(|(a, b)| a != b).count();
+                let bad = ids
+                    .chunks(k)
+                    .zip(want_ids.chunks(k))
+                    .filter(|(a, b)| a != b)
+                    .count();
                 let row = format!(
                     "{label:<46} {:<5} fwd      {bad} of {tokens} rows differ, counts {}",
                     format!("{:?}", self.dtype),
-                    if counts == want_counts { "equal" } else { "differ" }
+                    if counts == want_counts {
+                        "equal"
+                    } else {
+                        "differ"
+                    }
                 );
                 self.report.check(row, bad == 0 && counts == want_counts);
             }
@@ -512,7 +655,11 @@ fn run_dtype<T: Elem + WithDType>(run: &mut Run<'_>) {
     run.moe_cases::<T>();
     // causal_attention is composed on CUDA (cuBLAS matmuls around this kernel): its causal
     // softmax at the scores' shape for q(2,4,37,64).
-    run.softmax::<T>("causal_attention q(2,4,37,64): causal_softmax (2,4,37,37)", &[2, 4, 37, 37], true);
+    run.softmax::<T>(
+        "causal_attention q(2,4,37,64): causal_softmax (2,4,37,37)",
+        &[2, 4, 37, 37],
+        true,
+    );
     for (t, d) in [(37usize, 64usize), (130, 128)] {
         run.flash_attention(t, d);
     }
@@ -522,17 +669,29 @@ fn run_dtype<T: Elem + WithDType>(run: &mut Run<'_>) {
     let w = run.rng.tensor(&[1000, 64], 0.5);
     let logits = run.round(&h.matmul(&w.t().unwrap()).unwrap());
     let targets = run.rng.targets(37, 1000);
-    run.cross_entropy_on::<T>("linear_cross_entropy h(37,64) w(1000,64): cross_entropy", &logits, &targets);
+    run.cross_entropy_on::<T>(
+        "linear_cross_entropy h(37,64) w(1000,64): cross_entropy",
+        &logits,
+        &targets,
+    );
     run.sum_of_squares::<T>();
     run.router_topk::<T>();
 }
 
 /// AdamW's composed update (the optimizer's fallback) on the CPU: the new (param, m, v).
-fn composed_adamw(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, u: &moelab_kernels::AdamWUpdate) -> [Tensor; 3] {
+fn composed_adamw(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    u: &moelab_kernels::AdamWUpdate,
+) -> [Tensor; 3] {
     let g = (g * u.grad_scale).unwrap();
     let m = ((m * u.beta1).unwrap() + (&g * (1.0 - u.beta1)).unwrap()).unwrap();
     let v = ((v * u.beta2).unwrap() + (g.sqr().unwrap() * (1.0 - u.beta2)).unwrap()).unwrap();
-    let step = ((&m / u.correction1).unwrap() / ((&v / u.correction2).unwrap().sqrt().unwrap() + u.eps).unwrap()).unwrap();
+    let step = ((&m / u.correction1).unwrap()
+        / ((&v / u.correction2).unwrap().sqrt().unwrap() + u.eps).unwrap())
+    .unwrap();
     let p = ((p * (1.0 - u.decay)).unwrap() - (step * u.lr).unwrap()).unwrap();
     [p, m, v]
 }
@@ -558,7 +717,10 @@ fn check_adamw(report: &mut Report, rng: &mut Rng) {
             grad_scale: 0.7,
         };
         let [p, m, v] = &mut fused;
-        if report.ok(label, emu::adamw_step(p, m, v, &host(&g), &u)).is_none() {
+        if report
+            .ok(label, emu::adamw_step(p, m, v, &host(&g), &u))
+            .is_none()
+        {
             return;
         }
         let [p, m, v] = &cpu;
@@ -566,7 +728,10 @@ fn check_adamw(report: &mut Report, rng: &mut Rng) {
     }
     for (i, what) in ["param", "m", "v"].iter().enumerate() {
         let want = host::<f32>(&cpu[i]);
-        let diff = fused[i].iter().zip(&want).fold(0.0f64, |d, (a, b)| d.max((a - b).abs() as f64));
+        let diff = fused[i]
+            .iter()
+            .zip(&want)
+            .fold(0.0f64, |d, (a, b)| d.max((a - b).abs() as f64));
         let nans = fused[i].iter().filter(|v| !v.is_finite()).count();
         let row = format!("{label:<46} F32   {what:<8} max|fused - composed| against CPU {diff:.3e}  non-finite {nans}");
         report.check(row, nans == 0 && diff == 0.0);
@@ -577,7 +742,10 @@ fn check_adamw(report: &mut Report, rng: &mut Rng) {
 fn ops_expected() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/gpu-check.sh");
     let text = std::fs::read_to_string(path).unwrap();
-    let start = text.find("OPS_EXPECTED=(").expect("OPS_EXPECTED in gpu-check.sh") + "OPS_EXPECTED=(".len();
+    let start = text
+        .find("OPS_EXPECTED=(")
+        .expect("OPS_EXPECTED in gpu-check.sh")
+        + "OPS_EXPECTED=(".len();
     let body = &text[start..start + text[start..].find(')').unwrap()];
     let mut words = Vec::new();
     let mut rest = body.trim();
@@ -612,7 +780,10 @@ const DEVICE_ONLY: &[&str] = &["grouped_matmul"];
 fn emulated_kernels_match_cpu_reference() {
     let seed = std::env::var("MOELAB_TEST_SEED")
         .ok()
-        .map(|s| s.parse::<u64>().expect("MOELAB_TEST_SEED must be an integer"))
+        .map(|s| {
+            s.parse::<u64>()
+                .expect("MOELAB_TEST_SEED must be an integer")
+        })
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -624,7 +795,11 @@ fn emulated_kernels_match_cpu_reference() {
     let mut rng = Rng(seed);
     let mut report = Report::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let mut run = Run { rng: &mut rng, report: &mut report, dtype };
+        let mut run = Run {
+            rng: &mut rng,
+            report: &mut report,
+            dtype,
+        };
         match dtype {
             DType::F32 => run_dtype::<f32>(&mut run),
             DType::BF16 => run_dtype::<half::bf16>(&mut run),
@@ -643,7 +818,10 @@ fn emulated_kernels_match_cpu_reference() {
         report.failures.len(),
         started.elapsed().as_secs_f64()
     );
-    assert!(missing.is_empty(), "no rows for OPS_EXPECTED ops {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "no rows for OPS_EXPECTED ops {missing:?}"
+    );
     assert!(
         report.failures.is_empty(),
         "seed {seed}: {} failures:\n{}",

@@ -34,9 +34,14 @@ fn run64(
 ) -> (Vec<f32>, candle_core::Result<()>) {
     let mut out = vec![f32::NAN; len];
     let p = Out(out.as_mut_ptr());
-    let r = emu::launch(name, (1, 1, 1), (64, 1, 1), shared, &[buf("out", &out)], move || unsafe {
-        kernel(p.0)
-    });
+    let r = emu::launch(
+        name,
+        (1, 1, 1),
+        (64, 1, 1),
+        shared,
+        &[buf("out", &out)],
+        move || unsafe { kernel(p.0) },
+    );
     (out, r)
 }
 
@@ -45,7 +50,10 @@ fn expect_error(r: candle_core::Result<()>, kernel: &str, what: &[&str]) -> Stri
         Ok(()) => panic!("{kernel}: the emulation accepted a broken kernel"),
         Err(e) => e.to_string(),
     };
-    assert!(msg.contains(kernel), "message does not name {kernel}: {msg}");
+    assert!(
+        msg.contains(kernel),
+        "message does not name {kernel}: {msg}"
+    );
     for w in what {
         assert!(msg.contains(w), "message does not say {w:?}: {msg}");
     }
@@ -56,12 +64,19 @@ fn expect_error(r: candle_core::Result<()>, kernel: &str, what: &[&str]) -> Stri
 #[test]
 fn shared_memory_race_is_caught() {
     let (_, r) = run64("moelab_emu_broken_race", 64, 0, moelab_emu_broken_race);
-    let msg = expect_error(r, "moelab_emu_broken_race", &["shared-memory race", "thread ("]);
+    let msg = expect_error(
+        r,
+        "moelab_emu_broken_race",
+        &["shared-memory race", "thread ("],
+    );
     // Thread 0 read word 1 before thread 1 wrote it: both threads are named.
     assert!(msg.contains("(0,0,0)") && msg.contains("(1,0,0)"), "{msg}");
     let (out, r) = run64("moelab_emu_ok_race", 64, 0, moelab_emu_ok_race);
     r.unwrap();
-    assert!(out.iter().enumerate().all(|(i, &v)| v == ((i + 1) % 64) as f32));
+    assert!(out
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == ((i + 1) % 64) as f32));
 }
 
 #[test]
@@ -69,16 +84,26 @@ fn skipped_barrier_is_a_deadlock() {
     let run = |name: &str, f: unsafe extern "C" fn(*mut f32, usize)| {
         let mut out = vec![f32::NAN; 64];
         let p = Out(out.as_mut_ptr());
-        let r = emu::launch(name, (2, 1, 1), (64, 1, 1), 0, &[buf("out", &out)], move || unsafe {
-            f(p.0, 40)
-        });
+        let r = emu::launch(
+            name,
+            (2, 1, 1),
+            (64, 1, 1),
+            0,
+            &[buf("out", &out)],
+            move || unsafe { f(p.0, 40) },
+        );
         (out, r)
     };
     let (_, r) = run("moelab_emu_broken_barrier", moelab_emu_broken_barrier);
     expect_error(
         r,
         "moelab_emu_broken_barrier",
-        &["barrier deadlock", "block (0,0,0)", "40 threads wait", "24 have exited"],
+        &[
+            "barrier deadlock",
+            "block (0,0,0)",
+            "40 threads wait",
+            "24 have exited",
+        ],
     );
     let (out, r) = run("moelab_emu_ok_barrier", moelab_emu_ok_barrier);
     r.unwrap();
@@ -87,31 +112,65 @@ fn skipped_barrier_is_a_deadlock() {
 
 #[test]
 fn one_past_a_shared_array_is_caught() {
-    let (_, r) = run64("moelab_emu_broken_shared_bounds", 64, 0, moelab_emu_broken_shared_bounds);
+    let (_, r) = run64(
+        "moelab_emu_broken_shared_bounds",
+        64,
+        0,
+        moelab_emu_broken_shared_bounds,
+    );
     expect_error(
         r,
         "moelab_emu_broken_shared_bounds",
-        &["out of bounds", "index 64", "float [64]", "broken_kernels.cu", "thread (63,0,0)"],
+        &[
+            "out of bounds",
+            "index 64",
+            "float [64]",
+            "broken_kernels.cu",
+            "thread (63,0,0)",
+        ],
     );
     // Dynamic shared memory: 64 floats indexed, 32 launched.
-    let (_, r) = run64("moelab_emu_broken_dyn_bounds", 64, 128, moelab_emu_broken_dyn_bounds);
+    let (_, r) = run64(
+        "moelab_emu_broken_dyn_bounds",
+        64,
+        128,
+        moelab_emu_broken_dyn_bounds,
+    );
     expect_error(
         r,
         "moelab_emu_broken_dyn_bounds",
-        &["shared-memory out of bounds", "moelab_emu_test_dyn", "past the launch's 128 bytes"],
+        &[
+            "shared-memory out of bounds",
+            "moelab_emu_test_dyn",
+            "past the launch's 128 bytes",
+        ],
     );
-    let (out, r) = run64("moelab_emu_broken_dyn_bounds", 64, 256, moelab_emu_broken_dyn_bounds);
+    let (out, r) = run64(
+        "moelab_emu_broken_dyn_bounds",
+        64,
+        256,
+        moelab_emu_broken_dyn_bounds,
+    );
     r.unwrap();
     assert!(out.iter().enumerate().all(|(i, &v)| v == (63 - i) as f32));
 }
 
 #[test]
 fn shuffle_from_the_wrong_lane_is_caught() {
-    let (_, r) = run64("moelab_emu_broken_shuffle", 64, 0, moelab_emu_broken_shuffle);
+    let (_, r) = run64(
+        "moelab_emu_broken_shuffle",
+        64,
+        0,
+        moelab_emu_broken_shuffle,
+    );
     expect_error(
         r,
         "moelab_emu_broken_shuffle",
-        &["shuffle reads the wrong lane", "reads lane 16", "mask 0x0000ffff"],
+        &[
+            "shuffle reads the wrong lane",
+            "reads lane 16",
+            "mask 0x0000ffff",
+        ],
     );
     let (out, r) = run64("moelab_emu_ok_shuffle", 64, 0, moelab_emu_ok_shuffle);
     r.unwrap();
@@ -149,7 +208,11 @@ fn global_out_of_bounds_is_caught() {
     expect_error(
         r,
         "moelab_emu_broken_global_bounds",
-        &["global out of bounds", "thread (100,0,0)", "out (400 bytes), at byte offset 400"],
+        &[
+            "global out of bounds",
+            "thread (100,0,0)",
+            "out (400 bytes), at byte offset 400",
+        ],
     );
 }
 
@@ -161,20 +224,36 @@ fn grids_and_blocks_in_three_dimensions() {
     let mut out = vec![u32::MAX; blocks * threads + 1];
     out[blocks * threads] = 0;
     let p = Out(out.as_mut_ptr());
-    emu::launch("moelab_emu_ok_dims", grid, block, 0, &[buf("out", &out)], move || unsafe {
-        moelab_emu_ok_dims(p.0)
-    })
+    emu::launch(
+        "moelab_emu_ok_dims",
+        grid,
+        block,
+        0,
+        &[buf("out", &out)],
+        move || unsafe { moelab_emu_ok_dims(p.0) },
+    )
     .unwrap();
     for b in 0..blocks {
         for t in 0..threads {
             assert_eq!(out[b * threads + t], (b * 10000 + t) as u32);
         }
     }
-    assert_eq!(out[blocks * threads], (blocks * threads) as u32, "atomicAdd count");
+    assert_eq!(
+        out[blocks * threads],
+        (blocks * threads) as u32,
+        "atomicAdd count"
+    );
     // Launch limits as on the device.
     let r = emu::launch("moelab_emu_ok_dims", (1, 1, 1), (1025, 1, 1), 0, &[], || {});
     assert!(r.unwrap_err().to_string().contains("invalid block"));
-    let r = emu::launch("moelab_emu_ok_dims", (1, 70_000, 1), (32, 1, 1), 0, &[], || {});
+    let r = emu::launch(
+        "moelab_emu_ok_dims",
+        (1, 70_000, 1),
+        (32, 1, 1),
+        0,
+        &[],
+        || {},
+    );
     assert!(r.unwrap_err().to_string().contains("invalid grid"));
 }
 
@@ -185,7 +264,22 @@ fn sample_floats() -> Vec<f32> {
         .step_by(65_521)
         .map(|b| f32::from_bits(b as u32))
         .collect();
-    for bits in [0x477f_efffu32, 0x477f_f000, 0x477f_f001, 0x3380_0000, 0x3380_0001, 0x3300_0000, 0x3300_0001, 0x387f_e000, 0x387f_f000, 0x7f80_0000, 0x7fc0_0000, 0xff80_0000, 0x0000_0001, 0x8000_0000] {
+    for bits in [
+        0x477f_efffu32,
+        0x477f_f000,
+        0x477f_f001,
+        0x3380_0000,
+        0x3380_0001,
+        0x3300_0000,
+        0x3300_0001,
+        0x387f_e000,
+        0x387f_f000,
+        0x7f80_0000,
+        0x7fc0_0000,
+        0xff80_0000,
+        0x0000_0001,
+        0x8000_0000,
+    ] {
         v.push(f32::from_bits(bits));
     }
     // Exact ties: mantissas ending in the halfway pattern for f16 (13 bits) and bf16 (16 bits).
@@ -218,6 +312,9 @@ fn half_conversions_round_to_nearest_even() {
     for h in 0..=u16::MAX {
         let want = half::f16::from_bits(h).to_f32();
         let got = emu::f16_bits_to_f32(h);
-        assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{h:#06x}");
+        assert!(
+            got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+            "{h:#06x}"
+        );
     }
 }
