@@ -311,6 +311,11 @@ inline int __float_as_int(float f) { return (int)moelab_emu_f32_bits(f); }
 inline float __uint_as_float(unsigned int i) { return moelab_emu_bits_f32(i); }
 inline unsigned int __float_as_uint(float f) { return moelab_emu_f32_bits(f); }
 
+inline int __popc(unsigned int x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned int)x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 // CUDA's overloaded min / max (float ones ignore NaN like fminf / fmaxf).
 template <typename T> inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T> inline T max(T a, T b) { return a < b ? b : a; }

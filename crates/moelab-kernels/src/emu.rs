@@ -946,6 +946,69 @@ pub fn flash_attention_bwd(
     Ok(grads)
 }
 
+extern "C" {
+    fn moelab_moe_plan_scatter(
+        ids: *const u32,
+        offsets: *const u32,
+        index: *mut u32,
+        assignment_of_row: *mut u32,
+        row_of_assignment: *mut u32,
+        n_assign: usize,
+        k: usize,
+    );
+    fn moelab_moe_plan_csr(row_of_assignment: *const u32, index: *mut u32, tokens: usize, k: usize);
+}
+
+/// The dispatch plan of `ids (tokens * k)` with per-expert `counts`: the packed routing index
+/// (token_of_row, starts, row_ids) and assignment_of_row, as `moe_plan::plan` builds on CUDA.
+pub fn moe_plan(ids: &[u32], counts: &[usize], k: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let op = "moe_plan";
+    let n_assign = ids.len();
+    if k == 0
+        || !n_assign.is_multiple_of(k)
+        || counts.is_empty()
+        || counts.iter().sum::<usize>() != n_assign
+    {
+        bail!("{op}: {n_assign} ids, k {k} and counts {counts:?} do not match");
+    }
+    let (tokens, n_experts) = (n_assign / k, counts.len());
+    if tokens == 0 {
+        return Ok((vec![0], Vec::new()));
+    }
+    let mut offsets = vec![0u32];
+    for &c in counts {
+        offsets.push(offsets[offsets.len() - 1] + c as u32);
+    }
+    let index_len = 2 * n_assign + tokens + 1;
+    let mut index = vec![u32::MAX; index_len];
+    let mut assignment_of_row = vec![u32::MAX; n_assign];
+    let mut scratch = vec![u32::MAX; n_assign];
+    let (scatter, csr) = launch::moe_plan(op, tokens, n_experts)?;
+    let (ip, op_, ap, sp) = (
+        P(ids.as_ptr()),
+        P(offsets.as_ptr()),
+        M(index.as_mut_ptr()),
+        M(assignment_of_row.as_mut_ptr()),
+    );
+    let scr = M(scratch.as_mut_ptr());
+    let bufs = [
+        buf("ids", ids),
+        buf("offsets", &offsets),
+        buf("index", &index),
+        buf("assignment_of_row", &assignment_of_row),
+        buf("row_of_assignment", &scratch),
+    ];
+    run("moelab_moe_plan_scatter", scatter, &bufs, move || unsafe {
+        moelab_moe_plan_scatter(ip.0, op_.0, ap.0, sp.0, scr.0, n_assign, k)
+    })?;
+    let bufs = [buf("row_of_assignment", &scratch), buf("index", &index)];
+    let (scr, ap) = (P(scratch.as_ptr()), M(index.as_mut_ptr()));
+    run("moelab_moe_plan_csr", csr, &bufs, move || unsafe {
+        moelab_moe_plan_csr(scr.0, ap.0, tokens, k)
+    })?;
+    Ok((index, assignment_of_row))
+}
+
 /// Errors unless `what` has `want` elements.
 fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {

@@ -93,6 +93,16 @@ pub(crate) fn flash_head_rows(op: &str, heads: usize, t: usize) -> Result<Launch
     }
 }
 
+/// The MoE dispatch plan's two kernels over `tokens` tokens of `n_experts` experts: the scatter
+/// (one block per expert) and the CSR pass (grid-stride over the tokens).
+pub(crate) fn moe_plan(
+    op: &str,
+    tokens: usize,
+    n_experts: usize,
+) -> Result<(LaunchDims, LaunchDims)> {
+    Ok((rows(n_experts, op)?, grid_stride(tokens)))
+}
+
 /// The sum of squares' two passes over `n` elements: the number of partials, the first pass
 /// (that many blocks) and the second (one block over the partials).
 pub(crate) fn sum_squares(n: usize) -> (usize, LaunchDims, LaunchDims) {

@@ -21,6 +21,7 @@ pub mod gradcheck;
 pub mod grouped_matmul;
 pub mod linear_cross_entropy;
 pub mod moe_dispatch;
+pub mod moe_plan;
 pub mod rms_norm;
 pub mod rope;
 pub mod router_topk;

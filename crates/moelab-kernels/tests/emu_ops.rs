@@ -738,6 +738,56 @@ fn check_adamw(report: &mut Report, rng: &mut Rng) {
     }
 }
 
+/// The device dispatch plan (kernels/moe_plan.cu) against the host plan (`Routing::new` of the
+/// expert-major rows), exactly: an empty expert with uneven loads, one expert taking every
+/// token, and 300 tokens top-8 of 64 (more assignments than a block covers in one sweep).
+fn check_moe_plan(report: &mut Report, rng: &mut Rng) {
+    let mut cases: Vec<(Vec<u32>, usize, usize)> = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..37 {
+        let a = [0u32, 1, 3, 4, 5][(rng.next_u64() % 5) as usize];
+        let mut b = [0u32, 1, 3, 4, 5][(rng.next_u64() % 5) as usize];
+        while b == a {
+            b = [0u32, 1, 3, 4, 5][(rng.next_u64() % 5) as usize];
+        }
+        ids.extend([a, b]);
+    }
+    cases.push((ids, 2, 6));
+    cases.push((vec![3; 41], 1, 4));
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        let mut chosen: Vec<u32> = Vec::new();
+        while chosen.len() < 8 {
+            let e = (rng.next_u64() % 64) as u32;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        ids.extend(chosen);
+    }
+    cases.push((ids, 8, 64));
+    for (ids, k, n_experts) in cases {
+        let tokens = ids.len() / k;
+        let (token_of_row, loads) = expert_major(&ids, k, n_experts);
+        let label = format!("moe plan {tokens} tokens top-{k} of {n_experts}");
+        let want_index = Routing::new(token_of_row, tokens).unwrap().packed_index();
+        let mut want_assign = Vec::new();
+        for e in 0..n_experts as u32 {
+            want_assign.extend((0..ids.len() as u32).filter(|&a| ids[a as usize] == e));
+        }
+        if let Some((index, assign)) = report.ok(&label, emu::moe_plan(&ids, &loads, k)) {
+            let ok = index == want_index && assign == want_assign;
+            report.check(
+                format!(
+                    "{label:<46} U32   plan     index and assignments {}",
+                    if ok { "equal" } else { "differ" }
+                ),
+                ok,
+            );
+        }
+    }
+}
+
 /// The op-name patterns of scripts/gpu-check.sh's OPS_EXPECTED (bash words, quotes removed).
 fn ops_expected() -> Vec<String> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/gpu-check.sh");
@@ -807,6 +857,7 @@ fn emulated_kernels_match_cpu_reference() {
         }
     }
     check_adamw(&mut report, &mut rng);
+    check_moe_plan(&mut report, &mut rng);
     let missing: Vec<String> = ops_expected()
         .into_iter()
         .filter(|p| !DEVICE_ONLY.contains(&p.as_str()))
