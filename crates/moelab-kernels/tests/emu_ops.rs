@@ -766,6 +766,25 @@ fn check_moe_plan(report: &mut Report, rng: &mut Rng) {
         ids.extend(chosen);
     }
     cases.push((ids, 8, 64));
+    // The model's device routing end to end: router_topk's ids and histogram (emulated, equal
+    // to the CPU's) feed the plan, as `moe.rs` chains them on CUDA.
+    let scores = rng.tensor(&[256, 16], 1.0);
+    let want = moelab_kernels::router_topk(&scores, None, 4).unwrap();
+    let want_ids: Vec<u32> = host(&want.expert_ids);
+    let got = emu::router_topk::<f32>(&host(&scores), 16, None, 4);
+    if let Some((ids, counts)) = report.ok("moe plan from router_topk", got) {
+        let loads = expert_major(&ids, 4, 16).1;
+        let ok = ids == want_ids && counts.iter().map(|&c| c as usize).eq(loads.iter().copied());
+        report.check(
+            format!(
+                "{:<46} U32   topk     ids and histogram {}",
+                "moe plan from router_topk (256, 16) k4",
+                if ok { "equal" } else { "differ" }
+            ),
+            ok,
+        );
+        cases.push((ids, 4, 16));
+    }
     for (ids, k, n_experts) in cases {
         let tokens = ids.len() / k;
         let (token_of_row, loads) = expert_major(&ids, k, n_experts);
