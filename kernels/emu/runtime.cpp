@@ -12,7 +12,10 @@
 // catches global out-of-bounds accesses exactly, not only past a malloc chunk). UBSan is the
 // compiler's own (-fsanitize=undefined, bounds included: an index past a statically sized
 // shared array is reported with its file and line) with the handlers defined here.
+#include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
+#include <fcntl.h>
 #include <link.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -20,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -403,6 +407,49 @@ void worker_main(Launch *launch) {
 
 // ---- memory checks --------------------------------------------------------------------------
 
+// The thread-local (static __shared__) variable at `offset` of the kernels' TLS block, named
+// from the executable's symbol table (demangled: `kernel::name` for a kernel's local), with the
+// byte's offset in it; empty when the symbol table is unavailable (a stripped binary).
+std::string tls_symbol_at(uintptr_t offset) {
+  const int fd = open("/proc/self/exe", O_RDONLY);
+  if (fd < 0) return "";
+  struct stat st;
+  std::string found;
+  if (fstat(fd, &st) == 0 && (size_t)st.st_size > sizeof(Elf64_Ehdr)) {
+    void *map = mmap(nullptr, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map != MAP_FAILED) {
+      const char *base = static_cast<const char *>(map);
+      const auto *eh = reinterpret_cast<const Elf64_Ehdr *>(base);
+      const auto *sh = reinterpret_cast<const Elf64_Shdr *>(base + eh->e_shoff);
+      const bool sane = memcmp(eh->e_ident, ELFMAG, SELFMAG) == 0 &&
+                        eh->e_shoff + (size_t)eh->e_shnum * sizeof(Elf64_Shdr) <= (size_t)st.st_size;
+      for (int i = 0; sane && i < eh->e_shnum && found.empty(); ++i) {
+        if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh->e_shnum) continue;
+        const auto *syms = reinterpret_cast<const Elf64_Sym *>(base + sh[i].sh_offset);
+        const char *names = base + sh[sh[i].sh_link].sh_offset;
+        const size_t n = sh[i].sh_size / sizeof(Elf64_Sym);
+        for (size_t j = 0; j < n; ++j) {
+          const Elf64_Sym &sym = syms[j];
+          if (ELF64_ST_TYPE(sym.st_info) != STT_TLS || offset < sym.st_value ||
+              offset >= sym.st_value + sym.st_size) {
+            continue;
+          }
+          const char *raw = names + sym.st_name;
+          int status = 0;
+          char *demangled = abi::__cxa_demangle(raw, nullptr, nullptr, &status);
+          found = format("%s byte %zu", status == 0 ? demangled : raw,
+                         (size_t)(offset - sym.st_value));
+          free(demangled);
+          break;
+        }
+      }
+      munmap(map, (size_t)st.st_size);
+    }
+  }
+  close(fd);
+  return found;
+}
+
 std::string shared_word_name(Worker *w, uintptr_t addr) {
   for (size_t i = 0; i < w->dyn_ranges.size(); ++i) {
     const auto &r = w->dyn_ranges[i];
@@ -411,6 +458,8 @@ std::string shared_word_name(Worker *w, uintptr_t addr) {
                     (size_t)(addr - r.first));
     }
   }
+  const std::string name = tls_symbol_at(addr - w->tls_lo);
+  if (!name.empty()) return "__shared__ " + name;
   return format("static shared byte %zu of the block's shared variables",
                 (size_t)(addr - w->tls_lo));
 }

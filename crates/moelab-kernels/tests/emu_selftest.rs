@@ -67,9 +67,12 @@ fn shared_memory_race_is_caught() {
     let msg = expect_error(
         r,
         "moelab_emu_broken_race",
-        &["shared-memory race", "thread ("],
+        &[
+            "shared-memory race",
+            "__shared__ moelab_emu_broken_race::s byte 4",
+        ],
     );
-    // Thread 0 read word 1 before thread 1 wrote it: both threads are named.
+    // Thread 0 read s[1] before thread 1 wrote it: the word and both threads are named.
     assert!(msg.contains("(0,0,0)") && msg.contains("(1,0,0)"), "{msg}");
     let (out, r) = run64("moelab_emu_ok_race", 64, 0, moelab_emu_ok_race);
     r.unwrap();
