@@ -546,6 +546,50 @@ inline void check_access(uintptr_t addr, size_t size, bool write) {
                        near.c_str()));
 }
 
+// Computes every participating lane's result of the collective the warp's lanes all reached.
+void complete_warp(Worker *w, WarpSync &ws, uint32_t warp, const char *name, const char *file,
+                   int line) {
+  const int kind = ws.kind;
+  const uint32_t mask = ws.mask;
+  uint64_t ballot = 0;
+  for (uint32_t l = 0; l < 32; ++l) {
+    if ((mask >> l) & 1u) ballot |= (ws.values[l] != 0 ? 1u : 0u) << l;
+  }
+  for (uint32_t l = 0; l < 32; ++l) {
+    if (((mask >> l) & 1u) == 0) continue;
+    const int a = ws.args[l];
+    const uint32_t seg = l / (uint32_t)ws.width * (uint32_t)ws.width;
+    uint32_t src = l;
+    switch (kind) {
+      case MOELAB_EMU_SHFL_IDX:
+        src = seg + ((uint32_t)a % (uint32_t)ws.width);
+        break;
+      case MOELAB_EMU_SHFL_XOR:
+        src = l ^ (uint32_t)a;
+        // A lane of a later width-segment is not readable: the caller keeps its own value.
+        if (src / (uint32_t)ws.width > l / (uint32_t)ws.width || src >= 32) src = l;
+        break;
+      case MOELAB_EMU_SHFL_DOWN:
+        src = (l - seg) + (uint32_t)a < (uint32_t)ws.width ? l + (uint32_t)a : l;
+        break;
+      case MOELAB_EMU_SHFL_UP:
+        src = (l - seg) >= (uint32_t)a ? l - (uint32_t)a : l;
+        break;
+      default:
+        break;
+    }
+    if (((mask >> src) & 1u) == 0) {
+      fail_fiber(w, format("shuffle reads the wrong lane in %s: lane %u of warp %u reads lane "
+                           "%u through %s at %s:%d, but lane %u is not in the mask 0x%08x (its "
+                           "value is undefined)",
+                           where(w).c_str(), l, warp, src, name, file, line, src, mask));
+    }
+    ws.results[l] = kind == MOELAB_EMU_BALLOT ? ballot
+                    : kind == MOELAB_EMU_SYNCWARP ? 0
+                                                  : ws.values[src];
+  }
+}
+
 }  // namespace
 
 // ---- entry points ---------------------------------------------------------------------------
@@ -694,43 +738,7 @@ uint64_t moelab_emu_warp(int kind, uint32_t mask, uint64_t value, int arg, int w
     return ws.results[lane];
   }
   // The last lane in computes every lane's result, then releases them.
-  uint64_t ballot = 0;
-  for (uint32_t l = 0; l < 32; ++l) {
-    if ((mask >> l) & 1u) ballot |= (ws.values[l] != 0 ? 1u : 0u) << l;
-  }
-  for (uint32_t l = 0; l < 32; ++l) {
-    if (((mask >> l) & 1u) == 0) continue;
-    const int a = ws.args[l];
-    const uint32_t seg = l / (uint32_t)ws.width * (uint32_t)ws.width;
-    uint32_t src = l;
-    switch (kind) {
-      case MOELAB_EMU_SHFL_IDX:
-        src = seg + ((uint32_t)a % (uint32_t)ws.width);
-        break;
-      case MOELAB_EMU_SHFL_XOR:
-        src = l ^ (uint32_t)a;
-        // A lane of a later width-segment is not readable: the caller keeps its own value.
-        if (src / (uint32_t)ws.width > l / (uint32_t)ws.width || src >= 32) src = l;
-        break;
-      case MOELAB_EMU_SHFL_DOWN:
-        src = (l - seg) + (uint32_t)a < (uint32_t)ws.width ? l + (uint32_t)a : l;
-        break;
-      case MOELAB_EMU_SHFL_UP:
-        src = (l - seg) >= (uint32_t)a ? l - (uint32_t)a : l;
-        break;
-      default:
-        break;
-    }
-    if (((mask >> src) & 1u) == 0) {
-      fail_fiber(w, format("shuffle reads the wrong lane in %s: lane %u of warp %u reads lane "
-                           "%u through %s at %s:%d, but lane %u is not in the mask 0x%08x (its "
-                           "value is undefined)",
-                           where(w).c_str(), l, warp, src, name, file, line, src, mask));
-    }
-    ws.results[l] = kind == MOELAB_EMU_BALLOT ? ballot
-                    : kind == MOELAB_EMU_SYNCWARP ? 0
-                                                  : ws.values[src];
-  }
+  complete_warp(w, ws, warp, name, file, line);
   ws.arrived = 0;
   for (uint32_t l = 0; l < 32; ++l) {
     if (((mask >> l) & 1u) != 0 && l != lane) w->fibers[first + l].state = State::Runnable;

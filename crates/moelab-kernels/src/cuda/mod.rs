@@ -192,8 +192,8 @@ pub(crate) fn rows_config(rows: usize, op: &str) -> Result<LaunchConfig> {
     Ok(config(crate::launch::rows(rows, op)?))
 }
 
-/// A grid-stride launch over `items` work items: at most 2^16 blocks of `launch::BLOCK` threads, each
-/// thread looping over the rest.
+/// A grid-stride launch over `items` work items: at most 2^16 blocks of `launch::BLOCK`
+/// threads, each thread looping over the rest.
 pub(crate) fn grid_stride_config(items: usize) -> LaunchConfig {
     config(crate::launch::grid_stride(items))
 }
