@@ -22,13 +22,20 @@ const KEY_TILE: usize = 64;
 /// Causal attention like [`crate::causal_attention`] (same shapes, errors and results), computed
 /// tile by tile in O(T*D) memory per head instead of materialising the `T x T` scores.
 ///
-/// This is the model's attention. Off the CPU it is still [`crate::causal_attention`]: the CUDA
-/// kernels ([`flash_attention_fused`]) have compiled but not yet run on a GPU, and the model
-/// switches to them once `scripts/gpu-check.sh ops` has passed them.
+/// This is the model's attention. Off the CPU it is [`crate::causal_attention`] unless
+/// `run.kernels = "fused"` ([`crate::kernel_choice`]): the CUDA kernels
+/// ([`flash_attention_fused`]) pass the emulation (feature `cuda-emu`) but are not yet shown
+/// faster than the composed ops on a device.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let op = "flash_attention";
     let dims = check_inputs(op, q, k, v, scale)?;
-    if !q.device().is_cpu() {
+    // On CUDA the kernels run only when chosen (`run.kernels`; off by default until the device
+    // shows them faster) and the head dim fits them; otherwise the composed ops.
+    let fused_on_cuda = cfg!(feature = "cuda")
+        && q.device().is_cuda()
+        && crate::use_fused(crate::FusedOp::FlashAttention)
+        && dims.d <= crate::launch::FA_MAX_D;
+    if !q.device().is_cpu() && !fused_on_cuda {
         return crate::causal_attention(q, k, v, scale);
     }
     apply(q, k, v, scale, dims)

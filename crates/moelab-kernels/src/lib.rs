@@ -9,6 +9,9 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda-emu")]
+pub mod emu;
+mod launch;
 
 pub mod adamw;
 pub mod attention;
@@ -16,8 +19,10 @@ pub mod cross_entropy;
 pub mod flash_attention;
 pub mod gradcheck;
 pub mod grouped_matmul;
+pub mod kernel_choice;
 pub mod linear_cross_entropy;
 pub mod moe_dispatch;
+pub mod moe_plan;
 pub mod rms_norm;
 pub mod rope;
 pub mod router_topk;
@@ -29,6 +34,7 @@ pub use attention::causal_attention;
 pub use cpu::tune_cpu_runtime;
 pub use cross_entropy::cross_entropy;
 pub use grouped_matmul::grouped_matmul;
+pub use kernel_choice::{set_kernel_choice, use_fused, FusedOp, KernelChoice};
 pub use linear_cross_entropy::linear_cross_entropy;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_tables};

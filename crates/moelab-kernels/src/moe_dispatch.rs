@@ -17,6 +17,10 @@ use candle_core::{Device, Shape, Tensor};
 #[derive(Debug, Clone)]
 pub struct Routing {
     n_tokens: usize,
+    /// Rows of the permuted matrix.
+    n_rows: usize,
+    /// Empty for a routing planned on the device ([`Routing::from_device_index`]), which has
+    /// only its device index.
     token_of_row: Vec<u32>,
     /// CSR over tokens: rows of token t are `rows[starts[t]..starts[t + 1]]`, ascending.
     starts: Vec<usize>,
@@ -57,6 +61,7 @@ impl Routing {
         }
         Ok(Arc::new(Self {
             n_tokens,
+            n_rows: token_of_row.len(),
             token_of_row,
             starts,
             rows,
@@ -64,8 +69,61 @@ impl Routing {
         }))
     }
 
+    /// A routing from its packed index (`token_of_row` (n_rows), `starts` (n_tokens + 1),
+    /// `rows` (n_rows): the layout of [`Routing::packed_index`]) computed on the device, with no
+    /// host copy: only the fused CUDA ops and the composed ops off the CPU can use it.
+    pub fn from_device_index(index: Tensor, n_tokens: usize, n_rows: usize) -> Result<Arc<Self>> {
+        if index.dtype() != candle_core::DType::U32 || index.dims() != [2 * n_rows + n_tokens + 1] {
+            bail!(
+                "moe routing: a device index for {n_rows} rows and {n_tokens} tokens must be u32 of \
+                 shape ({},), got {:?} {:?}",
+                2 * n_rows + n_tokens + 1,
+                index.dtype(),
+                index.dims()
+            );
+        }
+        if index.device().is_cpu() {
+            bail!("moe routing: a device index must not be on the CPU (use Routing::new there)");
+        }
+        let device_index = OnceLock::new();
+        let _ = device_index.set(index);
+        Ok(Arc::new(Self {
+            n_tokens,
+            n_rows,
+            token_of_row: Vec::new(),
+            starts: Vec::new(),
+            rows: Vec::new(),
+            device_index,
+        }))
+    }
+
+    /// Errors if this routing has no host index (it was planned on the device).
+    fn check_host(&self, op: &str) -> Result<()> {
+        if self.token_of_row.len() != self.n_rows {
+            bail!("{op}: this routing was planned on a device and has no host index for the CPU");
+        }
+        Ok(())
+    }
+
     fn rows_of(&self, token: usize) -> &[u32] {
         &self.rows[self.starts[token]..self.starts[token + 1]]
+    }
+
+    /// The index the CUDA kernels read, as one u32 vector: `token_of_row`, then the CSR
+    /// `starts` (n_tokens + 1), then the CSR `rows`.
+    pub fn packed_index(&self) -> Vec<u32> {
+        let mut packed = Vec::with_capacity(2 * self.token_of_row.len() + self.n_tokens + 1);
+        packed.extend_from_slice(&self.token_of_row);
+        // Every start is at most the row count, which `new` checked fits in u32.
+        packed.extend(self.starts.iter().map(|&s| s as u32));
+        packed.extend_from_slice(&self.rows);
+        packed
+    }
+
+    /// The number of tokens and of rows.
+    #[cfg(feature = "cuda-emu")]
+    pub(crate) fn sizes(&self) -> (usize, usize) {
+        (self.n_tokens, self.n_rows)
     }
 
     /// The whole index on `device` as one u32 tensor: `token_of_row` (rows), `starts`
@@ -76,11 +134,8 @@ impl Routing {
                 return Ok(t.clone());
             }
         }
-        let mut packed = Vec::with_capacity(2 * self.token_of_row.len() + self.n_tokens + 1);
-        packed.extend_from_slice(&self.token_of_row);
-        // Every start is at most the row count, which `new` checked fits in u32.
-        packed.extend(self.starts.iter().map(|&s| s as u32));
-        packed.extend_from_slice(&self.rows);
+        self.check_host("moe routing")?;
+        let packed = self.packed_index();
         let len = packed.len();
         let t = Tensor::from_vec(packed, len, device)?;
         Ok(self.device_index.get_or_init(|| t.clone()).clone())
@@ -88,8 +143,9 @@ impl Routing {
 
     /// `token_of_row` on `device`, for the composed ops.
     fn index(&self, device: &Device) -> Result<Tensor> {
-        let n = self.token_of_row.len();
+        let n = self.n_rows;
         if device.is_cpu() {
+            self.check_host("moe routing")?;
             return Tensor::from_slice(&self.token_of_row, n, device);
         }
         self.device_index(device)?.narrow(0, 0, n)
@@ -112,7 +168,7 @@ impl Routing {
             op,
             storage,
             layout,
-            self.token_of_row.len(),
+            self.n_rows,
             self.n_tokens,
         )?;
         f(&routing)
@@ -132,6 +188,9 @@ pub fn permute(x: &Tensor, routing: &Arc<Routing>) -> Result<Tensor> {
     if !crate::has_kernel(x) {
         return x.index_select(&routing.index(x.device())?, 0);
     }
+    if x.device().is_cpu() {
+        routing.check_host("moe permute")?;
+    }
     x.contiguous()?.apply_op1(Permute(routing.clone()))
 }
 
@@ -141,13 +200,16 @@ pub fn unpermute(rows: &Tensor, gates: &Tensor, routing: &Arc<Routing>) -> Resul
     check_float("moe unpermute", "rows", rows)?;
     check_same_dtype("moe unpermute", "gates", gates, rows)?;
     let (n, d) = rows.dims2()?;
-    if n != routing.token_of_row.len() || gates.dims() != [n] {
+    if n != routing.n_rows || gates.dims() != [n] {
         bail!(
             "moe unpermute: rows {:?} and gates {:?} do not match the routing's {} rows",
             rows.dims(),
             gates.dims(),
-            routing.token_of_row.len()
+            routing.n_rows
         );
+    }
+    if rows.device().is_cpu() {
+        routing.check_host("moe unpermute")?;
     }
     if !crate::has_kernel(rows) {
         let weighted = rows.broadcast_mul(&gates.unsqueeze(1)?)?;

@@ -609,6 +609,55 @@ fn check_router_topk(report: &mut Report, rng: &mut Rng, cuda: &Device, dtype: D
     }
 }
 
+/// The device dispatch plan as the model runs it on CUDA (router_topk's ids and histogram, then
+/// `moe_plan::plan`) against the CPU's plan of the same scores: equal assignments, and permute /
+/// un-permute through each routing give the same numbers (the routing index's rows and CSR).
+fn check_moe_plan(report: &mut Report, rng: &mut Rng, cuda: &Device) {
+    for (tokens, n_experts, k) in [(37usize, 6usize, 2usize), (300, 64, 8), (41, 4, 1)] {
+        let label = format!("moe plan ({tokens}, {n_experts}) k{k}");
+        let scores = rng.tensor(&[tokens, n_experts], 1.0);
+        let run = |device: &Device| -> Result<(Vec<u32>, Vec<f32>, Vec<f32>)> {
+            let top = moelab_kernels::router_topk(&scores.to_device(device)?, None, k)?;
+            let counts: Vec<usize> = top
+                .counts
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|c| c as usize)
+                .collect();
+            let plan = moelab_kernels::moe_plan::plan(&top.expert_ids, &counts)?;
+            let x = Tensor::arange(0f32, (tokens * 3) as f32, device)?.reshape((tokens, 3))?;
+            let rows = moelab_kernels::moe_dispatch::permute(&x, &plan.routing)?;
+            let ones = Tensor::ones(tokens * k, DType::F32, device)?;
+            let back = moelab_kernels::moe_dispatch::unpermute(&rows, &ones, &plan.routing)?;
+            let host = |t: &Tensor| t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>();
+            Ok((
+                plan.assignment_of_row
+                    .to_device(&Device::Cpu)?
+                    .to_vec1::<u32>()?,
+                host(&rows)?,
+                host(&back)?,
+            ))
+        };
+        let want = run(&Device::Cpu).unwrap();
+        match run(cuda) {
+            Ok(got) => {
+                let ok = got == want;
+                println!(
+                    "{label:<46} U32   plan     assignments, permute and unpermute {}  {}",
+                    if ok { "equal" } else { "differ" },
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    report
+                        .failures
+                        .push(format!("{label}: the device plan differs from the CPU's"));
+                }
+            }
+            Err(e) => report.error(&label, DType::U32, "plan", e),
+        }
+    }
+}
+
 /// An unsupported dtype is a clear error naming the op, not a crash.
 fn check_f64_is_rejected(report: &mut Report, cuda: &Device) {
     let x = Tensor::zeros((2, 3), DType::F64, cuda).unwrap();
@@ -659,6 +708,7 @@ fn cuda_ops_match_cpu_reference() {
         check_router_topk(&mut report, &mut rng, &cuda, dtype);
     }
     check_adamw(&mut report, &mut rng, &cuda);
+    check_moe_plan(&mut report, &mut rng, &cuda);
     check_f64_is_rejected(&mut report, &cuda);
     cuda.synchronize().unwrap();
     assert!(

@@ -2,9 +2,13 @@
 //!
 //! Dispatch is permute -> grouped GEMM -> un-permute: the chosen (token, slot) pairs are sorted by
 //! expert once, every expert multiplies its contiguous rows through `grouped_matmul`, and the
-//! gated outputs are added back to their tokens (`moe_dispatch::unpermute`, the combine fused in). The only host round trip is the
-//! copy of the chosen expert ids (one small device-to-host copy per layer), which builds the
-//! permutation and the per-expert row counts.
+//! gated outputs are added back to their tokens (`moe_dispatch::unpermute`, the combine fused in).
+//!
+//! On the CPU (and on CUDA with `run.kernels = "composed"`, a capacity factor, or per-sequence
+//! balancing) the chosen expert ids are copied to the host, which builds the permutation and the
+//! per-expert row counts. On CUDA otherwise the routing stays on the device: `router_topk` picks
+//! the experts and counts them, the counts are the layer's one host copy (the grouped GEMM's
+//! group sizes), and `moe_plan` builds the permutation from the ids on the device.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
@@ -61,6 +65,9 @@ pub struct Router {
     top_k: usize,
     renormalize: bool,
     scope: BalanceScope,
+    /// Whether this router may route on the device (no capacity limit, whose slot-ordered drops
+    /// are planned on the host, and no per-sequence balancing, which needs every id).
+    device_routing: bool,
 }
 
 /// The router's decision, still attached to autograd where the gradient flows.
@@ -68,8 +75,11 @@ pub struct Router {
 pub struct RouterDecision {
     /// (tokens, k) u32 chosen experts.
     pub expert_ids: Tensor,
-    /// The same ids on the host, row-major.
-    pub expert_ids_host: Vec<u32>,
+    /// The same ids on the host, row-major; None when they were chosen on the device and never
+    /// copied (see the module docs).
+    pub expert_ids_host: Option<Vec<u32>>,
+    /// Assignments per expert (the histogram of the ids).
+    pub counts: Vec<usize>,
     /// (tokens, k) differentiable gate weights.
     pub gates: Tensor,
     /// (tokens, n_experts) differentiable router distribution.
@@ -99,6 +109,8 @@ impl Router {
             top_k: moe.top_k,
             renormalize: moe.renormalize,
             scope: moe.aux_loss_scope,
+            device_routing: moe.capacity_factor.is_none()
+                && moe.aux_loss_scope != BalanceScope::Sequence,
         })
     }
 
@@ -146,15 +158,7 @@ impl Router {
             RouterKind::Sigmoid => sigmoid(&routing_logits)?,
         };
 
-        let selection = match &self.expert_bias {
-            Some(bias) => scores.detach().broadcast_add(bias.as_tensor())?,
-            None => scores.detach(),
-        };
-        let expert_ids = selection
-            .arg_sort_last_dim(false)?
-            .narrow(1, 0, self.top_k)?
-            .contiguous()?;
-        let expert_ids_host = expert_ids.flatten_all()?.to_vec1::<u32>()?;
+        let (expert_ids, expert_ids_host, counts) = self.choose(&scores, n_experts)?;
 
         let mut gates = scores.gather(&expert_ids, 1)?;
         if self.kind == RouterKind::Sigmoid || self.renormalize {
@@ -169,19 +173,81 @@ impl Router {
             BalanceScope::MicroBatch | BalanceScope::Global => 1,
             BalanceScope::Sequence => n_sequences,
         };
-        let mut aux_loss = balance_loss(&probs, &expert_ids_host, groups, self.top_k)?;
+        let mut aux_loss = match &expert_ids_host {
+            Some(ids) => balance_loss(&probs, ids, groups, self.top_k)?,
+            // Device routing has one group (checked when the router was built).
+            None => balance_loss_from_counts(&probs, &counts, self.top_k)?,
+        };
         if self.scope == BalanceScope::Global {
             aux_loss = aux_loss.detach();
         }
         Ok(RouterDecision {
             expert_ids,
             expert_ids_host,
+            counts,
             gates,
             probs,
             aux_loss,
             z_loss,
         })
     }
+}
+
+impl Router {
+    /// Each token's top-k experts by `scores` plus the selection bias: (ids on the scores'
+    /// device, the ids on the host if copied, the per-expert counts).
+    fn choose(
+        &self,
+        scores: &Tensor,
+        n_experts: usize,
+    ) -> Result<(Tensor, Option<Vec<u32>>, Vec<usize>)> {
+        let on_device = self.device_routing
+            && scores.device().is_cuda()
+            && moelab_kernels::use_fused(moelab_kernels::FusedOp::MoeDispatch);
+        if on_device {
+            let bias = self.expert_bias.as_ref().map(|b| b.as_tensor());
+            let top = moelab_kernels::router_topk(&scores.detach(), bias, self.top_k)?;
+            // The layer's one device-to-host copy: the histogram.
+            let counts = top.counts.to_vec1::<u32>()?;
+            return Ok((
+                top.expert_ids,
+                None,
+                counts.into_iter().map(|c| c as usize).collect(),
+            ));
+        }
+        let selection = match &self.expert_bias {
+            Some(bias) => scores.detach().broadcast_add(bias.as_tensor())?,
+            None => scores.detach(),
+        };
+        let expert_ids = selection
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, self.top_k)?
+            .contiguous()?;
+        let ids = expert_ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut counts = vec![0usize; n_experts];
+        for &e in &ids {
+            counts[e as usize] += 1;
+        }
+        Ok((expert_ids, Some(ids), counts))
+    }
+}
+
+/// [`balance_loss`] over one group from the per-expert assignment counts (the device routing's
+/// histogram) instead of the ids.
+pub fn balance_loss_from_counts(probs: &Tensor, counts: &[usize], top_k: usize) -> Result<Tensor> {
+    let (tokens, n_experts) = probs.dims2()?;
+    if counts.len() != n_experts {
+        candle_core::bail!(
+            "balance_loss: {} counts for {n_experts} experts",
+            counts.len()
+        );
+    }
+    let total = (tokens * top_k).max(1) as f64;
+    let fractions: Vec<f64> = counts.iter().map(|&c| c as f64 / total).collect();
+    let fractions =
+        Tensor::from_vec(fractions, (1, n_experts), probs.device())?.to_dtype(probs.dtype())?;
+    let mean_probs = probs.mean_keepdim(0)?;
+    (fractions * mean_probs)?.sum_all()? * n_experts as f64
 }
 
 /// Switch/GShard balance loss `E * sum_i f_i P_i`, averaged over `groups` equal token groups:
@@ -289,16 +355,28 @@ impl MoeFfn {
         let (tokens, _) = x.dims2()?;
         let n_experts = self.gate_proj.dim(0)?;
         let decision = self.router.forward(x, n_sequences, noise)?;
-        let mut plan = DispatchPlan::new(
-            &decision.expert_ids_host,
-            n_experts,
-            self.top_k,
-            self.capacity_factor,
-        );
-
         let device = x.device();
-        let routing = moe_dispatch::Routing::new(std::mem::take(&mut plan.tokens), tokens)?;
-        let slot_index = index_tensor(&plan.assignments, device)?;
+        let mut plan = match &decision.expert_ids_host {
+            Some(ids) => DispatchPlan::new(ids, n_experts, self.top_k, self.capacity_factor),
+            // Routed on the device: the plan too (no capacity there, so nothing is dropped).
+            None => DispatchPlan {
+                tokens: Vec::new(),
+                assignments: Vec::new(),
+                group_sizes: decision.counts.clone(),
+                kept: Vec::new(),
+                dropped: 0,
+            },
+        };
+        let (routing, slot_index) = match &decision.expert_ids_host {
+            Some(_) => (
+                moe_dispatch::Routing::new(std::mem::take(&mut plan.tokens), tokens)?,
+                index_tensor(&plan.assignments, device)?,
+            ),
+            None => {
+                let p = moelab_kernels::moe_plan::plan(&decision.expert_ids, &decision.counts)?;
+                (p.routing, p.assignment_of_row)
+            }
+        };
         let x_sorted = moe_dispatch::permute(x, &routing)?;
         let gates_sorted = decision
             .gates

@@ -237,6 +237,31 @@ pub struct RunConfig {
     /// CPU threads (0 = all cores); fixed threads give bit-identical CPU runs.
     #[serde(default)]
     pub threads: usize,
+    /// On CUDA, the fused kernels or the composed ops for every op that has both (MoE routing,
+    /// flash attention); unset: each op's default (`moelab_kernels::FusedOp::default_fused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<KernelsChoice>,
+}
+
+/// `run.kernels`: which implementation the ops with a fused CUDA kernel and a composed path use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelsChoice {
+    /// Every fused kernel.
+    Fused,
+    /// Every composed path.
+    Composed,
+}
+
+impl RunConfig {
+    /// Makes `run.kernels` the process-wide choice of moelab-kernels (the CPU is unaffected).
+    pub fn apply_kernels(&self) {
+        moelab_kernels::set_kernel_choice(match self.kernels {
+            None => moelab_kernels::KernelChoice::PerOp,
+            Some(KernelsChoice::Fused) => moelab_kernels::KernelChoice::Fused,
+            Some(KernelsChoice::Composed) => moelab_kernels::KernelChoice::Composed,
+        });
+    }
 }
 
 fn default_out_dir() -> PathBuf {
@@ -268,6 +293,8 @@ impl Config {
         config.validate().map_err(|(key, reason)| {
             config_error(format!("invalid config key `{key}`: {reason}"))
         })?;
+        // Every command gets its config here, and the kernel choice is process-wide.
+        config.run.apply_kernels();
         Ok(config)
     }
 

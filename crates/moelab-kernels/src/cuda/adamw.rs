@@ -2,16 +2,12 @@
 //! writing the parameter and both moments in place) and the two-pass sum of squares.
 
 use super::{
-    alloc_output, cuda_dispatch, function, grid_stride_config, input, launch, storage_dtype,
-    KernelElem, BLOCK,
+    alloc_output, config, cuda_dispatch, function, grid_stride_config, input, launch,
+    storage_dtype, KernelElem,
 };
 use crate::adamw::AdamWUpdate;
-use candle_core::cuda_backend::cudarc::driver::{CudaViewMut, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::CudaViewMut;
 use candle_core::{bail, CudaStorage, Layout, Result, Shape};
-
-/// Most blocks of the sum of squares' first pass (each sums a grid-stride share); the second
-/// pass reduces their partials in one block.
-const SUM_BLOCKS: usize = 1024;
 
 /// The contiguous f32 elements of a storage the op writes in place.
 fn inout<'a>(s: &'a mut CudaStorage, l: &Layout, what: &str) -> Result<CudaViewMut<'a, f32>> {
@@ -52,11 +48,8 @@ pub(crate) fn adamw_step(
     if n == 0 {
         return Ok(());
     }
-    let scale = u.grad_scale as f32;
-    let (keep1, take1) = (u.beta1 as f32, (1.0 - u.beta1) as f32);
-    let (keep2, take2) = (u.beta2 as f32, (1.0 - u.beta2) as f32);
-    let (inv_c1, inv_c2) = ((1.0 / u.correction1) as f32, (1.0 / u.correction2) as f32);
-    let (eps, lr, keep) = (u.eps as f32, u.lr as f32, (1.0 - u.decay) as f32);
+    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] =
+        crate::launch::adamw_scalars(u);
     let func = function(&dev, "moelab_adamw_f32", op)?;
     launch!(
         dev,
@@ -100,22 +93,17 @@ fn sum_of_squares_typed<T: KernelElem>(
     let dev = &s.device;
     let x = input::<T>(s, l, op, "the tensor")?;
     let n = x.len();
-    let blocks = n.div_ceil(BLOCK as usize).clamp(1, SUM_BLOCKS);
+    let (blocks, first, second) = crate::launch::sum_squares(n);
     let mut partials = alloc_output::<f32>(dev, blocks, op)?;
     let func = function(
         dev,
         &format!("moelab_sum_squares_partial_{}", T::SUFFIX),
         op,
     )?;
-    let cfg = |blocks: usize| LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch!(dev, op, func, cfg(blocks), &x, &mut partials, &n);
+    launch!(dev, op, func, config(first), &x, &mut partials, &n);
     let mut out = alloc_output::<f32>(dev, 1, op)?;
     let func = function(dev, "moelab_sum_f32", op)?;
-    launch!(dev, op, func, cfg(1), &partials, &mut out, &blocks);
+    launch!(dev, op, func, config(second), &partials, &mut out, &blocks);
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(()),

@@ -2,15 +2,11 @@
 //! then L) and its backward (delta, then dQ and dK/dV), f32 only: `flash_attention` converts
 //! bf16/f16 before the op.
 
-use super::{alloc_output, function, grid_stride_config, input, launch, storage_dtype};
+use super::{alloc_output, config, function, grid_stride_config, input, launch, storage_dtype};
 use crate::flash_attention::Dims;
+use crate::launch::FA_MAX_D as MAX_D;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
-
-/// Threads (rows) per block; must equal `MOELAB_FA_ROWS` in the kernel.
-const ROWS: usize = 64;
-/// Largest head dim the kernels hold per thread; must equal `MOELAB_FA_MAX_D`.
-const MAX_D: usize = 128;
 
 /// Errors unless the kernels handle this dtype and head dim.
 fn check(op: &str, dtype: DType, dims: &Dims) -> Result<()> {
@@ -30,16 +26,7 @@ fn check(op: &str, dtype: DType, dims: &Dims) -> Result<()> {
 
 /// Grid (heads, row blocks of T) of ROWS-thread blocks.
 fn head_rows_config(op: &str, heads: usize, t: usize) -> Result<LaunchConfig> {
-    let blocks = t.div_ceil(ROWS);
-    // The grid's x dimension is limited to 2^31 - 1 blocks, y to 65535.
-    let (Ok(x), Ok(y)) = (i32::try_from(heads), u16::try_from(blocks)) else {
-        bail!("{op}: {heads} heads x {blocks} row blocks of {ROWS} exceed the CUDA grid limits");
-    };
-    Ok(LaunchConfig {
-        grid_dim: (x as u32, u32::from(y), 1),
-        block_dim: (ROWS as u32, 1, 1),
-        shared_mem_bytes: 0,
-    })
+    Ok(config(crate::launch::flash_head_rows(op, heads, t)?))
 }
 
 /// The f32 elements of a contiguous input, which must number exactly `len`.

@@ -26,9 +26,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Every `kernels/*.cu`, compiled by build.rs into one fatbin (sm_XX cubin + compute_XX PTX).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moelab_kernels.fatbin"));
 
-/// Threads per block of the row kernels; must equal `MOELAB_BLOCK` in `kernels/common.cuh`.
-pub(crate) const BLOCK: u32 = 256;
-
 /// Env var that makes every output buffer start as 0xFF bytes (NaN for float types), so a kernel
 /// that leaves elements unwritten shows up as NaN in tests.
 pub const POISON_ENV: &str = "MOELAB_POISON_OUTPUTS";
@@ -181,29 +178,22 @@ pub(crate) fn alloc_output<T: DeviceRepr>(
     Ok(out)
 }
 
-/// One block of BLOCK threads per row.
-pub(crate) fn rows_config(rows: usize, op: &str) -> Result<LaunchConfig> {
-    // The grid's x dimension is limited to 2^31 - 1 blocks.
-    let Ok(grid) = u32::try_from(rows) else {
-        bail!("{op}: {rows} rows exceed the CUDA grid limit");
-    };
-    if grid > i32::MAX as u32 {
-        bail!("{op}: {rows} rows exceed the CUDA grid limit");
+/// The cudarc form of a launch configuration from `crate::launch` (shared with the emulation).
+pub(crate) fn config(d: crate::launch::LaunchDims) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: d.grid,
+        block_dim: d.block,
+        shared_mem_bytes: d.shared_bytes,
     }
-    Ok(LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    })
 }
 
-/// A grid-stride launch over `items` work items: at most 2^16 blocks of BLOCK threads, each
-/// thread looping over the rest.
+/// One block of `crate::launch::BLOCK` threads per row.
+pub(crate) fn rows_config(rows: usize, op: &str) -> Result<LaunchConfig> {
+    Ok(config(crate::launch::rows(rows, op)?))
+}
+
+/// A grid-stride launch over `items` work items: at most 2^16 blocks of `launch::BLOCK`
+/// threads, each thread looping over the rest.
 pub(crate) fn grid_stride_config(items: usize) -> LaunchConfig {
-    let blocks = items.div_ceil(BLOCK as usize).clamp(1, 1 << 16) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    config(crate::launch::grid_stride(items))
 }

@@ -4,7 +4,7 @@
 //! `crate::moe_dispatch::Routing`, uploaded once per routing.
 
 use super::{
-    alloc_output, cuda_dispatch, function, grid_stride_config, input, launch, rows_config,
+    alloc_output, config, cuda_dispatch, function, grid_stride_config, input, launch, rows_config,
     storage_dtype, KernelElem,
 };
 use candle_core::cuda_backend::cudarc::driver::CudaView;
@@ -201,5 +201,63 @@ fn unpermute_bwd_typed<T: KernelElem>(
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(len),
+    ))
+}
+
+/// The dispatch plan (`kernels/moe_plan.cu`) from `ids (tokens, k)` and the per-expert row
+/// `offsets (n_experts + 1)`: one u32 storage holding the packed routing index (token_of_row,
+/// starts, row_ids) then assignment_of_row; nothing is copied to the host.
+pub(crate) fn plan(
+    op: &str,
+    k: usize,
+    (is, il): (&CudaStorage, &Layout),
+    (os, ol): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &is.device;
+    let ids = input::<u32>(is, il, op, "expert ids")?;
+    let offsets = input::<u32>(os, ol, op, "offsets")?;
+    let n_assign = ids.len();
+    if k == 0 || !n_assign.is_multiple_of(k) || offsets.len() < 2 {
+        bail!(
+            "{op}: {n_assign} ids, k {k} and {} offsets do not match",
+            offsets.len()
+        );
+    }
+    let (tokens, n_experts) = (n_assign / k, offsets.len() - 1);
+    let index_len = 2 * n_assign + tokens + 1;
+    let mut out = alloc_output::<u32>(dev, index_len + n_assign, op)?;
+    let mut scratch = alloc_output::<u32>(dev, n_assign.max(1), op)?;
+    let (scatter, csr) = crate::launch::moe_plan(op, tokens, n_experts)?;
+    {
+        let (mut index, mut assignment_of_row) = out.split_at_mut(index_len);
+        let func = function(dev, "moelab_moe_plan_scatter", op)?;
+        launch!(
+            dev,
+            op,
+            func,
+            config(scatter),
+            &ids,
+            &offsets,
+            &mut index,
+            &mut assignment_of_row,
+            &mut scratch,
+            &n_assign,
+            &k
+        );
+        let func = function(dev, "moelab_moe_plan_csr", op)?;
+        launch!(
+            dev,
+            op,
+            func,
+            config(csr),
+            &scratch,
+            &mut index,
+            &tokens,
+            &k
+        );
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(index_len + n_assign),
     ))
 }

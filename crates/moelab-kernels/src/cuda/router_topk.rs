@@ -1,8 +1,7 @@
 //! Launcher for `kernels/router_topk.cu`: each token's top-k experts and the per-expert
 //! histogram in one launch (one block per token).
 
-use super::{cuda_dispatch, function, input, launch, storage_dtype, KernelElem, BLOCK};
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use super::{config, cuda_dispatch, function, input, launch, storage_dtype, KernelElem};
 use candle_core::{bail, CudaStorage, Layout, Result, Shape};
 
 /// `(scores (tokens, n_experts), bias f32 (n_experts,))` -> one u32 storage: the ids
@@ -34,24 +33,17 @@ fn router_topk_typed<T: KernelElem>(
         );
     }
     let tokens = scores.len() / n_experts;
-    // The selection scores and taken flags of one token, in shared memory.
-    let shared = n_experts * (std::mem::size_of::<f32>() + 1);
-    if shared > 48 * 1024 {
-        bail!("{op}: {n_experts} experts exceed the kernel's 48 KiB of shared memory");
-    }
+    // The selection scores and taken flags of one token, in shared memory (checked here,
+    // before anything is allocated).
+    let dims = crate::launch::router_topk(op, tokens.max(1), n_experts)?;
     let len = tokens * k + n_experts;
     // Zeroed, not poisoned: the counts are accumulated; every id is written.
     let mut out = dev.alloc_zeros::<u32>(len)?;
     if tokens > 0 {
-        let Ok(grid) = u32::try_from(tokens) else {
-            bail!("{op}: {tokens} tokens exceed the CUDA grid limit");
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            // At most 48 KiB, checked above.
-            shared_mem_bytes: shared as u32,
-        };
+        // `dims` has one block per token (tokens > 0 here).
+        let cfg = config(dims);
+        // The router always passes a bias (zeros when it has none), so the kernel adds it.
+        let has_bias: i32 = 1;
         let (mut ids, mut counts) = out.split_at_mut(tokens * k);
         let func = function(dev, &format!("moelab_router_topk_{}", T::SUFFIX), op)?;
         launch!(
@@ -64,7 +56,8 @@ fn router_topk_typed<T: KernelElem>(
             &mut ids,
             &mut counts,
             &n_experts,
-            &k
+            &k,
+            &has_bias
         );
     }
     Ok((

@@ -27,19 +27,7 @@ fn softmax_fwd_typed<T: KernelElem>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &s.device;
     let x = input::<T>(s, l, op, "x")?;
-    let dims = l.dims();
-    let t_k = dims.last().copied().unwrap_or(1);
-    let t_q = if causal {
-        match dims {
-            [.., t_q, _] => *t_q,
-            _ => bail!("{op}: x must be (..., T_q, T_k), got {dims:?}"),
-        }
-    } else {
-        1
-    };
-    if causal && t_q > t_k {
-        bail!("{op}: T_q ({t_q}) must be <= T_k ({t_k})");
-    }
+    let (t_q, t_k) = crate::launch::softmax_shape(op, l.dims(), causal)?;
     let len = x.len();
     let mut y = alloc_output::<T>(dev, len, op)?;
     if len > 0 {
@@ -195,19 +183,8 @@ fn rope_fwd_typed<T: KernelElem>(
     let x = input::<T>(xs, xl, op, "x")?;
     let cos = input::<T>(cs, cl, op, "cos")?;
     let sin = input::<T>(ss, sl, op, "sin")?;
-    let (t, d) = match xl.dims() {
-        [_, _, t, d] => (*t, *d),
-        dims => bail!("{op}: x must be (B, H, T, D), got {dims:?}"),
-    };
+    let (t, d) = crate::launch::rope_shape(op, xl.dims(), cl.dims(), sl.dims())?;
     let half = d / 2;
-    if d % 2 != 0 || cl.dims() != [t, half] || sl.dims() != [t, half] {
-        bail!(
-            "{op}: cos {:?} / sin {:?} do not match x {:?}",
-            cl.dims(),
-            sl.dims(),
-            xl.dims()
-        );
-    }
     let len = x.len();
     let mut y = alloc_output::<T>(dev, len, op)?;
     if len > 0 {
@@ -235,10 +212,7 @@ fn rope_fwd_typed<T: KernelElem>(
 
 /// `(N, V)` dims of a logits layout.
 fn logits_dims(op: &str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        [n, v] => Ok((*n, *v)),
-        dims => bail!("{op}: logits must be (N, V), got {dims:?}"),
-    }
+    crate::launch::logits_dims(op, l.dims())
 }
 
 /// Per-row cross-entropy `logsumexp(row) - row[target]` -> `(N,)` in the logits' dtype.
