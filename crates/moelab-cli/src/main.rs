@@ -95,6 +95,9 @@ enum Command {
         /// Untimed warm-up steps before them.
         #[arg(long, default_value_t = 5)]
         warmup: usize,
+        /// Start even when the estimated memory exceeds what the device has.
+        #[arg(long)]
+        ignore_memory_check: bool,
         /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
@@ -171,10 +174,16 @@ fn main() -> anyhow::Result<()> {
             overrides,
             steps,
             warmup,
+            ignore_memory_check,
             json,
         } => {
             let cfg = Config::load(&config, &overrides)?;
-            let report = moelab_train::bench(&cfg, moelab_train::BenchOptions { steps, warmup })?;
+            let options = moelab_train::BenchOptions {
+                steps,
+                warmup,
+                ignore_memory_check,
+            };
+            let report = moelab_train::bench(&cfg, options)?;
             if json {
                 outln!(
                     "{}",

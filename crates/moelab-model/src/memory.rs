@@ -42,6 +42,9 @@ pub struct MemoryEstimate {
     /// The compute-dtype cast of every weight the forward uses (zero in f32: the cast is a
     /// no-op); the graph keeps it for the matmul backward.
     pub compute_weights_bytes: u64,
+    /// The rotary cos/sin tables for `model.max_seq_len` positions: built in f64 on the host,
+    /// then kept in the compute dtype. They scale with `max_seq_len`, not with the batch.
+    pub tables_bytes: u64,
     /// Activations one micro-batch keeps for its backward; the sum of `activation_terms`.
     pub activations_bytes: u64,
     /// The activations, by what they hold.
@@ -153,18 +156,20 @@ impl MemoryEstimate {
             gradients_bytes: params * F32,
             optimizer_bytes: 2 * params * F32,
             compute_weights_bytes: if mixed { params * c } else { 0 },
+            tables_bytes: 2 * u(cfg.max_seq_len) * (u(cfg.head_dim()) / 2) * (8 + c),
             activations_bytes: activation_terms.iter().map(|term| term.bytes).sum(),
             activation_terms,
         }
     }
 
-    /// Bytes the run needs at its peak: weights, gradients, optimizer state, the compute copy
-    /// and one micro-batch's activations. What the trainer compares with the device's memory.
+    /// Bytes the run needs at its peak: weights, gradients, optimizer state, the compute copy,
+    /// the rotary tables and one micro-batch's activations. What the trainer compares with the device's memory.
     pub fn total_bytes(&self) -> u64 {
         self.weights_bytes
             + self.gradients_bytes
             + self.optimizer_bytes
             + self.compute_weights_bytes
+            + self.tables_bytes
             + self.activations_bytes
     }
 
@@ -179,6 +184,7 @@ impl MemoryEstimate {
             ("gradients (f32)", self.gradients_bytes),
             ("optimizer (AdamW)", self.optimizer_bytes),
             ("compute weights", self.compute_weights_bytes),
+            ("rotary tables", self.tables_bytes),
             ("activations", self.activations_bytes),
             ("total", self.total_bytes()),
         ] {
@@ -191,7 +197,7 @@ impl MemoryEstimate {
 /// JSON carries the total too, so scripts need not re-add the terms.
 impl Serialize for MemoryEstimate {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut s = serializer.serialize_struct("MemoryEstimate", 10)?;
+        let mut s = serializer.serialize_struct("MemoryEstimate", 11)?;
         s.serialize_field("micro_batch", &self.micro_batch)?;
         s.serialize_field("seq_len", &self.seq_len)?;
         s.serialize_field("compute_dtype", self.compute_dtype)?;
@@ -199,6 +205,7 @@ impl Serialize for MemoryEstimate {
         s.serialize_field("gradients_bytes", &self.gradients_bytes)?;
         s.serialize_field("optimizer_bytes", &self.optimizer_bytes)?;
         s.serialize_field("compute_weights_bytes", &self.compute_weights_bytes)?;
+        s.serialize_field("tables_bytes", &self.tables_bytes)?;
         s.serialize_field("activations_bytes", &self.activations_bytes)?;
         s.serialize_field("activation_terms", &self.activation_terms)?;
         s.serialize_field("total_bytes", &self.total_bytes())?;
@@ -268,10 +275,24 @@ expert_ff = 256
         assert_eq!(m.compute_weights_bytes, 0);
         assert_eq!(
             m.total_bytes(),
-            16 * params + m.activations_bytes,
+            16 * params + m.tables_bytes + m.activations_bytes,
             "{}",
             m.table()
         );
+    }
+
+    /// The rotary tables grow with max_seq_len alone: an absurd max_seq_len is refused by the
+    /// estimate before the tables are built.
+    #[test]
+    fn rotary_tables_scale_with_max_seq_len() {
+        let mut cfg = tiny();
+        let small = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        cfg.max_seq_len = 100_000_000;
+        let huge = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        assert_eq!(small.activations_bytes, huge.activations_bytes);
+        let per_position = 2 * (cfg.head_dim() as u64 / 2) * 12;
+        assert_eq!(huge.tables_bytes, 100_000_000 * per_position);
+        assert!(huge.total_bytes() > 100 << 30, "{}", huge.table());
     }
 
     #[test]

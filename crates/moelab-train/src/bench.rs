@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::{DeviceKind, Precision};
 use crate::routing_counts::RouterAccumulator;
-use crate::run::device::{open_device, set_threads};
+use crate::run::device::{check_memory, open_device, set_threads};
 use crate::trainer::{Learner, Phase, GPU_PEAK_FLOPS};
 use crate::{Config, TrainError};
 
@@ -23,6 +23,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Untimed steps first (CUDA kernel loading and allocator warm-up).
     pub warmup: usize,
+    /// Start even when the estimated memory exceeds what the device has.
+    pub ignore_memory_check: bool,
 }
 
 /// What `moelab bench` reports; every time is a median over the timed steps.
@@ -90,6 +92,9 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     }
     set_threads(cfg.run.threads);
     let device = open_device(cfg.run.device, 0)?;
+    if !options.ignore_memory_check {
+        check_memory(cfg, &device)?;
+    }
     let memory_at_start = device_memory_used(&device)?;
     // The high-water marks count from here: the model, its gradients and the optimizer state.
     let pool_marks = memory_high_water(&device, true);
@@ -346,6 +351,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    /// A model that cannot fit is refused before anything is allocated, as train refuses it.
+    #[test]
+    fn bench_refuses_a_model_that_cannot_fit() {
+        let mut cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        cfg.model.d_model = 1 << 20;
+        cfg.model.n_heads = 1;
+        cfg.model.n_kv_heads = Some(1);
+        let options = BenchOptions {
+            steps: 1,
+            warmup: 0,
+            ignore_memory_check: false,
+        };
+        let err = bench(&cfg, options).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("the run needs about"), "{err}");
+    }
+
     #[test]
     fn bench_times_a_step_and_reports_consistent_figures() {
         let cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
@@ -354,6 +375,7 @@ mod tests {
             BenchOptions {
                 steps: 3,
                 warmup: 1,
+                ignore_memory_check: false,
             },
         )
         .unwrap();

@@ -268,6 +268,28 @@ fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
 }
 
+/// The most CPU threads a run may ask for: far above any machine's cores, far below what
+/// would exhaust the process table (each thread is an OS thread with its own stack).
+pub const MAX_THREADS: usize = 1024;
+
+/// `run.name` is one plain folder name inside `run.out_dir`: not empty, not `.` or `..`, no
+/// path separator, so a run never lands outside `run.out_dir` or in another run's folder.
+fn check_run_name(name: &str) -> Result<(), (&'static str, String)> {
+    let mut parts = std::path::Path::new(name).components();
+    let one_normal = matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    );
+    let plain = one_normal && !name.contains(['/', '\\']);
+    if plain {
+        return Ok(());
+    }
+    Err((
+        "run.name",
+        format!("{name:?} is not a single plain folder name (no `/`, not empty, not `.` or `..`)"),
+    ))
+}
+
 impl Config {
     /// Reads `path`, applies `overrides` (`key.path=value`, value in TOML syntax or a bare
     /// string), and validates the result.
@@ -314,6 +336,16 @@ impl Config {
 
     /// Cross-section checks; the error is (dotted key, reason).
     fn validate(&self) -> Result<(), (&'static str, String)> {
+        check_run_name(&self.run.name)?;
+        if self.run.threads > MAX_THREADS {
+            return Err((
+                "run.threads",
+                format!(
+                    "{} is more than the {MAX_THREADS} threads moelab allows (0 = all cores)",
+                    self.run.threads
+                ),
+            ));
+        }
         let train = &self.train;
         if train.steps == 0 {
             return Err(("train.steps", "must be at least 1".into()));
@@ -446,6 +478,30 @@ lr = 1e-3
         std::fs::write(&path, text).unwrap();
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         Config::load(&path, &overrides).map_err(|e| e.to_string())
+    }
+
+    /// run.name is one plain folder name, and run.threads is bounded; each refusal names the key.
+    #[test]
+    fn run_name_and_threads_are_refused_naming_the_key() {
+        let dir = std::env::temp_dir().join(format!("moelab-cfg-name-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, TEXT).unwrap();
+        for name in ["\"\"", "\"../../x\"", "\".\"", "\"a/b\"", "\"/abs\""] {
+            let err = Config::load(&path, &[format!("run.name={name}")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`run.name`"), "{name}: {err}");
+        }
+        Config::load(&path, &["run.name=\"ok-name.2\"".into()]).unwrap();
+        let err = Config::load(&path, &["run.threads=100000".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`run.threads`") && err.contains("1024"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

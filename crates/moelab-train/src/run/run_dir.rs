@@ -26,6 +26,10 @@ pub struct RunLock {
 
 const LOCK_FILE: &str = ".lock";
 
+/// Written into a run folder when moelab first takes it: only a folder holding it (or an older
+/// build's run folder, recognised by a complete checkpoint) is ever written, cleaned or pruned.
+const MARKER_FILE: &str = ".moelab-run";
+
 impl RunDir {
     /// The run folder at `root` (nothing is touched).
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -152,9 +156,47 @@ impl RunDir {
         Ok(())
     }
 
+    /// Refuses a folder moelab did not make a run folder of: a checkpoint folder, a folder
+    /// inside another run, or one that is not empty and holds neither the run marker nor a
+    /// complete checkpoint of an older build. Nothing is written.
+    fn check_ours(&self) -> Result<(), TrainError> {
+        let refuse = |reason: String| {
+            Err(TrainError::RunDir {
+                path: self.root.clone(),
+                reason,
+            })
+        };
+        if self.root.join("state.json").is_file() || self.root.join("model.safetensors").is_file() {
+            return refuse("it is a checkpoint folder, not a run folder; to continue from it pass --resume PATH with the run's own --run-dir".into());
+        }
+        let absolute = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        if let Some(run) = absolute
+            .ancestors()
+            .skip(1)
+            .find(|a| a.join(MARKER_FILE).is_file())
+        {
+            return refuse(format!(
+                "it lies inside the run folder {}; a run folder is never inside another run",
+                run.display()
+            ));
+        }
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        let empty = entries.filter_map(Result::ok).next().is_none();
+        let legacy = checkpoint::list(&self.checkpoints()).is_ok_and(|c| !c.is_empty());
+        if empty || self.root.join(MARKER_FILE).is_file() || legacy {
+            return Ok(());
+        }
+        refuse(format!(
+            "it is not empty and moelab did not create it (no {MARKER_FILE} marker); choose a new or empty --run-dir. If it is the run folder of an older moelab, create an empty {MARKER_FILE} in it"
+        ))
+    }
+
     /// Takes the folder for this process (creating it), or fails naming the process that holds
     /// it; a refused process changes nothing.
     pub fn lock(&self) -> Result<RunLock, TrainError> {
+        self.check_ours()?;
         let created = !self.root.exists();
         std::fs::create_dir_all(&self.root).map_err(TrainError::io(&self.root))?;
         let path = self.root.join(LOCK_FILE);
@@ -187,6 +229,11 @@ impl RunDir {
         }
         file.set_len(0).map_err(TrainError::io(&path))?;
         writeln!(file, "{}", std::process::id()).map_err(TrainError::io(&path))?;
+        let marker = self.root.join(MARKER_FILE);
+        if !marker.exists() {
+            moelab_io::write_atomic(&marker, b"moelab run folder\n")
+                .map_err(TrainError::io(&marker))?;
+        }
         Ok(RunLock {
             _file: file,
             created,
@@ -252,10 +299,11 @@ impl RunLock {
             .map(|entries| {
                 entries
                     .filter_map(Result::ok)
-                    .all(|e| e.file_name() == LOCK_FILE)
+                    .all(|e| e.file_name() == LOCK_FILE || e.file_name() == MARKER_FILE)
             })
             .unwrap_or(false);
         if only_lock {
+            let _ = std::fs::remove_file(self.root.join(MARKER_FILE));
             let _ = std::fs::remove_file(self.root.join(LOCK_FILE));
             let _ = std::fs::remove_dir(&self.root);
         }
@@ -292,6 +340,50 @@ mod tests {
         std::fs::write(run.config(), "x = 1\n").unwrap();
         again.release_unused();
         assert!(run.config().exists(), "a folder with content is kept");
+        std::fs::remove_dir_all(run.root()).unwrap();
+    }
+
+    /// A folder of someone else's files is never taken, even when its names look like a run's;
+    /// nothing in it changes. So is a checkpoint folder, and a folder inside another run.
+    #[test]
+    fn folders_moelab_did_not_make_are_refused_untouched() {
+        let run = scratch("not-ours");
+        let files = [
+            "config.toml",
+            "metrics.jsonl",
+            "eval/step-00000010.json",
+            "checkpoints/.tmp-mydata/keep.bin",
+        ];
+        for f in files {
+            let path = run.root().join(f);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, f).unwrap();
+        }
+        let err = run.lock().unwrap_err().to_string();
+        assert!(err.contains("moelab did not create it"), "{err}");
+        assert!(!run.root().join(LOCK_FILE).exists());
+        assert!(!run.root().join(MARKER_FILE).exists());
+        for f in files {
+            assert_eq!(std::fs::read_to_string(run.root().join(f)).unwrap(), f);
+        }
+        std::fs::remove_dir_all(run.root()).unwrap();
+
+        // A run folder of ours, and a checkpoint inside it given as a run folder.
+        let run = scratch("ours");
+        let lock = run.lock().unwrap();
+        assert!(run.root().join(MARKER_FILE).is_file());
+        let ckpt = RunDir::new(run.checkpoint(20));
+        std::fs::create_dir_all(ckpt.root()).unwrap();
+        std::fs::write(ckpt.root().join("state.json"), "{}").unwrap();
+        std::fs::write(ckpt.root().join("config.toml"), "x = 1\n").unwrap();
+        let err = ckpt.lock().unwrap_err().to_string();
+        assert!(err.contains("checkpoint folder"), "{err}");
+        assert_eq!(std::fs::read_to_string(ckpt.config()).unwrap(), "x = 1\n");
+        let nested = RunDir::new(run.root().join("sub"));
+        let err = nested.lock().unwrap_err().to_string();
+        assert!(err.contains("inside the run folder"), "{err}");
+        assert!(!nested.root().exists());
+        drop(lock);
         std::fs::remove_dir_all(run.root()).unwrap();
     }
 
