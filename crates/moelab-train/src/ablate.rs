@@ -104,7 +104,7 @@ impl Ablation {
             path: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(TrainError::io(&path))?;
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
         let value: toml::Value = text
             .parse::<toml::Table>()
             .map(toml::Value::Table)
@@ -310,7 +310,7 @@ pub fn run_ablation(
     on_event: &mut dyn FnMut(&AblationEvent<'_>),
 ) -> Result<AblationOutcome, TrainError> {
     // Ctrl-C is a request to stop at the next safe point in every phase, not only in training.
-    interrupt::install().map_err(TrainError::io(&out_dir))?;
+    interrupt::install().map_err(TrainError::io(out_dir))?;
     let interrupted = || AblationOutcome {
         out_dir: out_dir.to_path_buf(),
         interrupted: true,
@@ -375,7 +375,7 @@ pub fn compare_finished(
     ablation: &Ablation,
     out_dir: &Path,
 ) -> Result<AblationOutcome, TrainError> {
-    interrupt::install().map_err(TrainError::io(&out_dir))?;
+    interrupt::install().map_err(TrainError::io(out_dir))?;
     let mut finished = Vec::with_capacity(ablation.variants.len());
     let mut missing = Vec::new();
     for variant in &ablation.variants {

@@ -294,7 +294,7 @@ impl Config {
     /// Reads `path`, applies `overrides` (`key.path=value`, value in TOML syntax or a bare
     /// string), and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(TrainError::io(&path))?;
+        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
         let config_error = |message: String| TrainError::Config {
             path: path.to_path_buf(),
             message,

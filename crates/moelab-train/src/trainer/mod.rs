@@ -379,7 +379,7 @@ impl Trainer {
             total_steps: cfg.train.steps,
             decay_fraction: cfg.train.decay_fraction,
         };
-        interrupt::install().map_err(TrainError::io(&run_dir.root()))?;
+        interrupt::install().map_err(TrainError::io(run_dir.root()))?;
         let checkpointer = Checkpointer::new(
             &run_dir,
             cfg.checkpoint.clone(),

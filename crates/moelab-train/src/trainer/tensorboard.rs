@@ -43,7 +43,7 @@ impl EventWriter {
     /// Creates `dir` if needed and a new event file in it; `resume_step` is the checkpoint step
     /// a resumed run continues from (0 for a fresh run).
     pub(crate) fn create(dir: &Path, resume_step: u64) -> Result<Self, TrainError> {
-        std::fs::create_dir_all(dir).map_err(TrainError::io(&dir))?;
+        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
         let host = hostname();
         let pid = std::process::id();
         let mut secs = unix_seconds() as u64;
@@ -81,7 +81,7 @@ impl EventWriter {
     /// Hands buffered events to the OS, so that a killed run loses at most its last step.
     pub(crate) fn flush(&mut self) -> Result<(), TrainError> {
         let path = &self.path;
-        self.file.flush().map_err(TrainError::io(&path))
+        self.file.flush().map_err(TrainError::io(path))
     }
 
     /// The event file being written.
