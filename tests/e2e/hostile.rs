@@ -110,7 +110,11 @@ fn merge_refuses_a_part_that_names_files_outside_it_before_writing_anything() {
     ]));
     assert!(err.contains(evil) && err.contains("outside"), "{err}");
     assert!(!out.exists(), "nothing is written: {}", out.display());
-    assert_eq!(std::fs::read(&victim).unwrap(), real, "the victim is untouched");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        real,
+        "the victim is untouched"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
@@ -233,7 +237,10 @@ fn prepare_refuses_folders_it_did_not_create_and_changes_none_of_their_files() {
 fn a_dataset_keeps_files_moelab_did_not_write_and_older_datasets_are_adopted() {
     let dir = Scratch::new("hostile-keep");
     let out = prepared(&dir, "prepared");
-    assert!(out.join(".moelab-dataset").is_file(), "a new dataset is marked");
+    assert!(
+        out.join(".moelab-dataset").is_file(),
+        "a new dataset is marked"
+    );
     // The user's files inside a moelab dataset survive a re-run that deletes stale shards.
     let theirs = out.join("shards/prose/default/mine.tokens");
     std::fs::write(&theirs, "user tokens").unwrap();
@@ -255,7 +262,11 @@ fn a_dataset_keeps_files_moelab_did_not_write_and_older_datasets_are_adopted() {
     std::fs::write(&user_tmp, "user").unwrap();
     // An older moelab's dataset: a valid manifest and no marker.
     std::fs::remove_file(out.join(".moelab-dataset")).unwrap();
-    std::fs::write(dir.join("corpus/prose/extra.jsonl"), "{\"text\": \"one more\"}\n").unwrap();
+    std::fs::write(
+        dir.join("corpus/prose/extra.jsonl"),
+        "{\"text\": \"one more\"}\n",
+    )
+    .unwrap();
     ok(&moelab(&[
         "prepare",
         arg(&dir.join("corpus")),
@@ -268,7 +279,10 @@ fn a_dataset_keeps_files_moelab_did_not_write_and_older_datasets_are_adopted() {
     assert_eq!(std::fs::read(&theirs).unwrap(), b"user tokens");
     assert_eq!(std::fs::read(&notes).unwrap(), b"{\"mine\": true}");
     assert!(user_tmp.is_file());
-    assert!(!stale.exists() && !stale_manifest.exists(), "leftovers removed");
+    assert!(
+        !stale.exists() && !stale_manifest.exists(),
+        "leftovers removed"
+    );
 }
 
 #[test]
@@ -391,7 +405,12 @@ fn other_spellings_of_the_same_input_reuse_every_unit() {
     let dir = Scratch::new("hostile-spelling");
     Corpus::three_domains().write(&dir.join("data/sample"));
     let absolute = dir.join("data/sample");
-    for spelling in ["data/sample", "./data/sample", "data/sample/", arg(&absolute)] {
+    for spelling in [
+        "data/sample",
+        "./data/sample",
+        "data/sample/",
+        arg(&absolute),
+    ] {
         let out = command(&[
             "prepare",
             spelling,
@@ -427,7 +446,10 @@ fn thread_counts_are_bounded_and_long_names_are_skipped() {
         "--threads",
         "100000",
     ]));
-    assert!(err.contains("--threads 100000") && err.contains("1024"), "{err}");
+    assert!(
+        err.contains("--threads 100000") && err.contains("1024"),
+        "{err}"
+    );
     assert!(!dir.join("x").exists());
 
     let file = dir.join("mixed.jsonl");

@@ -18,9 +18,9 @@ use serde::Serialize;
 use crate::blend::Permutation;
 use crate::dataset::Dataset;
 use crate::input::{self, Fields, Format, Limits, RecordReader, Skip};
-use crate::walk::{Entry, Walker};
 use crate::manifest::{ShardEntry, Split, TokenDtype};
 use crate::util::{mix64, sha256_file};
+use crate::walk::{Entry, Walker};
 use crate::{DataError, Result};
 
 const MODEL_MAGIC: &[u8; 8] = b"MLCLSv01";

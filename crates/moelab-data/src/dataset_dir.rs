@@ -127,10 +127,7 @@ pub(crate) fn is_shard_file_name(name: &str) -> bool {
 /// Whether `name` is a temporary file moelab's atomic writes leave when killed, of a file
 /// whose name satisfies `target`: `.<target>.<pid>.tmp`.
 pub(crate) fn is_tmp_of(name: &str, target: impl Fn(&str) -> bool) -> bool {
-    let Some(inner) = name
-        .strip_prefix('.')
-        .and_then(|n| n.strip_suffix(".tmp"))
-    else {
+    let Some(inner) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
         return false;
     };
     match inner.rsplit_once('.') {
@@ -193,9 +190,18 @@ mod tests {
 
     #[test]
     fn only_names_prepare_writes_match() {
-        assert!(is_shard_file_name("part_jsonl.0123456789.0a1b2c3d.train.0000.tokens"));
-        assert!(is_shard_file_name("web.abcdef0123.deadbeef.valid.0012.docs"));
-        for bad in ["mine.tokens", "file.bin", "a.0a1b2c3d.train.0000.json", ".x.0a1b2c3d.train.0000.docs"] {
+        assert!(is_shard_file_name(
+            "part_jsonl.0123456789.0a1b2c3d.train.0000.tokens"
+        ));
+        assert!(is_shard_file_name(
+            "web.abcdef0123.deadbeef.valid.0012.docs"
+        ));
+        for bad in [
+            "mine.tokens",
+            "file.bin",
+            "a.0a1b2c3d.train.0000.json",
+            ".x.0a1b2c3d.train.0000.docs",
+        ] {
             assert!(!is_shard_file_name(bad), "{bad}");
         }
         assert!(is_tmp_of(".manifest.json.1234.tmp", |n| n == "manifest.json"));

@@ -699,7 +699,13 @@ impl RecordReader {
 type Columns = std::result::Result<(String, Option<String>, Option<String>), Skip>;
 
 impl ParquetRows {
-    fn open(path: &Path, file: File, fields: &Fields, fixed: bool, limits: &Limits) -> Result<Self> {
+    fn open(
+        path: &Path,
+        file: File,
+        fields: &Fields,
+        fixed: bool,
+        limits: &Limits,
+    ) -> Result<Self> {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let reader = SerializedFileReader::new(file).map_err(|e| DataError::Input {
             path: path.to_path_buf(),

@@ -27,12 +27,12 @@ pub use config::{DataConfig, StageConfig};
 pub use dataset::Dataset;
 pub use error::{DataError, Result};
 pub use input::{FieldPath, Fields, Limits, SkipCounts};
-pub use walk::{LinkSkip, SkippedLink};
 pub use manifest::{Manifest, TokenDtype};
 pub use prepare::{
     merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice,
 };
 pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
+pub use walk::{LinkSkip, SkippedLink};
 
 /// Opens `cfg.dataset`, preparing it first from `cfg.sources` when it has no usable manifest
 /// (training a BPE of `cfg.tokenizer_vocab` unless `cfg.tokenizer` is given).

@@ -223,10 +223,12 @@ impl Manifest {
                 reason: "domains are not unique and sorted by name".into(),
             });
         }
-        manifest.check_paths().map_err(|reason| DataError::Manifest {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        manifest
+            .check_paths()
+            .map_err(|reason| DataError::Manifest {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         if manifest.dtype != TokenDtype::for_vocab(manifest.tokenizer.vocab_size) {
             return Err(DataError::Manifest {
                 path: path.to_path_buf(),
@@ -328,7 +330,12 @@ mod tests {
 
     #[test]
     fn shard_paths_must_stay_inside_their_source_folder() {
-        assert!(check_shard_path("shards/web/default/a.1234.train.0000.tokens", "web", "default").is_ok());
+        assert!(check_shard_path(
+            "shards/web/default/a.1234.train.0000.tokens",
+            "web",
+            "default"
+        )
+        .is_ok());
         assert!(check_shard_path("shards/web/cc/2019/a.tokens", "web", "cc/2019").is_ok());
         for bad in [
             "../../victim.txt",

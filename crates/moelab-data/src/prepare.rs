@@ -1028,15 +1028,20 @@ fn spawn_reader<'scope>(
         let mut bytes = 0usize;
         for (u, unit) in units.iter().enumerate() {
             for (f, path) in unit.files.iter().enumerate() {
-                let mut reader =
-                    match RecordReader::open(path, unit.format, fields, unit.fixed.is_some(), limits) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            batch.push(Item::Failed(e));
-                            let _ = send(&tx, &mut batch);
-                            return;
-                        }
-                    };
+                let mut reader = match RecordReader::open(
+                    path,
+                    unit.format,
+                    fields,
+                    unit.fixed.is_some(),
+                    limits,
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        batch.push(Item::Failed(e));
+                        let _ = send(&tx, &mut batch);
+                        return;
+                    }
+                };
                 loop {
                     match reader.next_record() {
                         Ok(Some((line, raw))) => {
@@ -1902,7 +1907,8 @@ fn check_part_file(path: &Path, size: Option<u64>, sha256: &str) -> Result<()> {
     };
     if !meta.file_type().is_file() {
         return Err(corrupt(
-            "not a regular file (a link or special file); merge copies only files a part wrote".into(),
+            "not a regular file (a link or special file); merge copies only files a part wrote"
+                .into(),
         ));
     }
     if let Some(size) = size.filter(|&s| s != meta.len()) {

@@ -25,7 +25,9 @@ impl LinkSkip {
     /// The reason in words, for reports.
     pub fn describe(self) -> &'static str {
         match self {
-            LinkSkip::Outside => "resolves outside the input folder (pass --follow-outside-links to read it)",
+            LinkSkip::Outside => {
+                "resolves outside the input folder (pass --follow-outside-links to read it)"
+            }
             LinkSkip::Loop => "points at a folder that contains it (a loop)",
             LinkSkip::Broken => "its target does not exist",
             LinkSkip::Duplicate => "its target was already read through another path (read once)",

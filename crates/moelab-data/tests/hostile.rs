@@ -126,7 +126,12 @@ fn bombs_finish_or_are_refused_in_bounded_memory_and_time() {
     let tmp = tempfile::tempdir().unwrap();
     write_bombs(tmp.path());
     let mut outcomes = Vec::new();
-    for case in ["prepare-guard", "prepare-cap", "classify-guard", "classify-cap"] {
+    for case in [
+        "prepare-guard",
+        "prepare-cap",
+        "classify-guard",
+        "classify-cap",
+    ] {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "bombs_finish_or_are_refused_in_bounded_memory_and_time",
@@ -142,7 +147,10 @@ fn bombs_finish_or_are_refused_in_bounded_memory_and_time() {
         let peak: u64 = lines.next().unwrap().parse().unwrap();
         let seconds: f64 = lines.next().unwrap().parse().unwrap();
         let outcome = lines.next().unwrap().to_string();
-        eprintln!("{case}: peak RSS {} MiB, {seconds:.1} s: {outcome}", peak >> 20);
+        eprintln!(
+            "{case}: peak RSS {} MiB, {seconds:.1} s: {outcome}",
+            peak >> 20
+        );
         assert!(
             peak < PEAK_RSS_LIMIT_BYTES,
             "{case} peaked at {} MiB RSS",
@@ -156,10 +164,15 @@ fn bombs_finish_or_are_refused_in_bounded_memory_and_time() {
     for case in ["prepare-guard", "classify-guard"] {
         let o = outcome(case);
         assert!(
-            o.starts_with("err") && o.contains("decompression bomb") && o.contains("--max-expansion"),
+            o.starts_with("err")
+                && o.contains("decompression bomb")
+                && o.contains("--max-expansion"),
             "{case}: {o}"
         );
-        assert!(o.contains("bomb.txt.gz") || o.contains("bomb.jsonl.zst"), "{o}");
+        assert!(
+            o.contains("bomb.txt.gz") || o.contains("bomb.jsonl.zst"),
+            "{o}"
+        );
     }
     // With the guard lifted, both giant documents are skipped as too long; the rest is kept
     // (the classifier reads no .txt.gz, so it meets only the JSON line).

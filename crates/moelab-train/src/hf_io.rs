@@ -556,7 +556,10 @@ mod tests {
         let victim = dir.join("victim.safetensors");
         let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
         checkpoint::save_tensors(&HashMap::from([("x".to_string(), t)]), &victim).unwrap();
-        for target in ["../victim.safetensors".to_string(), victim.display().to_string()] {
+        for target in [
+            "../victim.safetensors".to_string(),
+            victim.display().to_string(),
+        ] {
             let index = json!({"weight_map": {"model.embed_tokens.weight": target}});
             write_json(&dir.join("hf/model.safetensors.index.json"), &index).unwrap();
             let err = load_hf_tensors(&dir.join("hf")).unwrap_err().to_string();
@@ -575,7 +578,10 @@ mod tests {
         let weights = dir.join("hf/model.safetensors");
         std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
         let err = load_hf_tensors(&dir.join("hf")).unwrap_err().to_string();
-        assert!(err.contains("character device") && err.contains("/dev/zero"), "{err}");
+        assert!(
+            err.contains("character device") && err.contains("/dev/zero"),
+            "{err}"
+        );
         std::fs::remove_file(&weights).unwrap();
         let made = std::process::Command::new("mkfifo").arg(&weights).status();
         if made.is_ok_and(|s| s.success()) {
@@ -615,7 +621,10 @@ mod tests {
         let err = check_counts_against_tensors(&many, &hf, "config.json")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("64 experts") && err.contains("hold 2"), "{err}");
+        assert!(
+            err.contains("64 experts") && err.contains("hold 2"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -633,8 +642,10 @@ mod tests {
         let tmp = temp_sibling(&dir.join("out")).unwrap();
         assert_eq!(tmp, live);
         assert!(!ours.exists(), "a dead export's leftover is removed");
-        assert!(theirs.join("notes.txt").is_file(), "a folder with other files is kept");
+        assert!(
+            theirs.join("notes.txt").is_file(),
+            "a folder with other files is kept"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
-
