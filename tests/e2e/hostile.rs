@@ -478,3 +478,36 @@ fn thread_counts_are_bounded_and_long_names_are_skipped() {
         stderr(&run)
     );
 }
+
+#[test]
+fn a_too_long_document_is_counted_and_named_with_strict() {
+    let dir = Scratch::new("hostile-toolong");
+    let corpus = Corpus::three_domains().write(&dir.join("corpus"));
+    let long = format!("{{\"text\": \"{}\"}}\n", "word ".repeat(1000));
+    std::fs::write(corpus.join("prose/long.jsonl"), long).unwrap();
+    let prepare = |out: &str, strict: bool| {
+        let out = dir.join(out);
+        let mut args = vec![
+            "prepare".to_string(),
+            arg(&corpus).to_string(),
+            "--out".into(),
+            arg(&out).to_string(),
+            "--train-tokenizer".into(),
+            "300".into(),
+            "--max-document-bytes".into(),
+            "2K".into(),
+        ];
+        if strict {
+            args.push("--strict".into());
+        }
+        moelab(&args)
+    };
+    let run = prepare("kept", false);
+    ok(&run);
+    assert!(stderr(&run).contains("1 too long"), "{}", stderr(&run));
+    let err = fails(&prepare("strict", true));
+    assert!(
+        err.contains("long.jsonl:1") && err.contains("--max-document-bytes"),
+        "{err}"
+    );
+}
