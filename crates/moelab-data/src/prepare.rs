@@ -875,8 +875,9 @@ impl Discovery {
             let domain = file_name(&entry);
             if !input::is_name(&domain, false) {
                 return Err(DataError::Prepare(format!(
-                    "{}: a domain folder name may use only letters, digits, '_', '-' and '.'",
-                    entry.display()
+                    "{}: a domain folder name may use only letters, digits, '_', '-' and '.', at most {} of them",
+                    entry.display(),
+                    input::MAX_NAME_BYTES
                 )));
             }
             for item in self.walker.entries(&entry)? {
@@ -885,8 +886,9 @@ impl Discovery {
                         let source = file_name(&item);
                         if !input::is_name(&source, false) {
                             return Err(DataError::Prepare(format!(
-                                "{}: a source folder name may use only letters, digits, '_', '-' and '.'",
-                                item.display()
+                                "{}: a source folder name may use only letters, digits, '_', '-' and '.', at most {} of them",
+                                item.display(),
+                                input::MAX_NAME_BYTES
                             )));
                         }
                         let rel = format!("{label}/{domain}/{source}");
