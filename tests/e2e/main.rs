@@ -14,5 +14,6 @@ mod data;
 #[cfg(feature = "mpi")]
 mod distributed;
 mod hf;
+mod hostile;
 mod runs;
 mod train;

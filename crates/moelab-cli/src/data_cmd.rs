@@ -81,9 +81,21 @@ pub struct PrepareArgs {
     /// (e.g. </s>), else it is added as a special token.
     #[arg(long, default_value = "<|endoftext|>")]
     pub eos_token: String,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core; at most 1024).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Longest document kept, in bytes (suffixes K, M, G): a longer JSON line, text file or
+    /// Parquet value is skipped as "too long" without being held in memory (named with --strict).
+    #[arg(long, default_value = "64M", value_parser = parse_bytes)]
+    pub max_document_bytes: u64,
+    /// A compressed file may expand to at most this many times its size on disk (or 16 MiB);
+    /// past it, prepare stops naming the file as a likely decompression bomb.
+    #[arg(long, default_value_t = moelab_data::input::DEFAULT_MAX_EXPANSION)]
+    pub max_expansion: u64,
+    /// Read symbolic links in corpus folders that resolve outside the input folder (by
+    /// default they are skipped and reported, with their targets).
+    #[arg(long)]
+    pub follow_outside_links: bool,
     /// Print the manifest as JSON instead of a summary.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +202,11 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     opts.max_shard_bytes = args.max_shard_bytes;
     opts.part = args.part;
     opts.eos_token = args.eos_token;
+    opts.follow_outside_links = args.follow_outside_links;
+    opts.limits = moelab_data::input::Limits {
+        max_document_bytes: args.max_document_bytes,
+        max_expansion: args.max_expansion,
+    };
 
     let mut bar = PrepareProgress::new("")?.lines_to_stderr();
     let progress = |event: &PrepareEvent| bar.on_event(event);
@@ -198,6 +215,14 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     let report = report.with_context(|| format!("preparing {}", out.display()))?;
 
     print_inputs(&report.manifest, &opts.fields);
+    for link in &report.skipped_links {
+        eprintln!(
+            "skipped link {} -> {}: {}",
+            link.link.display(),
+            link.target.display(),
+            link.reason.describe()
+        );
+    }
     if !report.ignored_files.is_empty() {
         eprintln!(
             "ignored {} files with unsupported extensions inside domain folders (first: {})",
@@ -456,6 +481,12 @@ pub struct ClassifyTrainArgs {
     /// log2 of the hash buckets (weights).
     #[arg(long, default_value_t = 18)]
     pub buckets_log2: u32,
+    /// Longest document read, in bytes (suffixes K, M, G); longer ones are left out and counted.
+    #[arg(long, default_value = "64M", value_parser = parse_bytes)]
+    pub max_document_bytes: u64,
+    /// A compressed file may expand to at most this many times its size on disk (or 16 MiB).
+    #[arg(long, default_value_t = moelab_data::input::DEFAULT_MAX_EXPANSION)]
+    pub max_expansion: u64,
     /// Machine-readable output (keys `accuracy`, `precision`, `recall`, ...).
     #[arg(long)]
     pub json: bool,
@@ -485,11 +516,29 @@ pub struct ClassifyScoreArgs {
 
 /// Runs `moelab data classify train`.
 pub fn classify_train(args: ClassifyTrainArgs) -> anyhow::Result<()> {
-    use moelab_data::classify::{read_documents, train_classifier, ClassifierOptions};
+    use moelab_data::classify::{read_documents_within, train_classifier, ClassifierOptions};
+    anyhow::ensure!(
+        args.max_document_bytes > 0 && args.max_expansion > 0,
+        "--max-document-bytes and --max-expansion must be at least 1"
+    );
+    let limits = moelab_data::input::Limits {
+        max_document_bytes: args.max_document_bytes,
+        max_expansion: args.max_expansion,
+    };
     let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<String>> {
         let mut docs = Vec::new();
         for p in paths {
-            docs.extend(read_documents(p).with_context(|| format!("reading {}", p.display()))?);
+            let read = read_documents_within(p, &limits)
+                .with_context(|| format!("reading {}", p.display()))?;
+            if read.too_long > 0 {
+                eprintln!(
+                    "{}: left out {} documents longer than --max-document-bytes {}",
+                    p.display(),
+                    read.too_long,
+                    args.max_document_bytes
+                );
+            }
+            docs.extend(read.documents);
         }
         Ok(docs)
     };

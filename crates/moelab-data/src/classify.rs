@@ -11,15 +11,16 @@
 //!   shards already scored with the same model (resumable).
 //! - [`train_doc_scores`] reads them back in stream order for the mixture's selection.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::blend::Permutation;
 use crate::dataset::Dataset;
+use crate::input::{self, Fields, Format, Limits, RecordReader, Skip};
 use crate::manifest::{ShardEntry, Split, TokenDtype};
 use crate::util::{mix64, sha256_file};
+use crate::walk::{Entry, Walker};
 use crate::{DataError, Result};
 
 const MODEL_MAGIC: &[u8; 8] = b"MLCLSv01";
@@ -305,8 +306,26 @@ pub fn train_classifier(
 }
 
 /// Documents of `path`: a `.jsonl` file (optionally `.gz`/`.zst`) of `{"text": ...}` lines, a
-/// `.txt` file (one document), or a folder of such files (recursively, sorted by path).
+/// `.txt` file (one document), or a folder of such files (recursively, sorted by path), read
+/// within the default [`Limits`]; documents longer than the cap are left out.
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
+    Ok(read_documents_within(path, &Limits::default())?.documents)
+}
+
+/// What [`read_documents_within`] read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Documents {
+    /// The documents, in file order.
+    pub documents: Vec<String>,
+    /// Documents left out for being longer than `limits.max_document_bytes`.
+    pub too_long: u64,
+}
+
+/// [`read_documents`] with explicit caps: each line or text file is read in bounded pieces and
+/// a longer one is counted, not held; a compressed file that expands past `limits` is refused.
+/// Links in folders follow the corpus rules of `prepare` (none outside `path`, no loops, each
+/// file once).
+pub fn read_documents_within(path: &Path, limits: &Limits) -> Result<Documents> {
     let mut files = Vec::new();
     collect_files(path, &mut files)?;
     if files.is_empty() {
@@ -316,72 +335,62 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
             reason: "no .jsonl, .jsonl.gz, .jsonl.zst or .txt files".into(),
         });
     }
-    let mut docs = Vec::new();
+    let fields = Fields::default();
+    // Any domain: the classifier reads only the text.
+    let fixed = (String::from("x"), String::from("x"));
+    let mut out = Documents::default();
     for file in files {
         let name = file.to_string_lossy().into_owned();
-        let raw = std::fs::read(&file).map_err(|e| DataError::io(&file, e))?;
-        let mut text = String::new();
-        let decoded = if name.ends_with(".gz") {
-            flate2::read::GzDecoder::new(raw.as_slice()).read_to_string(&mut text)
-        } else if name.ends_with(".zst") {
-            zstd::stream::read::Decoder::new(raw.as_slice())
-                .and_then(|mut d| d.read_to_string(&mut text))
+        let format = if name.ends_with(".txt") {
+            Format::Text
         } else {
-            std::str::from_utf8(&raw)
-                .map(|s| text.push_str(s))
-                .map(|_| 0)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            Format::Jsonl
         };
-        decoded.map_err(|e| DataError::io(&file, e))?;
-        if name.ends_with(".txt") {
-            docs.push(text);
-            continue;
-        }
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| DataError::Input {
-                    path: file.clone(),
-                    line: i as u64 + 1,
-                    reason: format!("not JSON: {e}"),
-                })?;
-            let text =
-                value
-                    .get("text")
-                    .and_then(|t| t.as_str())
-                    .ok_or_else(|| DataError::Input {
+        let mut reader = RecordReader::open(&file, format, &fields, true, limits)?;
+        while let Some((line, raw)) = reader.next_record()? {
+            match input::parse(raw, &fields, Some(&fixed)) {
+                Ok(doc) => out.documents.push(doc.text),
+                Err(r) if r.skip == Skip::TooLong => out.too_long += 1,
+                Err(r) if r.skip == Skip::Empty => {}
+                Err(r) => {
+                    return Err(DataError::Input {
                         path: file.clone(),
-                        line: i as u64 + 1,
-                        reason: "no string field `text`".into(),
-                    })?;
-            docs.push(text.to_string());
+                        line: r.line.unwrap_or(line),
+                        reason: r.detail,
+                    })
+                }
+            }
         }
     }
-    Ok(docs)
+    Ok(out)
 }
 
 fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let supported = |p: &Path| {
-        let n = p.to_string_lossy();
-        [".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt"]
-            .iter()
-            .any(|e| n.ends_with(e))
-    };
     if path.is_file() {
         if supported(path) {
             out.push(path.to_path_buf());
         }
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(|e| DataError::io(path, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    entries.sort();
-    for entry in entries {
-        collect_files(&entry, out)?;
+    let mut walker = Walker::new(false);
+    walker.enter_root(path)?;
+    collect_tree(&mut walker, path, out)
+}
+
+fn supported(p: &Path) -> bool {
+    let n = p.to_string_lossy();
+    [".jsonl", ".jsonl.gz", ".jsonl.zst", ".txt"]
+        .iter()
+        .any(|e| n.ends_with(e))
+}
+
+fn collect_tree(walker: &mut Walker, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in walker.entries(dir)? {
+        match entry {
+            Entry::Dir(sub) => collect_tree(walker, &sub, out)?,
+            Entry::File(file) if supported(&file) => out.push(file),
+            Entry::File(_) => {}
+        }
     }
     Ok(())
 }

@@ -166,6 +166,8 @@ pub(crate) enum Skip {
     BadName,
     /// Only whitespace.
     Empty,
+    /// Longer than the per-document cap (`--max-document-bytes`).
+    TooLong,
 }
 
 /// Per-reason counts of skipped records.
@@ -183,6 +185,9 @@ pub struct SkipCounts {
     pub bad_name: u64,
     /// Documents with no text but whitespace.
     pub empty: u64,
+    /// Documents (JSON lines, text files, Parquet values) longer than `--max-document-bytes`.
+    #[serde(default)]
+    pub too_long: u64,
 }
 
 impl SkipCounts {
@@ -194,6 +199,7 @@ impl SkipCounts {
             + self.no_domain
             + self.bad_name
             + self.empty
+            + self.too_long
     }
 
     pub(crate) fn count(&mut self, skip: Skip) {
@@ -204,6 +210,7 @@ impl SkipCounts {
             Skip::NoDomain => &mut self.no_domain,
             Skip::BadName => &mut self.bad_name,
             Skip::Empty => &mut self.empty,
+            Skip::TooLong => &mut self.too_long,
         } += 1;
     }
 
@@ -216,6 +223,7 @@ impl SkipCounts {
             (self.bad_name, "unusable domain/source name".to_string()),
             (self.invalid_utf8, "invalid UTF-8".to_string()),
             (self.empty, "empty".to_string()),
+            (self.too_long, "too long".to_string()),
         ]
         .into_iter()
         .filter(|(n, _)| *n > 0)
@@ -237,6 +245,8 @@ pub(crate) enum RawRecord {
     Text(Vec<u8>),
     /// A Parquet row's fields: text, domain and source (already strings or a skip).
     Columns(std::result::Result<(String, Option<String>, Option<String>), Skip>),
+    /// A record longer than the cap, not held: at least this many bytes.
+    TooLong(u64),
 }
 
 impl RawRecord {
@@ -245,7 +255,7 @@ impl RawRecord {
         match self {
             RawRecord::Json(b) | RawRecord::Text(b) => b.len(),
             RawRecord::Columns(Ok((t, _, _))) => t.len(),
-            RawRecord::Columns(Err(_)) => 0,
+            RawRecord::Columns(Err(_)) | RawRecord::TooLong(_) => 0,
         }
     }
 }
@@ -257,18 +267,33 @@ pub(crate) struct ParsedDoc {
     pub(crate) text: String,
 }
 
+/// Longest part of a domain or source name, in bytes (file systems allow 255 per name, and a
+/// shard's file name adds the unit's name to it).
+pub const MAX_NAME_BYTES: usize = 100;
+/// Most `/`-separated parts of a source name (each is one folder level of its shards).
+pub const MAX_SOURCE_PARTS: usize = 8;
+
 /// A name for a domain (one folder level) or a source (`/`-separated folder levels).
 pub(crate) fn is_name(s: &str, slashes: bool) -> bool {
     let part_ok = |p: &str| {
         !p.is_empty()
+            && p.len() <= MAX_NAME_BYTES
             && !p.starts_with('.')
             && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
     };
     if slashes {
-        s.split('/').all(part_ok)
+        s.split('/').count() <= MAX_SOURCE_PARTS && s.split('/').all(part_ok)
     } else {
         part_ok(s)
+    }
+}
+
+/// A name shortened for a message (a hostile one may be megabytes long).
+fn short(name: &str) -> String {
+    match name.char_indices().nth(60) {
+        Some((i, _)) => format!("{}... ({} bytes)", &name[..i], name.len()),
+        None => name.to_string(),
     }
 }
 
@@ -298,6 +323,15 @@ pub(crate) fn parse(
     fixed: Option<&(String, String)>,
 ) -> std::result::Result<ParsedDoc, Rejected> {
     let (text, domain, source) = match raw {
+        RawRecord::TooLong(bytes) => {
+            return Err((
+                Skip::TooLong,
+                format!(
+                    "document of more than {bytes} bytes, over --max-document-bytes (raise it to keep such documents)"
+                ),
+            )
+                .into())
+        }
         RawRecord::Text(bytes) => {
             let text = String::from_utf8(bytes).map_err(|e| {
                 let valid = e.utf8_error().valid_up_to();
@@ -364,7 +398,10 @@ pub(crate) fn parse(
             if !is_name(&domain, false) {
                 return Err((
                     Skip::BadName,
-                    format!("domain `{domain}` may use only letters, digits, '_', '-' and '.'"),
+                    format!(
+                        "domain `{}` may use only letters, digits, '_', '-' and '.', at most {MAX_NAME_BYTES} of them",
+                        short(&domain)
+                    ),
                 )
                     .into());
             }
@@ -372,7 +409,9 @@ pub(crate) fn parse(
                 return Err((
                     Skip::BadName,
                     format!(
-                        "source `{source}` may use only letters, digits, '_', '-', '.' and '/' between parts"
+                        "source `{}` may use only letters, digits, '_', '-', '.' and '/' between at most \
+                         {MAX_SOURCE_PARTS} parts of at most {MAX_NAME_BYTES} bytes",
+                        short(&source)
                     ),
                 )
                     .into());
@@ -387,11 +426,47 @@ pub(crate) fn parse(
     })
 }
 
+/// Default cap on one document (a JSON line, a text file, a Parquet value), in bytes.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 64 << 20;
+/// Default cap on how many times its size a compressed file may expand to.
+pub const DEFAULT_MAX_EXPANSION: u64 = 100;
+/// A compressed file may always expand to this much, whatever its ratio (small files of
+/// repetitive text compress far better than corpora do).
+pub const EXPANSION_FLOOR_BYTES: u64 = 16 << 20;
+
+/// Bounds on what one corpus file may make prepare hold or decompress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest document kept; longer ones are skipped as "too long" without being held.
+    pub max_document_bytes: u64,
+    /// A compressed file may expand to at most this many times its size (or
+    /// [`EXPANSION_FLOOR_BYTES`]); past it the file is refused as a likely decompression bomb.
+    pub max_expansion: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+            max_expansion: DEFAULT_MAX_EXPANSION,
+        }
+    }
+}
+
+impl Limits {
+    /// Most bytes a compressed file of `size` bytes may expand to.
+    fn expansion_cap(&self, size: u64) -> u64 {
+        size.saturating_mul(self.max_expansion)
+            .max(EXPANSION_FLOOR_BYTES)
+    }
+}
+
 /// Streams one file's records in order; `line` of each is 1-based (row or line number).
 pub(crate) struct RecordReader {
     path: PathBuf,
     kind: ReaderKind,
     line: u64,
+    max_document_bytes: u64,
 }
 
 enum ReaderKind {
@@ -407,16 +482,52 @@ struct ParquetRows {
     fixed: bool,
 }
 
-fn decompressed(path: &Path, file: File) -> Box<dyn Read + Send> {
+/// A decompressing reader that fails once it has produced more than `cap` bytes.
+struct Capped<R> {
+    inner: R,
+    produced: u64,
+    cap: u64,
+    compressed: u64,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.produced += n as u64;
+        if self.produced > self.cap {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "it expands past {} bytes, {}x its {} bytes on disk: a likely decompression bomb; \
+                     if the file is genuine, raise --max-expansion",
+                    self.cap,
+                    self.cap / self.compressed.max(1),
+                    self.compressed
+                ),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+fn decompressed(path: &Path, file: File, limits: &Limits) -> Box<dyn Read + Send> {
     let name = path.to_string_lossy().to_lowercase();
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let capped = |inner: Box<dyn Read + Send>| -> Box<dyn Read + Send> {
+        Box::new(Capped {
+            inner,
+            produced: 0,
+            cap: limits.expansion_cap(size),
+            compressed: size,
+        })
+    };
     if name.ends_with(".gz") {
-        Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
-            1 << 16,
-            file,
+        capped(Box::new(flate2::read::MultiGzDecoder::new(
+            BufReader::with_capacity(1 << 16, file),
         )))
     } else if name.ends_with(".zst") || name.ends_with(".zstd") {
         match zstd::stream::read::Decoder::new(file) {
-            Ok(d) => Box::new(d),
+            Ok(d) => capped(Box::new(d)),
             // Only fails allocating its context; report it as a read error on first use.
             Err(e) => Box::new(FailingReader(Some(e))),
         }
@@ -436,23 +547,71 @@ impl Read for FailingReader {
     }
 }
 
+/// Reads one line (without its `\n`) into `line`, holding at most `cap` bytes of it: a longer
+/// line is read to its end but not kept. Returns the line's length, or None at the end.
+fn read_bounded_line(
+    reader: &mut dyn BufRead,
+    line: &mut Vec<u8>,
+    cap: u64,
+) -> std::io::Result<Option<u64>> {
+    line.clear();
+    let mut length = 0u64;
+    let mut any = false;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(any.then_some(length));
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if length + chunk.len() as u64 <= cap {
+            line.extend_from_slice(chunk);
+        } else if length <= cap {
+            // Past the cap: what was kept is dropped, the rest only counted.
+            *line = Vec::new();
+        }
+        length += chunk.len() as u64;
+        let used = done.unwrap_or(buf.len());
+        reader.consume(used);
+        if done.is_some() {
+            return Ok(Some(length));
+        }
+    }
+}
+
 impl RecordReader {
     /// Opens a file of `format`; `fixed` says a folder gives the domain (Parquet then reads
     /// only the text column).
-    pub(crate) fn open(path: &Path, format: Format, fields: &Fields, fixed: bool) -> Result<Self> {
+    pub(crate) fn open(
+        path: &Path,
+        format: Format,
+        fields: &Fields,
+        fixed: bool,
+        limits: &Limits,
+    ) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
         let kind = match format {
             Format::Jsonl => ReaderKind::Lines(Box::new(BufReader::with_capacity(
                 1 << 20,
-                decompressed(path, file),
+                decompressed(path, file, limits),
             ))),
-            Format::Text => ReaderKind::Whole(Some(decompressed(path, file))),
-            Format::Parquet => ReaderKind::Parquet(ParquetRows::open(path, file, fields, fixed)?),
+            Format::Text => ReaderKind::Whole(Some(decompressed(path, file, limits))),
+            Format::Parquet => {
+                ReaderKind::Parquet(ParquetRows::open(path, file, fields, fixed, limits)?)
+            }
         };
         Ok(RecordReader {
             path: path.to_path_buf(),
             kind,
             line: 0,
+            max_document_bytes: limits.max_document_bytes,
         })
     }
 
@@ -464,24 +623,35 @@ impl RecordReader {
         }
     }
 
+    /// A read error: a decompression past its cap says so, anything else is corruption.
+    fn read_error(&self, e: std::io::Error) -> DataError {
+        if e.kind() == std::io::ErrorKind::FileTooLarge {
+            return DataError::Input {
+                path: self.path.clone(),
+                line: self.line,
+                reason: e.to_string(),
+            };
+        }
+        self.corrupt(e)
+    }
+
     /// The next record and its line (or row) number; None at the end of the file.
     pub(crate) fn next_record(&mut self) -> Result<Option<(u64, RawRecord)>> {
+        let cap = self.max_document_bytes;
         match &mut self.kind {
             ReaderKind::Lines(reader) => loop {
                 let mut line = Vec::new();
-                let n = match reader.read_until(b'\n', &mut line) {
-                    Ok(n) => n,
+                let n = match read_bounded_line(reader.as_mut(), &mut line, cap) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return Ok(None),
                     Err(e) => {
                         self.line += 1;
-                        return Err(self.corrupt(e));
+                        return Err(self.read_error(e));
                     }
                 };
-                if n == 0 {
-                    return Ok(None);
-                }
                 self.line += 1;
-                if line.last() == Some(&b'\n') {
-                    line.pop();
+                if n > cap {
+                    return Ok(Some((self.line, RawRecord::TooLong(n))));
                 }
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -492,20 +662,29 @@ impl RecordReader {
                 return Ok(Some((self.line, RawRecord::Json(line))));
             },
             ReaderKind::Whole(reader) => {
-                let Some(mut r) = reader.take() else {
+                let Some(r) = reader.take() else {
                     return Ok(None);
                 };
                 let mut bytes = Vec::new();
-                if let Err(e) = r.read_to_end(&mut bytes) {
-                    return Err(self.corrupt(e));
-                }
                 self.line = 1;
+                // One byte past the cap tells a document at the cap from a longer one, which
+                // is not read further.
+                if let Err(e) = r.take(cap.saturating_add(1)).read_to_end(&mut bytes) {
+                    return Err(self.read_error(e));
+                }
+                if bytes.len() as u64 > cap {
+                    return Ok(Some((1, RawRecord::TooLong(cap + 1))));
+                }
                 Ok(Some((1, RawRecord::Text(bytes))))
             }
             ReaderKind::Parquet(rows) => match rows.next_row() {
                 Ok(None) => Ok(None),
                 Ok(Some(columns)) => {
                     self.line += 1;
+                    let long = columns.as_ref().map_or(0, |(t, _, _)| t.len() as u64);
+                    if long > cap {
+                        return Ok(Some((self.line, RawRecord::TooLong(long))));
+                    }
                     Ok(Some((self.line, RawRecord::Columns(columns))))
                 }
                 Err(e) => {
@@ -520,12 +699,37 @@ impl RecordReader {
 type Columns = std::result::Result<(String, Option<String>, Option<String>), Skip>;
 
 impl ParquetRows {
-    fn open(path: &Path, file: File, fields: &Fields, fixed: bool) -> Result<Self> {
+    fn open(
+        path: &Path,
+        file: File,
+        fields: &Fields,
+        fixed: bool,
+        limits: &Limits,
+    ) -> Result<Self> {
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let reader = SerializedFileReader::new(file).map_err(|e| DataError::Input {
             path: path.to_path_buf(),
             line: 0,
             reason: format!("not a readable Parquet file ({e})"),
         })?;
+        // The row groups' uncompressed sizes are in the footer: a bomb is refused unread.
+        let uncompressed: u64 = reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| u64::try_from(g.total_byte_size()).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add);
+        if uncompressed > limits.expansion_cap(size) {
+            return Err(DataError::Input {
+                path: path.to_path_buf(),
+                line: 0,
+                reason: format!(
+                    "its row groups hold {uncompressed} bytes uncompressed, more than {}x its {size} bytes \
+                     on disk: a likely decompression bomb; if the file is genuine, raise --max-expansion",
+                    limits.max_expansion
+                ),
+            });
+        }
         let schema = reader.metadata().file_metadata().schema();
         let columns: Vec<String> = schema
             .get_fields()

@@ -10,6 +10,7 @@ mod blend;
 pub mod classify;
 pub mod config;
 pub mod dataset;
+pub mod dataset_dir;
 mod error;
 pub mod input;
 pub mod manifest;
@@ -18,18 +19,20 @@ mod shard;
 pub mod stream;
 mod tokenize;
 mod util;
+pub mod walk;
 
 use std::path::Path;
 
 pub use config::{DataConfig, StageConfig};
 pub use dataset::Dataset;
 pub use error::{DataError, Result};
-pub use input::{FieldPath, Fields, SkipCounts};
+pub use input::{FieldPath, Fields, Limits, SkipCounts};
 pub use manifest::{Manifest, TokenDtype};
 pub use prepare::{
     merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice,
 };
 pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
+pub use walk::{LinkSkip, SkippedLink};
 
 /// Opens `cfg.dataset`, preparing it first from `cfg.sources` when it has no usable manifest
 /// (training a BPE of `cfg.tokenizer_vocab` unless `cfg.tokenizer` is given).
@@ -72,6 +75,9 @@ pub fn ensure_prepared_with(
             if let Some(f) = cfg.validation_fraction {
                 opts.validation_fraction = f;
             }
+            // Several runs (a Slurm array) may prepare the same dataset on first use: the
+            // first prepares, the others wait for it and then reuse every unit.
+            opts.wait_for_lock = true;
             prepare(&opts, progress)?;
             Dataset::open(&cfg.dataset)
         }

@@ -223,6 +223,12 @@ impl Manifest {
                 reason: "domains are not unique and sorted by name".into(),
             });
         }
+        manifest
+            .check_paths()
+            .map_err(|reason| DataError::Manifest {
+                path: path.to_path_buf(),
+                reason,
+            })?;
         if manifest.dtype != TokenDtype::for_vocab(manifest.tokenizer.vocab_size) {
             return Err(DataError::Manifest {
                 path: path.to_path_buf(),
@@ -233,6 +239,30 @@ impl Manifest {
             });
         }
         Ok(manifest)
+    }
+
+    /// Every path the manifest names must stay inside the dataset folder: the tokenizer a plain
+    /// file name, each shard file `shards/<its domain>/<its source>/<plain name>`. A manifest
+    /// that names anything else (`../x`, an absolute path) was not written by moelab, and
+    /// reading or writing there would touch files outside the dataset.
+    fn check_paths(&self) -> std::result::Result<(), String> {
+        if !is_plain_name(&self.tokenizer.file) {
+            return Err(format!(
+                "tokenizer file `{}` is not a plain file name inside the dataset folder; the manifest was \
+                 not written by moelab (or was edited): refusing to read or write outside the dataset",
+                self.tokenizer.file
+            ));
+        }
+        for d in &self.domains {
+            for s in &d.sources {
+                for shard in &s.shards {
+                    for file in [&shard.tokens_file, &shard.docs_file] {
+                        check_shard_path(file, &d.name, &s.name)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the manifest atomically (temp file, fsync, rename).
@@ -260,5 +290,68 @@ impl Manifest {
             }
         }
         h.hex()
+    }
+}
+
+/// Whether `name` is one plain file or folder name: letters, digits, `_`, `-` and `.`, not
+/// empty and not starting with `.` (so never `.`, `..`, hidden, absolute or holding a `/`).
+pub fn is_plain_name(name: &str) -> bool {
+    crate::input::is_name(name, false)
+}
+
+/// Checks a shard path read from a manifest or unit record: `shards/<domain>/<source>/<file>`
+/// with every part a plain name, so that joining it to the dataset folder stays inside it.
+pub(crate) fn check_shard_path(
+    file: &str,
+    domain: &str,
+    source: &str,
+) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = file.split('/').collect();
+    let source_parts: Vec<&str> = source.split('/').collect();
+    let inside = parts.len() == 3 + source_parts.len()
+        && parts[0] == "shards"
+        && parts[1] == domain
+        && parts[2..parts.len() - 1] == source_parts[..]
+        && parts.iter().all(|p| is_plain_name(p));
+    if inside {
+        Ok(())
+    } else {
+        Err(format!(
+            "shard file `{file}` of {domain}/{source} is not shards/{domain}/{source}/<file name> inside \
+             the dataset folder; it was not written by moelab (or was edited): refusing to read or write \
+             outside the dataset"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_paths_must_stay_inside_their_source_folder() {
+        assert!(check_shard_path(
+            "shards/web/default/a.1234.train.0000.tokens",
+            "web",
+            "default"
+        )
+        .is_ok());
+        assert!(check_shard_path("shards/web/cc/2019/a.tokens", "web", "cc/2019").is_ok());
+        for bad in [
+            "../../victim.txt",
+            "/etc/passwd",
+            "shards/web/default/../../../x",
+            "shards/web/default/.hidden",
+            "shards/other/default/a.tokens",
+            "shards/web/default/sub/a.tokens",
+            "shards/web/default/",
+            "shards//default/a.tokens",
+        ] {
+            assert!(check_shard_path(bad, "web", "default").is_err(), "{bad}");
+        }
+        assert!(is_plain_name("tokenizer.json"));
+        for bad in ["", ".", "..", "../t.json", "/t.json", "a/b", ".t"] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
     }
 }

@@ -29,6 +29,7 @@ use crate::manifest::{
 use crate::shard::ShardWriter;
 use crate::tokenize::{encode_document, text_pieces, train_bpe};
 use crate::util::{sha256_hex, sha256_u64, Hasher};
+use crate::walk::{Entry, SkippedLink};
 use crate::{DataError, Result};
 
 pub use crate::tokenize::PIECE_BYTES;
@@ -96,6 +97,14 @@ pub struct PrepareOptions {
     /// The token appended after every document: the tokenizer's own (e.g. `</s>`), or
     /// `<|endoftext|>` (added as a special token when the tokenizer lacks it).
     pub eos_token: String,
+    /// When another prepare holds the output's lock: wait for it (true) or fail naming its
+    /// PID (false, the CLI's choice).
+    pub wait_for_lock: bool,
+    /// Read links in corpus folders that resolve outside the input folder (skipped and
+    /// reported by default).
+    pub follow_outside_links: bool,
+    /// Caps on one document and on a compressed file's expansion.
+    pub limits: input::Limits,
 }
 
 impl PrepareOptions {
@@ -112,6 +121,9 @@ impl PrepareOptions {
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             part: None,
             eos_token: EOS_TOKEN.into(),
+            wait_for_lock: false,
+            follow_outside_links: false,
+            limits: input::Limits::default(),
         }
     }
 }
@@ -169,6 +181,8 @@ pub struct PrepareReport {
     pub reused_units: usize,
     /// Files inside domain folders that were ignored (unsupported extension).
     pub ignored_files: Vec<PathBuf>,
+    /// Symbolic links not followed (outside the input, loops, broken, second paths).
+    pub skipped_links: Vec<SkippedLink>,
 }
 
 /// A set of input files encoded together into its own shards.
@@ -178,6 +192,8 @@ struct Unit {
     /// File-safe name: shard file stems and the record under `units/`.
     name: String,
     files: Vec<PathBuf>,
+    /// Each file's identity: the input's label and the path below the input.
+    rel: Vec<String>,
     format: Format,
     /// Folder units fix domain and source; file units read them from each record.
     fixed: Option<(String, String)>,
@@ -234,7 +250,25 @@ fn with_threads<T: Send>(
     }
 }
 
+/// Most worker threads `prepare --threads` starts (far above any machine's useful count; a
+/// typo such as 100000 would otherwise spawn threads for minutes).
+pub const MAX_THREADS: usize = 1024;
+
 fn check_options(opts: &PrepareOptions) -> Result<()> {
+    if let Some(threads) = opts.threads {
+        if threads == 0 || threads > MAX_THREADS {
+            return Err(DataError::Prepare(format!(
+                "--threads {threads} is outside 1..={MAX_THREADS}; give at most the machine's cores \
+                 (this one has {}), or leave it out for one per core",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            )));
+        }
+    }
+    if opts.limits.max_document_bytes == 0 || opts.limits.max_expansion == 0 {
+        return Err(DataError::Prepare(
+            "--max-document-bytes and --max-expansion must be at least 1".into(),
+        ));
+    }
     if !(0.0..1.0).contains(&opts.validation_fraction) {
         return Err(DataError::Prepare(format!(
             "--validation-fraction must be in [0, 1), got {}",
@@ -265,43 +299,70 @@ fn check_options(opts: &PrepareOptions) -> Result<()> {
     Ok(())
 }
 
-/// The folder a prepare writes into: the output itself when it already holds a dataset (or
-/// other files), else a hidden sibling renamed to the output on success, so a failed first
-/// prepare leaves no folder that looks like a dataset.
+/// The folder a prepare writes into: the output itself when it already holds a dataset, else
+/// a hidden sibling renamed to the output on success, so a failed first prepare leaves no
+/// folder that looks like a dataset. Either carries the marker and is locked while it exists.
 struct WorkDir {
     dir: PathBuf,
     /// Where `dir` is renamed to at the end (None: working in place).
     rename_to: Option<PathBuf>,
+    /// Held until the work is done (the lock file moves with a renamed folder).
+    _lock: crate::dataset_dir::DatasetLock,
 }
 
 impl WorkDir {
-    fn for_output(out: &Path) -> Result<WorkDir> {
+    /// The work folder for `out`, locked (waiting for another prepare with `wait`); a folder
+    /// moelab did not create is refused before anything is written.
+    fn for_output(out: &Path, wait: bool) -> Result<WorkDir> {
+        use crate::dataset_dir::{check_ours, is_empty_or_absent, lock, mark, MARKER_FILE};
         if out.exists() && !out.is_dir() {
             return Err(DataError::Prepare(format!(
                 "--out {} is a file; give a folder for the dataset",
                 out.display()
             )));
         }
-        let in_place = out.join(MANIFEST_FILE).is_file()
-            || std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some());
-        if in_place {
+        // Twice at most: a prepare that finished while we waited turns a fresh output into
+        // a dataset to work in.
+        for _ in 0..2 {
+            check_ours(out, "--out")?;
+            if !is_empty_or_absent(out) {
+                let held = lock(out, wait)?;
+                if !out.join(MARKER_FILE).is_file() {
+                    mark(out)?;
+                }
+                return Ok(WorkDir {
+                    dir: out.to_path_buf(),
+                    rename_to: None,
+                    _lock: held,
+                });
+            }
+            let name = out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| {
+                    DataError::Prepare(format!("--out {} has no folder name", out.display()))
+                })?;
+            let dir = out.with_file_name(format!(".{name}.partial"));
+            check_ours(&dir, "the work folder of --out")?;
+            std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+            let held = lock(&dir, wait)?;
+            if !is_empty_or_absent(out) || !dir.is_dir() {
+                // Another prepare finished (and renamed its work folder) meanwhile.
+                continue;
+            }
+            if !dir.join(MARKER_FILE).is_file() {
+                mark(&dir)?;
+            }
             return Ok(WorkDir {
-                dir: out.to_path_buf(),
-                rename_to: None,
+                dir,
+                rename_to: Some(out.to_path_buf()),
+                _lock: held,
             });
         }
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .ok_or_else(|| {
-                DataError::Prepare(format!("--out {} has no folder name", out.display()))
-            })?;
-        let dir = out.with_file_name(format!(".{name}.partial"));
-        std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
-        Ok(WorkDir {
-            dir,
-            rename_to: Some(out.to_path_buf()),
-        })
+        Err(DataError::Prepare(format!(
+            "{} changed while waiting for its lock; run again",
+            out.display()
+        )))
     }
 
     /// Moves the finished dataset into place.
@@ -340,7 +401,7 @@ impl WorkDir {
 }
 
 fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Result<PrepareReport> {
-    let (units, ignored_files) = discover(opts)?;
+    let (units, ignored_files, skipped_links) = discover(opts)?;
     let selected: Vec<usize> = match opts.part {
         None => (0..units.len()).collect(),
         Some(part) => part_slice(&units, part),
@@ -349,7 +410,9 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
         files: selected.iter().map(|&u| units[u].files.len()).sum(),
         bytes: selected.iter().map(|&u| units[u].bytes).sum(),
     });
-    let work = WorkDir::for_output(&opts.out)?;
+    let work = WorkDir::for_output(&opts.out, opts.wait_for_lock)?;
+    // The lock is ours: hidden temporary files in the folder are a killed run's leftovers.
+    crate::dataset_dir::remove_leftovers(&work.dir)?;
     let result = run_in(opts, &work.dir, &units, &selected, progress);
     match result {
         Ok((manifest, written_units)) => {
@@ -359,6 +422,7 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
                 manifest,
                 written_units,
                 ignored_files,
+                skipped_links,
             })
         }
         Err(e) => {
@@ -478,16 +542,21 @@ fn listing_hash(opts: &PrepareOptions, units: &[Unit], info: &TokenizerInfo) -> 
     let mut h = Hasher::new();
     h.update(
         format!(
-            "format {FORMAT_VERSION} {:?} {} {} {} {}",
-            opts.fields, opts.validation_fraction, opts.max_shard_bytes, info.sha256, info.eos_id
+            "format {FORMAT_VERSION} {:?} {} {} {} {} max-doc {}",
+            opts.fields,
+            opts.validation_fraction,
+            opts.max_shard_bytes,
+            info.sha256,
+            info.eos_id,
+            opts.limits.max_document_bytes
         )
         .as_bytes(),
     );
     for u in units {
         h.update(format!("{} {:?}", u.id, u.fixed).as_bytes());
-        for f in &u.files {
+        for (f, rel) in u.files.iter().zip(&u.rel) {
             let size = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
-            h.update(format!("{} {size}", f.display()).as_bytes());
+            h.update(format!("{rel} {size}").as_bytes());
         }
     }
     h.hex()
@@ -594,13 +663,19 @@ fn unit_key(
         Some(_) => opts.fields.text.0.clone(),
         None => format!("{:?}", opts.fields),
     };
-    h.update(format!("{fields} {} {}", opts.max_shard_bytes, rates.fraction_ppm).as_bytes());
+    h.update(
+        format!(
+            "{fields} {} {} max-doc {}",
+            opts.max_shard_bytes, rates.fraction_ppm, opts.limits.max_document_bytes
+        )
+        .as_bytes(),
+    );
     if let Some((domain, _)) = &unit.fixed {
         h.update(format!("ppm {}", rates.ppm(domain)).as_bytes());
     }
-    for f in &unit.files {
+    for (f, rel) in unit.files.iter().zip(&unit.rel) {
         let hash = hash_of.get(f.as_path()).copied().unwrap_or("");
-        h.update(format!("{} {hash}", f.display()).as_bytes());
+        h.update(format!("{rel} {hash}").as_bytes());
     }
     h.hex()
 }
@@ -616,9 +691,10 @@ fn reusable(
 ) -> Option<UnitRecord> {
     let text = std::fs::read(dir.join(UNITS_DIR).join(format!("{}.json", unit.name))).ok()?;
     let record: UnitRecord = serde_json::from_slice(&text).ok()?;
-    if record.key != key || record.id != unit.id {
+    if record.key != key || record.id != unit.id || record.name != unit.name {
         return None;
     }
+    check_record_paths(&record).ok()?;
     if record
         .validation_ppm
         .iter()
@@ -699,19 +775,22 @@ fn unit_name(path: &Path, id: &str) -> String {
             }
         })
         .collect();
+    let stem = if stem.is_empty() { "unit".into() } else { stem };
     format!("{stem}.{}", &sha256_hex(id.as_bytes())[..10])
 }
 
 /// Collects units while walking the inputs.
-#[derive(Default)]
 struct Discovery {
     units: BTreeMap<String, Unit>,
     ignored: Vec<PathBuf>,
+    walker: crate::walk::Walker,
 }
 
 impl Discovery {
     /// A file unit (JSONL, Parquet) or, for text files, a member of its folder's unit.
-    fn add_file(&mut self, path: &Path, fixed: Option<(String, String)>) -> Result<()> {
+    /// `rel` names the file independently of how the input was spelled: the input's label and
+    /// the path below it, so `data/x`, `./data/x/` and `/abs/data/x` give the same units.
+    fn add_file(&mut self, path: &Path, rel: &str, fixed: Option<(String, String)>) -> Result<()> {
         let Some(format) = input::format_of(path) else {
             self.ignored.push(path.to_path_buf());
             return Ok(());
@@ -720,10 +799,10 @@ impl Discovery {
             .map_err(|e| DataError::io(path, e))?
             .len();
         let (id, name_path) = if format == Format::Text {
-            let folder = moelab_io::parent(path);
-            (format!("{}/", folder.display()), folder.to_path_buf())
+            let folder = rel.rsplit_once('/').map_or("", |(folder, _)| folder);
+            (format!("{folder}/"), moelab_io::parent(path).to_path_buf())
         } else {
-            (path.display().to_string(), path.to_path_buf())
+            (rel.to_string(), path.to_path_buf())
         };
         if format == Format::Text && fixed.is_none() {
             return Err(DataError::Prepare(format!(
@@ -737,6 +816,7 @@ impl Discovery {
             id: id.clone(),
             name,
             files: Vec::new(),
+            rel: Vec::new(),
             format,
             fixed: fixed.clone(),
             bytes: 0,
@@ -749,71 +829,140 @@ impl Discovery {
                 fixed
             )));
         }
-        if !unit.files.iter().any(|f| f == path) {
+        if !unit.rel.iter().any(|f| f == rel) {
             unit.files.push(path.to_path_buf());
+            unit.rel.push(rel.to_string());
             unit.bytes += bytes;
         }
         Ok(())
     }
 
     /// Every corpus file under `dir`, recursively, for one fixed domain and source.
-    fn add_tree(&mut self, dir: &Path, fixed: &(String, String)) -> Result<()> {
-        for entry in sorted_entries(dir)? {
-            if entry.is_dir() {
-                self.add_tree(&entry, fixed)?;
-            } else {
-                self.add_file(&entry, Some(fixed.clone()))?;
+    fn add_tree(&mut self, dir: &Path, rel: &str, fixed: &(String, String)) -> Result<()> {
+        for entry in self.walker.entries(dir)? {
+            match entry {
+                Entry::Dir(path) => {
+                    let rel = format!("{rel}/{}", file_name(&path));
+                    self.add_tree(&path, &rel, fixed)?;
+                }
+                Entry::File(path) => {
+                    let rel = format!("{rel}/{}", file_name(&path));
+                    self.add_file(&path, &rel, Some(fixed.clone()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One corpus folder: domain folders (with source folders) and record files at its root.
+    fn add_corpus(&mut self, input: &Path, label: &str) -> Result<()> {
+        for entry in self.walker.entries(input)? {
+            let entry = match entry {
+                Entry::File(path) => {
+                    // Corpus files at the root name their domain in each record; anything else
+                    // there (README, PROVENANCE, scripts) is not data.
+                    if matches!(
+                        input::format_of(&path),
+                        Some(Format::Jsonl | Format::Parquet)
+                    ) {
+                        let rel = format!("{label}/{}", file_name(&path));
+                        self.add_file(&path, &rel, None)?;
+                    }
+                    continue;
+                }
+                Entry::Dir(path) => path,
+            };
+            let domain = file_name(&entry);
+            if !input::is_name(&domain, false) {
+                return Err(DataError::Prepare(format!(
+                    "{}: a domain folder name may use only letters, digits, '_', '-' and '.', at most {} of them",
+                    entry.display(),
+                    input::MAX_NAME_BYTES
+                )));
+            }
+            for item in self.walker.entries(&entry)? {
+                match item {
+                    Entry::Dir(item) => {
+                        let source = file_name(&item);
+                        if !input::is_name(&source, false) {
+                            return Err(DataError::Prepare(format!(
+                                "{}: a source folder name may use only letters, digits, '_', '-' and '.', at most {} of them",
+                                item.display(),
+                                input::MAX_NAME_BYTES
+                            )));
+                        }
+                        let rel = format!("{label}/{domain}/{source}");
+                        self.add_tree(&item, &rel, &(domain.clone(), source))?;
+                    }
+                    Entry::File(item) => {
+                        let rel = format!("{label}/{domain}/{}", file_name(&item));
+                        self.add_file(&item, &rel, Some((domain.clone(), "default".into())))?;
+                    }
+                }
             }
         }
         Ok(())
     }
 }
 
-/// Turns the inputs into units, sorted by identity.
-fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>)> {
+/// Each input's label in unit identities: its resolved folder or file name, or its whole
+/// resolved path when two different inputs share that name. Inputs that resolve to the same
+/// path are given once.
+fn input_labels(inputs: &[PathBuf]) -> Result<Vec<(PathBuf, String)>> {
+    let mut resolved: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for input in inputs {
+        let real = std::fs::canonicalize(input).map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::NotFound {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "input not found")
+            } else {
+                e
+            };
+            DataError::io(input, what)
+        })?;
+        if !resolved.iter().any(|(_, r)| *r == real) {
+            resolved.push((input.clone(), real));
+        }
+    }
+    let name = |real: &Path| file_name(real);
+    Ok(resolved
+        .iter()
+        .map(|(input, real)| {
+            let shared = resolved
+                .iter()
+                .any(|(_, other)| other != real && name(other) == name(real));
+            let label = if shared || name(real).is_empty() {
+                real.to_string_lossy().into_owned()
+            } else {
+                name(real)
+            };
+            (input.clone(), label)
+        })
+        .collect())
+}
+
+/// Turns the inputs into units, sorted by identity; also returns the ignored files and the
+/// links not followed.
+fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>, Vec<SkippedLink>)> {
     if opts.inputs.is_empty() {
         return Err(DataError::Prepare("no inputs given".into()));
     }
-    let mut found = Discovery::default();
-    for input in &opts.inputs {
+    let mut found = Discovery {
+        units: BTreeMap::new(),
+        ignored: Vec::new(),
+        walker: crate::walk::Walker::new(opts.follow_outside_links),
+    };
+    for (input, label) in input_labels(&opts.inputs)? {
         if input.is_dir() {
-            for entry in sorted_entries(input)? {
-                if !entry.is_dir() {
-                    // Corpus files at the root name their domain in each record; anything else
-                    // there (README, PROVENANCE, scripts) is not data.
-                    if matches!(
-                        input::format_of(&entry),
-                        Some(Format::Jsonl | Format::Parquet)
-                    ) {
-                        found.add_file(&entry, None)?;
-                    }
-                    continue;
-                }
-                let domain = file_name(&entry);
-                if !input::is_name(&domain, false) {
-                    return Err(DataError::Prepare(format!(
-                        "{}: a domain folder name may use only letters, digits, '_', '-' and '.'",
-                        entry.display()
-                    )));
-                }
-                for item in sorted_entries(&entry)? {
-                    if item.is_dir() {
-                        let source = file_name(&item);
-                        if !input::is_name(&source, false) {
-                            return Err(DataError::Prepare(format!(
-                                "{}: a source folder name may use only letters, digits, '_', '-' and '.'",
-                                item.display()
-                            )));
-                        }
-                        found.add_tree(&item, &(domain.clone(), source))?;
-                    } else {
-                        found.add_file(&item, Some((domain.clone(), "default".into())))?;
-                    }
-                }
+            if found.walker.enter_root(&input)? {
+                found.add_corpus(&input, &label)?;
             }
         } else if input.is_file() {
-            match input::format_of(input) {
-                Some(Format::Jsonl | Format::Parquet) => found.add_file(input, None)?,
+            match input::format_of(&input) {
+                Some(Format::Jsonl | Format::Parquet) => {
+                    if found.walker.first_visit(&input)? {
+                        found.add_file(&input, &label, None)?
+                    }
+                }
                 _ => {
                     return Err(DataError::Prepare(format!(
                         "{}: a file given directly must be JSONL or Parquet whose records carry a `{}` field \
@@ -825,10 +974,10 @@ fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>)> {
                 }
             }
         } else {
-            return Err(DataError::io(
-                input,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "input not found"),
-            ));
+            return Err(DataError::Prepare(format!(
+                "{}: not a file or folder (a FIFO or device?); give corpus folders or files",
+                input.display()
+            )));
         }
     }
     let units: Vec<Unit> = found.units.into_values().collect();
@@ -838,7 +987,7 @@ fn discover(opts: &PrepareOptions) -> Result<(Vec<Unit>, Vec<PathBuf>)> {
             input::SUPPORTED
         )));
     }
-    Ok((units, found.ignored))
+    Ok((units, found.ignored, found.walker.skipped))
 }
 
 /// What the reader thread sends: records, and where files and units end.
@@ -870,6 +1019,7 @@ fn spawn_reader<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     units: Vec<&'scope Unit>,
     fields: &'scope Fields,
+    limits: &'scope input::Limits,
 ) -> Receiver<Vec<Item>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Item>>(1);
     scope.spawn(move || {
@@ -880,15 +1030,20 @@ fn spawn_reader<'scope>(
         let mut bytes = 0usize;
         for (u, unit) in units.iter().enumerate() {
             for (f, path) in unit.files.iter().enumerate() {
-                let mut reader =
-                    match RecordReader::open(path, unit.format, fields, unit.fixed.is_some()) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            batch.push(Item::Failed(e));
-                            let _ = send(&tx, &mut batch);
-                            return;
-                        }
-                    };
+                let mut reader = match RecordReader::open(
+                    path,
+                    unit.format,
+                    fields,
+                    unit.fixed.is_some(),
+                    limits,
+                ) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        batch.push(Item::Failed(e));
+                        let _ = send(&tx, &mut batch);
+                        return;
+                    }
+                };
                 loop {
                     match reader.next_record() {
                         Ok(Some((line, raw))) => {
@@ -1009,7 +1164,7 @@ impl Encoder<'_> {
             validation_ppm: BTreeMap::new(),
         };
         std::thread::scope(|scope| {
-            let rx = spawn_reader(scope, units.clone(), &self.opts.fields);
+            let rx = spawn_reader(scope, units.clone(), &self.opts.fields, &self.opts.limits);
             let mut done = Vec::new();
             let mut open: Option<OpenUnit> = None;
             for batch in rx {
@@ -1378,7 +1533,7 @@ fn train_on(
             .collect::<Vec<_>>(),
     );
     let trained = std::thread::scope(|scope| {
-        let rx = spawn_reader(scope, all.clone(), &opts.fields);
+        let rx = spawn_reader(scope, all.clone(), &opts.fields, &opts.limits);
         // The trainer gets the same pieces the encoder does: word counts are the same (pieces
         // end at pre-token boundaries) and its memory per call stays bounded.
         let texts = training_texts(rx, &all, opts, &error, &stats, progress);
@@ -1483,7 +1638,9 @@ fn manifest_of(
 }
 
 /// Deletes shards and unit records the manifest no longer lists (inputs that changed or
-/// were removed), once the manifest that replaces them is saved.
+/// were removed), once the manifest that replaces them is saved. Only files named as prepare
+/// names them are candidates (a shard `<unit>.<key>.<split>.NNNN.tokens|docs`, a unit record
+/// that parses as one): anything else in the folder is left alone.
 fn remove_unlisted(dir: &Path, manifest: &Manifest, records: &BTreeSet<String>) -> Result<()> {
     let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
     for d in &manifest.domains {
@@ -1497,13 +1654,16 @@ fn remove_unlisted(dir: &Path, manifest: &Manifest, records: &BTreeSet<String>) 
     fn walk(path: &Path, keep: &BTreeSet<PathBuf>) -> Result<bool> {
         let mut empty = true;
         for entry in sorted_entries(path)? {
-            if entry.is_dir() {
+            let is_dir = std::fs::symlink_metadata(&entry).is_ok_and(|m| m.is_dir());
+            if is_dir {
                 if walk(&entry, keep)? {
                     std::fs::remove_dir(&entry).map_err(|e| DataError::io(&entry, e))?;
                 } else {
                     empty = false;
                 }
-            } else if keep.contains(&entry) {
+            } else if keep.contains(&entry)
+                || !crate::dataset_dir::is_shard_file_name(&file_name(&entry))
+            {
                 empty = false;
             } else {
                 std::fs::remove_file(&entry).map_err(|e| DataError::io(&entry, e))?;
@@ -1522,7 +1682,11 @@ fn remove_unlisted(dir: &Path, manifest: &Manifest, records: &BTreeSet<String>) 
             let listed = name
                 .strip_suffix(".json")
                 .is_some_and(|n| records.contains(n));
-            if !listed {
+            let ours = !listed
+                && std::fs::read(&entry)
+                    .ok()
+                    .is_some_and(|b| serde_json::from_slice::<UnitRecord>(&b).is_ok());
+            if ours {
                 std::fs::remove_file(&entry).map_err(|e| DataError::io(&entry, e))?;
             }
         }
@@ -1606,7 +1770,37 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
         )));
     }
 
-    let work = WorkDir::for_output(out)?;
+    // Everything the parts name is read and checked before anything is written.
+    let mut records = Vec::new();
+    for (m, dir) in manifests.iter().zip(parts) {
+        records.extend(part_records(m, dir)?);
+    }
+    let tokenizer = parts[0].join(&first.tokenizer.file);
+    check_part_file(&tokenizer, None, &first.tokenizer.sha256)?;
+    records.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    if records
+        .iter()
+        .flat_map(|r| &r.1.inputs)
+        .all(|s| s.documents == 0)
+    {
+        return Err(DataError::Prepare(
+            "the parts hold no document; their manifests' `inputs` say why each file's records were skipped"
+                .into(),
+        ));
+    }
+    if records.windows(2).any(|w| w[0].1.id == w[1].1.id) {
+        return Err(DataError::Prepare(
+            "two parts hold the same input; re-run every part with the same --part count".into(),
+        ));
+    }
+
+    if !crate::dataset_dir::is_empty_or_absent(out) {
+        return Err(DataError::Prepare(format!(
+            "{} is not empty; merge into a new folder",
+            out.display()
+        )));
+    }
+    let work = WorkDir::for_output(out, false)?;
     if work.rename_to.is_none() {
         return Err(DataError::Prepare(format!(
             "{} is not empty; merge into a new folder",
@@ -1616,51 +1810,21 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     let result = (|| {
         let units_dir = work.dir.join(UNITS_DIR);
         std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
-        let mut records = Vec::new();
-        for (m, dir) in manifests.iter().zip(parts) {
-            let units = m.part.as_ref().map(|p| p.units.clone()).unwrap_or_default();
-            for name in units {
-                let path = dir.join(UNITS_DIR).join(format!("{name}.json"));
-                let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
-                let record: UnitRecord =
-                    serde_json::from_slice(&bytes).map_err(|e| DataError::Manifest {
-                        path: path.clone(),
-                        reason: format!("not a unit record ({e}); re-run that part"),
-                    })?;
-                for s in &record.shards {
-                    for f in [&s.shard.tokens_file, &s.shard.docs_file] {
-                        link_or_copy(&dir.join(f), &work.dir.join(f))?;
-                    }
+        for (dir, record) in &records {
+            for s in &record.shards {
+                for f in [&s.shard.tokens_file, &s.shard.docs_file] {
+                    link_or_copy(&dir.join(f), &work.dir.join(f))?;
                 }
-                save_record(&work.dir, &record)?;
-                records.push(record);
             }
+            save_record(&work.dir, record)?;
         }
-        records.sort_by(|a, b| a.id.cmp(&b.id));
-        if records
-            .iter()
-            .flat_map(|r| &r.inputs)
-            .all(|s| s.documents == 0)
-        {
-            return Err(DataError::Prepare(
-                "the parts hold no document; their manifests' `inputs` say why each file's records were skipped"
-                    .into(),
-            ));
-        }
-        if records.windows(2).any(|w| w[0].id == w[1].id) {
-            return Err(DataError::Prepare(
-                "two parts hold the same input; re-run every part with the same --part count"
-                    .into(),
-            ));
-        }
-        let tokenizer = parts[0].join(&first.tokenizer.file);
         link_or_copy(&tokenizer, &work.dir.join(&first.tokenizer.file))?;
         let manifest = manifest_of(
             first.tokenizer.clone(),
             first.dtype,
             first.validation_fraction,
             first.max_shard_bytes,
-            records,
+            records.into_iter().map(|r| r.1).collect(),
             None,
         );
         manifest.save(&work.dir.join(MANIFEST_FILE))?;
@@ -1676,6 +1840,90 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             Err(e)
         }
     }
+}
+
+/// The unit records of one part folder, each checked: its name is the one the part's manifest
+/// lists, every shard path stays inside the part folder, and every shard file is a regular
+/// file (not a link) of the recorded size and sha256.
+fn part_records(m: &Manifest, dir: &Path) -> Result<Vec<(PathBuf, UnitRecord)>> {
+    let names = m.part.as_ref().map(|p| p.units.clone()).unwrap_or_default();
+    let mut records = Vec::new();
+    for name in names {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        if !crate::manifest::is_plain_name(&name) {
+            return Err(DataError::Manifest {
+                path: manifest_path,
+                reason: format!(
+                    "unit `{name}` is not a plain file name; the part was not written by moelab: re-run that part"
+                ),
+            });
+        }
+        let path = dir.join(UNITS_DIR).join(format!("{name}.json"));
+        let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+        let bad = |reason: String| DataError::Manifest {
+            path: path.clone(),
+            reason: format!("{reason}; re-run that part"),
+        };
+        let record: UnitRecord =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a unit record ({e})")))?;
+        if record.name != name {
+            return Err(bad(format!("names unit `{}`, not `{name}`", record.name)));
+        }
+        check_record_paths(&record).map_err(bad)?;
+        for s in &record.shards {
+            let width = m.dtype.bytes() as u64;
+            let shard = &s.shard;
+            let tokens = Some(shard.counts.tokens * width);
+            check_part_file(&dir.join(&shard.tokens_file), tokens, &shard.tokens_sha256)?;
+            let docs = Some(shard.counts.documents * 8);
+            check_part_file(&dir.join(&shard.docs_file), docs, &shard.docs_sha256)?;
+        }
+        records.push((dir.to_path_buf(), record));
+    }
+    Ok(records)
+}
+
+/// Every shard path of a unit record is `shards/<domain>/<source>/<plain name>`.
+fn check_record_paths(record: &UnitRecord) -> std::result::Result<(), String> {
+    for s in &record.shards {
+        if !input::is_name(&s.domain, false) || !input::is_name(&s.source, true) {
+            return Err(format!(
+                "domain/source `{}/{}` is not a usable name",
+                s.domain, s.source
+            ));
+        }
+        for f in [&s.shard.tokens_file, &s.shard.docs_file] {
+            crate::manifest::check_shard_path(f, &s.domain, &s.source)?;
+        }
+    }
+    Ok(())
+}
+
+/// A file a part names: a regular file (a link could point anywhere), of `size` bytes when
+/// given, with the recorded sha256.
+fn check_part_file(path: &Path, size: Option<u64>, sha256: &str) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| DataError::io(path, e))?;
+    let corrupt = |reason: String| DataError::CorruptShard {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !meta.file_type().is_file() {
+        return Err(corrupt(
+            "not a regular file (a link or special file); merge copies only files a part wrote"
+                .into(),
+        ));
+    }
+    if let Some(size) = size.filter(|&s| s != meta.len()) {
+        return Err(corrupt(format!(
+            "{} bytes, its unit record says {size}",
+            meta.len()
+        )));
+    }
+    let got = crate::util::sha256_file(path)?;
+    if got != sha256 {
+        return Err(corrupt(format!("sha256 {got}, the part says {sha256}")));
+    }
+    Ok(())
 }
 
 /// Hard-links `from` to `to` (shards are never modified once written), or copies it.

@@ -53,7 +53,25 @@ fn write_json(path: &Path, value: &Value) -> Result<(), TrainError> {
     std::fs::write(path, text + "\n").map_err(io(path))
 }
 
-/// A sibling temporary folder of `out`, emptied.
+/// Marks a temporary export/import folder as moelab's (what the next run's cleanup checks).
+const TMP_MARKER: &str = ".moelab-tmp";
+
+/// Files an export or import writes into its temporary folder (a leftover holding anything
+/// else is not removed).
+const TMP_CONTENT: [&str; 9] = [
+    TMP_MARKER,
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.toml",
+    "ckpt",
+];
+
+/// A sibling temporary folder of `out`, created empty and marked; leftovers of killed
+/// exports or imports into the same `out` are removed first.
 fn temp_sibling(out: &Path) -> Result<PathBuf, TrainError> {
     let name = out.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
         TrainError::Argument(format!("--out {}: not a folder name", out.display()))
@@ -63,11 +81,46 @@ fn temp_sibling(out: &Path) -> Result<PathBuf, TrainError> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    remove_stale_temps(&parent, name);
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let marker = tmp.join(TMP_MARKER);
+    std::fs::write(&marker, b"moelab export/import in progress\n").map_err(io(&marker))?;
     Ok(tmp)
+}
+
+/// Removes `.tmp-<name>-<pid>` folders in `parent` left by killed moelab exports or imports:
+/// only when that process is gone (Linux: no /proc/<pid>) and the folder holds nothing but
+/// what an export or import writes. Best effort: a leftover that cannot be removed stays.
+fn remove_stale_temps(parent: &Path, name: &str) {
+    let prefix = format!(".tmp-{name}-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file_name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let is_pid = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+        let gone = Path::new("/proc/self").exists() && !Path::new("/proc").join(pid).exists();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !(is_pid && gone && is_dir) {
+            continue;
+        }
+        let path = entry.path();
+        let only_ours = std::fs::read_dir(&path).is_ok_and(|inner| {
+            inner
+                .flatten()
+                .all(|e| TMP_CONTENT.iter().any(|n| e.file_name() == *n))
+        });
+        if only_ours {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn refuse_existing(out: &Path) -> Result<(), TrainError> {
@@ -113,7 +166,6 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
     };
 
     let tmp = temp_sibling(out)?;
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| -> Result<(), TrainError> {
         let config_path = tmp.join("config.json");
         let config_text = HfConfig::new(&cfg.model, arch, &tokens)
@@ -144,6 +196,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
             &tmp.join("generation_config.json"),
             &json!({"eos_token_id": tokens.eos_id, "pad_token_id": tokens.eos_id}),
         )?;
+        let marker = tmp.join(TMP_MARKER);
+        std::fs::remove_file(&marker).map_err(io(&marker))?;
         std::fs::rename(&tmp, out).map_err(io(out))
     })();
     if result.is_err() {
@@ -159,16 +213,23 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
 }
 
 /// Reads `model.safetensors` (or the shards of `model.safetensors.index.json`) of `dir`.
+/// Every shard the index names must be a plain file name in `dir` (never `../x` or an
+/// absolute path), and every file read a regular file: a FIFO or a device is named as such.
 pub fn load_hf_tensors(dir: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
     let load = |path: &Path| {
+        check_regular_file(path)?;
         candle_core::safetensors::load(path, &Device::Cpu)
             .map_err(|e| hf_err(format!("{}: {e}", path.display())))
     };
     let single = dir.join("model.safetensors");
-    if single.is_file() {
+    // Present in any form (a link to /dev/zero is not `is_file`): say what it is.
+    if std::fs::symlink_metadata(&single).is_ok() {
         return load(&single);
     }
     let index_path = dir.join("model.safetensors.index.json");
+    if std::fs::symlink_metadata(&index_path).is_ok() {
+        check_regular_file(&index_path)?;
+    }
     let text = std::fs::read_to_string(&index_path).map_err(|e| {
         hf_err(format!(
             "{}: neither model.safetensors nor model.safetensors.index.json is readable ({e})",
@@ -186,11 +247,118 @@ pub fn load_hf_tensors(dir: &Path) -> Result<HashMap<String, Tensor>, TrainError
         .collect();
     shards.sort_unstable();
     shards.dedup();
+    // Checked before any is read: the index may come from anyone.
+    if let Some(bad) = shards.iter().find(|s| !is_plain_file_name(s)) {
+        return Err(hf_err(format!(
+            "{}: weight_map names `{bad}`, not a file name inside {}; a model's index lists only its \
+             own shard files (model-00001-of-00002.safetensors): refusing to read outside the folder",
+            index_path.display(),
+            dir.display()
+        )));
+    }
     let mut all = HashMap::new();
     for shard in shards {
         all.extend(load(&dir.join(shard))?);
     }
     Ok(all)
+}
+
+/// One plain file name: no folder separator, not `.` or `..`, not absolute, not empty.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
+}
+
+/// A file about to be read whole is a regular file (links followed); a FIFO, a socket or a
+/// device (a link to /dev/zero) would block or never end, so it gets a message saying what it is.
+fn check_regular_file(path: &Path) -> Result<(), TrainError> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let what = special_kind(&meta);
+    let link = std::fs::read_link(path)
+        .map(|t| format!(" (a link to {})", t.display()))
+        .unwrap_or_default();
+    Err(hf_err(format!(
+        "{}{link} is {what}, not a regular file; a Hugging Face model folder holds its weights in \
+         regular .safetensors files",
+        path.display()
+    )))
+}
+
+/// What kind of non-regular file `meta` describes, in words.
+fn special_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_char_device() {
+            return "a character device (such as /dev/zero)";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// The layer and expert counts config.json claims must be those of the tensors present,
+/// checked before anything is sized by them (a claimed 1e9 layers would otherwise allocate
+/// names and buffers for each before the first missing tensor is noticed).
+fn check_counts_against_tensors(
+    cfg: &ModelConfig,
+    hf: &HashMap<String, Tensor>,
+    cfg_file: &str,
+) -> Result<(), TrainError> {
+    // Largest index after `marker` in any tensor name, plus one (0 when none has it).
+    let count_after = |marker: &str| -> usize {
+        hf.keys()
+            .filter_map(|name| {
+                let rest = &name[name.find(marker)? + marker.len()..];
+                let digits = rest.split('.').next()?;
+                digits.parse::<usize>().ok()
+            })
+            .map(|i| i.saturating_add(1))
+            .max()
+            .unwrap_or(0)
+    };
+    let layers = count_after("model.layers.");
+    if layers != cfg.n_layers {
+        return Err(hf_err(format!(
+            "{cfg_file}: num_hidden_layers = {} but the weights hold {layers} layers \
+             (model.layers.0 ... model.layers.{}); the config does not describe these weights",
+            cfg.n_layers,
+            layers.saturating_sub(1)
+        )));
+    }
+    let fused = hf
+        .iter()
+        .find(|(name, _)| name.ends_with(".experts.gate_up_proj"))
+        .and_then(|(_, t)| t.dims().first().copied());
+    let experts = fused.unwrap_or_else(|| count_after(".experts."));
+    if experts != cfg.moe.n_experts {
+        return Err(hf_err(format!(
+            "{cfg_file}: the config claims {} experts per layer but the weights hold {experts}; \
+             the config does not describe these weights",
+            cfg.moe.n_experts
+        )));
+    }
+    Ok(())
 }
 
 /// What `moelab import-hf` wrote.
@@ -217,6 +385,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         .to_model_config(Some(&base.model))
         .map_err(mapping_err(""))?;
     let hf = load_hf_tensors(hf_dir)?;
+    check_counts_against_tensors(&model_cfg, &hf, &cfg_file)?;
     let tensors = from_hf_tensors(&model_cfg, arch, &hf)
         .map_err(mapping_err("the Hugging Face model.safetensors"))?;
 
@@ -233,7 +402,6 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         .map_err(|e| hf_err(format!("serialising the derived [model]: {e}")))?;
     table.insert("model".into(), model_value);
     let tmp = temp_sibling(out)?;
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let result = (|| -> Result<Config, TrainError> {
         let merged_path = tmp.join("config.toml");
         let merged = toml::to_string_pretty(&table)
@@ -373,5 +541,111 @@ mod tests {
             reason: "too large".into(),
         };
         assert!(matches!(mapping_err("f")(config), TrainError::Model(_)));
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("moelab-hf-io-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("hf")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_index_naming_files_outside_the_model_folder_is_refused_unread() {
+        let dir = scratch("index");
+        let victim = dir.join("victim.safetensors");
+        let t = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        checkpoint::save_tensors(&HashMap::from([("x".to_string(), t)]), &victim).unwrap();
+        for target in [
+            "../victim.safetensors".to_string(),
+            victim.display().to_string(),
+        ] {
+            let index = json!({"weight_map": {"model.embed_tokens.weight": target}});
+            write_json(&dir.join("hf/model.safetensors.index.json"), &index).unwrap();
+            let err = load_hf_tensors(&dir.join("hf")).unwrap_err().to_string();
+            assert!(
+                err.contains(&target) && err.contains("refusing to read outside"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn a_fifo_or_a_device_as_the_weights_is_named_for_what_it_is() {
+        let dir = scratch("special");
+        let weights = dir.join("hf/model.safetensors");
+        std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+        let err = load_hf_tensors(&dir.join("hf")).unwrap_err().to_string();
+        assert!(
+            err.contains("character device") && err.contains("/dev/zero"),
+            "{err}"
+        );
+        std::fs::remove_file(&weights).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&weights).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = load_hf_tensors(&dir.join("hf")).unwrap_err().to_string();
+            assert!(err.contains("FIFO"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn claimed_layer_and_expert_counts_are_checked_against_the_tensors_first() {
+        let cfg: ModelConfig = toml::from_str(
+            "vocab_size = 16\nd_model = 8\nn_layers = 1000000000\nn_heads = 2\nmax_seq_len = 8\n\
+             [moe]\nn_experts = 2\ntop_k = 1\nexpert_ff = 8\n",
+        )
+        .unwrap();
+        let t = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        let mut hf = HashMap::new();
+        for name in [
+            "model.layers.0.mlp.experts.0.up_proj.weight",
+            "model.layers.0.mlp.experts.1.up_proj.weight",
+            "model.layers.1.mlp.experts.1.up_proj.weight",
+        ] {
+            hf.insert(name.to_string(), t.clone());
+        }
+        let err = check_counts_against_tensors(&cfg, &hf, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("num_hidden_layers = 1000000000") && err.contains("2 layers"),
+            "{err}"
+        );
+        let cfg = ModelConfig { n_layers: 2, ..cfg };
+        assert!(check_counts_against_tensors(&cfg, &hf, "config.json").is_ok());
+        let mut many = cfg.clone();
+        many.moe.n_experts = 64;
+        let err = check_counts_against_tensors(&many, &hf, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("64 experts") && err.contains("hold 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn leftover_temporary_folders_of_dead_processes_are_removed_when_they_hold_only_ours() {
+        let dir = scratch("temps");
+        let ours = dir.join(".tmp-out-999999999");
+        std::fs::create_dir_all(ours.join("ckpt")).unwrap();
+        std::fs::write(ours.join("config.json"), "{}").unwrap();
+        let theirs = dir.join(".tmp-out-999999998");
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
+        let live = dir.join(format!(".tmp-out-{}", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        let tmp = temp_sibling(&dir.join("out")).unwrap();
+        assert_eq!(tmp, live);
+        assert!(!ours.exists(), "a dead export's leftover is removed");
+        assert!(
+            theirs.join("notes.txt").is_file(),
+            "a folder with other files is kept"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
