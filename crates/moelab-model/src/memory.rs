@@ -321,12 +321,12 @@ impl ParallelPlan {
                 "--ranks {ranks} and --expert-parallel {g} must be at least 1"
             )));
         }
-        if ranks % g != 0 || (experts > 0 && experts % g != 0) {
+        if !ranks.is_multiple_of(g) || !experts.is_multiple_of(g) {
             return Err(bad(format!(
                 "--expert-parallel {g} must divide --ranks {ranks} and model.moe.n_experts = {experts}"
             )));
         }
-        if micro_batches_per_step == 0 || micro_batches_per_step % ranks != 0 {
+        if micro_batches_per_step == 0 || !micro_batches_per_step.is_multiple_of(ranks) {
             return Err(ModelError::Config {
                 key: "train.global_batch_tokens".into(),
                 reason: format!(

@@ -149,18 +149,26 @@ impl Nccl {
         let (mut sent, mut got) = (0, 0);
         for (peer, (&s, &r)) in send_counts.iter().zip(recv_counts).enumerate() {
             let peer_id = peer as i32;
+            let outside =
+                || TrainError::Distributed("NCCL all-to-all: a block exceeds its buffer".into());
             if s > 0 && queued.is_ok() {
-                queued = self
-                    .comm
-                    .send(&input.slice(sent..sent + s), peer_id)
-                    .map_err(|e| nccl_error("send", e));
+                queued = match input.try_slice(sent..sent + s) {
+                    Some(block) => self
+                        .comm
+                        .send(&block, peer_id)
+                        .map_err(|e| nccl_error("send", e)),
+                    None => Err(outside()),
+                };
             }
             if r > 0 && queued.is_ok() {
-                queued = self
-                    .comm
-                    .recv(&mut out.slice_mut(got..got + r), peer_id)
-                    .map(|_| ())
-                    .map_err(|e| nccl_error("receive", e));
+                queued = match out.try_slice_mut(got..got + r) {
+                    Some(mut block) => self
+                        .comm
+                        .recv(&mut block, peer_id)
+                        .map(|_| ())
+                        .map_err(|e| nccl_error("receive", e)),
+                    None => Err(outside()),
+                };
             }
             sent += s;
             got += r;
