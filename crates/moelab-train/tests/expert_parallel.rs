@@ -37,7 +37,7 @@ fn main() {
     };
     let world = comm.world_size();
     type Check = fn(&dyn Collective);
-    let checks: [(&str, Check); 5] = [
+    let checks: [(&str, Check); 6] = [
         ("ep_matches_one_process_f64", |c| {
             matches_one_process(c, Routing::Spread, DType::F64, 1e-10)
         }),
@@ -53,6 +53,10 @@ fn main() {
         (
             "gradients_through_the_exchange_match_finite_differences",
             gradient_check,
+        ),
+        (
+            "expert_gradients_sum_over_their_replicas_only",
+            gradient_groups,
         ),
     ];
     for (name, check) in checks {
@@ -445,4 +449,45 @@ fn gradient_check(comm: &dyn Collective) {
             "  gradient check: {checked} coordinates per rank, worst relative error {worst:.2e}"
         );
     }
+}
+
+/// `ExpertParallel::all_reduce_gradients`: a replicated parameter's gradient is summed over all
+/// ranks, an expert's over the ranks holding the same experts (the expert-DP group).
+fn gradient_groups(comm: &dyn Collective) {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let ep = ExpertParallel::new(comm, 2, EXPERTS).unwrap();
+    let var = |n: usize| Var::zeros(n, DType::F32, &Device::Cpu).unwrap();
+    let params = vec![
+        ("blocks.0.attn.q_proj.weight".to_string(), var(2)),
+        ("blocks.0.moe.experts.gate_proj".to_string(), var(3)),
+    ];
+    let r = rank as f32 + 1.0;
+    let mut grads: HashMap<String, Tensor> = params
+        .iter()
+        .map(|(name, v)| {
+            let g = Tensor::full(r, v.shape(), &Device::Cpu).unwrap();
+            (name.clone(), g)
+        })
+        .collect();
+    ep.all_reduce_gradients(comm, &params, &mut grads, &|name: &str| {
+        name.contains(".experts.")
+    })
+    .unwrap();
+    let all: f32 = (1..=world).map(|r| r as f32).sum();
+    // Ranks with the same index in their EP group: rank % 2, rank % 2 + 2, ...
+    let replicas: f32 = (0..world)
+        .filter(|other| other % 2 == rank % 2)
+        .map(|other| other as f32 + 1.0)
+        .sum();
+    let value = |name: &str| grads[name].to_vec1::<f32>().unwrap();
+    assert_eq!(
+        value("blocks.0.attn.q_proj.weight"),
+        [all; 2],
+        "rank {rank}"
+    );
+    assert_eq!(
+        value("blocks.0.moe.experts.gate_proj"),
+        [replicas; 3],
+        "rank {rank}"
+    );
 }

@@ -403,6 +403,27 @@ impl ExpertParallel {
         &self.expert_dp
     }
 
+    /// Sums gradients over the ranks that share each parameter: `is_expert(name)` parameters
+    /// (this rank's experts) over the expert-DP group, every other parameter over `world`,
+    /// each set bucketed in the parameters' order as [`data_parallel::all_reduce_gradients`]
+    /// does. Every rank must call it with the same parameter names in the same order.
+    ///
+    /// [`data_parallel::all_reduce_gradients`]: super::data_parallel::all_reduce_gradients
+    pub fn all_reduce_gradients(
+        &self,
+        world: &dyn Collective,
+        params: &[(String, candle_core::Var)],
+        grads: &mut HashMap<String, Tensor>,
+        is_expert: &dyn Fn(&str) -> bool,
+    ) -> Result<(), TrainError> {
+        let (experts, replicated): (Vec<_>, Vec<_>) = params
+            .iter()
+            .cloned()
+            .partition(|(name, _)| is_expert(name));
+        super::data_parallel::all_reduce_gradients(world, &replicated, grads)?;
+        super::data_parallel::all_reduce_gradients(self.expert_dp.as_ref(), &experts, grads)
+    }
+
     /// The MoE experts for this rank's tokens `x` (tokens, d_model): `expert_ids` (tokens x
     /// top_k, row-major, global ids, as the router chose them) and `gates` (tokens, top_k,
     /// differentiable). Returns (tokens, d_model): each token's gate-weighted sum of its
