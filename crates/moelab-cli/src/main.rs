@@ -60,9 +60,11 @@ enum Command {
     #[command(name = "import-hf")]
     ImportHf(hf_cmd::ImportHfArgs),
     /// Print total and active parameters and training FLOPs per token, per component, and the
-    /// memory a training run needs (weights, gradients, optimizer state, activations).
+    /// memory a training run needs (weights, gradients, optimizer state, activations); with
+    /// --ranks, the per-rank memory and per-step communication of a job of N ranks.
     ///
     /// Example: moelab model-info configs/tiny.toml --json
+    ///          moelab model-info configs/gpu-c.toml --ranks 8 --expert-parallel 8 --shard-optimizer
     #[command(name = "model-info")]
     ModelInfo {
         /// Run config (TOML).
@@ -73,6 +75,16 @@ enum Command {
         /// Sequence length for the attention term (default: model.max_seq_len).
         #[arg(long)]
         seq_len: Option<usize>,
+        /// Plan a job of N ranks: per-rank weights, gradients, optimizer state, activations,
+        /// all-to-all buffers and the per-step all-to-all and gradient volume.
+        #[arg(long, value_name = "N")]
+        ranks: Option<u64>,
+        /// Ranks per expert-parallel group in the plan (default: the config's dist.expert_parallel).
+        #[arg(long = "expert-parallel", value_name = "G")]
+        expert_parallel: Option<u64>,
+        /// ZeRO-1 in the plan (default: the config's train.shard_optimizer).
+        #[arg(long)]
+        shard_optimizer: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -147,6 +159,9 @@ fn main() -> anyhow::Result<()> {
             config,
             overrides,
             seq_len,
+            ranks,
+            expert_parallel,
+            shard_optimizer,
             json,
         } => {
             let cfg = Config::load(&config, &overrides)?;
@@ -157,8 +172,23 @@ fn main() -> anyhow::Result<()> {
                 cfg.data.seq_len,
                 cfg.train.precision.compute_dtype(),
             );
-            let info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len))
-                .with_memory(memory);
+            let mut info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len));
+            if ranks.is_some() || expert_parallel.is_some() {
+                let parallelism = moelab_model::memory::Parallelism {
+                    ranks: ranks.unwrap_or(1),
+                    expert_parallel: expert_parallel.unwrap_or(cfg.dist.expert_parallel as u64),
+                    shard_optimizer: shard_optimizer || cfg.train.shard_optimizer,
+                    micro_batches_per_step: cfg.accumulation_steps() as u64,
+                };
+                let plan = moelab_model::memory::ParallelPlan::new(
+                    &cfg.model,
+                    &info,
+                    &memory,
+                    parallelism,
+                )?;
+                info = info.with_parallel(plan);
+            }
+            let info = info.with_memory(memory);
             if json {
                 outln!(
                     "{}",

@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use crate::memory::ParallelPlan;
 use crate::{MemoryEstimate, ModelConfig};
 
 /// One row of the accounting.
@@ -38,6 +39,9 @@ pub struct ModelInfo {
     /// Memory a training run of this model needs, when a run's batch shape was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryEstimate>,
+    /// Per-rank memory and per-step communication of a job of several ranks, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelPlan>,
 }
 
 impl ModelInfo {
@@ -96,12 +100,19 @@ impl ModelInfo {
             train_flops_per_token: components.iter().map(|c| c.train_flops_per_token).sum(),
             components,
             memory: None,
+            parallel: None,
         }
     }
 
     /// Adds the memory a training run needs (printed and serialised as `memory`).
     pub fn with_memory(mut self, memory: MemoryEstimate) -> Self {
         self.memory = Some(memory);
+        self
+    }
+
+    /// Adds the per-rank plan of a job of several ranks (printed and serialised as `parallel`).
+    pub fn with_parallel(mut self, plan: ParallelPlan) -> Self {
+        self.parallel = Some(plan);
         self
     }
 
@@ -127,6 +138,9 @@ impl ModelInfo {
         );
         if let Some(memory) = &self.memory {
             out += &memory.table();
+        }
+        if let Some(plan) = &self.parallel {
+            out += &plan.table();
         }
         out
     }

@@ -10,7 +10,7 @@
 use candle_core::DType;
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 
-use crate::{ModelConfig, ModelInfo};
+use crate::{ModelConfig, ModelError, ModelInfo};
 
 /// Bytes of an f32 value: master weights, gradients, optimizer moments, router and logits.
 const F32: u64 = 4;
@@ -213,6 +213,290 @@ impl Serialize for MemoryEstimate {
     }
 }
 
+/// How a job of several ranks shares the model (`moelab model-info --ranks N
+/// --expert-parallel G [--shard-optimizer]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Parallelism {
+    /// Ranks in the job (N).
+    pub ranks: u64,
+    /// Ranks per expert-parallel group (G): each holds E/G experts of every MoE layer.
+    pub expert_parallel: u64,
+    /// ZeRO-1: AdamW moments sharded over the ranks that hold a parameter.
+    pub shard_optimizer: bool,
+    /// Micro-batches of one optimizer step over all ranks (`train.global_batch_tokens /
+    /// (train.micro_batch x data.seq_len)`); each rank runs its share, and the all-to-alls
+    /// run per micro-batch.
+    pub micro_batches_per_step: u64,
+}
+
+/// Per-rank memory and per-step communication of a job of several ranks, from the config.
+///
+/// Replicated parameters (everything but the routed experts) live on every rank; the routed
+/// experts are split E/G per rank. Gradients follow the weights. AdamW's two f32 moments
+/// follow the weights too, or with ZeRO-1 are sharded over the ranks holding each parameter,
+/// which makes them total x 8 / N bytes per rank. Activations are one micro-batch's, with the
+/// experts' rows assuming balanced routing (a rank receives as many rows as it sends); the
+/// all-to-all buffers are the rows the exchange adds to the graph.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParallelPlan {
+    /// The layout planned for.
+    pub parallelism: Parallelism,
+    /// Routed experts each rank holds per MoE layer.
+    pub experts_per_rank: u64,
+    /// Parameters on every rank (attention, embeddings, norms, routers, dense and shared FFNs).
+    pub replicated_params: u64,
+    /// Routed-expert parameters on one rank.
+    pub expert_params_per_rank: u64,
+    /// f32 master weights on one rank.
+    pub weights_bytes: u64,
+    /// f32 gradients on one rank.
+    pub gradients_bytes: u64,
+    /// AdamW moments on one rank.
+    pub optimizer_bytes: u64,
+    /// The compute-dtype weight copy on one rank (zero in f32).
+    pub compute_weights_bytes: u64,
+    /// One micro-batch's activations (as without expert parallelism, balanced routing).
+    pub activations_bytes: u64,
+    /// The rows the exchange adds to the graph per micro-batch: arrived and returned rows and,
+    /// with several local experts, their reordered copies, per MoE layer.
+    pub all_to_all_buffer_bytes: u64,
+    /// What the received expert rows may add at worst (dropless routing sending every row of
+    /// the EP group to this rank's experts): G - 1 times the balanced expert activations.
+    pub worst_case_extra_bytes: u64,
+    /// Bytes one rank sends to other ranks in all-to-alls per optimizer step (uniform routing:
+    /// (G - 1)/G of each exchange leaves the rank; four exchanges per MoE layer per micro-batch,
+    /// f32 on the wire, plus the counts).
+    pub all_to_all_bytes_per_step: u64,
+    /// Bytes one rank sends in the gradient exchange per step (ring all-reduce, or ZeRO-1's
+    /// reduce-scatter + all-gather: 2 x 4 B x params x (P - 1)/P over each group of P ranks).
+    pub gradient_exchange_bytes_per_step: u64,
+}
+
+/// Checked u64 arithmetic for the plan: a config too large for u64 bytes is an error, not a
+/// wrapped number.
+struct Checked;
+
+impl Checked {
+    fn mul(what: &str, values: &[u64]) -> crate::Result<u64> {
+        values
+            .iter()
+            .try_fold(1u64, |acc, &v| acc.checked_mul(v))
+            .ok_or_else(|| Self::overflow(what))
+    }
+    fn add(what: &str, values: &[u64]) -> crate::Result<u64> {
+        values
+            .iter()
+            .try_fold(0u64, |acc, &v| acc.checked_add(v))
+            .ok_or_else(|| Self::overflow(what))
+    }
+    fn overflow(what: &str) -> ModelError {
+        ModelError::Config {
+            key: "model".into(),
+            reason: format!("the memory plan's {what} overflows 64-bit bytes; the model is far too large for any machine"),
+        }
+    }
+}
+
+/// Bytes a ring collective sends per rank for `bytes` of data over `ranks` ranks:
+/// 2 x bytes x (ranks - 1) / ranks (reduce-scatter + all-gather, or an all-reduce).
+fn ring_bytes(bytes: u64, ranks: u64) -> crate::Result<u64> {
+    Ok(Checked::mul("gradient exchange", &[2, bytes, ranks - 1])? / ranks)
+}
+
+impl ParallelPlan {
+    /// The plan for `cfg` (whose counts are `info` and one-rank memory `memory`) under
+    /// `parallelism`; refuses a layout whose G does not divide N and the expert count.
+    pub fn new(
+        cfg: &ModelConfig,
+        info: &ModelInfo,
+        memory: &MemoryEstimate,
+        parallelism: Parallelism,
+    ) -> crate::Result<Self> {
+        let Parallelism {
+            ranks,
+            expert_parallel: g,
+            shard_optimizer,
+            micro_batches_per_step,
+        } = parallelism;
+        let experts = cfg.moe.n_experts as u64;
+        let bad = |reason: String| ModelError::Config {
+            key: "dist.expert_parallel".into(),
+            reason,
+        };
+        if ranks == 0 || g == 0 {
+            return Err(bad(format!(
+                "--ranks {ranks} and --expert-parallel {g} must be at least 1"
+            )));
+        }
+        if !ranks.is_multiple_of(g) || !experts.is_multiple_of(g) {
+            return Err(bad(format!(
+                "--expert-parallel {g} must divide --ranks {ranks} and model.moe.n_experts = {experts}"
+            )));
+        }
+        if micro_batches_per_step == 0 || !micro_batches_per_step.is_multiple_of(ranks) {
+            return Err(ModelError::Config {
+                key: "train.global_batch_tokens".into(),
+                reason: format!(
+                    "its {micro_batches_per_step} micro-batches per step do not split evenly over --ranks {ranks}; make it a multiple of {ranks} x train.micro_batch x data.seq_len"
+                ),
+            });
+        }
+        let micro_batches_per_rank = micro_batches_per_step / ranks;
+        let routed = info
+            .components
+            .iter()
+            .find(|c| c.name == "routed_experts")
+            .map_or(0, |c| c.params);
+        let replicated = info.total_params - routed;
+        let expert_params = routed / g;
+        let params = Checked::add("parameters per rank", &[replicated, expert_params])?;
+        let weights = Checked::mul("weights", &[params, F32])?;
+        let optimizer = if shard_optimizer {
+            // Replicated moments over all N ranks, each expert's over its N/G replicas.
+            let per_rank = replicated.div_ceil(ranks) + expert_params.div_ceil(ranks / g);
+            Checked::mul("optimizer state", &[2, F32, per_rank])?
+        } else {
+            Checked::mul("optimizer state", &[2, F32, params])?
+        };
+        let c = match memory.compute_dtype {
+            "bf16" | "f16" => 2,
+            "f64" => 8,
+            _ => 4,
+        };
+        // The compute copy exists only under mixed precision, as in the one-rank estimate.
+        let compute = if memory.compute_weights_bytes > 0 {
+            Checked::mul("compute weights", &[params, c])?
+        } else {
+            0
+        };
+        let moe_layers = cfg.n_moe_layers() as u64;
+        let rows = Checked::mul(
+            "expert rows",
+            &[memory.micro_batch, memory.seq_len, cfg.moe.top_k as u64],
+        )?;
+        let row_bytes = Checked::mul("expert rows", &[rows, cfg.d_model as u64, c])?;
+        let (buffers, worst, volume) = if g > 1 {
+            let copies = if experts / g > 1 { 4 } else { 2 };
+            let buffers = Checked::mul("all-to-all buffers", &[moe_layers, copies, row_bytes])?;
+            let expert_terms: u64 = memory
+                .activation_terms
+                .iter()
+                .filter(|t| t.name.starts_with("expert_"))
+                .map(|t| t.bytes)
+                .sum();
+            let worst = Checked::mul(
+                "worst case",
+                &[g - 1, Checked::add("worst case", &[expert_terms, buffers])?],
+            )?;
+            let wire = Checked::mul(
+                "all-to-all volume",
+                &[
+                    rows,
+                    cfg.d_model as u64,
+                    F32,
+                    4,
+                    moe_layers,
+                    micro_batches_per_rank,
+                    g - 1,
+                ],
+            )? / g;
+            let counts = Checked::mul(
+                "count exchange",
+                &[moe_layers, micro_batches_per_rank, experts, 8],
+            )?;
+            (
+                buffers,
+                worst,
+                Checked::add("all-to-all volume", &[wire, counts])?,
+            )
+        } else {
+            (0, 0, 0)
+        };
+        let gradients = Checked::add(
+            "gradient exchange",
+            &[
+                ring_bytes(
+                    Checked::mul("gradient exchange", &[replicated, F32])?,
+                    ranks,
+                )?,
+                ring_bytes(
+                    Checked::mul("gradient exchange", &[expert_params, F32])?,
+                    ranks / g,
+                )?,
+            ],
+        )?;
+        Ok(Self {
+            parallelism,
+            experts_per_rank: experts / g,
+            replicated_params: replicated,
+            expert_params_per_rank: expert_params,
+            weights_bytes: weights,
+            gradients_bytes: weights,
+            optimizer_bytes: optimizer,
+            compute_weights_bytes: compute,
+            activations_bytes: memory.activations_bytes,
+            all_to_all_buffer_bytes: buffers,
+            worst_case_extra_bytes: worst,
+            all_to_all_bytes_per_step: volume,
+            gradient_exchange_bytes_per_step: gradients,
+        })
+    }
+
+    /// Bytes one rank needs at its peak under balanced routing.
+    pub fn total_bytes(&self) -> u64 {
+        [
+            self.weights_bytes,
+            self.gradients_bytes,
+            self.optimizer_bytes,
+            self.compute_weights_bytes,
+            self.activations_bytes,
+            self.all_to_all_buffer_bytes,
+        ]
+        .iter()
+        .fold(0u64, |acc, &b| acc.saturating_add(b))
+    }
+
+    /// A human-readable table.
+    pub fn table(&self) -> String {
+        let p = &self.parallelism;
+        let mut out = format!(
+            "per rank ({} ranks, expert_parallel {}, {} experts per rank per MoE layer, optimizer {}, {} micro-batches per rank per step):\n",
+            p.ranks,
+            p.expert_parallel,
+            self.experts_per_rank,
+            if p.shard_optimizer { "sharded (ZeRO-1)" } else { "replicated" },
+            p.micro_batches_per_step / p.ranks
+        );
+        out += &format!(
+            "  {:<22} {:>12} ({} replicated + {} expert)\n",
+            "parameters",
+            self.replicated_params + self.expert_params_per_rank,
+            self.replicated_params,
+            self.expert_params_per_rank
+        );
+        for (name, bytes) in [
+            ("weights (f32)", self.weights_bytes),
+            ("gradients (f32)", self.gradients_bytes),
+            ("optimizer (AdamW)", self.optimizer_bytes),
+            ("compute weights", self.compute_weights_bytes),
+            ("activations", self.activations_bytes),
+            ("all-to-all buffers", self.all_to_all_buffer_bytes),
+            ("total", self.total_bytes()),
+            ("worst-case routing +", self.worst_case_extra_bytes),
+        ] {
+            out += &format!("  {name:<22} {:>12}\n", fmt_bytes(bytes));
+        }
+        out += &format!(
+            "per step, sent by one rank:\n  {:<22} {:>12}\n  {:<22} {:>12}\n",
+            "all-to-all",
+            fmt_bytes(self.all_to_all_bytes_per_step),
+            "gradient exchange",
+            fmt_bytes(self.gradient_exchange_bytes_per_step)
+        );
+        out
+    }
+}
+
 /// `bytes` in binary units with three significant digits, e.g. `1.50 GiB`, `512 B`.
 pub fn fmt_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -363,6 +647,116 @@ expert_ff = 256
         cfg.d_model = 65536;
         let m = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
         assert!(m.total_bytes() > 100 * (1 << 30), "{}", m.table());
+    }
+
+    fn plan(ranks: u64, g: u64, shard: bool, micro_batches: u64) -> crate::Result<ParallelPlan> {
+        let cfg = tiny();
+        let info = ModelInfo::new(&cfg, 128);
+        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        ParallelPlan::new(
+            &cfg,
+            &info,
+            &memory,
+            Parallelism {
+                ranks,
+                expert_parallel: g,
+                shard_optimizer: shard,
+                micro_batches_per_step: micro_batches * ranks,
+            },
+        )
+    }
+
+    #[test]
+    fn one_rank_plan_is_the_one_rank_estimate() {
+        let cfg = tiny();
+        let one = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let p = plan(1, 1, false, 1).unwrap();
+        assert_eq!(p.weights_bytes, one.weights_bytes);
+        assert_eq!(p.optimizer_bytes, one.optimizer_bytes);
+        assert_eq!(p.total_bytes(), one.total_bytes());
+        assert_eq!(
+            (
+                p.all_to_all_bytes_per_step,
+                p.gradient_exchange_bytes_per_step
+            ),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn expert_parallel_halves_the_experts_state_per_rank() {
+        let cfg = tiny();
+        let info = ModelInfo::new(&cfg, 128);
+        // tiny: 4 MoE layers x 8 experts x 3 x 128 x 256.
+        let routed = 4 * 8 * 3 * 128 * 256;
+        let replicated = info.total_params - routed;
+        let p = plan(2, 2, false, 1).unwrap();
+        assert_eq!(p.expert_params_per_rank, routed / 2);
+        assert_eq!(p.replicated_params, replicated);
+        assert_eq!(p.weights_bytes, 4 * (replicated + routed / 2));
+        assert_eq!(p.optimizer_bytes, 8 * (replicated + routed / 2));
+        assert_eq!(p.experts_per_rank, 4);
+        // ZeRO-1 on 2 ranks: replicated moments halve; each expert has one replica (N/G = 1).
+        let z = plan(2, 2, true, 1).unwrap();
+        assert_eq!(z.optimizer_bytes, 8 * (replicated / 2 + routed / 2));
+        // 4 ranks, EP 2 x DP 2, ZeRO-1: every parameter's moments over 4 ranks overall.
+        let z4 = plan(4, 2, true, 1).unwrap();
+        assert_eq!(z4.optimizer_bytes, 8 * (replicated / 4 + routed / 4));
+        // Buffers: 4 layers x 4 copies (2 local experts or more) x 8 x 128 x 2 rows x 128 x 4 B.
+        assert_eq!(p.all_to_all_buffer_bytes, 4 * 4 * 8 * 128 * 2 * 128 * 4);
+        assert!(p.worst_case_extra_bytes > 0);
+    }
+
+    #[test]
+    fn all_to_all_volume_is_counted_by_hand() {
+        // Rows 8 x 128 x 2 = 2048 of d = 128, f32 on the wire, 4 exchanges, 4 MoE layers,
+        // 3 micro-batches, half leaving the rank (G = 2), plus 8 counts x 8 B per layer and
+        // micro-batch.
+        let p = plan(2, 2, false, 3).unwrap();
+        let wire = 2048 * 128 * 4 * 4 * 4 * 3 / 2;
+        assert_eq!(p.all_to_all_bytes_per_step, wire + 4 * 3 * 8 * 8);
+        // Gradients: replicated params over 2 ranks, experts over 1 (nothing to send).
+        let info = ModelInfo::new(&tiny(), 128);
+        let replicated = info.total_params - 4 * 8 * 3 * 128 * 256;
+        assert_eq!(p.gradient_exchange_bytes_per_step, 2 * replicated * 4 / 2);
+        assert!(p.table().contains("all-to-all"), "{}", p.table());
+    }
+
+    #[test]
+    fn a_layout_that_does_not_divide_is_refused_naming_the_numbers() {
+        let err = plan(4, 3, false, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("--expert-parallel 3") && err.contains("--ranks 4"),
+            "{err}"
+        );
+        let err = plan(6, 3, false, 1).unwrap_err().to_string();
+        assert!(err.contains("n_experts = 8"), "{err}");
+        assert!(plan(0, 1, false, 1).is_err());
+        let cfg = tiny();
+        let info = ModelInfo::new(&cfg, 128);
+        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let uneven = Parallelism {
+            ranks: 4,
+            expert_parallel: 2,
+            shard_optimizer: false,
+            micro_batches_per_step: 6,
+        };
+        let err = ParallelPlan::new(&cfg, &info, &memory, uneven)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("6 micro-batches") && err.contains("--ranks 4"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plan_arithmetic_is_checked() {
+        assert!(Checked::mul("x", &[u64::MAX, 2]).is_err());
+        assert!(Checked::add("x", &[u64::MAX, 1]).is_err());
+        assert_eq!(Checked::mul("x", &[3, 4]).unwrap(), 12);
+        assert_eq!(ring_bytes(100, 4).unwrap(), 150);
+        assert_eq!(ring_bytes(100, 1).unwrap(), 0);
     }
 
     #[test]

@@ -31,6 +31,56 @@ pub struct Config {
     /// Task evaluation at every evaluation (`[[eval.tasks]]`).
     #[serde(default, skip_serializing_if = "EvalConfig::is_empty")]
     pub eval: EvalConfig,
+    /// How the ranks of a distributed job share the model (`[dist]`).
+    #[serde(default)]
+    pub dist: DistConfig,
+}
+
+/// `[dist]`: how the ranks of a job share the model. Data parallelism needs no key; these
+/// are for expert parallelism and failure handling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Ranks per expert-parallel group (G): each holds `n_experts / G` experts of every MoE
+    /// layer; G must divide the world size and `model.moe.n_experts` (1 = no expert parallelism).
+    pub expert_parallel: usize,
+    /// Seconds a rank may wait on the others in a collective before the job ends naming the
+    /// rank that did not answer.
+    pub timeout_s: u64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            expert_parallel: 1,
+            timeout_s: 600,
+        }
+    }
+}
+
+impl DistConfig {
+    /// Checks the layout against the job's `world_size` ranks and `n_experts` experts; the
+    /// error names both numbers and the keys. Called before any work once the world is known.
+    pub fn check_layout(&self, world_size: usize, n_experts: usize) -> Result<(), String> {
+        let g = self.expert_parallel;
+        if g == 0 {
+            return Err(
+                "dist.expert_parallel must be at least 1 (1 = every rank holds every expert)"
+                    .into(),
+            );
+        }
+        if !n_experts.is_multiple_of(g) {
+            return Err(format!(
+                "dist.expert_parallel = {g} does not divide model.moe.n_experts = {n_experts}; choose a divisor of {n_experts}"
+            ));
+        }
+        if world_size > 0 && !world_size.is_multiple_of(g) {
+            return Err(format!(
+                "dist.expert_parallel = {g} does not divide the world size of {world_size} ranks; launch a multiple of {g} ranks or choose a divisor of {world_size}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where the model runs.
@@ -392,6 +442,13 @@ impl Config {
         if train.max_nonfinite_steps == 0 {
             return Err(("train.max_nonfinite_steps", "must be at least 1".into()));
         }
+        // The world size is not known yet (0 skips it); the trainer checks it at launch.
+        self.dist
+            .check_layout(0, self.model.moe.n_experts)
+            .map_err(|reason| ("dist.expert_parallel", reason))?;
+        if self.dist.timeout_s == 0 {
+            return Err(("dist.timeout_s", "must be at least 1 second".into()));
+        }
         if self.log.interval == 0 || self.log.router_interval == 0 {
             return Err((
                 "log.interval",
@@ -550,6 +607,29 @@ lr = 1e-3
         );
         let cfg = load(TEXT, &[]).unwrap();
         assert_eq!((cfg.global_sequences(), cfg.accumulation_steps()), (4, 2));
+    }
+
+    #[test]
+    fn dist_layout_is_checked_naming_the_numbers() {
+        let cfg = load(TEXT, &[]).unwrap();
+        assert_eq!(cfg.dist, DistConfig::default());
+        assert_eq!((cfg.dist.expert_parallel, cfg.dist.timeout_s), (1, 600));
+        let cfg = load(TEXT, &["dist.expert_parallel=2", "dist.timeout_s=30"]).unwrap();
+        assert_eq!((cfg.dist.expert_parallel, cfg.dist.timeout_s), (2, 30));
+        cfg.dist.check_layout(4, 4).unwrap();
+        let err = cfg.dist.check_layout(3, 4).unwrap_err();
+        assert!(err.contains("= 2") && err.contains("3 ranks"), "{err}");
+        let err = load(TEXT, &["dist.expert_parallel=3"]).unwrap_err();
+        assert!(
+            err.contains("dist.expert_parallel") && err.contains("n_experts = 4"),
+            "{err}"
+        );
+        let err = load(TEXT, &["dist.expert_parallel=0"]).unwrap_err();
+        assert!(err.contains("dist.expert_parallel"), "{err}");
+        let err = load(TEXT, &["dist.timeout_s=0"]).unwrap_err();
+        assert!(err.contains("dist.timeout_s"), "{err}");
+        let err = load(TEXT, &["dist.expert_paralel=2"]).unwrap_err();
+        assert!(err.contains("expert_paralel"), "{err}");
     }
 
     #[test]

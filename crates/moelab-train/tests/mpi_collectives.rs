@@ -18,7 +18,7 @@ fn main() {
         }
     };
     type Check = fn(&dyn Collective);
-    let checks: [(&str, Check); 8] = [
+    let checks: [(&str, Check); 10] = [
         ("all_reduce", all_reduce),
         (
             "reduce_scatter_and_all_gather",
@@ -30,6 +30,8 @@ fn main() {
         ("tensors", tensors),
         ("global_balance_counts", global_balance_counts),
         ("sharded_adamw_matches_adamw", sharded_adamw_matches_adamw),
+        ("all_to_all_with_uneven_and_zero_counts", all_to_all),
+        ("split_makes_sub_communicators", split),
     ];
     for (name, check) in checks {
         check(comm.as_ref());
@@ -256,4 +258,61 @@ fn sharded_adamw_matches_adamw(comm: &dyn Collective) {
             assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{name}");
         }
     }
+}
+
+/// Rank 0 sends 1 value to itself and 3 to rank 1; rank 1 sends 0 to rank 0 and 2 to itself.
+fn all_to_all(comm: &dyn Collective) {
+    let r = comm.rank();
+    let counts = comm
+        .all_to_all_u64(&[10 * r as u64, 10 * r as u64 + 1])
+        .unwrap();
+    let want: &[u64] = if r == 0 { &[0, 10] } else { &[1, 11] };
+    assert_eq!(counts, want);
+    let (send, send_counts, recv_counts): (Vec<f32>, [usize; 2], [usize; 2]) = if r == 0 {
+        (vec![0.5, 1.0, 2.0, 3.0], [1, 3], [1, 0])
+    } else {
+        (vec![-1.0, -2.0], [0, 2], [3, 2])
+    };
+    let got = comm
+        .all_to_all_v_f32(&send, &send_counts, &recv_counts)
+        .unwrap();
+    let want: &[f32] = if r == 0 {
+        &[0.5]
+    } else {
+        &[1.0, 2.0, 3.0, -1.0, -2.0]
+    };
+    assert_eq!(got, want);
+    // f64 keeps every bit: rank r sends r + 1 + eps to rank 0 and its negative to rank 1.
+    let value = |rank: usize| rank as f64 + 1.0 + f64::EPSILON;
+    let sign = if r == 0 { 1.0 } else { -1.0 };
+    let got = comm
+        .all_to_all_v_f64(&[value(r), -value(r)], &[1, 1], &[1, 1])
+        .unwrap();
+    assert_eq!(got, [sign * value(0), sign * value(1)]);
+    // Counts that do not add up are refused before any message.
+    let err = comm
+        .all_to_all_v_f32(&[1.0], &[1, 1], &[1, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add up to 2 elements but 1"), "{err}");
+    let err = comm.all_to_all_u64(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(err.contains("3 values"), "{err}");
+}
+
+fn split(comm: &dyn Collective) {
+    let r = comm.rank();
+    // Each rank alone: every collective is local.
+    let alone = comm.split(r, r).unwrap();
+    assert_eq!((alone.rank(), alone.world_size()), (0, 1));
+    let mut v = [r as f32 + 1.0];
+    alone.all_reduce_f32(&mut v);
+    assert_eq!(v, [r as f32 + 1.0]);
+    // Both, ordered by the key in reverse: world rank 1 becomes rank 0.
+    let both = comm.split(7, 1 - r).unwrap();
+    assert_eq!((both.rank(), both.world_size()), (1 - r, 2));
+    assert_eq!(both.all_gather_u64(&[r as u64]), [1, 0]);
+    let moved = both
+        .all_to_all_v_f32(&[r as f32, r as f32], &[1, 1], &[1, 1])
+        .unwrap();
+    assert_eq!(moved, [1.0, 0.0]);
 }

@@ -8,6 +8,7 @@
 //! reduced values.
 
 pub mod data_parallel;
+pub mod expert_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "cuda")]
@@ -44,6 +45,47 @@ pub trait Collective {
     fn barrier(&self);
     /// Ends every process of the job with `code` (MPI_Abort); a single process just exits.
     fn abort(&self, code: i32) -> !;
+
+    /// All-to-all of equal blocks: `values` holds `world_size` blocks of the same length on
+    /// every rank; block j goes to rank j. Returns the block each rank sent here, in rank order.
+    fn all_to_all_u64(&self, values: &[u64]) -> Result<Vec<u64>, TrainError>;
+    /// All-to-all of variable blocks (MPI_Alltoallv): `send` is `send_counts[j]` elements for
+    /// rank j after another, in rank order; returns `recv_counts[j]` elements from each rank j,
+    /// in rank order. Every rank's `send_counts[j]` must equal rank j's `recv_counts[rank]`
+    /// (exchange the counts first, with [`Collective::all_to_all_u64`]); counts may be zero.
+    fn all_to_all_v_f32(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>, TrainError>;
+    /// [`Collective::all_to_all_v_f32`] of f64 values (gradient checks in f64 go through it).
+    fn all_to_all_v_f64(
+        &self,
+        send: &[f64],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f64>, TrainError>;
+    /// A sub-communicator (MPI_Comm_split): the ranks that pass the same `color` form one,
+    /// ordered by `key`. Every rank must call it, in the same order as every other collective.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Collective>, TrainError>;
+
+    /// [`Collective::all_to_all_v_f32`] of rows on a CUDA device: `rows` (laid out by
+    /// `layout`, any float dtype) in blocks of `send_counts[j]` elements per rank. The default
+    /// goes through host memory; NCCL overrides it with grouped ncclSend/ncclRecv.
+    #[cfg(feature = "cuda")]
+    fn all_to_all_v_cuda(
+        &self,
+        rows: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<candle_core::CudaStorage, TrainError> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let host = rows.to_cpu_storage()?;
+        let moved = expert_parallel::exchange_cpu(self, &host, layout, send_counts, recv_counts)?;
+        Ok(rows.device().storage_from_cpu_storage(&moved)?)
+    }
 
     /// Element-wise sum over ranks of a tensor of the same shape on every rank. The default
     /// goes through host memory; NCCL overrides it to stay on the device.
@@ -113,6 +155,65 @@ impl Collective for Single {
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
     }
+    fn all_to_all_u64(&self, values: &[u64]) -> Result<Vec<u64>, TrainError> {
+        Ok(values.to_vec())
+    }
+    fn all_to_all_v_f32(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>, TrainError> {
+        check_counts(1, send.len(), send_counts, recv_counts)?;
+        Ok(send.to_vec())
+    }
+    fn all_to_all_v_f64(
+        &self,
+        send: &[f64],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f64>, TrainError> {
+        check_counts(1, send.len(), send_counts, recv_counts)?;
+        Ok(send.to_vec())
+    }
+    fn split(&self, _color: usize, _key: usize) -> Result<Box<dyn Collective>, TrainError> {
+        Ok(Box::new(Single))
+    }
+}
+
+/// Checks the arguments of an all-to-all-v over `world` ranks: one count per rank each way,
+/// and the send counts summing to the `sent` elements given. Returns the received total.
+pub(crate) fn check_counts(
+    world: usize,
+    sent: usize,
+    send_counts: &[usize],
+    recv_counts: &[usize],
+) -> Result<usize, TrainError> {
+    if send_counts.len() != world || recv_counts.len() != world {
+        return Err(TrainError::Distributed(format!(
+            "all-to-all: {} send counts and {} receive counts for {world} ranks; give one per rank",
+            send_counts.len(),
+            recv_counts.len()
+        )));
+    }
+    let total = |counts: &[usize]| {
+        counts
+            .iter()
+            .try_fold(0usize, |sum, &c| sum.checked_add(c))
+            .ok_or_else(|| TrainError::Distributed("all-to-all: the counts overflow".into()))
+    };
+    let send_total = total(send_counts)?;
+    if send_total != sent {
+        return Err(TrainError::Distributed(format!(
+            "all-to-all: the send counts add up to {send_total} elements but {sent} were given"
+        )));
+    }
+    if world == 1 && recv_counts != send_counts {
+        return Err(TrainError::Distributed(format!(
+            "all-to-all on one rank: receive counts {recv_counts:?} differ from send counts {send_counts:?}"
+        )));
+    }
+    total(recv_counts)
 }
 
 /// Rank and world size as a launcher (mpirun, srun) put them in the environment, if any.
@@ -269,6 +370,32 @@ mod tests {
         let t = Tensor::new(&[1.0f32, 2.0, 3.0], &candle_core::Device::Cpu).unwrap();
         let r = comm.all_reduce_tensor(&t).unwrap();
         assert_eq!(r.to_vec1::<f32>().unwrap(), [1.0, 2.0, 3.0]);
+        assert_eq!(comm.all_to_all_u64(&[4, 5]).unwrap(), [4, 5]);
+        assert_eq!(
+            comm.all_to_all_v_f64(&[1.0, 2.0], &[2], &[2]).unwrap(),
+            [1.0, 2.0]
+        );
+        assert_eq!(comm.split(3, 0).unwrap().world_size(), 1);
+    }
+
+    #[test]
+    fn all_to_all_counts_are_checked() {
+        let err = Single
+            .all_to_all_v_f32(&[1.0, 2.0], &[1], &[1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add up to 1 elements but 2"), "{err}");
+        let err = Single
+            .all_to_all_v_f32(&[1.0], &[1], &[2])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("differ"), "{err}");
+        let err = check_counts(2, 0, &[0], &[0, 0]).unwrap_err().to_string();
+        assert!(
+            err.contains("1 send counts and 2 receive counts for 2 ranks"),
+            "{err}"
+        );
+        assert_eq!(check_counts(2, 3, &[1, 2], &[4, 0]).unwrap(), 4);
     }
 
     #[test]

@@ -8,11 +8,13 @@
 
 use std::rc::Rc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::nccl::result::{group_end, group_start};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 
 use super::Collective;
 use crate::TrainError;
@@ -116,6 +118,71 @@ impl Nccl {
     }
 }
 
+impl Nccl {
+    /// The all-to-all-v of `rows` (contiguous, element type T) as one NCCL group of
+    /// ncclSend/ncclRecv pairs, one per peer with a non-zero count (the counts agree pairwise,
+    /// so both sides skip the same pairs), into a fresh buffer of `received` elements.
+    fn grouped_exchange<T>(
+        &self,
+        rows: &CudaStorage,
+        layout: &Layout,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        received: usize,
+    ) -> Result<CudaStorage, TrainError>
+    where
+        T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
+    {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            TrainError::Distributed("NCCL all-to-all: the rows are not contiguous".into())
+        })?;
+        let input = rows.as_cuda_slice::<T>()?;
+        let input = input.try_slice(start..end).ok_or_else(|| {
+            TrainError::Distributed("NCCL all-to-all: layout exceeds its storage".into())
+        })?;
+        let mut out = self.device.alloc_zeros::<T>(received)?;
+        // Inside a group NCCL only enqueues at ncclGroupEnd. cudarc's event records for the
+        // buffers are made at each call, before that; harmless here because candle runs
+        // everything of a device on one stream, which orders the exchange after its inputs.
+        group_start().map_err(|e| nccl_error("group start", e))?;
+        let mut queued = Ok(());
+        let (mut sent, mut got) = (0, 0);
+        for (peer, (&s, &r)) in send_counts.iter().zip(recv_counts).enumerate() {
+            let peer_id = peer as i32;
+            let outside =
+                || TrainError::Distributed("NCCL all-to-all: a block exceeds its buffer".into());
+            if s > 0 && queued.is_ok() {
+                queued = match input.try_slice(sent..sent + s) {
+                    Some(block) => self
+                        .comm
+                        .send(&block, peer_id)
+                        .map_err(|e| nccl_error("send", e)),
+                    None => Err(outside()),
+                };
+            }
+            if r > 0 && queued.is_ok() {
+                queued = match out.try_slice_mut(got..got + r) {
+                    Some(mut block) => self
+                        .comm
+                        .recv(&mut block, peer_id)
+                        .map(|_| ())
+                        .map_err(|e| nccl_error("receive", e)),
+                    None => Err(outside()),
+                };
+            }
+            sent += s;
+            got += r;
+        }
+        // The group must be closed even when queueing failed.
+        let ended = group_end()
+            .map(|_| ())
+            .map_err(|e| nccl_error("group end", e));
+        queued?;
+        ended?;
+        Ok(CudaStorage::wrap_cuda_slice(out, self.device.clone()))
+    }
+}
+
 impl Collective for Nccl {
     fn rank(&self) -> usize {
         self.host.rank()
@@ -152,6 +219,66 @@ impl Collective for Nccl {
     }
     fn abort(&self, code: i32) -> ! {
         self.host.abort(code)
+    }
+    fn all_to_all_u64(&self, values: &[u64]) -> Result<Vec<u64>, TrainError> {
+        self.host.all_to_all_u64(values)
+    }
+    fn all_to_all_v_f32(
+        &self,
+        send: &[f32],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f32>, TrainError> {
+        self.host.all_to_all_v_f32(send, send_counts, recv_counts)
+    }
+    fn all_to_all_v_f64(
+        &self,
+        send: &[f64],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<Vec<f64>, TrainError> {
+        self.host.all_to_all_v_f64(send, send_counts, recv_counts)
+    }
+    /// The host sub-communicator and an NCCL communicator over it (its own unique id).
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Collective>, TrainError> {
+        let host: Rc<dyn Collective> = Rc::from(self.host.split(color, key)?);
+        Ok(Box::new(Nccl::new(
+            host,
+            &Device::Cuda(self.device.clone()),
+        )?))
+    }
+
+    fn all_to_all_v_cuda(
+        &self,
+        rows: &CudaStorage,
+        layout: &Layout,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> Result<CudaStorage, TrainError> {
+        let n = layout.shape().elem_count();
+        let received = super::check_counts(self.world_size(), n, send_counts, recv_counts)?;
+        match rows.dtype() {
+            DType::F32 => {
+                self.grouped_exchange::<f32>(rows, layout, send_counts, recv_counts, received)
+            }
+            DType::F64 => {
+                self.grouped_exchange::<f64>(rows, layout, send_counts, recv_counts, received)
+            }
+            dtype => {
+                // bf16 and f16 travel as f32 (exact): cudarc's NCCL half types need its f16
+                // feature, which candle does not turn on.
+                let wide = rows.to_dtype(layout, DType::F32)?;
+                let contiguous = Layout::contiguous(layout.shape());
+                let moved = self.grouped_exchange::<f32>(
+                    &wide,
+                    &contiguous,
+                    send_counts,
+                    recv_counts,
+                    received,
+                )?;
+                Ok(moved.to_dtype(&Layout::contiguous(received), dtype)?)
+            }
+        }
     }
 
     fn all_reduce_tensor(&self, tensor: &Tensor) -> Result<Tensor, TrainError> {
