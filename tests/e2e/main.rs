@@ -14,5 +14,6 @@ mod data;
 #[cfg(feature = "mpi")]
 mod distributed;
 mod hf;
+mod mix;
 mod runs;
 mod train;

@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 pub mod hf_io;
 pub mod interrupt;
+pub mod mix;
 pub mod optim;
 pub mod routing_counts;
 pub mod schedule;
