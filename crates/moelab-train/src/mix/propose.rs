@@ -187,15 +187,15 @@ pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
     let mut upper = problem.upper.clone();
     if problem.max_kl.is_some() {
         // Finite KL keeps every domain the base lacks at zero.
-        for k in 0..d {
-            if problem.base[k] <= 0.0 {
-                upper[k] = 0.0;
+        for (u, b) in upper.iter_mut().zip(&problem.base) {
+            if *b <= 0.0 {
+                *u = 0.0;
             }
         }
     }
-    for k in 0..d {
-        rows.row(&[(k, -1.0)], -problem.lower[k]);
-        rows.row(&[(k, 1.0)], upper[k]);
+    for (k, (lo, hi)) in problem.lower.iter().zip(&upper).enumerate() {
+        rows.row(&[(k, -1.0)], -lo);
+        rows.row(&[(k, 1.0)], *hi);
     }
     if let Some(max_kl) = problem.max_kl {
         let all_u: Vec<(usize, f64)> = (0..kl_domains.len()).map(|k| (u0 + k, 1.0)).collect();
@@ -446,7 +446,7 @@ pub fn propose(
         .max_epochs
         .or(base_cfg.data.max_repetition)
         .unwrap_or(DEFAULT_MAX_EPOCHS);
-    if !(max_epochs > 0.0) {
+    if max_epochs.is_nan() || max_epochs <= 0.0 {
         return Err(TrainError::Argument(format!(
             "--max-epochs {max_epochs}: must be positive"
         )));
