@@ -15,5 +15,6 @@ mod data;
 mod distributed;
 mod hf;
 mod hostile;
+mod mix;
 mod runs;
 mod train;

@@ -23,6 +23,7 @@ mod out;
 mod analysis_cmd;
 mod data_cmd;
 mod hf_cmd;
+mod mix_cmd;
 mod progress;
 mod train_cmd;
 
@@ -53,6 +54,9 @@ enum Command {
     Plot(analysis_cmd::PlotArgs),
     /// Train every variant of an ablation file and compare per-domain losses and routing.
     Ablate(analysis_cmd::AblateArgs),
+    /// Mixture search: draw a swarm of mixtures, fit how each measure responds, propose one.
+    #[command(subcommand)]
+    Mix(mix_cmd::MixCommand),
     /// Export a checkpoint as a Hugging Face model folder (OLMoE or Mixtral).
     #[command(name = "export-hf")]
     ExportHf(hf_cmd::ExportHfArgs),
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         Command::Analyze(args) => analysis_cmd::analyze(args)?,
         Command::Plot(args) => analysis_cmd::plot(args)?,
         Command::Ablate(args) => analysis_cmd::ablate(args)?,
+        Command::Mix(command) => mix_cmd::run(command)?,
         Command::ExportHf(args) => hf_cmd::export_hf(args)?,
         Command::ImportHf(args) => hf_cmd::import_hf(args)?,
         Command::ModelInfo {

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod hf_io;
 pub mod interrupt;
 pub mod loss;
+pub mod mix;
 pub mod optim;
 pub mod routing_counts;
 pub mod run;
