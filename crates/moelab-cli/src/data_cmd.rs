@@ -444,7 +444,7 @@ fn run_seed(path: &std::path::Path) -> anyhow::Result<u64> {
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example: moelab data classify train --positive data/sample/code --negative data/sample/web \
---negative data/sample/math_text --out runs/classifiers/code_like.bin\n\n\
+--negative data/sample/math/text --out runs/classifiers/code_like.bin\n\n\
 Inputs are folders (searched recursively) or files: .jsonl (optionally .gz/.zst) with a `text` \
 field per line, or .txt (one document). Every tenth document of each class (by a fixed hash of \
 its position) is held out; accuracy, precision and recall on it are reported (threshold 0.5)."
