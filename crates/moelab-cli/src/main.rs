@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Tokenize a domain-tagged corpus into shards with a manifest and validation split.
-    Prepare(data_cmd::PrepareArgs),
+    Prepare(Box<data_cmd::PrepareArgs>),
     /// Inspect prepared data or preview a mixture.
     #[command(subcommand)]
     Data(DataCommand),
@@ -123,7 +123,7 @@ enum ClassifyCommand {
 fn main() -> anyhow::Result<()> {
     moelab_kernels::tune_cpu_runtime();
     match Cli::parse().command {
-        Command::Prepare(args) => data_cmd::prepare(args)?,
+        Command::Prepare(args) => data_cmd::prepare(*args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
         Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
         Command::Data(DataCommand::Classify(ClassifyCommand::Train(args))) => {
