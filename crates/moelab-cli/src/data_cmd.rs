@@ -69,6 +69,11 @@ pub struct PrepareArgs {
     /// Share of each domain's documents held out for validation (by content hash).
     #[arg(long, default_value_t = 0.01)]
     pub validation_fraction: f64,
+    /// Validation tokens every domain's source gets at least, raising its share where needed
+    /// up to what it can spare (a quarter of its tokens; a warning names any that stay below).
+    /// 0: the plain --validation-fraction. Not applied with --part.
+    #[arg(long, default_value_t = moelab_data::prepare::DEFAULT_MIN_VALIDATION_TOKENS, value_name = "TOKENS")]
+    pub min_validation_tokens: u64,
     /// Largest shard token file, in bytes (suffixes K, M, G); a source gets as many shards as
     /// it needs.
     #[arg(long, default_value = "1G", value_parser = parse_bytes)]
@@ -198,6 +203,7 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
     };
     opts.strict = args.strict;
     opts.validation_fraction = args.validation_fraction;
+    opts.min_validation_tokens = args.min_validation_tokens;
     opts.threads = args.threads;
     opts.max_shard_bytes = args.max_shard_bytes;
     opts.part = args.part;
@@ -229,6 +235,9 @@ pub fn prepare(args: PrepareArgs) -> anyhow::Result<()> {
             report.ignored_files.len(),
             report.ignored_files[0].display()
         );
+    }
+    for short in &report.short_validation {
+        eprintln!("warning: {short}");
     }
     let what = format!(
         "{} units written, {} kept",
@@ -460,7 +469,7 @@ fn run_seed(path: &std::path::Path) -> anyhow::Result<u64> {
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example: moelab data classify train --positive data/sample/code --negative data/sample/web \
---negative data/sample/math_text --out runs/classifiers/code_like.bin\n\n\
+--negative data/sample/math/text --out runs/classifiers/code_like.bin\n\n\
 Inputs are folders (searched recursively) or files: .jsonl (optionally .gz/.zst) with a `text` \
 field per line, or .txt (one document). Every tenth document of each class (by a fixed hash of \
 its position) is held out; accuracy, precision and recall on it are reported (threshold 0.5)."

@@ -29,7 +29,8 @@ pub use error::{DataError, Result};
 pub use input::{FieldPath, Fields, Limits, SkipCounts};
 pub use manifest::{Manifest, TokenDtype};
 pub use prepare::{
-    merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, TokenizerChoice,
+    merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, ShortValidation,
+    TokenizerChoice,
 };
 pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
 pub use walk::{LinkSkip, SkippedLink};

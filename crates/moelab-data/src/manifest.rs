@@ -172,10 +172,10 @@ pub struct Manifest {
     pub tokenizer: TokenizerInfo,
     /// Share of documents held out for validation.
     pub validation_fraction: f64,
-    /// Per domain, the validation share in parts per million actually used: a document is held
-    /// out when its content hash mod 1e6 is below it (the fraction, raised for small domains
-    /// up to a quarter so they get a usable validation stream). Pinned: re-running prepare
-    /// into the dataset keeps it.
+    /// Per `domain/source`, the validation share in parts per million actually used: a document
+    /// is held out when its content hash mod 1e6 is below it (the fraction, raised for small
+    /// sources up to a quarter so they reach --min-validation-tokens). Pinned: re-running
+    /// prepare into the dataset keeps it. Datasets from before per-source shares key it by domain.
     pub validation_ppm: BTreeMap<String, u32>,
     /// Largest shard token file written, in bytes (a longer single document gets its own).
     pub max_shard_bytes: u64,

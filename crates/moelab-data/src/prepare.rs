@@ -105,7 +105,13 @@ pub struct PrepareOptions {
     pub follow_outside_links: bool,
     /// Caps on one document and on a compressed file's expansion.
     pub limits: input::Limits,
+    /// Validation tokens every (domain, source) gets at least, as far as it can spare them
+    /// (at most a quarter of its tokens); 0 keeps the plain fraction. Not applied with `part`.
+    pub min_validation_tokens: u64,
 }
+
+/// Default of [`PrepareOptions::min_validation_tokens`].
+pub const DEFAULT_MIN_VALIDATION_TOKENS: u64 = 8192;
 
 impl PrepareOptions {
     /// Options with the CLI's defaults for fields, strictness, split and shard size.
@@ -124,6 +130,7 @@ impl PrepareOptions {
             wait_for_lock: false,
             follow_outside_links: false,
             limits: input::Limits::default(),
+            min_validation_tokens: DEFAULT_MIN_VALIDATION_TOKENS,
         }
     }
 }
@@ -183,6 +190,42 @@ pub struct PrepareReport {
     pub ignored_files: Vec<PathBuf>,
     /// Symbolic links not followed (outside the input, loops, broken, second paths).
     pub skipped_links: Vec<SkippedLink>,
+    /// Sources whose validation split stayed below [`PrepareOptions::min_validation_tokens`].
+    pub short_validation: Vec<ShortValidation>,
+}
+
+/// A (domain, source) that could not spare the validation tokens asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShortValidation {
+    /// The domain.
+    pub domain: String,
+    /// The source inside it.
+    pub source: String,
+    /// Validation tokens it got.
+    pub tokens: u64,
+    /// Validation documents it got.
+    pub documents: u64,
+    /// All its documents, both splits.
+    pub total_documents: u64,
+    /// The tokens asked for (`--min-validation-tokens`).
+    pub wanted: u64,
+}
+
+impl std::fmt::Display for ShortValidation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "domain `{}` (source `{}`) has {} validation tokens in {} of its {} documents, \
+             fewer than the {} asked for (--min-validation-tokens): it cannot spare more than a \
+             quarter of its tokens; add text to it or expect noisy validation losses",
+            self.domain,
+            self.source,
+            self.tokens,
+            self.documents,
+            self.total_documents,
+            self.wanted
+        )
+    }
 }
 
 /// A set of input files encoded together into its own shards.
@@ -207,7 +250,7 @@ struct UnitRecord {
     key: String,
     id: String,
     name: String,
-    /// Validation share (ppm) used for each domain the unit holds.
+    /// Validation share (ppm) used for each `domain/source` the unit holds.
     validation_ppm: BTreeMap<String, u32>,
     inputs: Vec<InputStats>,
     shards: Vec<UnitShard>,
@@ -419,6 +462,7 @@ fn run(opts: &PrepareOptions, progress: &(dyn Fn(&PrepareEvent) + Sync)) -> Resu
             work.finish()?;
             Ok(PrepareReport {
                 reused_units: selected.len() - written_units,
+                short_validation: short_validation(&manifest, opts),
                 manifest,
                 written_units,
                 ignored_files,
@@ -443,7 +487,7 @@ fn run_in(
     let previous = Manifest::load(&dir.join(MANIFEST_FILE)).ok();
     let (tokenizer, info) = load_or_train_tokenizer(opts, dir, units, progress)?;
     let dtype = TokenDtype::for_vocab(info.vocab_size);
-    let rates = Rates::new(opts, units, previous.as_ref());
+    let mut rates = Rates::new(opts, units, previous.as_ref());
 
     // File hashes decide what changed; every selected file is read once for them.
     let files: Vec<&PathBuf> = selected.iter().flat_map(|&u| &units[u].files).collect();
@@ -455,7 +499,7 @@ fn run_in(
     for (f, h) in files.iter().zip(&hashes) {
         hash_of.insert(f.as_path(), h);
     }
-    let keys: Vec<String> = selected
+    let mut keys: Vec<String> = selected
         .iter()
         .map(|&u| unit_key(opts, &units[u], &info, dtype, &rates, &hash_of))
         .collect();
@@ -482,23 +526,54 @@ fn run_in(
         }
     }
 
-    let todo: Vec<(usize, &Unit, &str)> = records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.is_none())
-        .map(|(i, _)| (i, &units[selected[i]], keys[i].as_str()))
+    // A second round re-encodes the units of sources whose validation split fell short of
+    // --min-validation-tokens, at the share that brings them up to it.
+    let mut redo: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].is_none())
         .collect();
-    let encoder = Encoder {
-        opts,
-        dir,
-        tokenizer: &tokenizer,
-        eos_id: info.eos_id,
-        dtype,
-        rates: &rates,
-        hash_of: &hash_of,
-    };
-    for (i, record) in encoder.encode(&todo, progress)? {
-        records[i] = Some(record);
+    let mut written = BTreeSet::new();
+    for round in 0..2 {
+        let todo: Vec<(usize, &Unit, &str)> = redo
+            .iter()
+            .map(|&i| (i, &units[selected[i]], keys[i].as_str()))
+            .collect();
+        let encoder = Encoder {
+            opts,
+            dir,
+            tokenizer: &tokenizer,
+            eos_id: info.eos_id,
+            dtype,
+            rates: &rates,
+            hash_of: &hash_of,
+            next_in_line: Mutex::default(),
+        };
+        for (i, record) in encoder.encode(&todo, progress)? {
+            records[i] = Some(record);
+            written.insert(i);
+        }
+        let next = encoder
+            .next_in_line
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        if round > 0 || opts.part.is_some() || opts.min_validation_tokens == 0 {
+            break;
+        }
+        rates.raised = rates.top_up(opts.min_validation_tokens, &records, next);
+        redo = (0..records.len())
+            .filter(|&i| {
+                records[i].as_ref().is_some_and(|r| {
+                    r.shards
+                        .iter()
+                        .any(|s| rates.raised.contains_key(&source_key(&s.domain, &s.source)))
+                })
+            })
+            .collect();
+        if redo.is_empty() {
+            break;
+        }
+        for &i in &redo {
+            keys[i] = unit_key(opts, &units[selected[i]], &info, dtype, &rates, &hash_of);
+        }
     }
     let records: Vec<UnitRecord> = records.into_iter().flatten().collect();
     let inputs: Vec<&InputStats> = records.iter().flat_map(|r| &r.inputs).collect();
@@ -516,7 +591,7 @@ fn run_in(
     let manifest = build_manifest(info, dtype, opts, records, part);
     manifest.save(&dir.join(MANIFEST_FILE))?;
     remove_unlisted(dir, &manifest, &names)?;
-    Ok((manifest, todo.len()))
+    Ok((manifest, written.len()))
 }
 
 /// Units of part `part`: largest first, each to the part with the fewest bytes so far (ties
@@ -542,9 +617,10 @@ fn listing_hash(opts: &PrepareOptions, units: &[Unit], info: &TokenizerInfo) -> 
     let mut h = Hasher::new();
     h.update(
         format!(
-            "format {FORMAT_VERSION} {:?} {} {} {} {} max-doc {}",
+            "format {FORMAT_VERSION} {:?} {} {} {} {} {} max-doc {}",
             opts.fields,
             opts.validation_fraction,
+            opts.min_validation_tokens,
             opts.max_shard_bytes,
             info.sha256,
             info.eos_id,
@@ -572,15 +648,55 @@ pub const MIN_VALIDATION_BYTES: u64 = 16 * 1024;
 /// Most a small domain's validation share is raised to.
 const MAX_RAISED_PPM: u32 = 250_000;
 
-/// Per-domain validation shares: a pure function of the input listing (so every part of a
-/// prepare agrees), pinned for domains an earlier prepare into the folder already split.
+/// A generous text bytes per token, so that the first guess at a source's share usually
+/// already yields `--min-validation-tokens` (byte-level BPEs give 2.5-4.5).
+const BYTES_PER_TOKEN_GUESS: u64 = 5;
+
+/// The key of a (domain, source) in the validation shares (names never hold '/').
+fn source_key(domain: &str, source: &str) -> String {
+    format!("{domain}/{source}")
+}
+
+/// Per-(domain, source) validation shares: a first guess that is a pure function of the input
+/// listing (so every part of a prepare agrees), raised where a first pass fell short of
+/// `--min-validation-tokens`, and pinned for sources an earlier prepare into the folder
+/// already split.
 struct Rates {
     fraction_ppm: u32,
+    /// By `domain/source` (or `domain`, as manifests before per-source shares have it).
     pinned: BTreeMap<String, u32>,
-    /// Estimated text bytes of each domain's folder files.
-    folder_bytes: BTreeMap<String, u64>,
+    /// Estimated text bytes of each (domain, source)'s folder files.
+    folder_bytes: BTreeMap<(String, String), u64>,
     /// Estimated text bytes of the files whose records name their domain (any could hold any).
     mixed_bytes: u64,
+    /// Text a source's validation split should get in expectation.
+    target_bytes: u64,
+    /// Shares raised after the first pass, by `domain/source`.
+    raised: BTreeMap<String, u32>,
+}
+
+/// The training documents of one (domain, source) next in line for validation: those with the
+/// lowest hash residues, just enough to cover the minimum (bounded memory).
+#[derive(Default)]
+struct NextInLine {
+    /// (hash residue, tokens), a max-heap on the residue.
+    heap: std::collections::BinaryHeap<(u32, u64)>,
+    tokens: u64,
+}
+
+impl NextInLine {
+    /// Adds a training document; drops the highest residues no longer needed to reach `want`.
+    fn push(&mut self, residue: u32, tokens: u64, want: u64) {
+        self.heap.push((residue, tokens));
+        self.tokens += tokens;
+        while let Some(&(_, top)) = self.heap.peek() {
+            if self.heap.len() < 2 || self.tokens - top < want {
+                break;
+            }
+            self.heap.pop();
+            self.tokens -= top;
+        }
+    }
 }
 
 impl Rates {
@@ -602,7 +718,7 @@ impl Rates {
                 })
                 .sum();
             match &u.fixed {
-                Some((domain, _)) => *folder_bytes.entry(domain.clone()).or_default() += text_bytes,
+                Some(key) => *folder_bytes.entry(key.clone()).or_default() += text_bytes,
                 None => mixed_bytes += text_bytes,
             }
         }
@@ -617,23 +733,108 @@ impl Rates {
             pinned,
             folder_bytes,
             mixed_bytes,
+            target_bytes: MIN_VALIDATION_BYTES.max(
+                opts.min_validation_tokens
+                    .saturating_mul(BYTES_PER_TOKEN_GUESS),
+            ),
+            raised: BTreeMap::new(),
         }
     }
 
-    /// The validation share of `domain`, in ppm.
-    fn ppm(&self, domain: &str) -> u32 {
-        if let Some(&p) = self.pinned.get(domain) {
+    /// The validation share of `source` in `domain`, in ppm.
+    fn ppm(&self, domain: &str, source: &str) -> u32 {
+        let key = source_key(domain, source);
+        let set = self.pinned.get(&key).or_else(|| self.raised.get(&key));
+        if let Some(&p) = set.or_else(|| self.pinned.get(domain)) {
             return p;
         }
         if self.fraction_ppm == 0 {
             return 0;
         }
-        let bytes = self.folder_bytes.get(domain).copied().unwrap_or(0) + self.mixed_bytes;
-        let raised = (MIN_VALIDATION_BYTES * PPM)
+        let folder = self
+            .folder_bytes
+            .get(&(domain.to_string(), source.to_string()));
+        let bytes = folder.copied().unwrap_or(0) + self.mixed_bytes;
+        let raised = self
+            .target_bytes
+            .saturating_mul(PPM)
             .checked_div(bytes)
             .map_or(MAX_RAISED_PPM, |p| p.min(u64::from(MAX_RAISED_PPM)) as u32);
         self.fraction_ppm.max(raised)
     }
+
+    /// Raised shares, by `domain/source`, for the sources of `records` whose validation split
+    /// holds fewer than `want` tokens: the smallest threshold that brings each up to `want`,
+    /// taking at most a quarter of its tokens (but one document when it has two or more).
+    /// Pinned sources and a disabled split (fraction 0) are left alone.
+    fn top_up(
+        &self,
+        want: u64,
+        records: &[Option<UnitRecord>],
+        mut next: BTreeMap<(String, String), NextInLine>,
+    ) -> BTreeMap<String, u32> {
+        let mut counts: BTreeMap<(String, String), (Counts, Counts)> = BTreeMap::new();
+        for s in records.iter().flatten().flat_map(|r| &r.shards) {
+            let c = counts
+                .entry((s.domain.clone(), s.source.clone()))
+                .or_default();
+            match s.shard.split {
+                Split::Validation => c.0.add(s.shard.counts),
+                Split::Train => c.1.add(s.shard.counts),
+            }
+        }
+        let mut raised = BTreeMap::new();
+        for ((domain, source), (val, train)) in counts {
+            let key = source_key(&domain, &source);
+            let pinned = self.pinned.contains_key(&key) || self.pinned.contains_key(&domain);
+            if val.tokens >= want || pinned || self.fraction_ppm == 0 {
+                continue;
+            }
+            let Some(line) = next.remove(&(domain.clone(), source.clone())) else {
+                continue;
+            };
+            let spare = (val.tokens + train.tokens) / 4;
+            let several = val.documents + train.documents >= 2;
+            let (mut tokens, mut documents, mut threshold) = (val.tokens, val.documents, None);
+            for (residue, t) in line.heap.into_sorted_vec() {
+                if tokens >= want || (tokens + t > spare && !(documents == 0 && several)) {
+                    break;
+                }
+                tokens += t;
+                documents += 1;
+                threshold = Some(residue + 1);
+            }
+            if let Some(t) = threshold.filter(|&t| t > self.ppm(&domain, &source)) {
+                raised.insert(key, t);
+            }
+        }
+        raised
+    }
+}
+
+/// The (domain, source)s of `manifest` whose validation split is below the minimum asked for
+/// (none when the minimum does not apply: no validation split, or one part of a prepare).
+fn short_validation(manifest: &Manifest, opts: &PrepareOptions) -> Vec<ShortValidation> {
+    let want = opts.min_validation_tokens;
+    if want == 0 || opts.validation_fraction == 0.0 || opts.part.is_some() {
+        return Vec::new();
+    }
+    let mut short = Vec::new();
+    for d in &manifest.domains {
+        for s in &d.sources {
+            if s.validation.tokens < want {
+                short.push(ShortValidation {
+                    domain: d.name.clone(),
+                    source: s.name.clone(),
+                    tokens: s.validation.tokens,
+                    documents: s.validation.documents,
+                    total_documents: s.validation.documents + s.train.documents,
+                    wanted: want,
+                });
+            }
+        }
+    }
+    short
 }
 
 /// Whether a document with content hash `hash` is held out at share `ppm`.
@@ -670,8 +871,8 @@ fn unit_key(
         )
         .as_bytes(),
     );
-    if let Some((domain, _)) = &unit.fixed {
-        h.update(format!("ppm {}", rates.ppm(domain)).as_bytes());
+    if let Some((domain, source)) = &unit.fixed {
+        h.update(format!("ppm {}", rates.ppm(domain, source)).as_bytes());
     }
     for (f, rel) in unit.files.iter().zip(&unit.rel) {
         let hash = hash_of.get(f.as_path()).copied().unwrap_or("");
@@ -695,11 +896,11 @@ fn reusable(
         return None;
     }
     check_record_paths(&record).ok()?;
-    if record
-        .validation_ppm
-        .iter()
-        .any(|(d, &p)| rates.ppm(d) != p)
-    {
+    let stale = |(key, &p): (&String, &u32)| match key.split_once('/') {
+        Some((d, s)) => rates.ppm(d, s) != p,
+        None => true,
+    };
+    if record.validation_ppm.iter().any(stale) {
         return None;
     }
     let intact = record.shards.iter().all(|s| {
@@ -1111,6 +1312,8 @@ struct Encoder<'a> {
     dtype: TokenDtype,
     rates: &'a Rates,
     hash_of: &'a BTreeMap<&'a Path, &'a str>,
+    /// Per (domain, source), the training documents next in line for validation.
+    next_in_line: Mutex<BTreeMap<(String, String), NextInLine>>,
 }
 
 /// A record after the parallel step.
@@ -1278,11 +1481,19 @@ impl Encoder<'_> {
                 ids,
             } => {
                 stats.documents += 1;
-                let ppm = self.rates.ppm(&domain);
-                state.validation_ppm.insert(domain.clone(), ppm);
+                let ppm = self.rates.ppm(&domain, &source);
+                state
+                    .validation_ppm
+                    .insert(source_key(&domain, &source), ppm);
                 let split = if is_validation(hash, ppm) {
                     Split::Validation
                 } else {
+                    let want = self.opts.min_validation_tokens;
+                    if want > 0 {
+                        let mut next = self.next_in_line.lock().unwrap_or_else(|e| e.into_inner());
+                        let line = next.entry((domain.clone(), source.clone())).or_default();
+                        line.push((hash % PPM) as u32, ids.len() as u64, want);
+                    }
                     Split::Train
                 };
                 let writer = state

@@ -349,19 +349,47 @@ fn bundled_sample_prepares() {
         TokenizerChoice::Train(1024),
     );
     opts.strict = true;
-    prepare(&opts, &|_| {}).unwrap();
+    let report = prepare(&opts, &|_| {}).unwrap();
     let ds = Dataset::open(tmp.path()).unwrap();
+    // The study's seven domains (PROVENANCE.md), each with two or three sources.
     assert_eq!(
         ds.domains(),
-        ["code", "code_text", "math", "math_text", "web"]
+        [
+            "books",
+            "code",
+            "code_text",
+            "encyclopedia",
+            "math",
+            "multilingual",
+            "web"
+        ]
     );
-    assert_eq!(ds.sources(2), ["plain", "structured"]);
-    for d in 0..5 {
-        assert!(
-            ds.validation_counts(d).tokens > 257,
-            "{}: a validation sequence of 256",
-            ds.domains()[d]
-        );
+    let math = ds.domain_id("math").unwrap();
+    assert_eq!(ds.sources(math), ["plain", "structured", "text"]);
+    // Every source holds out at least the default minimum, so every domain 16,384 or more.
+    assert!(
+        report.short_validation.is_empty(),
+        "{:?}",
+        report.short_validation
+    );
+    for d in &ds.manifest().domains {
+        for s in &d.sources {
+            assert!(
+                s.validation.tokens >= moelab_data::prepare::DEFAULT_MIN_VALIDATION_TOKENS,
+                "{}/{}: {} validation tokens",
+                d.name,
+                s.name,
+                s.validation.tokens
+            );
+            assert!(
+                s.train.tokens > 3 * s.validation.tokens,
+                "{}/{}",
+                d.name,
+                s.name
+            );
+        }
+        let id = ds.domain_id(&d.name).unwrap();
+        assert!(ds.validation_counts(id).tokens >= 16_384, "{}", d.name);
     }
     let example = include_str!("../src/config.rs");
     assert!(example.contains("[data.source_mixture.math]"));
@@ -549,5 +577,142 @@ fn a_given_tokenizer_keeps_its_special_tokens_and_its_own_end_of_document_token(
     assert_eq!(
         shard_ids(&out, &shard.tokens_file),
         [3, 4, 6, 5, 2, 5, 3, 2]
+    );
+}
+
+#[test]
+fn a_small_domain_gets_validation_documents_or_a_warning_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    let big: Vec<String> = (0..400).map(|i| text(500 + i, 120)).collect();
+    write(&dir.join("web/pages.jsonl"), jsonl(&big));
+    // The user's small domain: 17 documents of 30 words.
+    let small: Vec<String> = (0..17).map(|i| text(900 + i, 30)).collect();
+    write(&dir.join("notes/all.jsonl"), jsonl(&small));
+    let out = tmp.path().join("out");
+    let mut opts = options(&dir, &out);
+    opts.validation_fraction = 0.01;
+    opts.min_validation_tokens = 2048;
+    let report = prepare(&opts, &|_| {}).unwrap();
+    let ds = Dataset::open(&out).unwrap();
+
+    let notes = ds.domain_id("notes").unwrap();
+    let val = ds.validation_counts(notes);
+    let total = ds.train_counts(notes, 0).tokens + val.tokens;
+    assert!(
+        val.documents >= 1,
+        "the small domain gets validation documents"
+    );
+    assert!(
+        val.tokens * 2 <= total,
+        "training keeps most of it: {} of {total} tokens held out",
+        val.tokens
+    );
+    // It cannot spare 2048 tokens: a warning names the domain and the count.
+    let short: Vec<_> = report.short_validation.iter().collect();
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert_eq!(
+        (short[0].domain.as_str(), short[0].source.as_str()),
+        ("notes", "default")
+    );
+    assert_eq!(
+        (short[0].tokens, short[0].documents),
+        (val.tokens, val.documents)
+    );
+    assert_eq!((short[0].total_documents, short[0].wanted), (17, 2048));
+    let message = short[0].to_string();
+    for part in [
+        "`notes`".to_string(),
+        format!("{} validation tokens", val.tokens),
+        format!("{} of its 17 documents", val.documents),
+        "--min-validation-tokens".to_string(),
+    ] {
+        assert!(message.contains(&part), "{part}: {message}");
+    }
+    // The large domain reaches the minimum at 1%'s share or above.
+    let web = ds.domain_id("web").unwrap();
+    assert!(ds.validation_counts(web).tokens >= 2048);
+
+    // The shares are pinned: a re-run reuses every unit and reports the same.
+    let again = prepare(&opts, &|_| {}).unwrap();
+    assert_eq!(again.written_units, 0);
+    assert_eq!(again.manifest, report.manifest);
+    assert_eq!(again.short_validation, report.short_validation);
+}
+
+/// Documents whose words the tokenizer learns whole: many bytes per token, so a share guessed
+/// from file sizes falls short and only counting tokens reaches the minimum.
+fn long_word_docs(first: u64, n: u64) -> Vec<String> {
+    const LONG: [&str; 6] = [
+        "extraordinarily",
+        "incomprehensibilities",
+        "counterrevolutionaries",
+        "uncharacteristically",
+        "internationalization",
+        "disproportionately",
+    ];
+    (first..first + n)
+        .map(|i| {
+            let mut s = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            (0..40)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    LONG[(s % 6) as usize]
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+#[test]
+fn sources_short_after_a_first_pass_are_topped_up_to_the_minimum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    write(&dir.join("words/a.jsonl"), jsonl(&long_word_docs(0, 600)));
+    write(
+        &dir.join("words/b/b.jsonl"),
+        jsonl(&long_word_docs(1000, 5)),
+    );
+    let prepared = |min: u64, name: &str| {
+        let mut opts = options(&dir, &tmp.path().join(name));
+        // Room for every long word as one token.
+        opts.tokenizer = TokenizerChoice::Train(1000);
+        opts.validation_fraction = 0.001;
+        opts.min_validation_tokens = min;
+        let report = prepare(&opts, &|_| {}).unwrap();
+        (report, Dataset::open(&tmp.path().join(name)).unwrap())
+    };
+    let (plain, plain_ds) = prepared(0, "plain");
+    assert!(plain.short_validation.is_empty(), "0 asks for nothing");
+    let (report, ds) = prepared(3000, "topped");
+    let sources = ds.sources(0).to_vec();
+    assert_eq!(sources, ["b", "default"]);
+    let big = ds.manifest().domains[0].sources[1].clone();
+    let plain_big = plain_ds.manifest().domains[0].sources[1].clone();
+    assert!(
+        plain_big.validation.tokens < 3000,
+        "the byte-based share alone falls short ({}), so this exercises the top-up",
+        plain_big.validation.tokens
+    );
+    assert!(big.validation.tokens >= 3000, "{}", big.validation.tokens);
+    // Just enough: removing the last document added would fall short again.
+    let per_doc = (big.validation.tokens + big.train.tokens) / 600;
+    assert!(big.validation.tokens < 3000 + 2 * per_doc);
+    // Topping up only moves documents from train to validation.
+    assert_eq!(
+        big.validation.documents + big.train.documents,
+        plain_big.validation.documents + plain_big.train.documents
+    );
+    // The 5-document source has one validation document and a warning; the big one none.
+    let small = &ds.manifest().domains[0].sources[0];
+    assert!(small.validation.documents >= 1);
+    assert_eq!(report.short_validation.len(), 1);
+    assert_eq!(report.short_validation[0].source, "b");
+    assert_eq!(
+        report.manifest.validation_ppm.keys().collect::<Vec<_>>(),
+        ["words/b", "words/default"]
     );
 }

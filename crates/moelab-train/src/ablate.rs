@@ -626,7 +626,27 @@ set = ["data.mixture.b=0.0"]
         }
         assert!(seen >= 3, "small, study and study-reduced");
         let study = Ablation::load(&dir.join("study.toml")).unwrap();
-        assert_eq!((study.seeds.len(), study.variants.len()), (3, 21));
+        assert_eq!((study.seeds.len(), study.variants.len()), (3, 24));
+        // The paper's arms; no_code holds code_text at its share, no_code_to_web moves the
+        // code budget to web only.
+        let arm = |name: &str| study.variants.iter().find(|v| v.name == name).unwrap();
+        for (name, code_text, web, math) in [
+            ("full", 0.1, 0.3, 0.15),
+            ("no_code", 0.1, 0.36, 0.18),
+            ("no_code_to_web", 0.1, 0.45, 0.15),
+        ] {
+            let m = &arm(name).config.data.mixture;
+            assert_eq!((m["code"] == 0.0), name != "full", "{name}");
+            assert_eq!(
+                (m["code_text"], m["web"], m["math"]),
+                (code_text, web, math),
+                "{name}"
+            );
+            assert!(
+                (m.values().sum::<f64>() - 1.0).abs() < 1e-9,
+                "{name} sums to 1"
+            );
+        }
     }
 
     #[test]
