@@ -30,8 +30,8 @@ fn model_info_of_tiny_matches_a_hand_count() {
     assert_eq!(experts["params"], 4 * 8 * expert);
     assert_eq!(experts["active_params"], 4 * 2 * expert);
 
-    // The memory a run needs: f32 weights, gradients and two AdamW moments, plus activations
-    // that scale with the micro-batch.
+    // The memory a run needs: f32 weights, gradients and two AdamW moments, the rotary tables
+    // (max_seq_len positions), plus activations that scale with the micro-batch.
     let memory = &info["memory"];
     assert_eq!(memory["micro_batch"], 8);
     assert_eq!(memory["seq_len"], 128);
@@ -44,11 +44,14 @@ fn model_info_of_tiny_matches_a_hand_count() {
         "gradients_bytes",
         "optimizer_bytes",
         "compute_weights_bytes",
+        "tables_bytes",
         "activations_bytes",
     ]
     .iter()
     .map(|k| field(memory, k))
     .sum();
+    // cos and sin for 128 positions x 16 frequencies (head_dim 32): f64 while built, f32 kept.
+    assert_eq!(field(memory, "tables_bytes"), 2 * 128 * 16 * (8 + 4));
     assert_eq!(field(memory, "total_bytes"), sum);
     let doubled: serde_json::Value = serde_json::from_str(&ok(&moelab(&[
         "model-info",
