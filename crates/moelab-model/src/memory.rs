@@ -576,7 +576,7 @@ expert_ff = 256
         assert_eq!(small.activations_bytes, huge.activations_bytes);
         let per_position = 2 * (cfg.head_dim() as u64 / 2) * 12;
         assert_eq!(huge.tables_bytes, 100_000_000 * per_position);
-        assert!(huge.total_bytes() > 100 << 30, "{}", huge.table());
+        assert!(huge.total_bytes() > 30 << 30, "{}", huge.table());
     }
 
     #[test]
