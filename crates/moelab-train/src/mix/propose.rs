@@ -21,7 +21,7 @@ use super::swarm::{
     fmt_shares, mixture_overrides, relative_path, toml_list, toml_string, write_ablation_file,
     DomainBudget, BASE_VARIANT, DEFAULT_MAX_EPOCHS,
 };
-use crate::trainer::RunDir;
+use crate::run::RunDir;
 use crate::{Config, TrainError};
 
 /// Name of the proposed variant in the proposal's ablation file.

@@ -317,8 +317,8 @@ pub struct MeasuredTarget {
     pub target: String,
     /// Mean over seeds at the base.
     pub base: f64,
-    /// Seed-to-seed standard deviation at the base (the noise floor).
-    pub base_std: f64,
+    /// Seed-to-seed standard deviation at the base (the noise floor); none with one seed.
+    pub base_std: Option<f64>,
     /// Mean over seeds at the proposal.
     pub proposal: f64,
     /// Mean of the per-seed differences proposal - base.
@@ -648,7 +648,7 @@ fn measured_cells(m: Option<&MeasuredTarget>) -> String {
     match m {
         None => "- | - | - | -".into(),
         Some(m) => format!(
-            "{:.4} | {:.4} | {:+.4} {} | {:.4}",
+            "{:.4} | {:.4} | {:+.4} {} | {}",
             m.base,
             m.proposal,
             m.delta,
@@ -657,6 +657,7 @@ fn measured_cells(m: Option<&MeasuredTarget>) -> String {
                 iv.lo, iv.hi
             )),
             m.base_std
+                .map_or("n/a (one seed)".to_string(), |s| format!("{s:.4}"))
         ),
     }
 }

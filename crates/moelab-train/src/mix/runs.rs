@@ -14,7 +14,7 @@ use moelab_data::{Dataset, MixtureStream};
 use serde::Serialize;
 
 use crate::ablate::{final_eval, COMPARISON_DIR};
-use crate::trainer::RunDir;
+use crate::run::RunDir;
 use crate::{checkpoint, Config, TrainError};
 
 /// Folder of an ablation's output that holds the mixture-search report.
