@@ -255,6 +255,8 @@ pub struct ParallelPlan {
     pub optimizer_bytes: u64,
     /// The compute-dtype weight copy on one rank (zero in f32).
     pub compute_weights_bytes: u64,
+    /// The rotary tables, whole on every rank.
+    pub tables_bytes: u64,
     /// One micro-batch's activations (as without expert parallelism, balanced routing).
     pub activations_bytes: u64,
     /// The rows the exchange adds to the graph per micro-batch: arrived and returned rows and,
@@ -434,6 +436,7 @@ impl ParallelPlan {
             gradients_bytes: weights,
             optimizer_bytes: optimizer,
             compute_weights_bytes: compute,
+            tables_bytes: memory.tables_bytes,
             activations_bytes: memory.activations_bytes,
             all_to_all_buffer_bytes: buffers,
             worst_case_extra_bytes: worst,
@@ -449,6 +452,7 @@ impl ParallelPlan {
             self.gradients_bytes,
             self.optimizer_bytes,
             self.compute_weights_bytes,
+            self.tables_bytes,
             self.activations_bytes,
             self.all_to_all_buffer_bytes,
         ]
@@ -479,6 +483,7 @@ impl ParallelPlan {
             ("gradients (f32)", self.gradients_bytes),
             ("optimizer (AdamW)", self.optimizer_bytes),
             ("compute weights", self.compute_weights_bytes),
+            ("rotary tables", self.tables_bytes),
             ("activations", self.activations_bytes),
             ("all-to-all buffers", self.all_to_all_buffer_bytes),
             ("total", self.total_bytes()),
