@@ -16,7 +16,6 @@ use moelab_model::hf::{
 use moelab_model::{ForwardOptions, ModelConfig, ModelError, MoeTransformer};
 use serde_json::{json, Value};
 
-use crate::checkpoint::io;
 use crate::checkpoint::{self, TrainState};
 use crate::{Config, TrainError};
 
@@ -50,7 +49,7 @@ pub struct ExportSummary {
 fn write_json(path: &Path, value: &Value) -> Result<(), TrainError> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| hf_err(format!("serialising {}: {e}", path.display())))?;
-    std::fs::write(path, text + "\n").map_err(io(path))
+    std::fs::write(path, text + "\n").map_err(TrainError::io(path))
 }
 
 /// Marks a temporary export/import folder as moelab's (what the next run's cleanup checks).
@@ -80,15 +79,16 @@ fn temp_sibling(out: &Path) -> Result<PathBuf, TrainError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+    std::fs::create_dir_all(&parent).map_err(TrainError::io(&parent))?;
     remove_stale_temps(&parent, name);
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     let marker = tmp.join(TMP_MARKER);
-    std::fs::write(&marker, b"moelab export/import in progress\n").map_err(io(&marker))?;
+    std::fs::write(&marker, b"moelab export/import in progress\n")
+        .map_err(TrainError::io(&marker))?;
     Ok(tmp)
 }
 
@@ -171,12 +171,12 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
         let config_text = HfConfig::new(&cfg.model, arch, &tokens)
             .to_json()
             .map_err(mapping_err(""))?;
-        std::fs::write(&config_path, config_text).map_err(io(&config_path))?;
+        std::fs::write(&config_path, config_text).map_err(TrainError::io(&config_path))?;
         let path = tmp.join("model.safetensors");
         checkpoint::save_tensors(&tensors, &path)?;
         if let Some((src, eos)) = &tokenizer {
             let dst = tmp.join("tokenizer.json");
-            std::fs::copy(src, &dst).map_err(io(src))?;
+            std::fs::copy(src, &dst).map_err(TrainError::io(src))?;
             write_json(
                 &tmp.join("tokenizer_config.json"),
                 &json!({
@@ -197,8 +197,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
             &json!({"eos_token_id": tokens.eos_id, "pad_token_id": tokens.eos_id}),
         )?;
         let marker = tmp.join(TMP_MARKER);
-        std::fs::remove_file(&marker).map_err(io(&marker))?;
-        std::fs::rename(&tmp, out).map_err(io(out))
+        std::fs::remove_file(&marker).map_err(TrainError::io(&marker))?;
+        std::fs::rename(&tmp, out).map_err(TrainError::io(out))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -276,7 +276,7 @@ fn is_plain_file_name(name: &str) -> bool {
 /// A file about to be read whole is a regular file (links followed); a FIFO, a socket or a
 /// device (a link to /dev/zero) would block or never end, so it gets a message saying what it is.
 fn check_regular_file(path: &Path) -> Result<(), TrainError> {
-    let meta = std::fs::metadata(path).map_err(io(path))?;
+    let meta = std::fs::metadata(path).map_err(TrainError::io(path))?;
     if meta.is_file() {
         return Ok(());
     }
@@ -377,7 +377,7 @@ pub struct ImportSummary {
 pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSummary, TrainError> {
     refuse_existing(out)?;
     let cfg_path = hf_dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let text = std::fs::read_to_string(&cfg_path).map_err(TrainError::io(&cfg_path))?;
     let cfg_file = cfg_path.display().to_string();
     let hf_config = HfConfig::from_json(&text).map_err(mapping_err(&cfg_file))?;
     let base = Config::load(run_config, &[])?;
@@ -390,7 +390,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         .map_err(mapping_err("the Hugging Face model.safetensors"))?;
 
     // The run config with the derived [model]; loading it again runs every cross-section check.
-    let run_text = std::fs::read_to_string(run_config).map_err(io(run_config))?;
+    let run_text = std::fs::read_to_string(run_config).map_err(TrainError::io(run_config))?;
     let mut table: toml::Table =
         run_text
             .parse()
@@ -406,7 +406,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         let merged_path = tmp.join("config.toml");
         let merged = toml::to_string_pretty(&table)
             .map_err(|e| hf_err(format!("serialising the run config: {e}")))?;
-        std::fs::write(&merged_path, merged).map_err(io(&merged_path))?;
+        std::fs::write(&merged_path, merged).map_err(TrainError::io(&merged_path))?;
         let cfg = Config::load(&merged_path, &[]).map_err(|e| {
             TrainError::Argument(format!(
                 "--config {} does not fit the imported model: {e}",
@@ -442,7 +442,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
             &state,
             &cfg.to_toml(),
         )?;
-        std::fs::rename(&written, out).map_err(io(out))?;
+        std::fs::rename(&written, out).map_err(TrainError::io(out))?;
         Ok(cfg)
     })();
     let _ = std::fs::remove_dir_all(&tmp);

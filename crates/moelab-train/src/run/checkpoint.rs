@@ -68,11 +68,6 @@ const COMPLETE_MARKER: &str = "state.json";
 /// replaced checkpoints; removed by [`remove_partial`].
 const TMP_PREFIX: &str = ".tmp-";
 
-/// Kept for hf_io.rs until it calls [`TrainError::io`] directly.
-pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + use<> {
-    TrainError::io(path)
-}
-
 /// Folder name of the checkpoint after `step` steps.
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:08}")
