@@ -78,6 +78,7 @@ struct Launch {
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
   std::string error;
+  uint64_t error_block = UINT64_MAX;  // linear index of the block whose error `error` is
 };
 
 enum class State { Runnable, Barrier, Warp, Done };
@@ -218,11 +219,19 @@ std::string where(Worker *w) {
                 w->block.z);
 }
 
-// Records the first error of the launch and stops the block; from a fiber it never returns.
+// Records the error and stops the block; from a fiber it never returns. Of the blocks that
+// fail, the lowest-numbered one's error is reported (the same message whichever OS thread ran
+// which block: block 0 is always handed out, so it always runs to its error).
 void fail_block(Worker *w, const std::string &msg) {
   {
+    const MoelabEmuLaunch *cfg = w->launch->cfg;
+    const uint64_t b = w->block.x + (uint64_t)cfg->grid[0] *
+                                        (w->block.y + (uint64_t)cfg->grid[1] * w->block.z);
     std::lock_guard<std::mutex> lock(w->launch->error_mutex);
-    if (w->launch->error.empty()) w->launch->error = msg;
+    if (b < w->launch->error_block) {
+      w->launch->error = msg;
+      w->launch->error_block = b;
+    }
   }
   w->launch->failed.store(true);
   w->aborted = true;
@@ -391,6 +400,7 @@ void worker_main(Launch *launch) {
   if (!setup_worker(&w, launch)) {
     std::lock_guard<std::mutex> lock(launch->error_mutex);
     launch->error = format("kernel %s: cannot map %u fiber stacks", cfg->kernel, w.n_threads);
+    launch->error_block = 0;
     launch->failed.store(true);
   }
   const uint64_t gx = cfg->grid[0], gy = cfg->grid[1];
