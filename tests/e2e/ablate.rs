@@ -603,6 +603,13 @@ fn ablate_slurm_dry_run_writes_a_job_array_whose_tasks_train_one_variant_each() 
         "{srun}"
     );
     assert!(!out.join("no_code").exists(), "a dry run trains nothing");
+    // The dataset was prepared once, before the array: its tasks only open it.
+    assert!(stdout.contains(": ready ("), "{stdout}");
+    assert!(
+        fx.dir.join("prepared").join("manifest.json").is_file(),
+        "no prepared dataset after --slurm --dry-run"
+    );
+    assert!(text.contains("prepared once"), "{text}");
 
     // Array task 1 under a stand-in srun (which runs its command once) trains `no_code`.
     let bin = fx.dir.join("bin");

@@ -151,6 +151,30 @@ pub fn run_parallel(
     Ok(outcome)
 }
 
+/// Prepares every dataset the variants train on, once each, before an array is submitted:
+/// the array's tasks then only open it (without this, every task would prepare on first use,
+/// queueing on the dataset's lock while holding its nodes). Says one line per dataset.
+pub fn prepare_datasets(
+    ablation: &Ablation,
+    say: &mut dyn FnMut(String),
+) -> Result<(), TrainError> {
+    let mut seen: Vec<&Path> = Vec::new();
+    for variant in &ablation.variants {
+        let data = &variant.config.data;
+        if seen.contains(&data.dataset.as_path()) {
+            continue;
+        }
+        let dataset = moelab_data::ensure_prepared(data)?;
+        say(format!(
+            "dataset {}: ready ({} domains)",
+            data.dataset.display(),
+            dataset.domains().len()
+        ));
+        seen.push(&data.dataset);
+    }
+    Ok(())
+}
+
 /// What `--slurm` needs besides the ablation.
 #[derive(Debug, Clone)]
 pub struct SlurmOptions {
@@ -162,7 +186,8 @@ pub struct SlurmOptions {
 
 /// Writes the Slurm job-array script `out_dir/.variants/ablate.sbatch`: array task i trains
 /// variant i with `srun moelab train` (one GPU per rank on CUDA configs, resuming its run
-/// folder, so a requeued or resubmitted task continues). Returns its path.
+/// folder, so a requeued or resubmitted task continues). Returns its path. The datasets must
+/// already be prepared ([`prepare_datasets`]): the tasks only open them.
 pub fn write_slurm_script(
     ablation: &Ablation,
     out_dir: &Path,
@@ -204,6 +229,7 @@ pub fn write_slurm_script(
     );
     // Slurm signals the tasks before the time limit; moelab saves a checkpoint and exits 0.
     text += "#SBATCH --signal=TERM@120\n";
+    text += "# The datasets were prepared once by `moelab ablate --slurm` before submission.\n";
     text += "set -euo pipefail\n";
     text += "variants=(";
     for (variant, _) in &configs {
