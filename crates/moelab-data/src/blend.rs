@@ -3,7 +3,7 @@
 
 use std::sync::{Mutex, RwLock};
 
-use crate::util::mix64;
+use moelab_io::rng::mix64;
 
 /// A weight vector that takes over from a position of the blended sequence on.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,9 +19,10 @@ use crate::blend::Permutation;
 use crate::dataset::Dataset;
 use crate::input::{self, Fields, Format, Limits, RecordReader, Skip};
 use crate::manifest::{ShardEntry, Split, TokenDtype};
-use crate::util::{mix64, sha256_file};
+use crate::util::sha256_file;
 use crate::walk::{Entry, Walker};
 use crate::{DataError, Result};
+use moelab_io::rng::mix64;
 
 const MODEL_MAGIC: &[u8; 8] = b"MLCLSv01";
 const SCORES_MAGIC: &[u8; 8] = b"MLSCOR01";

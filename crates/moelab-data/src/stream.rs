@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::blend::{BlendStage, Blender, Permutation};
 use crate::config::DataConfig;
 use crate::dataset::Dataset;
-use crate::util::{mix64, Hasher};
+use crate::util::Hasher;
 use crate::{DataError, Result};
+use moelab_io::rng::mix64;
 
 /// A batch of sequences: inputs and next-token targets, row-major, with domain and source ids.
 #[derive(Debug, Clone, PartialEq)]

@@ -134,7 +134,7 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::util::mix64;
+    use moelab_io::rng::mix64;
 
     /// Text with the whitespace a cut must respect: runs of spaces, newlines, tabs, CRLF,
     /// non-ASCII letters and whitespace, punctuation and digits.

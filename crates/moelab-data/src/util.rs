@@ -1,4 +1,4 @@
-//! Small helpers: hashing and seeded mixing (atomic writes live in `moelab_io`).
+//! Small helpers: hashing (atomic writes and the seeded mixing `mix64` live in `moelab_io`).
 
 use std::path::Path;
 
@@ -62,12 +62,4 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut file, &mut h).map_err(|e| DataError::io(path, e))?;
     Ok(hex(&h.finalize()))
-}
-
-/// splitmix64: a fast, well-mixed 64-bit hash used for seeded permutations.
-pub fn mix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }

@@ -1,12 +1,11 @@
-//! File I/O shared by every moelab crate: one atomic-write helper (temp file, fsync file and
-//! folder, rename), and `fs`, the standard library's file functions with errors that name their
-//! path (fs-err), for code whose error type does not carry the path itself. The helpers here
-//! return plain `io::Error`s: every crate's error type attaches the path it was writing.
+//! What every moelab crate shares: one atomic-write helper (temp file, fsync file and folder,
+//! rename) and [`rng`], the one seeded generator. The helpers here return plain `io::Error`s:
+//! every crate's error type attaches the path it was writing (one constructor per error type).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-pub use fs_err as fs;
+pub mod rng;
 
 /// The temporary name `path` is written under before its rename: hidden (a leading dot, so no
 /// reader's file pattern picks it up), in the same folder, tagged with the process id.

@@ -2,22 +2,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use candle_core::{DType, Device, Shape, Tensor};
-
-/// splitmix64: tiny, deterministic and good enough for test data.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use moelab_io::rng::SplitMix64;
 
 /// Uniform values in [-1, 1).
 pub fn uniform_vec(seed: u64, n: usize) -> Vec<f64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| (splitmix64(&mut s) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-        .collect()
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.symmetric()).collect()
 }
 
 /// Uniform [-scale, scale) tensor of the given shape and dtype on CPU.

@@ -6,7 +6,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
 
-use crate::rng::SplitMix64;
+use moelab_io::rng::SplitMix64;
 
 /// Overwrites every matrix in `varmap` with seeded normal values; gains (1-D) keep their ones.
 pub fn initialize(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {

@@ -14,7 +14,6 @@ pub mod layers;
 pub mod memory;
 pub mod model;
 pub mod moe;
-pub mod rng;
 
 pub use config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
 pub use error::{ModelError, Result};

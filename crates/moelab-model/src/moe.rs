@@ -16,7 +16,7 @@ use moelab_kernels::moe_dispatch;
 
 use crate::config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
 use crate::layers::{Linear, SwiGlu};
-use crate::rng::SplitMix64;
+use moelab_io::rng::SplitMix64;
 
 /// What one MoE layer decided for one micro-batch: the record router logging and traces consume.
 ///

@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use moelab_io::rng::SplitMix64;
 use moelab_kernels::gradcheck::check_gradients;
 use moelab_model::attention::Attention;
 use moelab_model::moe::{MoeFfn, Router};
-use moelab_model::rng::SplitMix64;
 use moelab_model::{init, Block, ForwardOptions, ModelConfig, MoeTransformer};
 
 const MOE: &str = r#"

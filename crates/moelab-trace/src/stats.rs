@@ -1,6 +1,7 @@
 //! Statistics over seed replicates: mean and spread, and bootstrap intervals of a mean with a
 //! fixed resampling seed (the same numbers on every run).
 
+use moelab_io::rng::SplitMix64;
 use serde::Serialize;
 
 /// Resamples drawn by [`bootstrap_mean_interval`].
@@ -60,30 +61,6 @@ impl Interval {
     }
 }
 
-/// SplitMix64: a small, well-mixed generator; enough to pick resample indices reproducibly.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by rejection so no index is favoured.
-    fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-}
-
 /// Percentile bootstrap interval of the mean of `values` at `level` (e.g. 0.95): the mean of
 /// [`BOOTSTRAP_RESAMPLES`] resamples with replacement, drawn with the fixed
 /// [`BOOTSTRAP_SEED`]; the bounds are the empirical (1 - level)/2 and (1 + level)/2 quantiles
@@ -95,7 +72,7 @@ pub fn bootstrap_mean_interval(values: &[f64], level: f64) -> Option<Interval> {
     if n < 2 || !(0.0..1.0).contains(&level) {
         return None;
     }
-    let mut rng = SplitMix64(BOOTSTRAP_SEED);
+    let mut rng = SplitMix64::new(BOOTSTRAP_SEED);
     let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
         .map(|_| {
             let sum: f64 = (0..n).map(|_| values[rng.below(n as u64) as usize]).sum();

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use moelab_data::Batch;
-use moelab_model::rng::SplitMix64;
+use moelab_io::rng::SplitMix64;
 use moelab_model::ModelInfo;
 use serde::Serialize;
 

@@ -621,7 +621,7 @@ fn update_expert_bias(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use moelab_model::rng::SplitMix64;
+    use moelab_io::rng::SplitMix64;
 
     fn batch(cfg: &Config, seed: u64) -> Batch {
         let sequences = cfg.global_sequences();

@@ -163,17 +163,7 @@ fn hostname() -> String {
         .find_map(|path| std::fs::read_to_string(path).ok())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_default();
-    let name: String = name
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let name = moelab_trace::report::file_name_chars(name.trim());
     if name.is_empty() {
         "localhost".to_string()
     } else {

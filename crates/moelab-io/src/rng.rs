@@ -1,9 +1,21 @@
-//! A tiny seeded generator for initialisation and routing noise.
+//! The one seeded generator every moelab crate uses (initialisation, routing noise, data
+//! permutations, bootstrap resamples, test data).
 //!
-//! candle's CPU `randn` cannot be seeded, and the same numbers must come out on every backend, so
-//! random values are drawn here on the host and then moved to the device.
+//! candle's CPU `randn` cannot be seeded, and the same numbers must come out on every backend
+//! and every rank, so random values are drawn on the host from this stream.
 
-/// SplitMix64: small, fast, and well mixed enough for initialisation and noise.
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output for the state `x`: a fast, well-mixed 64-bit hash (used directly for
+/// seeded permutations and keys; `SplitMix64::new(x).next_u64() == mix64(x)`).
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN_GAMMA);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// SplitMix64: small, fast, and well mixed enough for initialisation, noise and resampling.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
 
@@ -29,16 +41,30 @@ impl SplitMix64 {
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        let out = mix64(self.0);
+        self.0 = self.0.wrapping_add(GOLDEN_GAMMA);
+        out
     }
 
     /// Uniform in the open interval (0, 1).
     pub fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[-1, 1)` on the 2^-52 grid (test data).
+    pub fn symmetric(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+
+    /// Uniform in `0..n` (n > 0), by rejection so no value is favoured.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
     }
 
     /// `n` standard normal samples (Box-Muller).
@@ -60,6 +86,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_stream_is_splitmix64() {
+        // Reference values of SplitMix64 seeded with 0 (Vigna's splitmix64.c).
+        let mut rng = SplitMix64::new(0);
+        assert_eq!(rng.next_u64(), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(rng.next_u64(), 0x6e78_9e6a_a1b9_65f4);
+        assert_eq!(mix64(0), 0xe220_a839_7b1d_cdaf);
+    }
+
+    #[test]
     fn normals_have_unit_moments_and_are_reproducible() {
         let a = SplitMix64::for_name(7, "w").normals(20_000);
         let b = SplitMix64::for_name(7, "w").normals(20_000);
@@ -74,5 +109,11 @@ mod tests {
             / a.len() as f64;
         assert!(mean.abs() < 0.03, "mean {mean}");
         assert!((var - 1.0).abs() < 0.05, "var {var}");
+    }
+
+    #[test]
+    fn below_stays_below() {
+        let mut rng = SplitMix64::new(3);
+        assert!((0..10_000).all(|_| rng.below(7) < 7));
     }
 }
