@@ -31,6 +31,27 @@ pub struct AdamWUpdate {
     pub grad_scale: f64,
 }
 
+impl AdamWUpdate {
+    /// The fused AdamW kernel's scalar arguments, in its argument order: grad scale, keep1,
+    /// take1, keep2, take2, 1/correction1, 1/correction2, eps, lr, 1 - decay; each rounded to
+    /// f32 as the CPU update rounds them.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(crate) fn kernel_scalars(&self) -> [f32; 10] {
+        [
+            self.grad_scale as f32,
+            self.beta1 as f32,
+            (1.0 - self.beta1) as f32,
+            self.beta2 as f32,
+            (1.0 - self.beta2) as f32,
+            (1.0 / self.correction1) as f32,
+            (1.0 / self.correction2) as f32,
+            self.eps as f32,
+            self.lr as f32,
+            (1.0 - self.decay) as f32,
+        ]
+    }
+}
+
 /// Whether [`adamw_update`] takes these tensors: all f32 of one shape on one device, the CPU or
 /// (feature `cuda`) a CUDA device.
 pub fn fused_adamw_supported(param: &Tensor, m: &Tensor, v: &Tensor, grad: &Tensor) -> bool {

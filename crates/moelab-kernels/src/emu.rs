@@ -802,8 +802,7 @@ pub fn adamw_step(
     if n == 0 {
         return Ok(());
     }
-    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] =
-        launch::adamw_scalars(u);
+    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] = u.kernel_scalars();
     let bufs = [buf("p", p), buf("m", m), buf("v", v), buf("grad", grad)];
     let (pp, mp, vp, gp) = (
         M(p.as_mut_ptr()),

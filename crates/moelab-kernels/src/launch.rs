@@ -158,24 +158,6 @@ pub(crate) fn logits_dims(op: &str, dims: &[usize]) -> Result<(usize, usize)> {
     }
 }
 
-/// The fused AdamW kernel's scalar arguments, in its argument order: grad scale, keep1, take1,
-/// keep2, take2, 1/correction1, 1/correction2, eps, lr, 1 - decay; each rounded to f32 as the
-/// CPU update rounds them.
-pub(crate) fn adamw_scalars(u: &crate::adamw::AdamWUpdate) -> [f32; 10] {
-    [
-        u.grad_scale as f32,
-        u.beta1 as f32,
-        (1.0 - u.beta1) as f32,
-        u.beta2 as f32,
-        (1.0 - u.beta2) as f32,
-        (1.0 / u.correction1) as f32,
-        (1.0 / u.correction2) as f32,
-        u.eps as f32,
-        u.lr as f32,
-        (1.0 - u.decay) as f32,
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

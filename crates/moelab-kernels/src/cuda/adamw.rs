@@ -48,8 +48,7 @@ pub(crate) fn adamw_step(
     if n == 0 {
         return Ok(());
     }
-    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] =
-        crate::launch::adamw_scalars(u);
+    let [scale, keep1, take1, keep2, take2, inv_c1, inv_c2, eps, lr, keep] = u.kernel_scalars();
     let func = function(&dev, "moelab_adamw_f32", op)?;
     launch!(
         dev,
