@@ -154,8 +154,19 @@ impl Rows {
     }
 }
 
-/// Solves `problem`; the error names the constraints when they leave no feasible mixture.
-pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
+/// The conic program of a [`MixProblem`]: objective `q`, constraint rows, the size of the
+/// nonnegative cone, the exponential cones' count and the upper bounds actually imposed.
+struct Program {
+    q: Vec<f64>,
+    rows: Rows,
+    nonneg: usize,
+    exp_cones: usize,
+    upper: Vec<f64>,
+}
+
+/// Builds the program. Variables: w (d), one epigraph s_k per log-linear term, one u_d per
+/// base-positive domain (the KL bound).
+fn program(problem: &MixProblem<'_>) -> Program {
     let d = problem.base.len();
     let exp_terms: Vec<(f64, &Law)> = problem
         .terms
@@ -163,7 +174,6 @@ pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
         .filter(|(_, l)| l.kind == LawKind::LogLinear)
         .copied()
         .collect();
-    // Variables: w (d), one epigraph s_k per log-linear term, one u_d per base-positive domain.
     let kl_domains: Vec<usize> = match problem.max_kl {
         Some(_) => (0..d).filter(|&k| problem.base[k] > 0.0).collect(),
         None => Vec::new(),
@@ -220,16 +230,33 @@ pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
         rows.row(&[(dom, -1.0)], 0.0);
         rows.row(&[], problem.base[dom]);
     }
-    let m = rows.b.len();
+    Program {
+        q,
+        rows,
+        nonneg,
+        exp_cones: exp_terms.len() + kl_domains.len(),
+        upper,
+    }
+}
+
+/// Solves `problem`; the error names the constraints when they leave no feasible mixture.
+pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
+    let d = problem.base.len();
+    let Program {
+        q,
+        rows,
+        nonneg,
+        exp_cones,
+        upper,
+    } = program(problem);
+    let (m, n) = (rows.b.len(), q.len());
     let a = CscMatrix::new_from_triplets(m, n, rows.i, rows.j, rows.v);
     let p = CscMatrix::zeros((n, n));
     let mut cones = vec![
         SupportedConeT::ZeroConeT(1),
         SupportedConeT::NonnegativeConeT(nonneg),
     ];
-    cones.extend(
-        (0..exp_terms.len() + kl_domains.len()).map(|_| SupportedConeT::ExponentialConeT()),
-    );
+    cones.extend((0..exp_cones).map(|_| SupportedConeT::ExponentialConeT()));
     let settings = DefaultSettings {
         verbose: false,
         ..DefaultSettings::default()
@@ -240,24 +267,7 @@ pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
     match solver.solution.status {
         SolverStatus::Solved | SolverStatus::AlmostSolved => {}
         SolverStatus::PrimalInfeasible | SolverStatus::AlmostPrimalInfeasible => {
-            return Err(TrainError::Argument(format!(
-                "no mixture satisfies every constraint: shares in [{}] .. [{}] (--bounds and the \
-                 repetition limit){}; widen --bounds, raise --max-epochs or --max-kl",
-                problem
-                    .lower
-                    .iter()
-                    .map(|x| format!("{x:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                upper
-                    .iter()
-                    .map(|x| format!("{x:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                problem
-                    .max_kl
-                    .map_or(String::new(), |k| format!(", KL to the base at most {k}"))
-            )))
+            return Err(infeasible(problem, &upper))
         }
         other => {
             return Err(TrainError::Argument(format!(
@@ -275,6 +285,25 @@ pub fn solve(problem: &MixProblem<'_>) -> Result<Vec<f64>, TrainError> {
     let total: f64 = w.iter().sum();
     w.iter_mut().for_each(|x| *x /= total);
     Ok(w)
+}
+
+/// The error for a program without a feasible mixture, naming the bounds that made it so.
+fn infeasible(problem: &MixProblem<'_>, upper: &[f64]) -> TrainError {
+    let shares = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    TrainError::Argument(format!(
+        "no mixture satisfies every constraint: shares in [{}] .. [{}] (--bounds and the \
+         repetition limit){}; widen --bounds, raise --max-epochs or --max-kl",
+        shares(&problem.lower),
+        shares(upper),
+        problem
+            .max_kl
+            .map_or(String::new(), |k| format!(", KL to the base at most {k}"))
+    ))
 }
 
 /// What `moelab mix propose` is asked for.
@@ -425,37 +454,13 @@ pub fn propose(
     let objective = parse_objective(&options.objective, fit)?;
     let (base_dir, base_seeds) = base_runs(fit, runs)?;
     let base_cfg = Config::load(&RunDir::new(&base_dir).config(), &[])?;
-    let budget = DomainBudget::of_config(&base_cfg)?;
     let domains = &fit.domains;
-    let per_share = |d: &String| {
-        budget
-            .domains
-            .iter()
-            .position(|b| b == d)
-            .map(|k| (budget.base[k], budget.epochs_per_share[k]))
-    };
-    let base: Vec<f64> = domains
-        .iter()
-        .map(|d| per_share(d).map_or(0.0, |x| x.0))
-        .collect();
-    let epochs_per_share: Vec<f64> = domains
-        .iter()
-        .map(|d| per_share(d).map_or(0.0, |x| x.1))
-        .collect();
+    let (base, epochs_per_share) = base_shares(&DomainBudget::of_config(&base_cfg)?, domains);
     let max_epochs = options
         .max_epochs
         .or(base_cfg.data.max_repetition)
         .unwrap_or(DEFAULT_MAX_EPOCHS);
-    if max_epochs.is_nan() || max_epochs <= 0.0 {
-        return Err(TrainError::Argument(format!(
-            "--max-epochs {max_epochs}: must be positive"
-        )));
-    }
-    if let Some(k) = options.max_kl.filter(|k| !(*k >= 0.0 && k.is_finite())) {
-        return Err(TrainError::Argument(format!(
-            "--max-kl {k}: must be a non-negative number of nats"
-        )));
-    }
+    check_limits(max_epochs, options.max_kl)?;
     let (lower, mut upper) = parse_bounds(&options.bounds, domains)?;
     for (u, e) in upper.iter_mut().zip(&epochs_per_share) {
         if *e > 0.0 {
@@ -530,24 +535,55 @@ pub fn propose(
         ],
         ..result
     };
-    let json = serde_json::to_string_pretty(&result)
-        .map_err(|e| TrainError::Argument(format!("serialising the proposal: {e}")))?;
-    for path in [
-        options.out.with_extension("json"),
-        fit.dir.join(MIX_DIR).join(PROPOSAL_RECORD),
-    ] {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
-        }
-        moelab_io::write_atomic(&path, json.as_bytes()).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
-    }
+    write_record(
+        &result,
+        &[
+            options.out.with_extension("json"),
+            fit.dir.join(MIX_DIR).join(PROPOSAL_RECORD),
+        ],
+    )?;
     Ok(result)
+}
+
+/// The base mixture's shares and the epochs one unit of share costs, per fitted domain (0 for
+/// a domain the base config lacks).
+fn base_shares(budget: &DomainBudget, domains: &[String]) -> (Vec<f64>, Vec<f64>) {
+    let per_share = |d: &String| {
+        budget
+            .domains
+            .iter()
+            .position(|b| b == d)
+            .map_or((0.0, 0.0), |k| (budget.base[k], budget.epochs_per_share[k]))
+    };
+    domains.iter().map(per_share).unzip()
+}
+
+/// Refuses a non-positive repetition limit or a negative / non-finite KL bound.
+fn check_limits(max_epochs: f64, max_kl: Option<f64>) -> Result<(), TrainError> {
+    if max_epochs.is_nan() || max_epochs <= 0.0 {
+        return Err(TrainError::Argument(format!(
+            "--max-epochs {max_epochs}: must be positive"
+        )));
+    }
+    if let Some(k) = max_kl.filter(|k| !(*k >= 0.0 && k.is_finite())) {
+        return Err(TrainError::Argument(format!(
+            "--max-kl {k}: must be a non-negative number of nats"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the proposal as JSON to each of `paths`.
+fn write_record(result: &Proposal, paths: &[PathBuf]) -> Result<(), TrainError> {
+    let json = serde_json::to_string_pretty(result)
+        .map_err(|e| TrainError::Argument(format!("serialising the proposal: {e}")))?;
+    for path in paths {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+        }
+        moelab_io::write_atomic(path, json.as_bytes()).map_err(TrainError::io(path))?;
+    }
+    Ok(())
 }
 
 /// Leave-one-out RMSE of the whole objective: per run, the weighted sum of every term's held-out
@@ -629,27 +665,18 @@ fn write_proposal_ablation(
         Some(d) => d.to_path_buf(),
         None => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&folder).map_err(|source| TrainError::Io {
-        path: folder.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&folder).map_err(TrainError::io(&folder))?;
     let stem = out
         .file_stem()
         .map_or_else(|| "proposal".into(), |s| s.to_string_lossy().into_owned());
     let snapshot = folder.join(format!("{stem}.base.toml"));
     let config_path = RunDir::new(base_run).config();
-    let config = std::fs::read_to_string(&config_path).map_err(|source| TrainError::Io {
-        path: config_path.clone(),
-        source,
-    })?;
+    let config = std::fs::read_to_string(&config_path).map_err(TrainError::io(&config_path))?;
     let text = format!(
         "# The resolved config of the swarm's base run ({}), copied by `moelab mix propose`.\n{config}",
         config_path.display()
     );
-    moelab_io::write_atomic(&snapshot, text.as_bytes()).map_err(|source| TrainError::Io {
-        path: snapshot.clone(),
-        source,
-    })?;
+    moelab_io::write_atomic(&snapshot, text.as_bytes()).map_err(TrainError::io(&snapshot))?;
     let rounded: Vec<f64> = proposal.iter().map(|w| (w * 1e6).round() / 1e6).collect();
     let seeds_text: Vec<String> = seeds.iter().map(u64::to_string).collect();
     let file = format!(

@@ -398,17 +398,11 @@ pub fn recorded_proposal(dir: &Path) -> Option<Proposal> {
 /// Writes `<ablation>/mix/`: fit.json, mix_report.md and the plots; returns the report's path.
 pub fn write_report(fit: &FitReport, proposal: Option<&Proposal>) -> Result<PathBuf, TrainError> {
     let dir = fit.dir.join(MIX_DIR);
-    std::fs::create_dir_all(&dir).map_err(|source| TrainError::Io {
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(TrainError::io(&dir))?;
     let json = serde_json::to_string_pretty(fit)
         .map_err(|e| TrainError::Argument(format!("serialising the fit: {e}")))?;
     let fit_path = dir.join(FIT_FILE);
-    moelab_io::write_atomic(&fit_path, json.as_bytes()).map_err(|source| TrainError::Io {
-        path: fit_path.clone(),
-        source,
-    })?;
+    moelab_io::write_atomic(&fit_path, json.as_bytes()).map_err(TrainError::io(&fit_path))?;
     let mut md = String::new();
     let _ = writeln!(md, "# Mixture search: {}\n", fit.dir.display());
     let _ = writeln!(
@@ -461,10 +455,7 @@ pub fn write_report(fit: &FitReport, proposal: Option<&Proposal>) -> Result<Path
         }
     }
     let path = dir.join(REPORT_FILE);
-    moelab_io::write_atomic(&path, md.as_bytes()).map_err(|source| TrainError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    moelab_io::write_atomic(&path, md.as_bytes()).map_err(TrainError::io(&path))?;
     Ok(path)
 }
 

@@ -71,10 +71,7 @@ impl SwarmRuns {
 /// not runs.
 fn run_folders(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
     let list = |d: &Path| -> Result<Vec<PathBuf>, TrainError> {
-        let entries = std::fs::read_dir(d).map_err(|source| TrainError::Io {
-            path: d.to_path_buf(),
-            source,
-        })?;
+        let entries = std::fs::read_dir(d).map_err(TrainError::io(d))?;
         let mut out: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -102,6 +99,21 @@ fn run_folders(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
         }
     }
     Ok(runs)
+}
+
+/// What a finished run measured at its final evaluation: per-domain loss and bits per byte,
+/// and every task's bits per byte (finite values only).
+fn final_measures(run: &RunDir, step: u64) -> Result<BTreeMap<String, f64>, TrainError> {
+    let (losses, scores, _) = final_eval(run.root(), step)?;
+    let mut measures: BTreeMap<String, f64> = losses.into_iter().collect();
+    measures.extend(domain_bpb(&run.eval_json(step)));
+    for (key, value) in scores {
+        if let Some(task) = key.strip_suffix("/bpb") {
+            measures.insert(format!("{TASK_PREFIX}{task}"), value);
+        }
+    }
+    measures.retain(|_, v| v.is_finite());
+    Ok(measures)
 }
 
 /// Reads every finished run under `dir`. Unfinished runs are noted, not errors; an ablation folder
@@ -137,15 +149,7 @@ pub fn read_runs(dir: &Path) -> Result<SwarmRuns, TrainError> {
                 continue;
             }
         };
-        let (losses, scores, _) = final_eval(&run_dir, step)?;
-        let mut measures: BTreeMap<String, f64> = losses.into_iter().collect();
-        measures.extend(domain_bpb(&run.eval_json(step)));
-        for (key, value) in scores {
-            if let Some(task) = key.strip_suffix("/bpb") {
-                measures.insert(format!("{TASK_PREFIX}{task}"), value);
-            }
-        }
-        measures.retain(|_, v| v.is_finite());
+        let measures = final_measures(&run, step)?;
         let dataset = match datasets.get(&cfg.data.dataset) {
             Some(d) => d.clone(),
             None => {

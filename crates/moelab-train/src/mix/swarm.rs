@@ -372,10 +372,7 @@ pub(crate) fn toml_list(items: &[String]) -> String {
 /// a file written in `from`.
 pub fn relative_path(target: &Path, from: &Path) -> Result<PathBuf, TrainError> {
     let absolute = |p: &Path| -> Result<PathBuf, TrainError> {
-        std::fs::canonicalize(p).map_err(|source| TrainError::Io {
-            path: p.to_path_buf(),
-            source,
-        })
+        std::fs::canonicalize(p).map_err(TrainError::io(p))
     };
     let target = absolute(target)?;
     let from = absolute(from)?;
@@ -396,15 +393,9 @@ pub fn relative_path(target: &Path, from: &Path) -> Result<PathBuf, TrainError> 
 /// takes it unchanged; the file is removed again when it does not load.
 pub fn write_ablation_file(path: &Path, text: &str) -> Result<Ablation, TrainError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     }
-    moelab_io::write_atomic(path, text.as_bytes()).map_err(|source| TrainError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    moelab_io::write_atomic(path, text.as_bytes()).map_err(TrainError::io(path))?;
     Ablation::load(path).inspect_err(|_| {
         let _ = std::fs::remove_file(path);
     })
@@ -429,10 +420,7 @@ pub fn write_swarm(
         Some(dir) => dir.to_path_buf(),
         None => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&folder).map_err(|source| TrainError::Io {
-        path: folder.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&folder).map_err(TrainError::io(&folder))?;
     let base = relative_path(base_config, &folder)?;
     let header =
         vec![

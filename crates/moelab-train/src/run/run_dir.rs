@@ -269,10 +269,7 @@ impl RunDir {
     /// Writes the resolved config; a different config of an earlier part of the run is kept as
     /// `config.previous-N.toml`. Called only once everything else has been validated.
     pub fn record_config(&self, resolved: &str, resuming: bool) -> Result<(), TrainError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TrainError::Io { path, source }
-        };
+        let io = TrainError::io;
         let config = self.config();
         if let Ok(existing) = std::fs::read_to_string(&config) {
             if resuming && existing != resolved {

@@ -54,7 +54,7 @@ impl EventWriter {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => break (file, path),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => secs += 1,
-                Err(source) => return Err(TrainError::Io { path, source }),
+                Err(source) => return Err(TrainError::io(&path)(source)),
             }
         };
         let mut writer = Self {
