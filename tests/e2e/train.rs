@@ -336,3 +336,35 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
         );
     }
 }
+
+/// The `f64` field `key` of every metrics.jsonl line that has it, by step.
+fn logged(run_dir: &Path, key: &str) -> Vec<(u64, f64)> {
+    metrics_without_timing(run_dir)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m[key].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn logged_loss_is_the_mean_over_the_log_interval() {
+    let fx = Fixture::new("train-mean", &["train.steps=10", "checkpoint.interval=0"]);
+    ok(&fx.train("every", &[]));
+    ok(&fx.train("fifth", &["--set", "log.interval=5"]));
+    let (every, fifth) = (fx.run_dir("every"), fx.run_dir("fifth"));
+    // With one step per line the mean is the step's own loss.
+    assert_eq!(logged(&every, "loss"), logged(&every, "step_loss"));
+    for key in ["loss", "lm_loss"] {
+        let steps = logged(&every, key);
+        let step_key = format!("step_{key}");
+        let means: Vec<(u64, f64)> = [5u64, 10]
+            .iter()
+            .map(|&end| {
+                let window = &steps[(end - 5) as usize..end as usize];
+                (end, window.iter().map(|(_, v)| v).sum::<f64>() / 5.0)
+            })
+            .collect();
+        assert_eq!(logged(&fifth, key), means, "{key}: the mean of the interval");
+        let own: Vec<(u64, f64)> = steps.iter().copied().filter(|(s, _)| s % 5 == 0).collect();
+        assert_eq!(logged(&fifth, &step_key), own, "{step_key}: the step's own");
+    }
+}

@@ -52,6 +52,9 @@ pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
 /// Runs `moelab import-hf`.
 pub fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
     let summary = moelab_train::hf_io::import(&args.dir, &args.out, &args.config)?;
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
     outln!(
         "imported {} ({} layers, {} experts, top-{}) as checkpoint {}",
         summary.arch.class_name(),
