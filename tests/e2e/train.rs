@@ -323,6 +323,34 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
     assert_eq!(report["steps"], 2);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["last_loss"].as_f64().unwrap().is_finite());
+    // One thread (the fixture's): micro-batches in turn, forward and backward timed apart.
+    assert_eq!(report["concurrent_micro_batches"], 1);
+    let ms = |r: &serde_json::Value, key: &str| r[key].as_f64();
+    let (forward, backward) = (ms(&report, "forward_ms"), ms(&report, "backward_ms"));
+    assert!(forward.unwrap() > 0.0 && backward.unwrap() > 0.0, "{report}");
+    assert!(ms(&report, "forward_backward_ms").unwrap() > 0.0, "{report}");
+
+    // Two threads: its two micro-batches overlap, so only their sum is given.
+    let out = moelab(&[
+        "bench",
+        arg(&fx.config),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--set",
+        "run.threads=2",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["concurrent_micro_batches"], 2);
+    assert!(ms(&report, "forward_backward_ms").unwrap() > 0.0, "{report}");
+    for split in ["forward_ms", "backward_ms"] {
+        assert!(report.get(split).is_none(), "{split} given: {report}");
+    }
+    let step = ms(&report, "step_ms").unwrap();
+    let parts = ms(&report, "forward_backward_ms").unwrap() + ms(&report, "optimizer_ms").unwrap();
+    assert!(parts > 0.3 * step && parts < 3.0 * step, "{report}");
     if !cfg!(feature = "cuda") {
         let stderr = fails(&moelab(&[
             "bench",
