@@ -327,8 +327,14 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
     assert_eq!(report["concurrent_micro_batches"], 1);
     let ms = |r: &serde_json::Value, key: &str| r[key].as_f64();
     let (forward, backward) = (ms(&report, "forward_ms"), ms(&report, "backward_ms"));
-    assert!(forward.unwrap() > 0.0 && backward.unwrap() > 0.0, "{report}");
-    assert!(ms(&report, "forward_backward_ms").unwrap() > 0.0, "{report}");
+    assert!(
+        forward.unwrap() > 0.0 && backward.unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        ms(&report, "forward_backward_ms").unwrap() > 0.0,
+        "{report}"
+    );
 
     // Two threads: its two micro-batches overlap, so only their sum is given.
     let out = moelab(&[
@@ -344,7 +350,10 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
     ]);
     let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
     assert_eq!(report["concurrent_micro_batches"], 2);
-    assert!(ms(&report, "forward_backward_ms").unwrap() > 0.0, "{report}");
+    assert!(
+        ms(&report, "forward_backward_ms").unwrap() > 0.0,
+        "{report}"
+    );
     for split in ["forward_ms", "backward_ms"] {
         assert!(report.get(split).is_none(), "{split} given: {report}");
     }
@@ -391,7 +400,11 @@ fn logged_loss_is_the_mean_over_the_log_interval() {
                 (end, window.iter().map(|(_, v)| v).sum::<f64>() / 5.0)
             })
             .collect();
-        assert_eq!(logged(&fifth, key), means, "{key}: the mean of the interval");
+        assert_eq!(
+            logged(&fifth, key),
+            means,
+            "{key}: the mean of the interval"
+        );
         let own: Vec<(u64, f64)> = steps.iter().copied().filter(|(s, _)| s % 5 == 0).collect();
         assert_eq!(logged(&fifth, &step_key), own, "{step_key}: the step's own");
     }

@@ -395,7 +395,9 @@ mod tests {
         assert!(report.step_ms > 0.0);
         let parts = report.forward_backward_ms + report.optimizer_ms;
         let split = report.forward_ms.unwrap() + report.backward_ms.unwrap();
-        assert!(split > 0.3 * report.forward_backward_ms && split < 3.0 * report.forward_backward_ms);
+        assert!(
+            split > 0.3 * report.forward_backward_ms && split < 3.0 * report.forward_backward_ms
+        );
         // Medians of parts need not add up exactly, but they bound the step.
         assert!(parts > 0.3 * report.step_ms && parts < 3.0 * report.step_ms);
         // The config's whole step: all its micro-batches.

@@ -406,7 +406,11 @@ mod tests {
         cfg.moe.aux_loss_coef = 0.01;
         let hf = HfConfig::new(&cfg, HfArch::Olmoe, &SpecialTokens::default());
         assert_eq!(hf.router_aux_loss_coef, Some(0.005));
-        assert!(aux_loss_notes(&cfg).is_empty(), "{:?}", aux_loss_notes(&cfg));
+        assert!(
+            aux_loss_notes(&cfg).is_empty(),
+            "{:?}",
+            aux_loss_notes(&cfg)
+        );
         // Imported without a base config (none to prefer): doubled back.
         let (_, back) = hf.to_model_config(None).unwrap();
         assert_eq!(back.moe.aux_loss_coef, 0.01);
