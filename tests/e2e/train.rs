@@ -409,3 +409,17 @@ fn logged_loss_is_the_mean_over_the_log_interval() {
         assert_eq!(logged(&fifth, &step_key), own, "{step_key}: the step's own");
     }
 }
+
+#[test]
+fn interval_means_are_bit_identical_after_a_resume_between_two_lines() {
+    // Lines every 3 steps, a checkpoint at 20: steps 19 and 20 are in the window it saves.
+    let fx = Fixture::new("train-mean-resume", &["log.interval=3"]);
+    ok(&fx.train("run", &[]));
+    let run = fx.run_dir("run");
+    let straight = metrics_without_timing(&run);
+    let checkpoint = fx.checkpoint("run", 20);
+    ok(&fx.train("run", &["--resume", arg(&checkpoint)]));
+    assert_eq!(metrics_without_timing(&run), straight);
+    let line_21 = straight.iter().find(|m| m["step"] == 21).unwrap();
+    assert_ne!(line_21["loss"], line_21["step_loss"], "a mean of three steps");
+}
