@@ -81,7 +81,8 @@ fn help_examples_name_checkpoints_tiny_toml_writes() {
         .unwrap();
     let steps = config["train"]["steps"].as_integer().unwrap() as u64;
     let interval = config["checkpoint"]["interval"].as_integer().unwrap() as u64;
-    let written = |step: u64| step == steps || (step > 0 && step % interval == 0 && step <= steps);
+    let written =
+        |step: u64| step == steps || (step > 0 && step.is_multiple_of(interval) && step <= steps);
     for command in [
         &["eval"][..],
         &["trace"],

@@ -421,5 +421,8 @@ fn interval_means_are_bit_identical_after_a_resume_between_two_lines() {
     ok(&fx.train("run", &["--resume", arg(&checkpoint)]));
     assert_eq!(metrics_without_timing(&run), straight);
     let line_21 = straight.iter().find(|m| m["step"] == 21).unwrap();
-    assert_ne!(line_21["loss"], line_21["step_loss"], "a mean of three steps");
+    assert_ne!(
+        line_21["loss"], line_21["step_loss"],
+        "a mean of three steps"
+    );
 }

@@ -113,7 +113,12 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_tokens: usize,
     /// 0 = greedy; above 0 the logits are divided by it before sampling.
-    #[arg(long, default_value_t = 0.0, value_name = "T", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "T",
+        allow_hyphen_values = true
+    )]
     temperature: f64,
     /// Sample only among the K likeliest tokens (0 = all).
     #[arg(long, default_value_t = 0, value_name = "K")]
