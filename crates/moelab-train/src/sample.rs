@@ -65,7 +65,8 @@ pub fn sample(checkpoint: &Path, options: &SampleOptions) -> Result<Sample, Trai
     }
     let device = Device::Cpu;
     let (cfg, model, _) = crate::run::load::load_model(checkpoint, &device)?;
-    let dataset = moelab_data::Dataset::open(&cfg.data.dataset)?;
+    // The run's dataset holds its tokenizer (a relative path is said to be relative).
+    let dataset = crate::run::load::open_run_data(&cfg, checkpoint)?;
     let codec = TokenizerCodec::open(&dataset.tokenizer_path())?;
     let prompt_ids = match (&options.prompt_ids, &options.prompt) {
         (Some(ids), _) => ids.clone(),
