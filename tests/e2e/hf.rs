@@ -319,8 +319,8 @@ fn import_names_a_wrong_shape_tensor() {
 }
 
 #[test]
-fn aux_coefficient_is_converted_and_expert_bias_imports_resume() {
-    let fx = Fixture::new("bias");
+fn aux_coefficient_is_converted_where_the_losses_agree() {
+    let fx = Fixture::new("aux");
     let one_layer = ["model.n_layers=1", "model.moe.aux_loss_coef=0.01"];
     let config = fx.config("plain", &one_layer);
     let ckpt = fx.train("plain", &config);
@@ -335,7 +335,35 @@ fn aux_coefficient_is_converted_and_expert_bias_imports_resume() {
     assert_eq!(config_json["router_aux_loss_coef"].as_f64(), Some(0.005));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("router_aux_loss_coef"), "{err}");
+    // Imported with its own config: the coefficient it was trained with.
+    let imported = fx.dir.join("imported");
+    let out = moelab(&[
+        "import-hf",
+        arg(&export),
+        "--out",
+        arg(&imported),
+        "--config",
+        arg(&config),
+    ]);
+    ok_for("import-hf", &out);
+    let cfg: toml::Table = std::fs::read_to_string(imported.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(cfg["model"]["moe"]["aux_loss_coef"].as_float(), Some(0.01));
+}
 
+#[test]
+fn import_with_expert_bias_writes_zero_biases_and_resumes() {
+    let fx = Fixture::new("bias");
+    let one_layer = ["model.n_layers=1", "model.moe.aux_loss_coef=0.01"];
+    let config = fx.config("plain", &one_layer);
+    let ckpt = fx.train("plain", &config);
+    let export = fx.dir.join("export");
+    ok_for(
+        "export-hf",
+        &moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]),
+    );
     // Imported with a config that balances by expert bias: zero biases, and the run resumes.
     let biased = fx.config(
         "biased",
