@@ -17,7 +17,9 @@ use moelab_train::Config;
          The file holds `tokens` and `targets` U32 (steps, sequences, seq_len), `domain_ids` and\n\
          `source_ids` U32 (steps, sequences) and `steps` I64; its metadata names the domains, the\n\
          sources and train.micro_batch (the trainer splits each step's sequences into micro-batches\n\
-         of that many, in order). A .jsonl file holds one object per step instead.\n\
+         of that many, in order). A .jsonl file holds one object per step instead. The stream is\n\
+         that of a fresh run of CONFIG (its [[data.stages]] included); a mixture changed on resume\n\
+         with --allow-mixture-change lives in the run's checkpoints, not in CONFIG.\n\
          Python: safetensors.numpy.load_file(\"batches.safetensors\")"
 )]
 pub struct BatchesArgs {

@@ -50,7 +50,7 @@ pub struct BatchesSummary {
     pub format: String,
     /// First and last step (inclusive).
     pub steps: [u64; 2],
-    /// The rank exported and the job's ranks.
+    /// The rank exported.
     pub rank: usize,
     /// Ranks of the job.
     pub ranks: usize,
