@@ -317,3 +317,87 @@ fn import_names_a_wrong_shape_tensor() {
         "{err}"
     );
 }
+
+#[test]
+fn aux_coefficient_is_converted_where_the_losses_agree() {
+    let fx = Fixture::new("aux");
+    let one_layer = ["model.n_layers=1", "model.moe.aux_loss_coef=0.01"];
+    let config = fx.config("plain", &one_layer);
+    let ckpt = fx.train("plain", &config);
+    let export = fx.dir.join("export");
+    let out = moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]);
+    ok_for("export-hf", &out);
+    // One MoE layer, top-2: transformers' pooled loss is 2x ours, so its weight is half, and
+    // nothing needs saying about it.
+    let config_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config_json["router_aux_loss_coef"].as_f64(), Some(0.005));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("router_aux_loss_coef"), "{err}");
+    // Imported with its own config: the coefficient it was trained with.
+    let imported = fx.dir.join("imported");
+    let out = moelab(&[
+        "import-hf",
+        arg(&export),
+        "--out",
+        arg(&imported),
+        "--config",
+        arg(&config),
+    ]);
+    ok_for("import-hf", &out);
+    let cfg: toml::Table = std::fs::read_to_string(imported.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(cfg["model"]["moe"]["aux_loss_coef"].as_float(), Some(0.01));
+}
+
+#[test]
+fn import_with_expert_bias_writes_zero_biases_and_resumes() {
+    let fx = Fixture::new("bias");
+    let one_layer = ["model.n_layers=1", "model.moe.aux_loss_coef=0.01"];
+    let config = fx.config("plain", &one_layer);
+    let ckpt = fx.train("plain", &config);
+    let export = fx.dir.join("export");
+    ok_for(
+        "export-hf",
+        &moelab(&["export-hf", arg(&ckpt), "--out", arg(&export)]),
+    );
+    // Imported with a config that balances by expert bias: zero biases, and the run resumes.
+    let biased = fx.config(
+        "biased",
+        &[one_layer[0], one_layer[1], "model.moe.expert_bias=true"],
+    );
+    let imported = fx.dir.join("imported");
+    let out = moelab(&[
+        "import-hf",
+        arg(&export),
+        "--out",
+        arg(&imported),
+        "--config",
+        arg(&biased),
+    ]);
+    ok_for("import-hf", &out);
+    let model = tensors(&imported.join("model.safetensors"));
+    let bias = &model["blocks.0.moe.router.expert_bias"];
+    assert_eq!(bias.to_vec1::<f32>().unwrap(), vec![0.0; 4]);
+    let cfg: toml::Table = std::fs::read_to_string(imported.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let moe = &cfg["model"]["moe"];
+    assert_eq!(moe["expert_bias"].as_bool(), Some(true));
+    assert_eq!(moe["aux_loss_coef"].as_float(), Some(0.01));
+    let out = moelab(&[
+        "train",
+        arg(&biased),
+        "--run-dir",
+        arg(&fx.dir.join("runs").join("resumed")),
+        "--resume",
+        arg(&imported),
+        "--set",
+        "train.steps=1",
+    ]);
+    ok_for("train --resume of the import", &out);
+}

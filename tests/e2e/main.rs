@@ -9,10 +9,12 @@ mod fixture;
 mod util;
 
 mod ablate;
+mod batches;
 mod cli;
 mod data;
 #[cfg(feature = "mpi")]
 mod distributed;
+mod docs;
 mod hf;
 mod hostile;
 mod mix;

@@ -323,6 +323,43 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
     assert_eq!(report["steps"], 2);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(report["last_loss"].as_f64().unwrap().is_finite());
+    // One thread (the fixture's): micro-batches in turn, forward and backward timed apart.
+    assert_eq!(report["concurrent_micro_batches"], 1);
+    let ms = |r: &serde_json::Value, key: &str| r[key].as_f64();
+    let (forward, backward) = (ms(&report, "forward_ms"), ms(&report, "backward_ms"));
+    assert!(
+        forward.unwrap() > 0.0 && backward.unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        ms(&report, "forward_backward_ms").unwrap() > 0.0,
+        "{report}"
+    );
+
+    // Two threads: its two micro-batches overlap, so only their sum is given.
+    let out = moelab(&[
+        "bench",
+        arg(&fx.config),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--set",
+        "run.threads=2",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["concurrent_micro_batches"], 2);
+    assert!(
+        ms(&report, "forward_backward_ms").unwrap() > 0.0,
+        "{report}"
+    );
+    for split in ["forward_ms", "backward_ms"] {
+        assert!(report.get(split).is_none(), "{split} given: {report}");
+    }
+    let step = ms(&report, "step_ms").unwrap();
+    let parts = ms(&report, "forward_backward_ms").unwrap() + ms(&report, "optimizer_ms").unwrap();
+    assert!(parts > 0.3 * step && parts < 3.0 * step, "{report}");
     if !cfg!(feature = "cuda") {
         let stderr = fails(&moelab(&[
             "bench",
@@ -335,4 +372,57 @@ fn bench_reports_json_and_cuda_without_the_feature_is_a_clear_error() {
             "{stderr}"
         );
     }
+}
+
+/// The `f64` field `key` of every metrics.jsonl line that has it, by step.
+fn logged(run_dir: &Path, key: &str) -> Vec<(u64, f64)> {
+    metrics_without_timing(run_dir)
+        .iter()
+        .filter_map(|m| Some((m["step"].as_u64()?, m[key].as_f64()?)))
+        .collect()
+}
+
+#[test]
+fn logged_loss_is_the_mean_over_the_log_interval() {
+    let fx = Fixture::new("train-mean", &["train.steps=10", "checkpoint.interval=0"]);
+    ok(&fx.train("every", &[]));
+    ok(&fx.train("fifth", &["--set", "log.interval=5"]));
+    let (every, fifth) = (fx.run_dir("every"), fx.run_dir("fifth"));
+    // With one step per line the mean is the step's own loss.
+    assert_eq!(logged(&every, "loss"), logged(&every, "step_loss"));
+    for key in ["loss", "lm_loss"] {
+        let steps = logged(&every, key);
+        let step_key = format!("step_{key}");
+        let means: Vec<(u64, f64)> = [5u64, 10]
+            .iter()
+            .map(|&end| {
+                let window = &steps[(end - 5) as usize..end as usize];
+                (end, window.iter().map(|(_, v)| v).sum::<f64>() / 5.0)
+            })
+            .collect();
+        assert_eq!(
+            logged(&fifth, key),
+            means,
+            "{key}: the mean of the interval"
+        );
+        let own: Vec<(u64, f64)> = steps.iter().copied().filter(|(s, _)| s % 5 == 0).collect();
+        assert_eq!(logged(&fifth, &step_key), own, "{step_key}: the step's own");
+    }
+}
+
+#[test]
+fn interval_means_are_bit_identical_after_a_resume_between_two_lines() {
+    // Lines every 3 steps, a checkpoint at 20: steps 19 and 20 are in the window it saves.
+    let fx = Fixture::new("train-mean-resume", &["log.interval=3"]);
+    ok(&fx.train("run", &[]));
+    let run = fx.run_dir("run");
+    let straight = metrics_without_timing(&run);
+    let checkpoint = fx.checkpoint("run", 20);
+    ok(&fx.train("run", &["--resume", arg(&checkpoint)]));
+    assert_eq!(metrics_without_timing(&run), straight);
+    let line_21 = straight.iter().find(|m| m["step"] == 21).unwrap();
+    assert_ne!(
+        line_21["loss"], line_21["step_loss"],
+        "a mean of three steps"
+    );
 }

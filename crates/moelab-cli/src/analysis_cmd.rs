@@ -14,7 +14,7 @@ use crate::progress::TrainProgress;
 /// Arguments of `moelab trace`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example: moelab trace runs/tiny/checkpoints/step-00000300 --domains code,math --tokens 4096 --out runs/tiny/trace"
+    after_help = "Example: moelab trace runs/tiny/checkpoints/step-00000200 --domains code,math --tokens 4096 --out runs/tiny/trace"
 )]
 pub struct TraceArgs {
     /// Checkpoint folder (or a run folder: its newest checkpoint).

@@ -8,7 +8,7 @@ use clap::Args;
 /// Arguments of `moelab export-hf`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example: moelab export-hf runs/tiny/checkpoints/step-00000300 --out exports/tiny-hf\n\nThe folder loads with transformers' AutoModelForCausalLM.from_pretrained; check it with\nscripts/hf_parity.py (see `moelab eval --dump-logits`)."
+    after_help = "Example: moelab export-hf runs/tiny/checkpoints/step-00000200 --out exports/tiny-hf\n\nThe folder loads with transformers' AutoModelForCausalLM.from_pretrained; check it with\nscripts/hf_parity.py (see `moelab eval --dump-logits`)."
 )]
 pub struct ExportHfArgs {
     /// Checkpoint folder (checkpoints/step-NNNNNNNN).
@@ -52,6 +52,9 @@ pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
 /// Runs `moelab import-hf`.
 pub fn import_hf(args: ImportHfArgs) -> anyhow::Result<()> {
     let summary = moelab_train::hf_io::import(&args.dir, &args.out, &args.config)?;
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
     outln!(
         "imported {} ({} layers, {} experts, top-{}) as checkpoint {}",
         summary.arch.class_name(),

@@ -21,6 +21,7 @@ macro_rules! out {
 mod out;
 
 mod analysis_cmd;
+mod batches_cmd;
 mod data_cmd;
 mod hf_cmd;
 mod mix_cmd;
@@ -63,6 +64,8 @@ enum Command {
     /// Import a Hugging Face OLMoE or Mixtral folder as a step-0 checkpoint.
     #[command(name = "import-hf")]
     ImportHf(hf_cmd::ImportHfArgs),
+    /// Text a checkpoint's model writes after a prompt (greedy, or temperature / top-k).
+    Sample(batches_cmd::SampleArgs),
     /// Print total and active parameters and training FLOPs per token, per component, and the
     /// memory a training run needs (weights, gradients, optimizer state, activations); with
     /// --ranks, the per-rank memory and per-step communication of a job of N ranks.
@@ -126,6 +129,8 @@ enum DataCommand {
     Inspect(data_cmd::InspectArgs),
     /// Target vs realised shares of a config's mixture over the first N sequences.
     Mix(data_cmd::MixArgs),
+    /// The exact token ids, targets, domain and source ids `train` feeds at some steps.
+    Batches(batches_cmd::BatchesArgs),
     /// Document classifiers: train one, score a prepared dataset with it.
     #[command(subcommand)]
     Classify(ClassifyCommand),
@@ -145,6 +150,7 @@ fn main() -> anyhow::Result<()> {
         Command::Prepare(args) => data_cmd::prepare(*args)?,
         Command::Data(DataCommand::Inspect(args)) => data_cmd::inspect(args)?,
         Command::Data(DataCommand::Mix(args)) => data_cmd::mix(args)?,
+        Command::Data(DataCommand::Batches(args)) => batches_cmd::batches(args)?,
         Command::Data(DataCommand::Classify(ClassifyCommand::Train(args))) => {
             data_cmd::classify_train(args)?
         }
@@ -160,6 +166,7 @@ fn main() -> anyhow::Result<()> {
         Command::Mix(command) => mix_cmd::run(command)?,
         Command::ExportHf(args) => hf_cmd::export_hf(args)?,
         Command::ImportHf(args) => hf_cmd::import_hf(args)?,
+        Command::Sample(args) => batches_cmd::run_sample(args)?,
         Command::ModelInfo {
             config,
             overrides,

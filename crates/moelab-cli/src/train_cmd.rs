@@ -38,7 +38,7 @@ pub struct TrainArgs {
 /// Arguments of `moelab eval`.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Example: moelab eval runs/tiny --json\n         moelab eval runs/tiny/checkpoints/step-00000300 --json\n         moelab eval runs/tiny/checkpoints/step-00000300 --dump-logits logits.safetensors --tokens 64"
+    after_help = "Example: moelab eval runs/tiny --json\n         moelab eval runs/tiny/checkpoints/step-00000200 --json\n         moelab eval runs/tiny/checkpoints/step-00000200 --dump-logits logits.safetensors --tokens 64"
 )]
 pub struct EvalArgs {
     /// Checkpoint folder, or a run folder (its newest complete checkpoint).

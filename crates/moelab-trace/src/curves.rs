@@ -143,7 +143,7 @@ pub fn plot_curves(groups: &[(String, Vec<PathBuf>)], out: &Path) -> Result<Curv
     };
     p.draw(
         "loss_train",
-        "Training loss",
+        "Training loss (mean over each log interval)",
         "loss (nats/token)",
         &[("", "train/loss".into())],
     )?;

@@ -42,7 +42,8 @@ pub struct BenchReport {
     /// (and the peer with the same config).
     pub micro_batches: usize,
     /// How many of them ran at once (CPU: one per thread). Above 1 the forward and backward
-    /// passes overlap, and `forward_ms` holds both (`backward_ms` is then 0).
+    /// passes of different micro-batches overlap: only `forward_backward_ms` is given, and
+    /// `forward_ms` / `backward_ms` are absent.
     pub concurrent_micro_batches: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
@@ -50,10 +51,14 @@ pub struct BenchReport {
     pub steps: usize,
     /// Whole step: forward + backward + clip + AdamW.
     pub step_ms: f64,
-    /// Forward pass including the loss.
-    pub forward_ms: f64,
-    /// Backward pass.
-    pub backward_ms: f64,
+    /// Forward and backward passes together (the step less the optimizer).
+    pub forward_backward_ms: f64,
+    /// Forward pass including the loss; absent when micro-batches overlap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_ms: Option<f64>,
+    /// Backward pass; absent when micro-batches overlap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backward_ms: Option<f64>,
     /// Gradient norm, clipping and the AdamW update.
     pub optimizer_ms: f64,
     /// micro_batches * micro_batch * seq_len / step time.
@@ -196,8 +201,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         seq_len,
         steps: options.steps,
         step_ms,
-        forward_ms: median_ms(&|t| t[0]),
-        backward_ms: median_ms(&|t| t[1]),
+        forward_backward_ms: median_ms(&|t| t[0] + t[1]),
+        // Overlapping micro-batches: the phase marks of one interleave with another's, so
+        // the split means nothing (the backward time read as ~0).
+        forward_ms: (concurrent == 1).then(|| median_ms(&|t| t[0])),
+        backward_ms: (concurrent == 1).then(|| median_ms(&|t| t[1])),
         optimizer_ms: median_ms(&|t| t[2]),
         tokens_per_s,
         flops_per_token: info.train_flops_per_token,
@@ -227,16 +235,18 @@ impl BenchReport {
                 self.seq_len,
                 self.steps
             ),
-            if self.concurrent_micro_batches > 1 {
-                format!(
+            match (self.forward_ms, self.backward_ms) {
+                (Some(forward), Some(backward)) => format!(
+                    "  step        {:>10.2} ms  (forward {forward:.2}, backward {backward:.2}, optimizer {:.2})",
+                    self.step_ms, self.optimizer_ms
+                ),
+                _ => format!(
                     "  step        {:>10.2} ms  (forward + backward {:.2}, {} micro-batches at once; optimizer {:.2})",
-                    self.step_ms, self.forward_ms, self.concurrent_micro_batches, self.optimizer_ms
-                )
-            } else {
-                format!(
-                    "  step        {:>10.2} ms  (forward {:.2}, backward {:.2}, optimizer {:.2})",
-                    self.step_ms, self.forward_ms, self.backward_ms, self.optimizer_ms
-                )
+                    self.step_ms,
+                    self.forward_backward_ms,
+                    self.concurrent_micro_batches,
+                    self.optimizer_ms
+                ),
             },
             format!("  tokens/s    {:>10.0}", self.tokens_per_s),
             format!(
@@ -369,7 +379,9 @@ mod tests {
 
     #[test]
     fn bench_times_a_step_and_reports_consistent_figures() {
-        let cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        let mut cfg: Config = toml::from_str(crate::config::tests::TEXT).unwrap();
+        // One thread: micro-batches one after the other, so forward and backward are split.
+        cfg.run.threads = 1;
         let report = bench(
             &cfg,
             BenchOptions {
@@ -381,7 +393,11 @@ mod tests {
         .unwrap();
         assert_eq!(report.steps, 3);
         assert!(report.step_ms > 0.0);
-        let parts = report.forward_ms + report.backward_ms + report.optimizer_ms;
+        let parts = report.forward_backward_ms + report.optimizer_ms;
+        let split = report.forward_ms.unwrap() + report.backward_ms.unwrap();
+        assert!(
+            split > 0.3 * report.forward_backward_ms && split < 3.0 * report.forward_backward_ms
+        );
         // Medians of parts need not add up exactly, but they bound the step.
         assert!(parts > 0.3 * report.step_ms && parts < 3.0 * report.step_ms);
         // The config's whole step: all its micro-batches.

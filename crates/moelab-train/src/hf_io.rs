@@ -144,7 +144,8 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
     let tensors = to_hf_tensors(&cfg.model, arch, &model)
         .map_err(mapping_err("the checkpoint's model.safetensors"))?;
 
-    let mut notes = Vec::new();
+    // Where transformers' router_aux_loss_coef cannot mean what aux_loss_coef meant.
+    let mut notes = moelab_model::hf::aux_loss_notes(&cfg.model);
     let dataset = moelab_data::Dataset::open(&cfg.data.dataset);
     let (tokens, tokenizer) = match &dataset {
         Ok(ds) => (
@@ -370,6 +371,8 @@ pub struct ImportSummary {
     pub arch: HfArch,
     /// The derived `[model]`.
     pub model: ModelConfig,
+    /// Where the imported `router_aux_loss_coef` cannot mean what `aux_loss_coef` means.
+    pub notes: Vec<String>,
 }
 
 /// Imports the Hugging Face folder `hf_dir` as a step-0 checkpoint folder `out`, whose
@@ -417,7 +420,14 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         let (model, varmap) =
             MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, &Device::Cpu)?;
         let params = crate::run::load::named_params(&varmap)?;
-        crate::run::load::restore_model(&model, &params, &tensors, hf_dir)?;
+        // A config with expert_bias = true gets zero biases: HF routers have none, and a zero
+        // bias selects the same experts (state, not parameters: no optimizer moments).
+        let mut model_tensors = tensors.clone();
+        for (name, bias) in model.expert_biases() {
+            let zeros = Tensor::zeros(bias.dims(), DType::F32, &Device::Cpu)?;
+            model_tensors.insert(name, zeros);
+        }
+        crate::run::load::restore_model(&model, &params, &model_tensors, hf_dir)?;
 
         let dataset = Arc::new(moelab_data::ensure_prepared(&cfg.data)?);
         if dataset.vocab_size() > cfg.model.vocab_size {
@@ -437,7 +447,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
         let state = TrainState::fresh(&stream, cfg.run.seed);
         let written = checkpoint::save(
             &tmp.join("ckpt"),
-            &tensors,
+            &model_tensors,
             &optimizer,
             &state,
             &cfg.to_toml(),
@@ -450,6 +460,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
     Ok(ImportSummary {
         dir: out.to_path_buf(),
         arch,
+        notes: moelab_model::hf::aux_loss_notes(&cfg.model),
         model: cfg.model,
     })
 }

@@ -5,6 +5,7 @@
 pub mod ablate;
 pub mod ablate_launch;
 pub mod balance;
+pub mod batches;
 pub mod bench;
 pub mod config;
 pub mod dist;
@@ -17,6 +18,7 @@ pub mod mix;
 pub mod optim;
 pub mod routing_counts;
 pub mod run;
+pub mod sample;
 pub mod schedule;
 pub mod tasks;
 pub mod trace_checkpoint;

@@ -137,6 +137,53 @@ pub struct HfConfig {
     pub torch_dtype: String,
 }
 
+/// HF's `router_aux_loss_coef` for moelab's `aux_loss_coef`. transformers (OLMoE and Mixtral
+/// alike) pools the router logits of all `moe_layers` layers into one balance loss
+/// `E * sum_e (tokens routed to e / tokens) * mean prob of e`, whose fractions sum to k;
+/// moelab sums one `E * sum_e f_e P_e` per layer with fractions that sum to 1. With one MoE
+/// layer HF's loss is exactly k times moelab's, so the coefficient is divided by k. With L
+/// layers HF's pooled loss also holds products across layers: no coefficient makes the two
+/// equal in general; `aux * L / k` makes them equal (value and per-layer gradient) when every
+/// layer routes alike, and [`aux_loss_notes`] says so.
+pub fn hf_aux_loss_coef(aux_loss_coef: f64, top_k: usize, moe_layers: usize) -> f64 {
+    aux_loss_coef * moe_layers.max(1) as f64 / top_k.max(1) as f64
+}
+
+/// moelab's `aux_loss_coef` for HF's `router_aux_loss_coef`: the inverse of
+/// [`hf_aux_loss_coef`], exact for one MoE layer.
+pub fn aux_loss_coef_from_hf(router_aux_loss_coef: f64, top_k: usize, moe_layers: usize) -> f64 {
+    router_aux_loss_coef * top_k.max(1) as f64 / moe_layers.max(1) as f64
+}
+
+/// Where moelab's auxiliary losses of `cfg` and what transformers trains with
+/// `router_aux_loss_coef` cannot agree, one sentence each (empty when they agree exactly).
+pub fn aux_loss_notes(cfg: &ModelConfig) -> Vec<String> {
+    let moe = &cfg.moe;
+    let layers = cfg.n_layers.saturating_sub(moe.dense_layers);
+    let mut notes = Vec::new();
+    if moe.aux_loss_coef == 0.0 {
+        return notes;
+    }
+    if layers > 1 {
+        notes.push(format!(
+            "router_aux_loss_coef = aux_loss_coef x {layers} layers / top-{} = {}: transformers \
+             pools the {layers} MoE layers into one balance loss with products across layers, \
+             moelab sums one loss per layer; the two agree only when every layer routes alike \
+             (exactly with one MoE layer)",
+            moe.top_k,
+            hf_aux_loss_coef(moe.aux_loss_coef, moe.top_k, layers)
+        ));
+    }
+    if moe.aux_loss_scope != crate::BalanceScope::MicroBatch {
+        notes.push(format!(
+            "model.moe.aux_loss_scope = {}: transformers balances over each forward's batch \
+             (the micro-batch scope); this scope has no Hugging Face equivalent",
+            format!("{:?}", moe.aux_loss_scope).to_lowercase()
+        ));
+    }
+    notes
+}
+
 fn required(v: Option<usize>, key: &str) -> Result<usize, ModelError> {
     v.ok_or_else(|| hf_err(format!("config.json lacks `{key}`")))
 }
@@ -168,7 +215,11 @@ impl HfConfig {
             rope_scaling: None,
             tie_word_embeddings: Some(cfg.tie_embeddings),
             num_experts_per_tok: moe.top_k,
-            router_aux_loss_coef: Some(moe.aux_loss_coef),
+            router_aux_loss_coef: Some(hf_aux_loss_coef(
+                moe.aux_loss_coef,
+                moe.top_k,
+                cfg.n_layers.saturating_sub(moe.dense_layers),
+            )),
             num_experts: olmoe.then_some(moe.n_experts),
             num_local_experts: (!olmoe).then_some(moe.n_experts),
             norm_topk_prob: olmoe.then_some(moe.renormalize),
@@ -257,6 +308,20 @@ impl HfConfig {
         problems
     }
 
+    /// moelab's `aux_loss_coef` for `router_aux_loss_coef` (see [`aux_loss_coef_from_hf`]);
+    /// `base`'s own value when it converts to the same number, so that an export imported with
+    /// its run config gets back the coefficient it was trained with, bit for bit.
+    fn aux_loss_coef(&self, base: &MoeConfig) -> f64 {
+        let layers = self.num_hidden_layers;
+        let Some(hf) = self.router_aux_loss_coef else {
+            return base.aux_loss_coef;
+        };
+        if hf_aux_loss_coef(base.aux_loss_coef, self.num_experts_per_tok, layers) == hf {
+            return base.aux_loss_coef;
+        }
+        aux_loss_coef_from_hf(hf, self.num_experts_per_tok, layers)
+    }
+
     /// The moelab `[model]` that computes what this config describes. Keys HF does not store
     /// (init_std, the balancing-loss scope, z-loss, routing warm-up) come from `base` when given.
     pub fn to_model_config(
@@ -312,11 +377,13 @@ impl HfConfig {
                     HfArch::Mixtral => true,
                 },
                 capacity_factor: None,
-                aux_loss_coef: self.router_aux_loss_coef.unwrap_or(base_moe.aux_loss_coef),
+                aux_loss_coef: self.aux_loss_coef(base_moe),
                 aux_loss_scope: base_moe.aux_loss_scope,
                 z_loss_coef: base_moe.z_loss_coef,
                 routing_warmup_steps: base_moe.routing_warmup_steps,
-                expert_bias: false,
+                // HF routers have no selection bias; a zero bias selects the same experts, so
+                // the function is the same and the run can go on balancing with it.
+                expert_bias: base_moe.expert_bias,
             },
         };
         model.validate()?;
@@ -330,6 +397,49 @@ mod tests {
     use super::*;
     use crate::hf::choose_arch;
     use crate::hf::tests::model;
+
+    #[test]
+    fn router_aux_loss_coef_is_converted_where_the_losses_agree() {
+        // One MoE layer, top-2: HF's pooled loss is 2x moelab's, so its coefficient is half.
+        let mut cfg = model(true, false);
+        cfg.n_layers = 1;
+        cfg.moe.aux_loss_coef = 0.01;
+        let hf = HfConfig::new(&cfg, HfArch::Olmoe, &SpecialTokens::default());
+        assert_eq!(hf.router_aux_loss_coef, Some(0.005));
+        assert!(
+            aux_loss_notes(&cfg).is_empty(),
+            "{:?}",
+            aux_loss_notes(&cfg)
+        );
+        // Imported without a base config (none to prefer): doubled back.
+        let (_, back) = hf.to_model_config(None).unwrap();
+        assert_eq!(back.moe.aux_loss_coef, 0.01);
+        // A foreign HF model's coefficient: OLMoE-1B-7B's 0.01 with top-8 over 1 layer.
+        let mut foreign = hf.clone();
+        foreign.router_aux_loss_coef = Some(0.01);
+        foreign.num_experts_per_tok = 4;
+        let (_, back) = foreign.to_model_config(None).unwrap();
+        assert_eq!(back.moe.aux_loss_coef, 0.04);
+
+        // Four layers, top-2: x 4 / 2, and the note says the two differ.
+        cfg.n_layers = 4;
+        let hf = HfConfig::new(&cfg, HfArch::Olmoe, &SpecialTokens::default());
+        assert_eq!(hf.router_aux_loss_coef, Some(0.02));
+        let notes = aux_loss_notes(&cfg);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("products across layers"), "{notes:?}");
+        let (_, back) = hf.to_model_config(Some(&cfg)).unwrap();
+        assert_eq!(back.moe.aux_loss_coef, 0.01);
+    }
+
+    #[test]
+    fn expert_bias_of_the_base_config_is_kept_on_import() {
+        let mut cfg = model(true, false);
+        let hf = HfConfig::new(&cfg, HfArch::Olmoe, &SpecialTokens::default());
+        cfg.moe.expert_bias = true;
+        let (_, back) = hf.to_model_config(Some(&cfg)).unwrap();
+        assert!(back.moe.expert_bias);
+    }
 
     #[test]
     fn config_json_round_trips_for_both_architectures() {

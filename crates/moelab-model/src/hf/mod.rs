@@ -29,7 +29,10 @@
 pub mod config;
 pub mod names;
 
-pub use config::{HfConfig, RopeParameters, RopeScaling, SpecialTokens};
+pub use config::{
+    aux_loss_coef_from_hf, aux_loss_notes, hf_aux_loss_coef, HfConfig, RopeParameters, RopeScaling,
+    SpecialTokens,
+};
 pub use names::{from_hf_tensors, to_hf_tensors};
 
 use crate::{ModelConfig, ModelError, RouterKind};

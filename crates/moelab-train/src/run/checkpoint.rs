@@ -31,6 +31,46 @@ pub struct TrainState {
     /// The run seed; every random choice is a pure function of (seed, step), so this is the
     /// whole RNG state.
     pub seed: u64,
+    /// The losses of the steps since the last metrics line, so that a run resumed between two
+    /// lines logs the same interval means as one that never stopped (absent in checkpoints
+    /// written before metrics logged means: an empty window).
+    #[serde(default)]
+    pub log_window: LossWindow,
+}
+
+/// Sums of the training losses of the applied steps since the last metrics line; a line logs
+/// their mean. The sums are kept as f64 bit patterns in state.json because a JSON decimal need
+/// not read back to the same f64, and a resumed run must log bit-identical means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossWindow {
+    /// Applied steps summed.
+    pub steps: u64,
+    /// Sum of their training objectives, as `f64::to_bits`.
+    pub loss_sum_bits: u64,
+    /// Sum of their LM losses, as `f64::to_bits`.
+    pub lm_loss_sum_bits: u64,
+}
+
+impl LossWindow {
+    /// Adds one applied step's losses.
+    pub fn add(&mut self, loss: f64, lm_loss: f64) {
+        self.steps += 1;
+        self.loss_sum_bits = (f64::from_bits(self.loss_sum_bits) + loss).to_bits();
+        self.lm_loss_sum_bits = (f64::from_bits(self.lm_loss_sum_bits) + lm_loss).to_bits();
+    }
+
+    /// The mean training objective and LM loss of the window (None when it is empty), and
+    /// empties it.
+    pub fn take_means(&mut self) -> Option<(f64, f64)> {
+        let window = std::mem::take(self);
+        (window.steps > 0).then(|| {
+            let n = window.steps as f64;
+            (
+                f64::from_bits(window.loss_sum_bits) / n,
+                f64::from_bits(window.lm_loss_sum_bits) / n,
+            )
+        })
+    }
 }
 
 impl TrainState {
@@ -43,6 +83,7 @@ impl TrainState {
             consecutive_nonfinite: 0,
             stream: stream.state(0),
             seed,
+            log_window: LossWindow::default(),
         }
     }
 }
@@ -275,6 +316,7 @@ mod tests {
                 fingerprint: "f".into(),
             },
             seed: 1,
+            log_window: LossWindow::default(),
         }
     }
 

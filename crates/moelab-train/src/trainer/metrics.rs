@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::step::StepOutcome;
 use super::tensorboard::EventWriter;
+use crate::checkpoint::LossWindow;
 use crate::config::Config;
 use crate::eval::EvalReport;
 use crate::run::RunDir;
@@ -29,10 +30,15 @@ pub struct StepMetrics {
     pub tokens: u64,
     /// Learning rate of this step.
     pub lr: f64,
-    /// Training objective of this step (LM + weighted aux + z), nats per token.
+    /// Training objective (LM + weighted aux + z), nats per token: the mean over the applied
+    /// steps since the previous line (the log interval), as torchtitan logs it.
     pub loss: f64,
-    /// LM cross-entropy of this step, nats per token.
+    /// LM cross-entropy, nats per token: the mean over the same steps as `loss`.
     pub lm_loss: f64,
+    /// Training objective of this step alone.
+    pub step_loss: f64,
+    /// LM cross-entropy of this step alone.
+    pub step_lm_loss: f64,
     /// LM cross-entropy per domain present in this step's batch.
     pub domain_loss: BTreeMap<String, f64>,
     /// Global gradient norm before clipping.
@@ -137,8 +143,9 @@ impl MetricsLogger {
         }
     }
 
-    /// Records a finished step of `tokens` tokens; returns its line when the step is due for
-    /// logging (every `log.interval` steps and the last), after writing it.
+    /// Records a finished, applied step of `tokens` tokens, adding its losses to `window` (kept
+    /// in the train state, so that it survives a resume); returns its line when the step is due
+    /// for logging (every `log.interval` steps and the last), after writing it.
     pub(crate) fn step(
         &mut self,
         step: u64,
@@ -146,11 +153,16 @@ impl MetricsLogger {
         tokens: u64,
         lr: f64,
         outcome: &StepOutcome,
+        window: &mut LossWindow,
     ) -> Result<Option<StepMetrics>, TrainError> {
         self.window_tokens += tokens;
+        window.add(outcome.loss, outcome.lm_loss);
         if !step.is_multiple_of(self.interval) && step != self.last_step {
             return Ok(None);
         }
+        let (loss, lm_loss) = window
+            .take_means()
+            .unwrap_or((outcome.loss, outcome.lm_loss));
         let seconds = self.window_start.elapsed().as_secs_f64().max(1e-9);
         let tokens_per_s = self.window_tokens as f64 / seconds;
         self.total.0 += self.window_tokens;
@@ -159,8 +171,10 @@ impl MetricsLogger {
             step,
             tokens: total_tokens,
             lr,
-            loss: outcome.loss,
-            lm_loss: outcome.lm_loss,
+            loss,
+            lm_loss,
+            step_loss: outcome.loss,
+            step_lm_loss: outcome.lm_loss,
             domain_loss: outcome.domain_loss.clone(),
             grad_norm: outcome.grad_norm,
             aux_loss: outcome.aux_loss.clone(),
@@ -241,6 +255,7 @@ impl MetricsLogger {
         for (tag, value) in [
             ("train/loss", Some(line.loss)),
             ("train/lm_loss", Some(line.lm_loss)),
+            ("train/step_loss", Some(line.step_loss)),
             ("train/lr", Some(line.lr)),
             ("train/grad_norm", Some(line.grad_norm)),
             ("train/tokens_per_s", Some(line.tokens_per_s)),
@@ -365,7 +380,10 @@ mod tests {
     fn tensorboard_off_creates_no_folder() {
         let run_dir = scratch("off");
         let mut logger = MetricsLogger::open(&run_dir, &config(false), 0, None).unwrap();
-        assert!(logger.step(1, 64, 64, 1e-3, &outcome()).unwrap().is_some());
+        assert!(logger
+            .step(1, 64, 64, 1e-3, &outcome(), &mut LossWindow::default())
+            .unwrap()
+            .is_some());
         assert!(std::fs::read_to_string(run_dir.metrics())
             .unwrap()
             .contains("\"step\":1"));
@@ -377,7 +395,9 @@ mod tests {
     fn tensorboard_on_writes_the_logged_scalars() {
         let run_dir = scratch("on");
         let mut logger = MetricsLogger::open(&run_dir, &config(true), 0, None).unwrap();
-        logger.step(1, 64, 64, 1e-3, &outcome()).unwrap();
+        logger
+            .step(1, 64, 64, 1e-3, &outcome(), &mut LossWindow::default())
+            .unwrap();
         let report = EvalReport {
             step: 1,
             domains: vec![
@@ -417,6 +437,7 @@ mod tests {
             [
                 "train/loss",
                 "train/lm_loss",
+                "train/step_loss",
                 "train/lr",
                 "train/grad_norm",
                 "train/tokens_per_s",
@@ -439,6 +460,64 @@ mod tests {
         assert_eq!(value("router/load_imbalance/layer_1"), 3.0);
         assert_eq!(value("eval/loss/web"), 2.75);
         assert!(scalars.iter().all(|(step, _, _)| *step == 1));
+        std::fs::remove_dir_all(run_dir.root()).unwrap();
+    }
+
+    fn outcome_with(loss: f64, lm_loss: f64) -> StepOutcome {
+        StepOutcome {
+            loss,
+            lm_loss,
+            ..outcome()
+        }
+    }
+
+    #[test]
+    fn loss_is_the_interval_mean_and_the_window_survives_a_resume() {
+        let run_dir = scratch("mean");
+        let mut cfg = config(false);
+        cfg.log.interval = 3;
+        cfg.train.steps = 6;
+        let mut logger = MetricsLogger::open(&run_dir, &cfg, 0, None).unwrap();
+        let mut window = LossWindow::default();
+        for (step, loss) in [(1, 1.0), (2, 2.0)] {
+            let line = logger.step(
+                step,
+                0,
+                64,
+                1e-3,
+                &outcome_with(loss, loss - 0.5),
+                &mut window,
+            );
+            assert!(line.unwrap().is_none());
+        }
+        let line = logger
+            .step(3, 0, 64, 1e-3, &outcome_with(6.0, 5.5), &mut window)
+            .unwrap()
+            .unwrap();
+        assert_eq!((line.loss, line.lm_loss), (3.0, 2.5));
+        assert_eq!((line.step_loss, line.step_lm_loss), (6.0, 5.5));
+        assert_eq!(window, LossWindow::default(), "a line empties the window");
+
+        // Steps 4 and 5, then a checkpoint: the window travels in state.json to a new process.
+        for (step, loss) in [(4, 0.1), (5, 0.2)] {
+            let line = logger.step(step, 0, 64, 1e-3, &outcome_with(loss, loss), &mut window);
+            assert!(line.unwrap().is_none());
+        }
+        let json = serde_json::to_string(&window).unwrap();
+        let mut resumed: LossWindow = serde_json::from_str(&json).unwrap();
+        assert_eq!(resumed, window);
+        let mut logger = MetricsLogger::open(&run_dir, &cfg, 5, None).unwrap();
+        let line = logger
+            .step(6, 0, 64, 1e-3, &outcome_with(0.3, 0.3), &mut resumed)
+            .unwrap()
+            .unwrap();
+        assert_eq!(line.loss, (0.1 + 0.2 + 0.3) / 3.0);
+        assert_eq!(line.step_loss, 0.3);
+        let text = std::fs::read_to_string(run_dir.metrics()).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["loss"].as_f64(), Some(line.loss));
+        assert_eq!(last["step_loss"].as_f64(), Some(0.3));
+        assert_eq!(last["step_lm_loss"].as_f64(), Some(0.3));
         std::fs::remove_dir_all(run_dir.root()).unwrap();
     }
 

@@ -464,10 +464,14 @@ impl Trainer {
         let step = self.state.step;
         if outcome.applied {
             self.state.consecutive_nonfinite = 0;
-            if let Some(line) = self
-                .metrics
-                .step(step, self.state.tokens, tokens, lr, outcome)?
-            {
+            if let Some(line) = self.metrics.step(
+                step,
+                self.state.tokens,
+                tokens,
+                lr,
+                outcome,
+                &mut self.state.log_window,
+            )? {
                 on_event(&Event::Step(line));
             }
             return Ok(());
