@@ -137,7 +137,7 @@ pub fn read_runs(dir: &Path) -> Result<SwarmRuns, TrainError> {
                 continue;
             }
         };
-        let (losses, scores, _) = final_eval(&run_dir, step)?;
+        let (losses, _, scores, _) = final_eval(&run_dir, step)?;
         let mut measures: BTreeMap<String, f64> = losses.into_iter().collect();
         measures.extend(domain_bpb(&run.eval_json(step)));
         for (key, value) in scores {
