@@ -423,7 +423,8 @@ fn a_domain_too_small_for_validation_is_a_warning_at_startup_not_an_error() {
     // per byte.
     let run = dir.join("runs/e2e");
     let eval: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("eval/step-00000002.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(run.join("eval/step-00000002.json")).unwrap())
+            .unwrap();
     for d in eval["domains"].as_array().unwrap() {
         let (loss, bpb) = (&d["loss"], &d["bpb"]);
         if d["domain"] == "notes" {
