@@ -372,3 +372,79 @@ fn a_run_reports_what_a_user_expects_and_metrics_load_as_one_table() {
     assert_eq!(evals, vec![2, 4]);
     assert!(lines.iter().any(|l| l["eval"]["prose"].is_f64()));
 }
+
+#[test]
+fn a_domain_too_small_for_validation_is_a_warning_at_startup_not_an_error() {
+    let dir = util::Scratch::new("runs-small-domain");
+    let corpus = crate::corpus::Corpus::three_domains().write(&dir.join("corpus"));
+    // The user's small domain: 17 documents of three words, too few tokens for one validation
+    // sequence of seq_len + 1 = 33 even when prepare holds out all it can spare.
+    let notes: String = (0..17)
+        .map(|i| format!("{{\"text\": \"note {i} ends\"}}\n"))
+        .collect();
+    std::fs::create_dir_all(corpus.join("notes")).unwrap();
+    std::fs::write(corpus.join("notes/all.jsonl"), notes).unwrap();
+    let config = crate::corpus::RunConfig::small(dir.path())
+        .set_all(&["train.steps=2", "train.eval_interval=0"])
+        .write(&dir.join("run.toml"));
+
+    let out = moelab(&["train", arg(&config)]);
+    let shown = ok(&out);
+    let err = util::stderr(&out);
+    // Never the error about a key the user did not set.
+    assert!(!err.contains("Error") && !err.contains("error:"), "{err}");
+    let warning = err
+        .lines()
+        .find(|l| l.starts_with("warning: domain `notes`"))
+        .unwrap_or_else(|| panic!("no warning naming notes: {err}"));
+    assert!(
+        warning.contains("validation tokens in") && warning.contains("not measured"),
+        "{warning}"
+    );
+    // The tokens behind each loss are shown at startup, before the first step.
+    let line = shown
+        .lines()
+        .position(|l| l.starts_with("validation tokens per domain"))
+        .unwrap_or_else(|| panic!("no validation line: {shown}"));
+    let first_step = shown.lines().position(|l| l.starts_with("step ")).unwrap();
+    assert!(line < first_step, "{shown}");
+    let listed = shown.lines().nth(line).unwrap();
+    assert!(
+        listed.contains("notes 0") && listed.contains("prose 256"),
+        "{listed}"
+    );
+    // The other domains are capped by this config's data.validation_tokens = 256.
+    assert!(
+        err.contains("data.validation_tokens = 256 caps it"),
+        "{err}"
+    );
+
+    // The final evaluation leaves notes unmeasured and scores the others, in nats and bits
+    // per byte.
+    let run = dir.join("runs/e2e");
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("eval/step-00000002.json")).unwrap())
+            .unwrap();
+    for d in eval["domains"].as_array().unwrap() {
+        let (loss, bpb) = (&d["loss"], &d["bpb"]);
+        if d["domain"] == "notes" {
+            assert!(loss.is_null() && bpb.is_null() && d["tokens"] == 0, "{d}");
+        } else {
+            let (loss, bpb) = (loss.as_f64().unwrap(), bpb.as_f64().unwrap());
+            let bytes = d["bytes"].as_f64().unwrap();
+            assert_eq!(d["tokens"], 256, "{d}");
+            // bpb = summed nats / ln 2 / bytes.
+            let want = loss * 256.0 / std::f64::consts::LN_2 / bytes;
+            assert!((bpb - want).abs() < 1e-9 && bytes >= 256.0, "{d}");
+        }
+    }
+    // `moelab eval` shows the same tokens and warning on stderr, keeping stdout JSON.
+    let out = moelab(&["eval", arg(&run), "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(json["domains"].as_array().unwrap().len(), 4);
+    let err = util::stderr(&out);
+    assert!(
+        err.contains("validation tokens per domain") && err.contains("warning: domain `notes`"),
+        "{err}"
+    );
+}

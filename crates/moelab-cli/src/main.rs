@@ -23,6 +23,8 @@ mod out;
 mod analysis_cmd;
 mod batches_cmd;
 mod data_cmd;
+#[cfg(test)]
+mod doc_commands;
 mod hf_cmd;
 mod mix_cmd;
 mod progress;

@@ -184,6 +184,12 @@ impl TrainProgress {
                     prepare.on_event(e);
                 }
             }
+            Event::Validation(check) => {
+                self.say(&check.line());
+                for warning in check.warnings() {
+                    self.bar.bar.suspend(|| eprintln!("warning: {warning}"));
+                }
+            }
             Event::Started {
                 run_dir,
                 start_step,

@@ -6,7 +6,8 @@ use clap::Args;
 use std::rc::Rc;
 
 use moelab_train::dist::{self, Collective};
-use moelab_train::{checkpoint, evaluate_checkpoint, train_on, Config, Event, Resume, RunOptions};
+use moelab_train::eval::evaluate_checkpoint_with;
+use moelab_train::{checkpoint, train_on, Config, Event, Resume, RunOptions};
 
 use crate::progress::{summary_lines, TrainProgress};
 
@@ -133,7 +134,13 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let report = evaluate_checkpoint(&checkpoint)?;
+    // The tokens behind each loss go to stderr (stdout may hold only JSON), before the work.
+    let report = evaluate_checkpoint_with(&checkpoint, &mut |check| {
+        eprintln!("{}", check.line());
+        for warning in check.warnings() {
+            eprintln!("warning: {warning}");
+        }
+    })?;
     if args.json {
         outln!("{}", report.to_json());
     } else {

@@ -112,6 +112,21 @@ pub(crate) struct SourceData {
     pub(crate) validation: TokenStream,
 }
 
+/// What evaluation scores of one domain's validation stream (see [`Dataset::validation_plan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationPlan {
+    /// Domain name.
+    pub domain: String,
+    /// Validation documents the domain has.
+    pub documents: u64,
+    /// Validation tokens the domain has (one EOS per document included).
+    pub available: u64,
+    /// Target tokens evaluation scores: whole sequences, at most `data.validation_tokens`.
+    pub scored: u64,
+    /// Why not even one sequence fits, with the fix (None: at least one does).
+    pub shortfall: Option<String>,
+}
+
 /// A prepared dataset: manifest, tokenizer and memory-mapped shards.
 pub struct Dataset {
     dir: PathBuf,
@@ -283,16 +298,15 @@ impl Dataset {
         self.sources.get(domain).map_or(0, Vec::len)
     }
 
-    /// Checks, without reading any token, that [`Dataset::validation_batches`] will give every
-    /// domain at least one sequence with `data.validation_tokens = validation_tokens`, so a
-    /// run can refuse a config before step 1 instead of failing at its first evaluation.
+    /// Checks, without reading any token, that the run's `data.validation_tokens` leaves room
+    /// for one validation sequence, so a run can refuse a config before step 1 instead of
+    /// failing at its first evaluation.
     ///
     /// Call it with the run's `data.seq_len`, `data.validation_tokens` and micro-batch size
     /// once the dataset is open. The error (a [`DataError::Config`] for key
-    /// `data.validation_tokens`) lists each domain that would get no sequence, with its
-    /// numbers and the fix: raise `data.validation_tokens` to at least seq_len, or re-run
-    /// `moelab prepare` with a larger `--validation-fraction` for a domain with too few
-    /// validation tokens.
+    /// `data.validation_tokens`) gives the fix: raise it to at least seq_len. A domain whose
+    /// own validation split is too short is not an error here (the user set no key for it):
+    /// [`Dataset::validation_plan`] reports it, and evaluation leaves its loss unmeasured.
     pub fn check_validation(
         &self,
         seq_len: usize,
@@ -310,16 +324,28 @@ impl Dataset {
                 too_few_validation_tokens(validation_tokens, seq_len, &self.domains.join(", ")),
             ));
         }
-        let problems: Vec<String> = (0..self.domains.len())
-            .filter_map(|d| self.validation_shortfall(d, seq_len))
-            .collect();
-        if problems.is_empty() {
-            return Ok(());
-        }
-        Err(DataError::config(
-            "data.validation_tokens",
-            problems.join("; "),
-        ))
+        Ok(())
+    }
+
+    /// What evaluation will score of each domain's validation stream with `data.seq_len =
+    /// seq_len` and `data.validation_tokens = validation_tokens`, in domain order (counts only;
+    /// no token is read).
+    pub fn validation_plan(&self, seq_len: usize, validation_tokens: u64) -> Vec<ValidationPlan> {
+        let seq = seq_len.max(1) as u64;
+        (0..self.domains.len())
+            .map(|d| {
+                let counts = self.validation_counts(d);
+                // As validation_batches cuts it: chunks of seq_len + 1, up to the cap.
+                let sequences = (validation_tokens / seq).min(counts.tokens / (seq + 1));
+                ValidationPlan {
+                    domain: self.domains[d].clone(),
+                    documents: counts.documents,
+                    available: counts.tokens,
+                    scored: sequences * seq,
+                    shortfall: self.validation_shortfall(d, seq_len),
+                }
+            })
+            .collect()
     }
 
     /// Why `domain`'s validation stream would hold no sequence, with the fix (None: it is fine).

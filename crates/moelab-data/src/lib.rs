@@ -24,7 +24,7 @@ pub mod walk;
 use std::path::Path;
 
 pub use config::{DataConfig, StageConfig};
-pub use dataset::Dataset;
+pub use dataset::{Dataset, ValidationPlan};
 pub use error::{DataError, Result};
 pub use input::{FieldPath, Fields, Limits, SkipCounts};
 pub use manifest::{Manifest, TokenDtype};

@@ -377,7 +377,7 @@ fn natural_mixture_when_none_is_given() {
 }
 
 #[test]
-fn validation_shortfalls_are_caught_up_front_naming_the_key_domain_and_fix() {
+fn validation_shortfalls_are_planned_up_front_naming_the_domain_and_fix() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = common::corpus(tmp.path(), 12);
     // A domain of one document gets no validation split.
@@ -388,15 +388,27 @@ fn validation_shortfalls_are_caught_up_front_naming_the_key_domain_and_fix() {
     let books = ds.domain_id("books").unwrap();
     assert_eq!(ds.validation_counts(books).documents, 0);
 
-    let err = ds.check_validation(16, 4096, 4).unwrap_err().to_string();
+    // The user set no key for it: not an error up front, but the plan says why and the fix.
+    ds.check_validation(16, 4096, 4).unwrap();
+    let plan = ds.validation_plan(16, 4096);
+    let short: Vec<_> = plan.iter().filter(|p| p.shortfall.is_some()).collect();
+    assert_eq!(short.len(), 1, "only the failing domain: {plan:?}");
+    assert_eq!((short[0].domain.as_str(), short[0].scored), ("books", 0));
+    let why = short[0].shortfall.clone().unwrap();
     for part in [
-        "data.validation_tokens",
         "`books` has no validation documents",
         "--validation-fraction (it was 0.1)",
     ] {
-        assert!(err.contains(part), "{part}: {err}");
+        assert!(why.contains(part), "{part}: {why}");
     }
-    assert!(!err.contains("`web`"), "only the failing domain: {err}");
+    // The others score whole sequences of 16 up to the cap, as validation_batches cuts them.
+    for p in plan.iter().filter(|p| p.shortfall.is_none()) {
+        let d = ds.domain_id(&p.domain).unwrap();
+        let batches = ds.validation_batches(d, 16, 4096, 4).unwrap();
+        let scored: usize = batches.iter().map(|b| b.n_sequences * b.seq_len).sum();
+        assert_eq!(p.scored, scored as u64, "{p:?}");
+        assert_eq!(p.scored, (p.available / 17).min(4096 / 16) * 16, "{p:?}");
+    }
     // The late failure says the same.
     let late = ds
         .validation_batches(books, 16, 4096, 4)

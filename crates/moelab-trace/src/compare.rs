@@ -45,6 +45,9 @@ pub struct ReplicateRun {
     pub seed: u64,
     /// Validation loss per domain.
     pub losses: BTreeMap<String, f64>,
+    /// Validation bits per byte per domain (tokenizer-independent; empty for evaluations
+    /// written before it was measured).
+    pub bpb: BTreeMap<String, f64>,
     /// Task scores, metric name (`task/metric`) -> value.
     pub scores: BTreeMap<String, f64>,
     /// Router counts on the validation tokens.
@@ -73,6 +76,10 @@ pub struct ComparisonRow {
     pub baseline_val_tokens: Option<u64>,
     /// Validation loss of the baseline on this domain, mean over seeds.
     pub baseline_loss: Option<f64>,
+    /// Validation bits per byte of the variant on this domain, mean over seeds.
+    pub val_bpb: Option<f64>,
+    /// Mean over seeds of the variant's bits per byte minus the baseline's at the same seed.
+    pub delta_bpb: Option<f64>,
     /// Mean over seeds of `val_loss - baseline_loss` at the same seed (negative = better).
     pub delta_loss: Option<f64>,
     /// Bootstrap 95% interval of that mean over seeds (resampling seeds, fixed resampling seed).
@@ -413,6 +420,16 @@ impl<'a> VariantRuns<'a> {
                 _ => mean_jsd.zip(noise_jsd).map(|(j, n)| j <= n),
             }
         };
+        let bpb: Vec<f64> = self
+            .own
+            .iter()
+            .filter_map(|r| r.bpb.get(d).copied())
+            .collect();
+        let bpb_diffs: Vec<f64> = self
+            .pairs
+            .iter()
+            .filter_map(|(r, b)| Some(r.bpb.get(d)? - b.bpb.get(d)?))
+            .collect();
         let s = spread(&losses);
         ComparisonRow {
             variant: self.name.to_string(),
@@ -423,6 +440,8 @@ impl<'a> VariantRuns<'a> {
             val_tokens: fewest_tokens(&self.own, d),
             baseline_val_tokens: fewest_tokens(base_runs, d),
             baseline_loss: spread(&base_losses).map(|s| s.mean),
+            val_bpb: spread(&bpb).map(|s| s.mean),
+            delta_bpb: spread(&bpb_diffs).map(|s| s.mean),
             delta_loss,
             delta_interval,
             delta_within_noise,
@@ -592,27 +611,28 @@ pub fn markdown_tables(cmp: &AblationComparison) -> String {
     );
     md.push_str(&caveats(cmp));
     md.push_str(
-        "### Validation loss per domain (mean ± standard deviation over seeds)\n\n| variant | domain | seeds | val tokens | val_loss | std |\n| --- | --- | --- | --- | --- | --- |\n",
+        "### Validation loss per domain (mean ± standard deviation over seeds; val_bpb = bits per UTF-8 byte, which does not depend on the tokenizer)\n\n| variant | domain | seeds | val tokens | val_loss | std | val_bpb |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in &cmp.rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             r.variant,
             r.domain,
             r.seeds,
             tokens_cell(r.val_tokens),
             cell(r.val_loss),
-            spread_cell(r.val_loss_std, r.seeds)
+            spread_cell(r.val_loss_std, r.seeds),
+            cell(r.val_bpb)
         );
     }
     md.push_str(
-        "\n### Loss delta against the baseline (same seed; bootstrap 95% interval over seeds)\n\n| variant | domain | val tokens (variant / baseline) | delta_loss | 95% interval | noise |\n| --- | --- | --- | --- | --- | --- |\n",
+        "\n### Loss delta against the baseline (same seed; bootstrap 95% interval over seeds)\n\n| variant | domain | val tokens (variant / baseline) | delta_loss | 95% interval | noise | delta_bpb |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in cmp.rows.iter().filter(|r| r.variant != cmp.baseline) {
         let _ = writeln!(
             md,
-            "| {} | {} | {} / {} | {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} | {} | {} |",
             r.variant,
             r.domain,
             tokens_cell(r.val_tokens),
@@ -620,7 +640,9 @@ pub fn markdown_tables(cmp: &AblationComparison) -> String {
             r.delta_loss
                 .map_or_else(|| "-".into(), |x| format!("{x:+.4}")),
             interval_cell(r.delta_interval, r.seeds),
-            noise_cell(r.delta_within_noise, r.seeds)
+            noise_cell(r.delta_within_noise, r.seeds),
+            r.delta_bpb
+                .map_or_else(|| "-".into(), |x| format!("{x:+.4}"))
         );
     }
     md.push_str(&jsd_table(cmp));
@@ -748,6 +770,8 @@ fn write_csv(w: &mut Out, cmp: &AblationComparison) -> Result<()> {
                     r.jsd_within_noise
                         .map_or_else(String::new, |b| b.to_string()),
                 ),
+                num(r.val_bpb),
+                num(r.delta_bpb),
             ]
         })
         .collect();
@@ -772,6 +796,8 @@ fn write_csv(w: &mut Out, cmp: &AblationComparison) -> Result<()> {
             "noise_raw_jsd",
             "noise_aligned_jsd",
             "aligned_else_raw_jsd_within_noise",
+            "val_bpb",
+            "delta_bpb",
         ],
         &csv_rows,
     )
@@ -1076,6 +1102,7 @@ mod tests {
             variant: variant.into(),
             seed,
             losses: BTreeMap::from([("web".into(), web), ("math".into(), 2.0)]),
+            bpb: BTreeMap::from([("web".into(), web / 2.0)]),
             scores: BTreeMap::from([("arith/accuracy".into(), web / 10.0)]),
             counts: counts(web_row),
             trace: None,
@@ -1131,18 +1158,28 @@ mod tests {
         assert_eq!((base.delta_loss, base.mean_jsd), (Some(0.0), Some(0.0)));
         let score = cmp.scores.iter().find(|s| s.variant == "no_code").unwrap();
         assert!((score.delta.unwrap() + 0.04).abs() < 1e-12);
+        // Bits per byte (web / 2 here): mean (1.25 + 1.45) / 2, paired deltas -0.25 and -0.15.
+        assert!((web.val_bpb.unwrap() - 1.35).abs() < 1e-12);
+        assert!((web.delta_bpb.unwrap() + 0.2).abs() < 1e-12);
+        assert_eq!(
+            row("no_code", "math").val_bpb,
+            None,
+            "not measured: no value"
+        );
 
         let dir = tmp_dir("compare-replicates");
         let files = write_comparison(&dir, &cmp).unwrap();
         let md = std::fs::read_to_string(dir.join("comparison.md")).unwrap();
         assert!(
             md.contains(
-                "| no_code | web | 8 (< 16384) / 8 (< 16384) | -0.4000 | [-0.5000, -0.3000] | beyond noise |"
+                "| no_code | web | 8 (< 16384) / 8 (< 16384) | -0.4000 | [-0.5000, -0.3000] | beyond noise | -0.2000 |"
             ),
             "{md}"
         );
         assert!(
-            md.contains("noise floor (raw)") && md.contains("Task scores"),
+            md.contains("noise floor (raw)")
+                && md.contains("Task scores")
+                && md.contains("| no_code | web | 2 | 8 (< 16384) | 2.7000 | 0.2828 | 1.3500 |"),
             "{md}"
         );
         assert!(files
@@ -1285,6 +1322,8 @@ mod tests {
             val_tokens: Some(20_000),
             baseline_val_tokens: Some(20_000),
             baseline_loss: Some(loss - delta),
+            val_bpb: Some(loss / 2.0),
+            delta_bpb: Some(delta / 2.0),
             delta_loss: Some(delta),
             delta_interval: Some(Interval {
                 lo: delta - 0.1,

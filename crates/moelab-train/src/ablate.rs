@@ -417,7 +417,7 @@ fn compare(
     let mut notes = Vec::new();
     let mut runs = Vec::with_capacity(finished.len());
     for (variant, run_dir, step) in finished {
-        let (losses, scores, counts) = match final_eval(run_dir, *step) {
+        let (losses, bpb, scores, counts) = match final_eval(run_dir, *step) {
             Err(TrainError::Interrupted) => return Ok(interrupted()),
             result => result?,
         };
@@ -440,6 +440,7 @@ fn compare(
             variant: variant.name.clone(),
             seed: variant.seed,
             losses,
+            bpb,
             scores,
             counts,
             trace,
@@ -504,11 +505,16 @@ pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>,
     }
 }
 
-/// What [`final_eval`] reads: loss per domain, task scores (`task/metric` -> value) and the
-/// validation-set routing counts.
-pub type FinalEval = (BTreeMap<String, f64>, BTreeMap<String, f64>, RouterCounts);
+/// What [`final_eval`] reads: loss per domain, bits per byte per domain, task scores
+/// (`task/metric` -> value) and the validation-set routing counts.
+pub type FinalEval = (
+    BTreeMap<String, f64>,
+    BTreeMap<String, f64>,
+    BTreeMap<String, f64>,
+    RouterCounts,
+);
 
-/// Validation loss per domain, task scores and validation-set routing counts of a run's
+/// Validation loss and bits per byte per domain, task scores and validation-set routing counts of a run's
 /// evaluation at `step`, evaluating the step's checkpoint first when the files are missing.
 pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
     let run = RunDir::new(run_dir);
@@ -530,7 +536,12 @@ pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
         path: run_dir.to_path_buf(),
         reason: e.to_string(),
     })?;
-    Ok((eval.losses(), eval.scores(), router_log::total(&chunks)?))
+    Ok((
+        eval.losses(),
+        eval.bits_per_byte(),
+        eval.scores(),
+        router_log::total(&chunks)?,
+    ))
 }
 
 /// The compact terminal table of a comparison (see [`moelab_trace::compare::terminal_table`]):

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use moelab_data::Dataset;
+use moelab_data::{Dataset, ValidationPlan};
 use moelab_model::{ForwardOptions, MoeTransformer};
+use moelab_trace::compare::MIN_RELIABLE_VAL_TOKENS;
 use moelab_trace::router_log::{write_chunk, RouterCounts};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +16,7 @@ use crate::dist::Single;
 use crate::routing_counts::RouterAccumulator;
 use crate::run::load::{load_model, open_run_data};
 use crate::run::RunDir;
-use crate::tasks::{load_tasks, score_task, ModelScorer, TaskScore, TokenizerCodec};
+use crate::tasks::{bits_per_byte, load_tasks, score_task, ModelScorer, TaskScore, TokenizerCodec};
 use crate::{Config, TrainError};
 
 /// Validation loss of one domain.
@@ -28,6 +29,113 @@ pub struct DomainEval {
     pub loss: f64,
     /// Validation tokens scored.
     pub tokens: u64,
+    /// Bits per UTF-8 byte of the scored target text: the summed token loss / ln 2 / its bytes;
+    /// unlike `loss`, comparable across tokenizers. NaN when nothing was scored (null in JSON;
+    /// also what an eval file written before it existed reads as).
+    #[serde(default = "nan", deserialize_with = "nan_if_null")]
+    pub bpb: f64,
+    /// UTF-8 bytes of the scored target text (special tokens count none).
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+impl DomainEval {
+    /// The evaluation of `domain` from its summed token loss (`nats`) over `tokens` target
+    /// tokens that stand for `bytes` bytes of text.
+    pub fn from_sums(domain: &str, nats: f64, tokens: u64, bytes: u64) -> Self {
+        Self {
+            domain: domain.to_string(),
+            loss: if tokens > 0 {
+                nats / tokens as f64
+            } else {
+                f64::NAN
+            },
+            tokens,
+            bpb: if tokens > 0 && bytes > 0 {
+                bits_per_byte(nats, bytes)
+            } else {
+                f64::NAN
+            },
+            bytes,
+        }
+    }
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+/// UTF-8 bytes of the text that `targets` stand for (`byte_lengths` from
+/// [`TokenizerCodec::byte_lengths`]; an id outside it counts none).
+pub fn target_bytes(targets: &[u32], byte_lengths: &[u32]) -> u64 {
+    targets
+        .iter()
+        .map(|&t| u64::from(byte_lengths.get(t as usize).copied().unwrap_or(0)))
+        .sum()
+}
+
+/// The validation tokens evaluation scores per domain, checked before a run or an evaluation
+/// starts: a domain whose loss would rest on fewer than [`MIN_RELIABLE_VAL_TOKENS`] (the
+/// threshold below which comparisons mark a loss) gets a warning, never an error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationCheck {
+    /// Per domain, in dataset order.
+    pub domains: Vec<ValidationPlan>,
+    /// `data.validation_tokens`: the cap per domain.
+    pub cap: u64,
+    /// `data.seq_len`.
+    pub seq_len: usize,
+}
+
+impl ValidationCheck {
+    /// What evaluating `dataset` with `cfg`'s seq_len and validation cap scores.
+    pub fn new(dataset: &Dataset, cfg: &Config) -> Self {
+        Self {
+            domains: dataset.validation_plan(cfg.data.seq_len, cfg.data.validation_tokens),
+            cap: cfg.data.validation_tokens,
+            seq_len: cfg.data.seq_len,
+        }
+    }
+
+    /// One line: the validation tokens each domain's loss rests on.
+    pub fn line(&self) -> String {
+        let per_domain: Vec<String> = self
+            .domains
+            .iter()
+            .map(|p| format!("{} {}", p.domain, p.scored))
+            .collect();
+        format!(
+            "validation tokens per domain (data.validation_tokens = {}): {}",
+            self.cap,
+            per_domain.join(", ")
+        )
+    }
+
+    /// One warning per domain below [`MIN_RELIABLE_VAL_TOKENS`], naming it, its count and the fix.
+    pub fn warnings(&self) -> Vec<String> {
+        let min = MIN_RELIABLE_VAL_TOKENS;
+        let seq = self.seq_len.max(1) as u64;
+        self.domains
+            .iter()
+            .filter(|p| p.scored < min)
+            .map(|p| match &p.shortfall {
+                Some(why) => format!("{why}. Its validation loss is not measured (NaN)"),
+                None if p.scored == self.cap / seq * seq => format!(
+                    "domain `{}`: its validation loss rests on {} tokens, fewer than {min} \
+                     (comparisons mark such losses), because data.validation_tokens = {} caps \
+                     it; raise data.validation_tokens to {min}",
+                    p.domain, p.scored, self.cap
+                ),
+                None => format!(
+                    "domain `{}`: its validation loss rests on {} tokens ({} validation tokens \
+                     in {} documents), fewer than {min} (comparisons mark such losses); re-run \
+                     `moelab prepare` with --min-validation-tokens {min}, or add documents to \
+                     the domain",
+                    p.domain, p.scored, p.available, p.documents
+                ),
+            })
+            .collect()
+    }
 }
 
 /// One evaluation of a model.
@@ -73,6 +181,15 @@ impl EvalFile {
             .iter()
             .filter(|d| d.loss.is_finite())
             .map(|d| (d.domain.clone(), d.loss))
+            .collect()
+    }
+
+    /// Validation bits per byte per domain that had tokens (none in files written before it).
+    pub fn bits_per_byte(&self) -> BTreeMap<String, f64> {
+        self.domains
+            .iter()
+            .filter(|d| d.bpb.is_finite())
+            .map(|d| (d.domain.clone(), d.bpb))
             .collect()
     }
 
@@ -151,12 +268,15 @@ impl EvalReport {
     /// A short table: loss per domain and each domain's top experts in the last MoE layer.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "eval at step {}\n{:<14} {:>9} {:>9}  top experts (last MoE layer: share of tokens)\n",
-            self.step, "domain", "loss", "tokens"
+            "eval at step {}\n{:<14} {:>9} {:>7} {:>9}  top experts (last MoE layer: share of tokens)\n",
+            self.step, "domain", "loss", "bpb", "tokens"
         );
         let last = self.routing.layers.len().checked_sub(1);
         for (d, eval) in self.domains.iter().enumerate() {
-            let mut line = format!("{:<14} {:>9.4} {:>9}", eval.domain, eval.loss, eval.tokens);
+            let mut line = format!(
+                "{:<14} {:>9.4} {:>7.4} {:>9}",
+                eval.domain, eval.loss, eval.bpb, eval.tokens
+            );
             if let (Some(layer), true) = (last, eval.tokens > 0) {
                 let mut share: Vec<(usize, f64)> = self
                     .expert_share(layer, d)
@@ -214,15 +334,22 @@ pub fn evaluate(
         device,
     )?;
     let seq_len = cfg.data.seq_len;
+    let codec = TokenizerCodec::open(&dataset.tokenizer_path())?;
+    let byte_lengths = codec.byte_lengths();
+    let plan = dataset.validation_plan(seq_len, cfg.data.validation_tokens);
     let mut results = Vec::with_capacity(domains.len());
     for (d, name) in domains.iter().enumerate() {
-        let batches = dataset.validation_batches(
-            d,
-            seq_len,
-            cfg.data.validation_tokens,
-            cfg.train.micro_batch,
-        )?;
-        let (mut loss_sum, mut tokens) = (0f64, 0u64);
+        // A domain without one whole sequence was warned about at the start; it stays unmeasured.
+        let batches = match plan.get(d).is_some_and(|p| p.scored > 0) {
+            true => dataset.validation_batches(
+                d,
+                seq_len,
+                cfg.data.validation_tokens,
+                cfg.train.micro_batch,
+            )?,
+            false => Vec::new(),
+        };
+        let (mut loss_sum, mut tokens, mut bytes) = (0f64, 0u64, 0u64);
         let (rank, world) = (comm.rank(), comm.world_size());
         let rounds = batches.len().div_ceil(world);
         let mut batches = batches.into_iter().skip(rank).step_by(world);
@@ -245,25 +372,17 @@ pub fn evaluate(
                     .to_scalar::<f64>()?;
             }
             tokens += (batch.n_sequences * batch.seq_len) as u64;
+            bytes += target_bytes(&batch.targets, &byte_lengths);
             accumulator.record(step, &out.routing, &batch.domain_ids, batch.seq_len)?;
         }
-        let mut sums = [loss_sum, tokens as f64];
+        let mut sums = [loss_sum, tokens as f64, bytes as f64];
         comm.all_reduce_f64(&mut sums);
-        let (loss_sum, tokens) = (sums[0], sums[1].round() as u64);
-        results.push(DomainEval {
-            domain: name.clone(),
-            loss: if tokens > 0 {
-                loss_sum / tokens as f64
-            } else {
-                f64::NAN
-            },
-            tokens,
-        });
+        let (tokens, bytes) = (sums[1].round() as u64, sums[2].round() as u64);
+        results.push(DomainEval::from_sums(name, sums[0], tokens, bytes));
     }
     let tasks = if cfg.eval.tasks.is_empty() {
         Vec::new()
     } else {
-        let codec = TokenizerCodec::open(&dataset.tokenizer_path())?;
         let scorer = ModelScorer {
             model,
             device,
@@ -285,8 +404,113 @@ pub fn evaluate(
 
 /// Evaluates a checkpoint on its run's validation streams.
 pub fn evaluate_checkpoint(dir: &Path) -> Result<EvalReport, TrainError> {
+    evaluate_checkpoint_with(dir, &mut |_| {})
+}
+
+/// [`evaluate_checkpoint`], first telling `on_check` the validation tokens per domain (to show
+/// them, and their warnings, before the evaluation runs).
+pub fn evaluate_checkpoint_with(
+    dir: &Path,
+    on_check: &mut dyn FnMut(&ValidationCheck),
+) -> Result<EvalReport, TrainError> {
     let device = Device::Cpu;
     let (cfg, model, ckpt) = load_model(dir, &device)?;
     let dataset = open_run_data(&cfg, dir)?;
+    on_check(&ValidationCheck::new(&dataset, &cfg));
     evaluate(&model, &dataset, &cfg, ckpt.state.step, &device, &Single)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn domain_bits_per_byte_by_hand() {
+        // Four target ids standing for 3 + 1 + 4 + 0 (EOS) bytes; 10 nats in all.
+        let byte_lengths = [0u32, 1, 3, 4];
+        let bytes = target_bytes(&[2, 1, 3, 0, 9], &byte_lengths);
+        assert_eq!(bytes, 8, "an id outside the table counts none");
+        let eval = DomainEval::from_sums("code", 10.0, 4, bytes);
+        assert_eq!(eval.loss, 2.5);
+        // 10 nats / ln 2 = 14.42695 bits over 8 bytes.
+        assert!(
+            (eval.bpb - 1.803_368_801_111_204).abs() < 1e-12,
+            "{}",
+            eval.bpb
+        );
+        let none = DomainEval::from_sums("empty", 0.0, 0, 0);
+        assert!(none.loss.is_nan() && none.bpb.is_nan());
+
+        // Written and read back; an eval file from before bpb existed reads it as NaN.
+        let file = EvalFile {
+            step: 3,
+            domains: vec![eval.clone(), none],
+            expert_share: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+        };
+        let back: EvalFile = serde_json::from_str(&serde_json::to_string(&file).unwrap()).unwrap();
+        assert_eq!(back.domains[0], eval);
+        assert!(back.domains[1].bpb.is_nan());
+        let old: EvalFile = serde_json::from_str(
+            r#"{"step": 1, "domains": [{"domain": "web", "loss": 2.0, "tokens": 128}]}"#,
+        )
+        .unwrap();
+        assert!(old.domains[0].bpb.is_nan() && old.domains[0].bytes == 0);
+    }
+
+    fn plan(domain: &str, documents: u64, available: u64, scored: u64) -> ValidationPlan {
+        ValidationPlan {
+            domain: domain.to_string(),
+            documents,
+            available,
+            scored,
+            shortfall: (scored == 0)
+                .then(|| format!("domain `{domain}` has no validation documents")),
+        }
+    }
+
+    #[test]
+    fn domains_below_the_threshold_are_warned_about_with_the_cause() {
+        let check = ValidationCheck {
+            domains: vec![
+                plan("web", 400, 90_000, 16_384),
+                plan("notes", 3, 300, 256),
+                plan("empty", 0, 0, 0),
+            ],
+            cap: 16_384,
+            seq_len: 128,
+        };
+        assert_eq!(
+            check.line(),
+            "validation tokens per domain (data.validation_tokens = 16384): web 16384, notes 256, empty 0"
+        );
+        let warnings = check.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        for part in [
+            "`notes`",
+            "256 tokens",
+            "300 validation tokens in 3 documents",
+            "fewer than 16384",
+            "--min-validation-tokens",
+        ] {
+            assert!(warnings[0].contains(part), "{part}: {}", warnings[0]);
+        }
+        assert!(
+            warnings[1].contains("`empty`") && warnings[1].contains("not measured"),
+            "{}",
+            warnings[1]
+        );
+        // A cap below the threshold is named as the cause, with the key to raise.
+        let capped = ValidationCheck {
+            domains: vec![plan("web", 400, 90_000, 4096)],
+            cap: 4096,
+            seq_len: 128,
+        };
+        let w = capped.warnings();
+        assert!(
+            w[0].contains("data.validation_tokens = 4096 caps it"),
+            "{w:?}"
+        );
+    }
 }

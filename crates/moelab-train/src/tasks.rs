@@ -306,10 +306,16 @@ pub fn score_task(
     Ok(TaskScore {
         name: task.name.clone(),
         examples: task.examples.len(),
-        bpb: nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        bpb: bits_per_byte(nats, bytes.max(1) as u64),
         accuracy: share(mc_right, mc),
         exact_match: share(short_right, short),
     })
+}
+
+/// Bits per UTF-8 byte of text whose tokens cost `nats` in all: nats / ln 2 / bytes, a measure
+/// that does not depend on the tokenizer (tasks and per-domain losses both report it).
+pub fn bits_per_byte(nats: f64, bytes: u64) -> f64 {
+    nats / std::f64::consts::LN_2 / bytes as f64
 }
 
 /// A Hugging Face tokenizer.json as a [`Codec`].
@@ -321,6 +327,39 @@ impl TokenizerCodec {
         tokenizers::Tokenizer::from_file(path)
             .map(TokenizerCodec)
             .map_err(|e| TrainError::Argument(format!("tokenizer {}: {e}", path.display())))
+    }
+}
+
+impl TokenizerCodec {
+    /// UTF-8 bytes of text each token id stands for, indexed by id (special tokens: 0), so a
+    /// stream of ids is measured in bytes without decoding it. Exact for byte-level BPE (the
+    /// tokenizer `prepare` trains, and GPT-2/NeoX/OLMo's), where each character of a token's
+    /// string is one byte; for other tokenizers, the length of the token decoded on its own.
+    pub fn byte_lengths(&self) -> Vec<u32> {
+        let tokenizer = &self.0;
+        let special: std::collections::HashSet<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let byte_level = matches!(
+            tokenizer.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        );
+        (0..tokenizer.get_vocab_size(true) as u32)
+            .map(|id| {
+                if special.contains(&id) {
+                    return 0;
+                }
+                let len = if byte_level {
+                    tokenizer.id_to_token(id).map(|t| t.chars().count())
+                } else {
+                    tokenizer.decode(&[id], false).ok().map(|t| t.len())
+                };
+                len.unwrap_or(0) as u32
+            })
+            .collect()
     }
 }
 
@@ -498,6 +537,62 @@ mod tests {
             score.metrics().iter().map(|m| m.0).collect::<Vec<_>>(),
             ["bpb", "accuracy", "exact_match"]
         );
+    }
+
+    #[test]
+    fn byte_lengths_of_a_byte_level_bpe_add_up_to_the_text_bytes() {
+        use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+        use tokenizers::{AddedToken, TokenizerBuilder};
+        let dir = std::env::temp_dir().join(format!("moelab-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let corpus = dir.join("corpus.txt");
+        std::fs::write(
+            &corpus,
+            "café au lait, naïve 日本語 text; the cat sat\n".repeat(20),
+        )
+        .unwrap();
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(300)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+            .build();
+        let mut tokenizer = TokenizerBuilder::<
+            BPE,
+            tokenizers::NormalizerWrapper,
+            ByteLevel,
+            ByteLevel,
+            ByteLevel,
+        >::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+        .with_decoder(Some(ByteLevel::default()))
+        .build()
+        .unwrap();
+        tokenizer
+            .train_from_files(&mut trainer, vec![corpus.display().to_string()])
+            .unwrap();
+        let path = dir.join("tokenizer.json");
+        tokenizer.save(&path, false).unwrap();
+
+        let codec = TokenizerCodec::open(&path).unwrap();
+        let lengths = codec.byte_lengths();
+        // Multi-byte characters split across tokens still add up: each token counts its bytes.
+        for text in ["café au lait", "日本語 naïve ümlaut ẞ", "the cat sat 🐈"] {
+            let ids = codec.encode(text).unwrap();
+            let bytes: u64 = ids.iter().map(|&i| u64::from(lengths[i as usize])).sum();
+            assert_eq!(bytes, text.len() as u64, "{text}: {ids:?}");
+        }
+        let eos = codec.encode("<|endoftext|>").unwrap();
+        assert_eq!(eos.len(), 1);
+        assert_eq!(lengths[eos[0] as usize], 0, "a special token is no text");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bits_per_byte_by_hand() {
+        // 10 nats over 8 bytes: 10 / ln 2 = 14.4269504 bits, / 8 = 1.8033688 bits per byte.
+        assert!((bits_per_byte(10.0, 8) - 1.803_368_801_111_204).abs() < 1e-12);
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn run_folders(dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
 /// What a finished run measured at its final evaluation: per-domain loss and bits per byte,
 /// and every task's bits per byte (finite values only).
 fn final_measures(run: &RunDir, step: u64) -> Result<BTreeMap<String, f64>, TrainError> {
-    let (losses, scores, _) = final_eval(run.root(), step)?;
+    let (losses, _, scores, _) = final_eval(run.root(), step)?;
     let mut measures: BTreeMap<String, f64> = losses.into_iter().collect();
     measures.extend(domain_bpb(&run.eval_json(step)));
     for (key, value) in scores {

@@ -356,11 +356,7 @@ mod tests {
     }
 
     fn domain_eval(domain: &str, loss: f64, tokens: u64) -> crate::eval::DomainEval {
-        crate::eval::DomainEval {
-            domain: domain.to_string(),
-            loss,
-            tokens,
-        }
+        crate::eval::DomainEval::from_sums(domain, loss * tokens as f64, tokens, 4 * tokens)
     }
 
     fn outcome() -> StepOutcome {

@@ -20,7 +20,7 @@ use moelab_model::ModelInfo;
 
 use crate::config::DeviceKind;
 use crate::dist::{self, Collective, Shown, Single};
-use crate::eval::{evaluate, EvalReport};
+use crate::eval::{evaluate, EvalReport, ValidationCheck};
 use crate::interrupt;
 use crate::routing_counts::RouterAccumulator;
 use crate::run::checkpoint::{self, TrainState};
@@ -61,6 +61,9 @@ pub struct RunOptions {
 pub enum Event {
     /// The dataset is being prepared from `data.sources` on first use.
     Preparing(PrepareEvent),
+    /// The validation tokens each domain's loss will rest on, and warnings for domains with
+    /// too few (sent once the run is valid, before [`Event::Started`]).
+    Validation(ValidationCheck),
     /// The run is set up.
     Started {
         /// Run folder.
@@ -157,6 +160,7 @@ struct Validated {
     stream: MixtureStream,
     state: TrainState,
     resumed_from: Option<PathBuf>,
+    validation: ValidationCheck,
 }
 
 impl Trainer {
@@ -212,6 +216,7 @@ impl Trainer {
             }
         };
         let resumed_from = validated.resumed_from.clone();
+        let validation = validated.validation.clone();
         // Gradients of a GPU run travel over NCCL (set up by every rank together).
         let comm = match dist::for_device(comm.clone(), &validated.device) {
             Ok(c) => c,
@@ -229,6 +234,7 @@ impl Trainer {
             }
         };
         trainer._lock = lock;
+        on_event(&Event::Validation(validation));
         on_event(&Event::Started {
             run_dir: trainer.run_dir.root().to_path_buf(),
             start_step: trainer.state.step,
@@ -268,12 +274,14 @@ impl Trainer {
                 ),
             });
         }
-        // Evaluation runs after training; its data is checked before the first step.
+        // Evaluation runs after training; its data is checked before the first step. A domain
+        // with too few validation tokens is warned about (the user set no key for it).
         dataset.check_validation(
             cfg.data.seq_len,
             cfg.data.validation_tokens,
             cfg.train.micro_batch,
         )?;
+        let validation = ValidationCheck::new(&dataset, &cfg);
         // So are the task files and the tokenizer that encodes them.
         if !cfg.eval.tasks.is_empty() {
             crate::tasks::load_tasks(&cfg.eval)?;
@@ -320,6 +328,7 @@ impl Trainer {
             stream,
             state,
             resumed_from,
+            validation,
         })
     }
 
@@ -341,6 +350,7 @@ impl Trainer {
             stream,
             state,
             resumed_from,
+            validation: _,
         } = v;
         let leader = comm.rank() == 0;
         let mut set_aside = None;
