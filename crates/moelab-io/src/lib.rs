@@ -94,11 +94,6 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         let missing = dir.join("no/such/folder/b.json");
         assert!(write_atomic(&missing, b"x").is_err());
-        let err = fs::read(&missing).unwrap_err().to_string();
-        assert!(
-            err.contains("no/such/folder"),
-            "fs-err names the path: {err}"
-        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
