@@ -16,5 +16,6 @@ mod distributed;
 mod hf;
 mod hostile;
 mod mix;
+mod refusals;
 mod runs;
 mod train;
