@@ -625,7 +625,11 @@ lr = 1e-3
     fn load(text: &str, overrides: &[&str]) -> Result<Config, String> {
         let dir = std::env::temp_dir().join(format!("moelab-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", text.len() * 31 + overrides.len()));
+        // One file per call: tests run in parallel threads, and a file rewritten while another
+        // test reads it would read as empty.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, text).unwrap();
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         Config::load(&path, &overrides).map_err(|e| e.to_string())
