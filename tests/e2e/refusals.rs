@@ -16,13 +16,7 @@ fn steps_of(run_dir: &Path) -> Vec<u64> {
             entries
                 .filter_map(|e| e.ok())
                 .filter(|e| e.path().join("state.json").is_file())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()?
-                        .strip_prefix("step-")?
-                        .parse()
-                        .ok()
-                })
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
                 .collect()
         })
         .unwrap_or_default();
@@ -72,7 +66,10 @@ fn ablate_checks_every_variant_before_the_first_trains() {
             steps_of(&out.join("baseline")).is_empty(),
             "{name}: the baseline trained before the refusal"
         );
-        assert!(!out.join("baseline").join("metrics.jsonl").exists(), "{name}");
+        assert!(
+            !out.join("baseline").join("metrics.jsonl").exists(),
+            "{name}"
+        );
     }
 }
 
@@ -107,7 +104,11 @@ fn a_variant_interrupted_in_its_final_evaluation_is_evaluated_again() {
     let again = ok(&moelab(&["ablate", arg(&file), "--out", arg(&out)]));
     assert!(!again.contains("skip"), "{again}");
     assert!(run.join("eval").join("step-00000004.json").is_file());
-    assert_eq!(eval_lines(&run).len(), 1, "the final evaluation line is back");
+    assert_eq!(
+        eval_lines(&run).len(),
+        1,
+        "the final evaluation line is back"
+    );
     // Now it is finished: a third run skips it and changes nothing.
     let before = read(&run.join("metrics.jsonl"));
     let third = ok(&moelab(&["ablate", arg(&file), "--out", arg(&out)]));
@@ -117,7 +118,10 @@ fn a_variant_interrupted_in_its_final_evaluation_is_evaluated_again() {
 
 #[test]
 fn resume_auto_on_a_finished_run_says_so_and_changes_nothing() {
-    let fx = Fixture::new("refuse-finished", &["train.steps=4", "checkpoint.interval=2"]);
+    let fx = Fixture::new(
+        "refuse-finished",
+        &["train.steps=4", "checkpoint.interval=2"],
+    );
     ok(&fx.train("run", &[]));
     let run = fx.run_dir("run");
     let metrics = read(&run.join("metrics.jsonl"));
@@ -127,7 +131,11 @@ fn resume_auto_on_a_finished_run_says_so_and_changes_nothing() {
         let said = ok(&out) + &String::from_utf8_lossy(&out.stderr);
         assert!(said.contains("already finished"), "{said}");
         assert!(!said.contains("steps 5..4"), "{said}");
-        assert_eq!(read(&run.join("metrics.jsonl")), metrics, "metrics.jsonl changed");
+        assert_eq!(
+            read(&run.join("metrics.jsonl")),
+            metrics,
+            "metrics.jsonl changed"
+        );
         assert_eq!(read(&run.join("eval").join("step-00000004.json")), eval);
         assert_eq!(steps_of(&run), vec![2, 4]);
     }
@@ -201,7 +209,11 @@ fn export_hf_without_its_tokenizer_fails_unless_asked_to() {
         err.contains("tokenizer") && err.contains("--no-tokenizer"),
         "{err}"
     );
-    assert!(!export.exists(), "a refused export left {}", export.display());
+    assert!(
+        !export.exists(),
+        "a refused export left {}",
+        export.display()
+    );
     ok(&moelab(&[
         "export-hf",
         arg(&ckpt),

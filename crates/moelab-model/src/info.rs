@@ -84,7 +84,12 @@ impl ModelInfo {
         let rows = [
             ("embedding", embedding, embedding, Count::ZERO),
             ("attention", attention, attention, six(attention)),
-            ("attention_scores", Count::ZERO, Count::ZERO, attention_scores),
+            (
+                "attention_scores",
+                Count::ZERO,
+                Count::ZERO,
+                attention_scores,
+            ),
             ("norms", norms, norms, six(norms)),
             ("dense_ffn", dense_ffn, dense_ffn, six(dense_ffn)),
             ("router", router, router, six(router)),
@@ -219,12 +224,17 @@ dense_layers = 1
                 .replace("d_model = 16", "d_model = 8_000_000_000"),
         );
         let err = ModelInfo::new(&cfg, 8).unwrap_err().to_string();
-        assert!(err.contains("overflows 64 bits") && err.contains("embedding"), "{err}");
+        assert!(
+            err.contains("overflows 64 bits") && err.contains("embedding"),
+            "{err}"
+        );
         let err = MemoryEstimate::new(&cfg, 2, 8, DType::F32)
             .unwrap_err()
             .to_string();
         assert!(err.contains("overflows 64 bits"), "{err}");
-        let err = ModelInfo::new(&config(MOE), usize::MAX).unwrap_err().to_string();
+        let err = ModelInfo::new(&config(MOE), usize::MAX)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("attention_scores"), "{err}");
     }
 

@@ -63,16 +63,19 @@ impl ConfigOrigin {
     pub fn key_error(&self, key: &str, reason: &str) -> TrainError {
         let message = format!("invalid config key `{key}`: {reason}");
         let touches = |spec: &&String| {
-            let set = spec.split_once('=').map_or(spec.as_str(), |(k, _)| k).trim();
-            set == key
-                || key.starts_with(&format!("{set}."))
-                || set.starts_with(&format!("{key}."))
+            let set = spec
+                .split_once('=')
+                .map_or(spec.as_str(), |(k, _)| k)
+                .trim();
+            set == key || key.starts_with(&format!("{set}.")) || set.starts_with(&format!("{key}."))
         };
         match self.overrides.iter().rev().find(touches) {
             Some(spec) => TrainError::Override {
                 spec: spec.clone(),
                 reason: message,
             },
+            // A config not read from a file (a checkpoint's, an import's) has no file to name.
+            None if self.file.as_os_str().is_empty() => TrainError::Argument(message),
             None => TrainError::Config {
                 path: self.file.clone(),
                 message,
@@ -416,8 +419,8 @@ impl Config {
             file: path.to_path_buf(),
             overrides: overrides.to_vec(),
         };
-        let mut config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let key = e.path().to_string();
                 match origin.key_error(&key, "") {
                     TrainError::Override { spec, .. } => TrainError::Override {
@@ -431,10 +434,7 @@ impl Config {
             .model
             .validate()
             .map_err(|e| origin.blame(e.into()))?;
-        config
-            .data
-            .validate()
-            .map_err(|e| origin.blame(e.into()))?;
+        config.data.validate().map_err(|e| origin.blame(e.into()))?;
         config
             .validate()
             .map_err(|(key, reason)| origin.key_error(key, &reason))?;
@@ -747,7 +747,10 @@ lr = 1e-3
         );
         // A later error found against the data names the override that set the key.
         let cfg = load(TEXT, &["model.vocab_size=70"]).unwrap();
-        let err = cfg.origin.key_error("model.vocab_size", "too small").to_string();
+        let err = cfg
+            .origin
+            .key_error("model.vocab_size", "too small")
+            .to_string();
         assert!(err.starts_with("--set model.vocab_size=70: "), "{err}");
     }
 

@@ -178,9 +178,8 @@ pub fn finished_step(cfg: &Config, options: &RunOptions) -> Result<Option<u64>, 
         return Ok(None);
     };
     let saved = std::fs::read_to_string(run_dir.config()).unwrap_or_default();
-    let done = step >= cfg.train.steps
-        && run_dir.eval_json(step).is_file()
-        && saved == cfg.to_toml();
+    let done =
+        step >= cfg.train.steps && run_dir.eval_json(step).is_file() && saved == cfg.to_toml();
     Ok(done.then_some(step))
 }
 
