@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn missing_relative_sources_name_the_key_and_the_working_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cfg = DataConfig::new(&tmp.path().join("prepared"), 16);
+        let mut cfg = DataConfig::new(tmp.path().join("prepared"), 16);
         cfg.sources = Some("no-such-folder/sample".into());
         let err = ensure_prepared(&cfg).unwrap_err().to_string();
         let cwd = std::env::current_dir().unwrap();
