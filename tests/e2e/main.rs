@@ -18,5 +18,6 @@ mod docs;
 mod hf;
 mod hostile;
 mod mix;
+mod refusals;
 mod runs;
 mod train;

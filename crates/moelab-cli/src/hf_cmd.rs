@@ -16,6 +16,10 @@ pub struct ExportHfArgs {
     /// The new Hugging Face model folder (must not exist).
     #[arg(long)]
     out: PathBuf,
+    /// Export the model without the run's tokenizer (by default a tokenizer that cannot be
+    /// found is an error).
+    #[arg(long)]
+    no_tokenizer: bool,
 }
 
 /// Arguments of `moelab import-hf`.
@@ -36,7 +40,7 @@ pub struct ImportHfArgs {
 
 /// Runs `moelab export-hf`.
 pub fn export_hf(args: ExportHfArgs) -> anyhow::Result<()> {
-    let summary = moelab_train::hf_io::export(&args.checkpoint, &args.out)?;
+    let summary = moelab_train::hf_io::export(&args.checkpoint, &args.out, !args.no_tokenizer)?;
     for note in &summary.notes {
         eprintln!("note: {note}");
     }

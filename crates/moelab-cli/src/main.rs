@@ -185,8 +185,8 @@ fn main() -> anyhow::Result<()> {
                 cfg.train.micro_batch,
                 cfg.data.seq_len,
                 cfg.train.precision.compute_dtype(),
-            );
-            let mut info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len));
+            )?;
+            let mut info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len))?;
             if ranks.is_some() || expert_parallel.is_some() {
                 let parallelism = moelab_model::memory::Parallelism {
                     ranks: ranks.unwrap_or(1),

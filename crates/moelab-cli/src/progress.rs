@@ -249,6 +249,13 @@ fn step_line(m: &StepMetrics, total_steps: u64) -> String {
 /// The closing block of a run: what was done, the validation loss per domain, what to run next.
 pub(crate) fn summary_lines(summary: &Summary) -> String {
     let mut lines = Vec::new();
+    if summary.already_finished {
+        return format!(
+            "{} is already finished: its checkpoint and final evaluation at step {} are written; nothing was done or changed (raise train.steps to train further)",
+            summary.run_dir.display(),
+            summary.steps
+        );
+    }
     if summary.interrupted {
         lines.push(format!(
             "stopped by signal after step {}; resume with --resume auto",

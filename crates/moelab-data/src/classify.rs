@@ -246,6 +246,13 @@ pub fn train_classifier(
             "classifier options: buckets_log2 in 8..=28 and 1 <= char_min <= char_max".into(),
         ));
     }
+    if opts.epochs == 0 {
+        // Zero passes would save the untrained model and report its held-out scores as if
+        // it had learned something.
+        return Err(DataError::Argument(
+            "--epochs must be at least 1 (passes over the training documents)".into(),
+        ));
+    }
     let mut model = Classifier::new(opts);
     let mut train = Vec::new();
     let mut test = Vec::new();
@@ -683,6 +690,19 @@ mod tests {
             .contains("not a moelab classifier"));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(train_classifier(&pos, &[], &opts).is_err());
+    }
+
+    /// Zero epochs would write an untrained model: refused naming the flag.
+    #[test]
+    fn zero_epochs_are_refused_naming_the_flag() {
+        let (pos, neg) = (toy(1, 20, true), toy(2, 20, false));
+        let opts = ClassifierOptions {
+            epochs: 0,
+            buckets_log2: 12,
+            ..ClassifierOptions::default()
+        };
+        let err = train_classifier(&pos, &neg, &opts).unwrap_err().to_string();
+        assert!(err.contains("--epochs"), "{err}");
     }
 
     #[test]

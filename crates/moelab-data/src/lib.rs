@@ -61,13 +61,18 @@ pub fn ensure_prepared_with(
         (None, None) => Err(DataError::config(
             "data.dataset",
             format!(
-                "{} has no {}; run `moelab prepare` into it, or set data.sources to prepare it on first use",
+                "{}{} has no {}; run `moelab prepare` into it, or set data.sources to prepare it on first use",
                 cfg.dataset.display(),
+                relative_to_cwd(&cfg.dataset),
                 manifest::MANIFEST_FILE
             ),
         )),
         // No manifest, or a broken one: (re)prepare; intact shards are reused.
         (_, Some(sources)) => {
+            check_exists("data.sources", sources)?;
+            if let Some(tokenizer) = &cfg.tokenizer {
+                check_exists("data.tokenizer", tokenizer)?;
+            }
             let tokenizer = match &cfg.tokenizer {
                 Some(path) => TokenizerChoice::File(path.clone()),
                 None => TokenizerChoice::Train(cfg.tokenizer_vocab),
@@ -82,6 +87,33 @@ pub fn ensure_prepared_with(
             prepare(&opts, progress)?;
             Dataset::open(&cfg.dataset)
         }
+    }
+}
+
+/// Refuses a configured input path that does not exist, naming the key, the path and, for a
+/// relative path, the working directory it was looked up in (a run started from another folder
+/// would otherwise get a bare "not found" for a path that exists elsewhere).
+pub fn check_exists(key: &str, path: &Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    Err(DataError::config(
+        key,
+        format!("{}{} not found", path.display(), relative_to_cwd(path)),
+    ))
+}
+
+/// " (relative to the working directory DIR)" for a relative path, else "".
+pub fn relative_to_cwd(path: &Path) -> String {
+    if path.is_absolute() {
+        return String::new();
+    }
+    match std::env::current_dir() {
+        Ok(dir) => format!(
+            " (relative to the working directory {}; paths in a config are looked up from where moelab runs)",
+            dir.display()
+        ),
+        Err(_) => " (relative to the working directory)".into(),
     }
 }
 
@@ -110,4 +142,35 @@ fn check_tokenizer_matches(cfg: &DataConfig, dataset: &Dataset) -> Result<()> {
 /// Whether `dir` holds a dataset manifest (it may still be corrupt).
 pub fn has_manifest(dir: &Path) -> bool {
     dir.join(manifest::MANIFEST_FILE).is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A missing relative data.sources names the key and the working directory it was looked
+    /// up in, before any preparation starts.
+    #[test]
+    fn missing_relative_sources_name_the_key_and_the_working_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = DataConfig::new(tmp.path().join("prepared"), 16);
+        cfg.sources = Some("no-such-folder/sample".into());
+        let err = ensure_prepared(&cfg).unwrap_err().to_string();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            err.contains("`data.sources`")
+                && err.contains("no-such-folder/sample")
+                && err.contains(&cwd.display().to_string()),
+            "{err}"
+        );
+        assert!(!tmp.path().join("prepared").exists(), "nothing was written");
+        // An absolute path needs no working directory.
+        cfg.sources = Some(tmp.path().join("absent"));
+        let err = ensure_prepared(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("`data.sources`") && !err.contains("working directory"),
+            "{err}"
+        );
+    }
 }

@@ -318,24 +318,28 @@ impl MixtureStream {
         }
         let wanted = config_stages(&dataset, cfg)?;
         let consumed = state.sequences_consumed;
-        let stages = if stages_equal(&wanted, &state.stages) {
+        // The sequences up to the next block boundary are decoded with the recorded stages
+        // either way; the config only has to agree with the recorded plan from there on, so a
+        // run resumed once with --allow-mixture-change (its stage is in the history) resumes
+        // again without the flag.
+        let block = cfg.shuffle_block as u64;
+        let switch = consumed.div_ceil(block) * block;
+        let first_difference = first_difference(&wanted, &state.stages, switch);
+        let stages = if stages_equal(&wanted, &state.stages) || first_difference.is_none() {
             state.stages.clone()
         } else {
-            let current = active(&state.stages, consumed);
-            let now = active(&wanted, consumed);
             if !allow_mixture_change {
+                let at = first_difference.unwrap_or(switch);
                 return Err(DataError::Resume(format!(
-                    "the config's mixture stages differ from the checkpoint's (at sequence {consumed}: config {} \
+                    "the config's mixture stages differ from the checkpoint's recorded stages (from sequence {at}: config {} \
                      vs checkpoint {}); restore the checkpoint's [data.mixture]/[[data.stages]], or pass \
-                     --allow-mixture-change to append a stage at the current position",
-                    show(&now.mixture),
-                    show(&current.mixture)
+                     --allow-mixture-change to append a stage at the current position (sequence {consumed})",
+                    show(&active(&wanted, at).mixture),
+                    show(&active(&state.stages, at).mixture)
                 )));
             }
             // History stays as it was; the new mixture starts at the next block boundary so the
             // block holding the last consumed sequence is decoded exactly as before.
-            let block = cfg.shuffle_block as u64;
-            let switch = consumed.div_ceil(block) * block;
             let mut stages: Vec<StreamStage> = state
                 .stages
                 .iter()
@@ -986,6 +990,22 @@ fn mixture_equal(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> bool {
         && a.iter()
             .zip(b)
             .all(|((na, wa), (nb, wb))| na == nb && (wa - wb).abs() <= WEIGHT_TOLERANCE)
+}
+
+/// The first sequence at or after `from` where `a` and `b` give different mixtures (both are
+/// piecewise constant, so only `from` and the later stage starts need checking).
+fn first_difference(a: &[StreamStage], b: &[StreamStage], from: u64) -> Option<u64> {
+    let mut points: Vec<u64> = a
+        .iter()
+        .chain(b)
+        .map(|s| s.start_sequence)
+        .filter(|&s| s > from)
+        .collect();
+    points.push(from);
+    points.sort_unstable();
+    points
+        .into_iter()
+        .find(|&p| !mixture_equal(&active(a, p).mixture, &active(b, p).mixture))
 }
 
 fn stages_equal(a: &[StreamStage], b: &[StreamStage]) -> bool {

@@ -280,6 +280,40 @@ fn mixture_change_on_resume_needs_permission_and_appends_a_stage() {
 }
 
 #[test]
+fn a_mixture_change_recorded_as_a_stage_resumes_again_without_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let mut c = cfg(&ds, 8, &[("web", 0.5), ("code", 0.5)]);
+    c.shuffle_block = 4;
+    let state = MixtureStream::new(ds.clone(), &c, 9).unwrap().state(101);
+    let mut changed = cfg(&ds, 8, &[("math", 1.0)]);
+    changed.shuffle_block = 4;
+    let after = MixtureStream::resume(ds.clone(), &changed, 9, &state, true).unwrap();
+    // Later checkpoints of the changed run (after the switch, and inside the block before it)
+    // record the stage: the same config resumes from them without --allow-mixture-change.
+    for consumed in [154, 102] {
+        let later = after.state(consumed);
+        let again = MixtureStream::resume(ds.clone(), &changed, 9, &later, false)
+            .unwrap_or_else(|e| panic!("at {consumed}: {e}"));
+        assert_eq!(again.stages(), after.stages(), "at {consumed}");
+        assert_eq!(
+            again.batch(consumed, 20).unwrap(),
+            after.batch(consumed, 20).unwrap()
+        );
+    }
+    // Going back to the first mixture is a change again; the refusal shows two different
+    // mixtures, never the same one twice.
+    let err = MixtureStream::resume(ds, &c, 9, &after.state(154), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config { code = 0.5000, web = 0.5000 }")
+            && err.contains("checkpoint { math = 1.0000 }"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_domain_and_source_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = common::prepared(tmp.path());

@@ -7,6 +7,7 @@
 
 use serde::Serialize;
 
+use crate::checked::Count;
 use crate::memory::ParallelPlan;
 use crate::{MemoryEstimate, ModelConfig};
 
@@ -45,20 +46,25 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    /// Counts for `cfg` at sequence length `seq_len`.
-    pub fn new(cfg: &ModelConfig, seq_len: usize) -> Self {
-        let u = |x: usize| x as u64;
+    /// Counts for `cfg` at sequence length `seq_len`; an error when a count does not fit in
+    /// 64 bits (sizes no machine holds), naming the component.
+    pub fn new(cfg: &ModelConfig, seq_len: usize) -> crate::Result<Self> {
+        let u = Count::of;
         let (d, vocab, layers) = (u(cfg.d_model), u(cfg.vocab_size), u(cfg.n_layers));
-        let q_dim = u(cfg.n_heads * cfg.head_dim());
-        let kv_dim = u(cfg.kv_heads() * cfg.head_dim());
+        let q_dim = u(cfg.n_heads) * u(cfg.head_dim());
+        let kv_dim = u(cfg.kv_heads()) * u(cfg.head_dim());
         let moe_layers = u(cfg.n_moe_layers());
         let dense_layers = layers - moe_layers;
         let moe = &cfg.moe;
         let expert = 3 * d * u(moe.expert_ff);
-        let six = |params: u64| 6 * params;
+        let six = |params: Count| 6 * params;
 
-        let attn_per_layer =
-            d * q_dim + 2 * d * kv_dim + q_dim * d + if cfg.qk_norm { q_dim + kv_dim } else { 0 };
+        let qk_norm = if cfg.qk_norm {
+            q_dim + kv_dim
+        } else {
+            Count::ZERO
+        };
+        let attn_per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + qk_norm;
         let attention = layers * attn_per_layer;
         let norms = layers * 2 * d + d;
         let dense_ffn = dense_layers * 3 * d * u(cfg.ffn_hidden.unwrap_or(0));
@@ -68,40 +74,56 @@ impl ModelInfo {
         let shared = moe_layers * u(moe.n_shared_experts) * expert;
         let embedding = vocab * d;
         // A tied head stores nothing new but still costs its matmul.
-        let head_params = if cfg.tie_embeddings { 0 } else { vocab * d };
+        let head_params = if cfg.tie_embeddings {
+            Count::ZERO
+        } else {
+            vocab * d
+        };
         let attention_scores = 6 * layers * u(seq_len) * q_dim;
 
-        let row = |name, params, active_params, flops| Component {
-            name,
-            params,
-            active_params,
-            train_flops_per_token: flops,
-        };
-        let components = vec![
-            row("embedding", embedding, embedding, 0),
-            row("attention", attention, attention, six(attention)),
-            row("attention_scores", 0, 0, attention_scores),
-            row("norms", norms, norms, six(norms)),
-            row("dense_ffn", dense_ffn, dense_ffn, six(dense_ffn)),
-            row("router", router, router, six(router)),
-            row(
+        let rows = [
+            ("embedding", embedding, embedding, Count::ZERO),
+            ("attention", attention, attention, six(attention)),
+            (
+                "attention_scores",
+                Count::ZERO,
+                Count::ZERO,
+                attention_scores,
+            ),
+            ("norms", norms, norms, six(norms)),
+            ("dense_ffn", dense_ffn, dense_ffn, six(dense_ffn)),
+            ("router", router, router, six(router)),
+            (
                 "routed_experts",
                 routed_total,
                 routed_active,
                 six(routed_active),
             ),
-            row("shared_experts", shared, shared, six(shared)),
-            row("lm_head", head_params, head_params, six(vocab * d)),
+            ("shared_experts", shared, shared, six(shared)),
+            ("lm_head", head_params, head_params, six(vocab * d)),
         ];
-        Self {
-            seq_len: u(seq_len),
-            total_params: components.iter().map(|c| c.params).sum(),
-            active_params: components.iter().map(|c| c.active_params).sum(),
-            train_flops_per_token: components.iter().map(|c| c.train_flops_per_token).sum(),
+        let total = |pick: fn(&(&str, Count, Count, Count)) -> Count| rows.iter().map(pick).sum();
+        let (total_params, active_params, flops): (Count, Count, Count) =
+            (total(|r| r.1), total(|r| r.2), total(|r| r.3));
+        let mut components = Vec::with_capacity(rows.len());
+        for (name, params, active, flops) in rows {
+            components.push(Component {
+                name,
+                params: params.value(&format!("the parameter count of {name}"))?,
+                active_params: active.value(&format!("the active parameter count of {name}"))?,
+                train_flops_per_token: flops
+                    .value(&format!("the training FLOPs per token of {name}"))?,
+            });
+        }
+        Ok(Self {
+            seq_len: u(seq_len).value("seq_len")?,
+            total_params: total_params.value("the total parameter count")?,
+            active_params: active_params.value("the active parameter count")?,
+            train_flops_per_token: flops.value("the training FLOPs per token")?,
             components,
             memory: None,
             parallel: None,
-        }
+        })
     }
 
     /// Adds the memory a training run needs (printed and serialised as `memory`).
@@ -176,7 +198,7 @@ dense_layers = 1
 
     #[test]
     fn hand_count_of_a_small_moe() {
-        let info = ModelInfo::new(&config(MOE), 8);
+        let info = ModelInfo::new(&config(MOE), 8).unwrap();
         // head_dim 4, q_dim 16, kv_dim 8.
         // attention per layer: 16*16 + 2*16*8 + 16*16 + (16 + 8) = 256 + 256 + 256 + 24 = 792
         // x 3 layers = 2376; norms 3*2*16 + 16 = 112; dense ffn (1 layer) 3*16*24 = 1152;
@@ -193,13 +215,36 @@ dense_layers = 1
         );
     }
 
+    /// Sizes whose counts do not fit in 64 bits are an error naming what overflowed, not a
+    /// wrapped number (release builds) or a panic (debug builds).
+    #[test]
+    fn absurd_sizes_are_an_error_not_a_wrapped_count() {
+        let cfg = config(
+            &MOE.replace("vocab_size = 100", "vocab_size = 4_000_000_000_000")
+                .replace("d_model = 16", "d_model = 8_000_000_000"),
+        );
+        let err = ModelInfo::new(&cfg, 8).unwrap_err().to_string();
+        assert!(
+            err.contains("overflows 64 bits") && err.contains("embedding"),
+            "{err}"
+        );
+        let err = MemoryEstimate::new(&cfg, 2, 8, DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("overflows 64 bits"), "{err}");
+        let err = ModelInfo::new(&config(MOE), usize::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("attention_scores"), "{err}");
+    }
+
     #[test]
     fn memory_is_an_added_object_and_a_table_section() {
         let cfg = config(MOE);
-        let bare = ModelInfo::new(&cfg, 8);
+        let bare = ModelInfo::new(&cfg, 8).unwrap();
         let json = serde_json::to_value(&bare).unwrap();
         assert!(json.get("memory").is_none());
-        let memory = MemoryEstimate::new(&cfg, 2, 8, DType::F32);
+        let memory = MemoryEstimate::new(&cfg, 2, 8, DType::F32).unwrap();
         let total = memory.total_bytes();
         let info = bare.clone().with_memory(memory);
         let json = serde_json::to_value(&info).unwrap();
@@ -220,7 +265,7 @@ dense_layers = 1
             let (_model, varmap) = MoeTransformer::init(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
             let stored: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
             assert_eq!(
-                ModelInfo::new(&cfg, 8).total_params,
+                ModelInfo::new(&cfg, 8).unwrap().total_params,
                 stored as u64,
                 "{text}"
             );

@@ -5,6 +5,7 @@
 //! per-layer routing record. Every op on the gradient path has a backward (see moelab-kernels).
 
 pub mod attention;
+mod checked;
 pub mod config;
 pub mod error;
 pub mod hf;

@@ -10,6 +10,7 @@
 use candle_core::DType;
 use serde::ser::{Serialize, SerializeStruct, Serializer};
 
+use crate::checked::Count;
 use crate::{ModelConfig, ModelError, ModelInfo};
 
 /// Bytes of an f32 value: master weights, gradients, optimizer moments, router and logits.
@@ -53,17 +54,19 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     /// The estimate for training `cfg` on `micro_batch` sequences of `seq_len` tokens with
-    /// activations in `compute_dtype` (f32 master weights and AdamW, as the trainer runs).
+    /// activations in `compute_dtype` (f32 master weights and AdamW, as the trainer runs); an
+    /// error when a byte count does not fit in 64 bits, naming it.
     pub fn new(
         cfg: &ModelConfig,
         micro_batch: usize,
         seq_len: usize,
         compute_dtype: DType,
-    ) -> Self {
-        let u = |x: usize| x as u64;
-        let params = ModelInfo::new(cfg, seq_len).total_params;
+    ) -> crate::Result<Self> {
+        let u = Count::of;
+        let zero = Count::ZERO;
+        let params = Count::from(ModelInfo::new(cfg, seq_len)?.total_params);
         let c = u(compute_dtype.size_in_bytes());
-        let mixed = c != F32;
+        let mixed = compute_dtype.size_in_bytes() as u64 != F32;
         let (b, t) = (u(micro_batch), u(seq_len));
         let n = b * t;
         let (d, vocab) = (u(cfg.d_model), u(cfg.vocab_size));
@@ -84,26 +87,26 @@ impl MemoryEstimate {
         let qk_norm_out = if cfg.qk_norm {
             n * (q_dim + kv_dim) * c
         } else {
-            0
+            zero
         };
         // Projections, their head-split copies, rotated q and k, the scaled q and, with grouped
         // query heads, k and v expanded to every query head (the reshape copies).
         let qkv_per_layer = 2 * n * (q_dim + 2 * kv_dim) * c
             + n * (q_dim + kv_dim) * c
             + n * q_dim * c
-            + if heads != kv_heads {
+            + if cfg.n_heads != cfg.kv_heads() {
                 2 * n * q_dim * c
             } else {
-                0
+                zero
             };
-        let shared_per_layer = if shared_ff > 0 {
+        let shared_per_layer = if moe.n_shared_experts > 0 && moe.expert_ff > 0 {
             4 * n * shared_ff * c + 2 * stream
         } else {
-            0
+            zero
         };
         let terms = [
             // The looked-up rows in the master dtype, and their compute-dtype cast.
-            ("embedding", n * d * F32 + if mixed { stream } else { 0 }),
+            ("embedding", n * d * F32 + if mixed { stream } else { zero }),
             // attn_norm and ffn_norm outputs per block, plus the q/k norms' outputs.
             ("norms", layers * (2 * stream + qk_norm_out)),
             ("qkv", layers * qkv_per_layer),
@@ -118,7 +121,7 @@ impl MemoryEstimate {
             (
                 "router",
                 moe_layers
-                    * ((if mixed { n * d * F32 } else { 0 })
+                    * ((if mixed { n * d * F32 } else { zero })
                         + 3 * n * experts * F32
                         + 2 * n * k * F32),
             ),
@@ -139,27 +142,38 @@ impl MemoryEstimate {
             // LM head output, and its f32 cast under mixed precision (losses run in f32).
             (
                 "logits",
-                n * vocab * F32 + if mixed { n * vocab * c } else { 0 },
+                n * vocab * F32 + if mixed { n * vocab * c } else { zero },
             ),
             // The fused cross-entropy's backward materialises softmax(logits) - onehot.
             ("cross_entropy", n * vocab * F32),
         ];
-        let activation_terms: Vec<MemoryTerm> = terms
-            .into_iter()
-            .map(|(name, bytes)| MemoryTerm { name, bytes })
-            .collect();
-        Self {
-            micro_batch: b,
-            seq_len: t,
-            compute_dtype: compute_dtype.as_str(),
-            weights_bytes: params * F32,
-            gradients_bytes: params * F32,
-            optimizer_bytes: 2 * params * F32,
-            compute_weights_bytes: if mixed { params * c } else { 0 },
-            tables_bytes: 2 * u(cfg.max_seq_len) * (u(cfg.head_dim()) / 2) * (8 + c),
-            activations_bytes: activation_terms.iter().map(|term| term.bytes).sum(),
-            activation_terms,
+        let mut activation_terms = Vec::with_capacity(terms.len());
+        for (name, bytes) in terms {
+            activation_terms.push(MemoryTerm {
+                name,
+                bytes: bytes.value(&format!("the activation bytes of {name}"))?,
+            });
         }
+        let activations = terms.iter().map(|(_, bytes)| *bytes).sum::<Count>();
+        let weights = params * F32;
+        let optimizer = 2 * params * F32;
+        let compute_weights = if mixed { params * c } else { zero };
+        let tables = 2 * u(cfg.max_seq_len) * (u(cfg.head_dim()) / 2) * (8 + c);
+        // The total is checked too, so that total_bytes() cannot overflow.
+        (weights + weights + optimizer + compute_weights + tables + activations)
+            .value("the total training memory in bytes")?;
+        Ok(Self {
+            micro_batch: b.value("micro_batch")?,
+            seq_len: t.value("seq_len")?,
+            compute_dtype: compute_dtype.as_str(),
+            weights_bytes: weights.value("the weight bytes")?,
+            gradients_bytes: weights.value("the gradient bytes")?,
+            optimizer_bytes: optimizer.value("the optimizer bytes")?,
+            compute_weights_bytes: compute_weights.value("the compute weight bytes")?,
+            tables_bytes: tables.value("the rotary table bytes")?,
+            activations_bytes: activations.value("the activation bytes")?,
+            activation_terms,
+        })
     }
 
     /// Bytes the run needs at its peak: weights, gradients, optimizer state, the compute copy,
@@ -556,8 +570,8 @@ expert_ff = 256
     #[test]
     fn state_is_sixteen_bytes_per_parameter_in_f32() {
         let cfg = tiny();
-        let params = ModelInfo::new(&cfg, 128).total_params;
-        let m = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let params = ModelInfo::new(&cfg, 128).unwrap().total_params;
+        let m = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         assert_eq!(m.weights_bytes, 4 * params);
         assert_eq!(m.gradients_bytes, 4 * params);
         assert_eq!(m.optimizer_bytes, 8 * params);
@@ -575,9 +589,9 @@ expert_ff = 256
     #[test]
     fn rotary_tables_scale_with_max_seq_len() {
         let mut cfg = tiny();
-        let small = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let small = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         cfg.max_seq_len = 100_000_000;
-        let huge = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let huge = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         assert_eq!(small.activations_bytes, huge.activations_bytes);
         let per_position = 2 * (cfg.head_dim() as u64 / 2) * 12;
         assert_eq!(huge.tables_bytes, 100_000_000 * per_position);
@@ -587,8 +601,8 @@ expert_ff = 256
     #[test]
     fn doubling_the_micro_batch_doubles_activations_only() {
         let cfg = tiny();
-        let one = MemoryEstimate::new(&cfg, 4, 128, DType::F32);
-        let two = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let one = MemoryEstimate::new(&cfg, 4, 128, DType::F32).unwrap();
+        let two = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         assert_eq!(two.activations_bytes, 2 * one.activations_bytes);
         assert_eq!(two.weights_bytes, one.weights_bytes);
         assert_eq!(two.optimizer_bytes, one.optimizer_bytes);
@@ -598,8 +612,8 @@ expert_ff = 256
     #[test]
     fn attention_scores_grow_with_the_square_of_the_sequence() {
         let cfg = tiny();
-        let short = MemoryEstimate::new(&cfg, 8, 64, DType::F32);
-        let long = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let short = MemoryEstimate::new(&cfg, 8, 64, DType::F32).unwrap();
+        let long = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         assert_eq!(
             term(&long, "attention_scores"),
             4 * term(&short, "attention_scores")
@@ -618,9 +632,9 @@ expert_ff = 256
     #[test]
     fn bf16_adds_the_weight_copy_and_halves_most_activations() {
         let cfg = tiny();
-        let params = ModelInfo::new(&cfg, 128).total_params;
-        let f32 = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
-        let bf16 = MemoryEstimate::new(&cfg, 8, 128, DType::BF16);
+        let params = ModelInfo::new(&cfg, 128).unwrap().total_params;
+        let f32 = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
+        let bf16 = MemoryEstimate::new(&cfg, 8, 128, DType::BF16).unwrap();
         assert_eq!(bf16.compute_weights_bytes, 2 * params);
         assert_eq!(bf16.weights_bytes, f32.weights_bytes);
         assert_eq!(
@@ -637,8 +651,8 @@ expert_ff = 256
         let cfg = tiny();
         let mut wide = cfg.clone();
         wide.moe.n_experts = 64;
-        let base = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
-        let more = MemoryEstimate::new(&wide, 8, 128, DType::F32);
+        let base = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
+        let more = MemoryEstimate::new(&wide, 8, 128, DType::F32).unwrap();
         assert!(more.weights_bytes > 4 * base.weights_bytes);
         // Only the router's (tokens x experts) terms grow; the experts see k rows per token.
         assert_eq!(term(&more, "expert_hidden"), term(&base, "expert_hidden"));
@@ -650,14 +664,14 @@ expert_ff = 256
         // `train --set model.d_model=65536` on tiny: 4 x 65536^2 x ... must not look small.
         let mut cfg = tiny();
         cfg.d_model = 65536;
-        let m = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let m = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         assert!(m.total_bytes() > 100 * (1 << 30), "{}", m.table());
     }
 
     fn plan(ranks: u64, g: u64, shard: bool, micro_batches: u64) -> crate::Result<ParallelPlan> {
         let cfg = tiny();
-        let info = ModelInfo::new(&cfg, 128);
-        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let info = ModelInfo::new(&cfg, 128).unwrap();
+        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         ParallelPlan::new(
             &cfg,
             &info,
@@ -674,7 +688,7 @@ expert_ff = 256
     #[test]
     fn one_rank_plan_is_the_one_rank_estimate() {
         let cfg = tiny();
-        let one = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let one = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         let p = plan(1, 1, false, 1).unwrap();
         assert_eq!(p.weights_bytes, one.weights_bytes);
         assert_eq!(p.optimizer_bytes, one.optimizer_bytes);
@@ -691,7 +705,7 @@ expert_ff = 256
     #[test]
     fn expert_parallel_halves_the_experts_state_per_rank() {
         let cfg = tiny();
-        let info = ModelInfo::new(&cfg, 128);
+        let info = ModelInfo::new(&cfg, 128).unwrap();
         // tiny: 4 MoE layers x 8 experts x 3 x 128 x 256.
         let routed = 4 * 8 * 3 * 128 * 256;
         let replicated = info.total_params - routed;
@@ -721,7 +735,7 @@ expert_ff = 256
         let wire = 2048 * 128 * 4 * 4 * 4 * 3 / 2;
         assert_eq!(p.all_to_all_bytes_per_step, wire + 4 * 3 * 8 * 8);
         // Gradients: replicated params over 2 ranks, experts over 1 (nothing to send).
-        let info = ModelInfo::new(&tiny(), 128);
+        let info = ModelInfo::new(&tiny(), 128).unwrap();
         let replicated = info.total_params - 4 * 8 * 3 * 128 * 256;
         assert_eq!(p.gradient_exchange_bytes_per_step, 2 * replicated * 4 / 2);
         assert!(p.table().contains("all-to-all"), "{}", p.table());
@@ -738,8 +752,8 @@ expert_ff = 256
         assert!(err.contains("n_experts = 8"), "{err}");
         assert!(plan(0, 1, false, 1).is_err());
         let cfg = tiny();
-        let info = ModelInfo::new(&cfg, 128);
-        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32);
+        let info = ModelInfo::new(&cfg, 128).unwrap();
+        let memory = MemoryEstimate::new(&cfg, 8, 128, DType::F32).unwrap();
         let uneven = Parallelism {
             ranks: 4,
             expert_parallel: 2,
@@ -774,7 +788,7 @@ expert_ff = 256
 
     #[test]
     fn json_carries_the_total() {
-        let m = MemoryEstimate::new(&tiny(), 8, 128, DType::BF16);
+        let m = MemoryEstimate::new(&tiny(), 8, 128, DType::BF16).unwrap();
         let json = serde_json::to_value(&m).unwrap();
         assert_eq!(json["total_bytes"], m.total_bytes());
         assert_eq!(json["compute_dtype"], "bf16");

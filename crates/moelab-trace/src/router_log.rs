@@ -386,6 +386,32 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
         };
         return Err(bad("gate_sums", cell_index(i), i, v.to_string(), why));
     }
+    // Each token makes top_k assignments in every MoE layer: more than top_k x tokens
+    // assignments of a domain in a layer cannot come from routing (shares above 1 would follow).
+    for (row, assigned) in counts.chunks(n_experts.max(1)).enumerate() {
+        let (layer, domain) = (row / domains.len().max(1), row % domains.len().max(1));
+        let limit = tokens
+            .get(domain)
+            .and_then(|&t| t.checked_mul(i64::try_from(top_k).ok()?));
+        let total = assigned.iter().try_fold(0i64, |a, &c| a.checked_add(c));
+        if let (Some(limit), Some(total)) = (limit, total) {
+            if total <= limit {
+                continue;
+            }
+        }
+        return Err(TraceError::BadTensor {
+            path: file.path.to_path_buf(),
+            name: "counts".to_string(),
+            reason: format!(
+                "MoE layer {layer} (block {}), domain `{}`: {} assignments, more than top_k {top_k} x {} tokens \
+                 can make; the file is corrupt or was edited by hand",
+                layers.get(layer).copied().unwrap_or_default(),
+                domains.get(domain).map_or("?", String::as_str),
+                total.map_or_else(|| "more than 2^63".to_string(), |t| t.to_string()),
+                tokens.get(domain).copied().unwrap_or_default()
+            ),
+        });
+    }
     let chunk = RouterCounts {
         layers,
         domains,
@@ -676,6 +702,32 @@ mod tests {
             // The same file through a directory listing (what `moelab analyze` reads) fails too.
             assert!(read_dir(&dir).is_err());
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A layer cannot assign a domain's tokens more than top_k times each: such counts are
+    /// refused naming the file, the layer and the domain.
+    #[test]
+    fn counts_beyond_tokens_times_top_k_are_refused_naming_the_file() {
+        let dir = tmp_dir("too-many");
+        let mut c = sample(0, 3);
+        let (tensors, meta) = c.to_tensors();
+        let path = dir.join("chunk-00000003.safetensors");
+        safetensors_io::write_safetensors(&path, &tensors, meta).unwrap();
+        read_chunk(&path).unwrap();
+        let limit = c.tokens[1] * c.top_k as i64;
+        let row: i64 = c.counts[c.n_experts..2 * c.n_experts].iter().sum();
+        c.counts[c.n_experts] += limit - row + 1;
+        let (tensors, meta) = c.to_tensors();
+        safetensors_io::write_safetensors(&path, &tensors, meta).unwrap();
+        let err = read_chunk(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("chunk-00000003.safetensors")
+                && err.contains("domain `code`")
+                && err.contains(&format!("{} assignments", limit + 1)),
+            "{err}"
+        );
+        assert!(read_dir(&dir).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -320,6 +320,11 @@ pub fn run_ablation(
         notes: Vec::new(),
     };
     let total = ablation.variants.len();
+    // Every variant still to train gets train's own checks (data, mixture, vocabulary, tasks,
+    // memory) before the first step of the first: a bad variant 2 must not cost variant 1's run.
+    check_variants(ablation, out_dir, true, &mut |label, event| {
+        on_event(&AblationEvent::Train { name: label, event })
+    })?;
     let mut finished = Vec::with_capacity(total);
     for (i, variant) in ablation.variants.iter().enumerate() {
         if interrupt::requested() {
@@ -367,6 +372,35 @@ pub fn run_ablation(
     }
 
     compare(ablation, out_dir, &finished)
+}
+
+/// Runs [`crate::trainer::preflight`] on every variant of `ablation` that is not finished under
+/// `out_dir`, before any trains; the error names the ablation file and the variant.
+/// `check_memory`: also compare each variant's memory estimate with the device.
+pub(crate) fn check_variants(
+    ablation: &Ablation,
+    out_dir: &Path,
+    check_memory: bool,
+    on_event: &mut dyn FnMut(&str, &Event),
+) -> Result<(), TrainError> {
+    for variant in &ablation.variants {
+        let mut cfg = variant.config.clone();
+        cfg.run.out_dir = out_dir.to_path_buf();
+        if finished_step(&out_dir.join(&variant.label), &cfg)?.is_some() {
+            continue;
+        }
+        crate::trainer::preflight(&cfg, check_memory, &mut |event| {
+            on_event(&variant.label, event)
+        })
+        .map_err(|e| TrainError::Ablation {
+            path: ablation.path.clone(),
+            message: format!(
+                "variant `{}` cannot train (checked before any variant trains): {e}",
+                variant.label
+            ),
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes the comparison of variants trained elsewhere (`--parallel`, `--slurm`) once all have
@@ -481,8 +515,9 @@ fn compare(
     })
 }
 
-/// The final step when `run_dir` holds this variant's finished run; an error when it holds a
-/// finished run of another config (it would be silently mixed into the comparison).
+/// The final step when `run_dir` holds this variant's finished run (final checkpoint and final
+/// evaluation written); an error when it holds a finished run of another config (it would be
+/// silently mixed into the comparison).
 pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>, TrainError> {
     let run_dir = RunDir::new(run_dir);
     let last = checkpoint::list(&run_dir.checkpoints())?.pop();
@@ -499,7 +534,10 @@ pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>,
                             .into(),
                 });
             }
-            Ok(Some(step))
+            // A signal or kill during the final evaluation leaves the checkpoint without it:
+            // the variant is finished only once its final evaluation is written, so a re-run
+            // resumes it and writes the evaluation (and its metrics line).
+            Ok(run_dir.eval_json(step).is_file().then_some(step))
         }
         _ => Ok(None),
     }
@@ -594,6 +632,43 @@ lr = 1e-3
         let path = dir.join("ablations").join("study.toml");
         std::fs::write(&path, ablation).unwrap();
         path
+    }
+
+    /// A variant whose final checkpoint is written but whose final evaluation is not (a
+    /// signal or kill during it) is not finished: a re-run resumes it and writes the evaluation.
+    /// `train --resume auto` reads the folder the same way.
+    #[test]
+    fn a_variant_is_finished_only_once_its_final_evaluation_is_written() {
+        let dir = temp_dir("finished");
+        std::fs::write(dir.join("base.toml"), BASE).unwrap();
+        let cfg = Config::load(&dir.join("base.toml"), &[]).unwrap();
+        let run = RunDir::new(dir.join("run"));
+        std::fs::create_dir_all(run.checkpoint(10)).unwrap();
+        std::fs::write(run.checkpoint(10).join("state.json"), "{}").unwrap();
+        std::fs::write(run.config(), cfg.to_toml()).unwrap();
+        let options = RunOptions {
+            run_dir: Some(run.root().to_path_buf()),
+            resume: Some(Resume::Auto),
+            ..RunOptions::default()
+        };
+        assert_eq!(finished_step(run.root(), &cfg).unwrap(), None);
+        assert_eq!(crate::trainer::finished_step(&cfg, &options).unwrap(), None);
+        std::fs::create_dir_all(run.eval()).unwrap();
+        std::fs::write(run.eval_json(10), "{}").unwrap();
+        assert_eq!(finished_step(run.root(), &cfg).unwrap(), Some(10));
+        assert_eq!(
+            crate::trainer::finished_step(&cfg, &options).unwrap(),
+            Some(10)
+        );
+        // More steps asked for: unfinished again.
+        let mut longer = cfg.clone();
+        longer.train.steps = 12;
+        assert_eq!(finished_step(run.root(), &longer).unwrap(), None);
+        assert_eq!(
+            crate::trainer::finished_step(&longer, &options).unwrap(),
+            None
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

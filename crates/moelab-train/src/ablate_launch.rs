@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::ablate::{finished_step, Ablation};
+use crate::ablate::{check_variants, finished_step, Ablation};
 use crate::config::DeviceKind;
 use crate::{interrupt, TrainError};
 
@@ -65,10 +65,10 @@ pub fn run_parallel(
     }
     interrupt::install().map_err(TrainError::io(out_dir))?;
     let configs = write_variant_configs(ablation, out_dir)?;
-    // Variants sharing a dataset must not all prepare it at once: it is prepared here first.
-    for variant in &ablation.variants {
-        moelab_data::ensure_prepared(&variant.config.data)?;
-    }
+    // Variants sharing a dataset must not all prepare it at once: it is prepared here first,
+    // and every variant gets train's checks before any process starts (each process checks
+    // its own device's memory).
+    check_variants(ablation, out_dir, false, &mut |_, _| {})?;
     let mut outcome = ParallelOutcome {
         trained: Vec::new(),
         skipped: Vec::new(),

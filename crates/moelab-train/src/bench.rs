@@ -181,7 +181,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
 
     let median_ms = |pick: &dyn Fn(&[f64; 3]) -> f64| median(times.iter().map(pick)) * 1e3;
     let step_ms = median_ms(&|t| t[0] + t[1] + t[2]);
-    let info = ModelInfo::new(&cfg.model, seq_len);
+    let info = ModelInfo::new(&cfg.model, seq_len)?;
     let tokens_per_s = (sequences * seq_len) as f64 / (step_ms / 1e3);
     let model_flops = tokens_per_s * info.train_flops_per_token as f64;
     let matmul_flops = matmul_peak(&device)?;

@@ -34,6 +34,66 @@ pub struct Config {
     /// How the ranks of a distributed job share the model (`[dist]`).
     #[serde(default)]
     pub dist: DistConfig,
+    /// The file and `--set` overrides this config was read from (not part of its value).
+    #[serde(skip)]
+    pub origin: ConfigOrigin,
+}
+
+/// Where a config came from: its file and the `--set` overrides applied on top, so that an error
+/// found later (against the data, say) names the override or the file the user wrote, not a
+/// run folder's copy.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigOrigin {
+    /// The config file.
+    pub file: PathBuf,
+    /// The overrides, `key.path=value`, in the order applied.
+    pub overrides: Vec<String>,
+}
+
+impl PartialEq for ConfigOrigin {
+    /// Two configs with the same values are equal wherever they were read from.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl ConfigOrigin {
+    /// The error for an invalid value of the dotted `key`: it names the `--set` override that
+    /// last set the key (or a table holding it), else the config file.
+    pub fn key_error(&self, key: &str, reason: &str) -> TrainError {
+        let message = format!("invalid config key `{key}`: {reason}");
+        let touches = |spec: &&String| {
+            let set = spec
+                .split_once('=')
+                .map_or(spec.as_str(), |(k, _)| k)
+                .trim();
+            set == key || key.starts_with(&format!("{set}.")) || set.starts_with(&format!("{key}."))
+        };
+        match self.overrides.iter().rev().find(touches) {
+            Some(spec) => TrainError::Override {
+                spec: spec.clone(),
+                reason: message,
+            },
+            // A config not read from a file (a checkpoint's, an import's) has no file to name.
+            None if self.file.as_os_str().is_empty() => TrainError::Argument(message),
+            None => TrainError::Config {
+                path: self.file.clone(),
+                message,
+            },
+        }
+    }
+
+    /// [`ConfigOrigin::key_error`] for the key-naming errors of the model and data layers;
+    /// other errors pass through.
+    pub fn blame(&self, error: TrainError) -> TrainError {
+        match error {
+            TrainError::Model(moelab_model::ModelError::Config { key, reason })
+            | TrainError::Data(moelab_data::DataError::Config { key, reason }) => {
+                self.key_error(&key, &reason)
+            }
+            other => other,
+        }
+    }
 }
 
 /// `[dist]`: how the ranks of a job share the model. Data parallelism needs no key; these
@@ -355,16 +415,30 @@ impl Config {
         for spec in overrides {
             apply_override(&mut table, spec)?;
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let origin = ConfigOrigin {
+            file: path.to_path_buf(),
+            overrides: overrides.to_vec(),
+        };
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
                 let key = e.path().to_string();
-                config_error(format!("key `{key}`: {}", e.inner()))
+                match origin.key_error(&key, "") {
+                    TrainError::Override { spec, .. } => TrainError::Override {
+                        spec,
+                        reason: format!("key `{key}`: {}", e.inner()),
+                    },
+                    _ => config_error(format!("key `{key}`: {}", e.inner())),
+                }
             })?;
-        config.model.validate()?;
-        config.data.validate()?;
-        config.validate().map_err(|(key, reason)| {
-            config_error(format!("invalid config key `{key}`: {reason}"))
-        })?;
+        config
+            .model
+            .validate()
+            .map_err(|e| origin.blame(e.into()))?;
+        config.data.validate().map_err(|e| origin.blame(e.into()))?;
+        config
+            .validate()
+            .map_err(|(key, reason)| origin.key_error(key, &reason))?;
+        config.origin = origin;
         // Every command gets its config here, and the kernel choice is process-wide.
         config.run.apply_kernels();
         Ok(config)
@@ -432,6 +506,26 @@ impl Config {
         }
         if !(0.0..1.0).contains(&train.beta1) || !(0.0..1.0).contains(&train.beta2) {
             return Err(("train.beta1", "beta1 and beta2 must be in [0, 1)".into()));
+        }
+        // AdamW divides by sqrt(v) + eps: eps = 0 turns a parameter with no gradient yet into
+        // 0 / 0 = NaN on the first step.
+        if !(train.eps > 0.0 && train.eps.is_finite()) {
+            return Err((
+                "train.eps",
+                format!(
+                    "must be positive and finite (AdamW divides by sqrt(v) + eps; 1e-8 is usual), got {}",
+                    train.eps
+                ),
+            ));
+        }
+        if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
+            return Err((
+                "train.weight_decay",
+                format!(
+                    "must be >= 0 and finite (0 disables decay; a negative decay grows the weights), got {}",
+                    train.weight_decay
+                ),
+            ));
         }
         if train.grad_clip.is_some_and(|c| c <= 0.0) {
             return Err((
@@ -531,7 +625,11 @@ lr = 1e-3
     fn load(text: &str, overrides: &[&str]) -> Result<Config, String> {
         let dir = std::env::temp_dir().join(format!("moelab-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", text.len() * 31 + overrides.len()));
+        // One file per call: tests run in parallel threads, and a file rewritten while another
+        // test reads it would read as empty.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, text).unwrap();
         let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         Config::load(&path, &overrides).map_err(|e| e.to_string())
@@ -607,6 +705,53 @@ lr = 1e-3
         );
         let cfg = load(TEXT, &[]).unwrap();
         assert_eq!((cfg.global_sequences(), cfg.accumulation_steps()), (4, 2));
+    }
+
+    /// eps = 0 would divide by zero in AdamW and a negative decay grows the weights: both are
+    /// refused naming the key, as are NaN and infinity.
+    #[test]
+    fn optimizer_eps_and_weight_decay_are_refused_naming_the_key() {
+        for eps in ["0", "0.0", "-1e-8", "nan", "inf"] {
+            let err = load(TEXT, &[&format!("train.eps={eps}")]).unwrap_err();
+            assert!(err.contains("`train.eps`"), "{eps}: {err}");
+        }
+        for wd in ["-0.1", "nan", "inf"] {
+            let err = load(TEXT, &[&format!("train.weight_decay={wd}")]).unwrap_err();
+            assert!(err.contains("`train.weight_decay`"), "{wd}: {err}");
+        }
+        let cfg = load(TEXT, &["train.eps=1e-6", "train.weight_decay=0"]).unwrap();
+        assert_eq!((cfg.train.eps, cfg.train.weight_decay), (1e-6, 0.0));
+    }
+
+    /// An invalid value given with --set names the override, not the file it was applied to;
+    /// one written in the file names the file.
+    #[test]
+    fn errors_from_set_values_name_the_override() {
+        for (spec, key) in [
+            ("train.eps=0", "train.eps"),
+            ("model.vocab_size=0", "model.vocab_size"),
+            ("data.seq_len=0", "data.seq_len"),
+            ("train.steps=\"ten\"", "train.steps"),
+        ] {
+            let err = load(TEXT, &[spec]).unwrap_err();
+            assert!(
+                err.starts_with(&format!("--set {spec}:")) && err.contains(key),
+                "{spec}: {err}"
+            );
+            assert!(!err.contains(".toml"), "{spec}: {err}");
+        }
+        let err = load(&TEXT.replace("lr = 1e-3", "lr = 0.0"), &["train.steps=3"]).unwrap_err();
+        assert!(
+            err.contains(".toml: ") && err.contains("`train.lr`") && !err.contains("--set"),
+            "{err}"
+        );
+        // A later error found against the data names the override that set the key.
+        let cfg = load(TEXT, &["model.vocab_size=70"]).unwrap();
+        let err = cfg
+            .origin
+            .key_error("model.vocab_size", "too small")
+            .to_string();
+        assert!(err.starts_with("--set model.vocab_size=70: "), "{err}");
     }
 
     #[test]

@@ -133,8 +133,14 @@ fn refuse_existing(out: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Exports the checkpoint folder `checkpoint` as a Hugging Face model folder `out`.
-pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError> {
+/// Exports the checkpoint folder `checkpoint` as a Hugging Face model folder `out`, with the
+/// run's tokenizer unless `with_tokenizer` is false; a tokenizer that cannot be found is an
+/// error (a model folder without it does not load with `AutoTokenizer`).
+pub fn export(
+    checkpoint: &Path,
+    out: &Path,
+    with_tokenizer: bool,
+) -> Result<ExportSummary, TrainError> {
     refuse_existing(out)?;
     let cfg = Config::load(&checkpoint.join("config.toml"), &[])?;
     let arch = choose_arch(&cfg.model).map_err(mapping_err(""))?;
@@ -146,9 +152,12 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
 
     // Where transformers' router_aux_loss_coef cannot mean what aux_loss_coef meant.
     let mut notes = moelab_model::hf::aux_loss_notes(&cfg.model);
-    let dataset = moelab_data::Dataset::open(&cfg.data.dataset);
+    let dataset = match with_tokenizer {
+        true => Some(moelab_data::Dataset::open(&cfg.data.dataset)),
+        false => None,
+    };
     let (tokens, tokenizer) = match &dataset {
-        Ok(ds) => (
+        Some(Ok(ds)) => (
             SpecialTokens {
                 eos_id: Some(ds.eos_id()),
             },
@@ -157,11 +166,16 @@ pub fn export(checkpoint: &Path, out: &Path) -> Result<ExportSummary, TrainError
                 ds.manifest().tokenizer.eos_token.clone(),
             )),
         ),
-        Err(e) => {
-            notes.push(format!(
-                "no tokenizer exported: the run's dataset {} cannot be opened ({e})",
-                cfg.data.dataset.display()
-            ));
+        Some(Err(e)) => {
+            return Err(TrainError::Argument(format!(
+                "cannot export the tokenizer: the run's dataset {}{} cannot be opened ({e}); run from \
+                 the folder the run was started in, or pass --no-tokenizer to export the model alone",
+                cfg.data.dataset.display(),
+                moelab_data::relative_to_cwd(&cfg.data.dataset)
+            )))
+        }
+        None => {
+            notes.push("no tokenizer exported (--no-tokenizer)".into());
             (SpecialTokens::default(), None)
         }
     };

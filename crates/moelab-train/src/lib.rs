@@ -28,9 +28,11 @@ pub use run::checkpoint;
 
 pub use ablate::{run_ablation, Ablation, AblationEvent, AblationOutcome};
 pub use bench::{bench, BenchOptions, BenchReport};
-pub use config::{Config, RunConfig};
+pub use config::{Config, ConfigOrigin, RunConfig};
 pub use error::TrainError;
 pub use eval::{evaluate_checkpoint, EvalReport};
 pub use run::{RunDir, RunLock};
 pub use trace_checkpoint::{trace_checkpoint, TraceOptions};
-pub use trainer::{train, train_on, Event, Resume, RunOptions, StepMetrics, Summary, Trainer};
+pub use trainer::{
+    preflight, train, train_on, Event, Resume, RunOptions, StepMetrics, Summary, Trainer,
+};

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use moelab_model::rng::SplitMix64;
+use moelab_io::rng::SplitMix64;
 use moelab_model::ForwardOptions;
 use serde::Serialize;
 

@@ -140,6 +140,14 @@ pub fn load_task(cfg: &TaskConfig) -> Result<Task, TrainError> {
                 ),
             )
         })?;
+        // An empty prompt leaves nothing to condition on: the first answer token would be
+        // scored from no context at all (or, with one answer token, not at all: 0 bits).
+        if raw.prompt.trim().is_empty() {
+            return Err(bad(
+                i + 1,
+                "`prompt` is empty; every example needs a prompt to condition the answer on".into(),
+            ));
+        }
         let example = match (raw.answer, raw.choices, raw.label) {
             (Some(answer), None, None) => {
                 if answer.trim().is_empty() {
@@ -212,6 +220,7 @@ pub fn load_tasks(cfg: &EvalConfig) -> Result<Vec<Task>, TrainError> {
                 t.name
             )));
         }
+        moelab_data::check_exists(&format!("eval.tasks[{i}].path"), &t.path)?;
         tasks.push(load_task(t)?);
     }
     Ok(tasks)
@@ -606,6 +615,11 @@ mod tests {
             (r#"{"prompt": "a"}"#, "either"),
             (r#"{"prompt": "a", "answer": "b", "label": 0}"#, "either"),
             (r#"{"prompt": "a", "anwser": "b"}"#, "anwser"),
+            (r#"{"prompt": "", "answer": "b"}"#, "`prompt` is empty"),
+            (
+                r#"{"prompt": " ", "choices": ["x", "y"], "label": 0}"#,
+                "`prompt` is empty",
+            ),
             ("not json", "expected"),
         ];
         for (i, (line, needle)) in cases.iter().enumerate() {
@@ -619,6 +633,19 @@ mod tests {
                 "{needle}: {err}"
             );
         }
+        // A missing relative path names its key and the working directory.
+        let mut missing = write_task("missing", &[r#"{"prompt": "a", "answer": "b"}"#]);
+        missing.path = "no-such-dir/task.jsonl".into();
+        let err = load_tasks(&EvalConfig {
+            tasks: vec![missing],
+        })
+        .unwrap_err()
+        .to_string();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            err.contains("`eval.tasks[0].path`") && err.contains(&cwd.display().to_string()),
+            "{err}"
+        );
         let dup = EvalConfig {
             tasks: vec![write_task("d", &[r#"{"prompt": "a", "answer": "b"}"#]); 2],
         };

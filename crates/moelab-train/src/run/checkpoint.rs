@@ -36,6 +36,10 @@ pub struct TrainState {
     /// written before metrics logged means: an empty window).
     #[serde(default)]
     pub log_window: LossWindow,
+    /// The step of the newest checkpoint known (when this one was saved) to give a finite loss,
+    /// so that the NaN guard of a resumed run can still name it. Absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_good_step: Option<u64>,
 }
 
 /// Sums of the training losses of the applied steps since the last metrics line; a line logs
@@ -84,6 +88,7 @@ impl TrainState {
             stream: stream.state(0),
             seed,
             log_window: LossWindow::default(),
+            known_good_step: None,
         }
     }
 }
@@ -265,6 +270,28 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     )))
 }
 
+/// Refuses a `step-N` folder whose state.json records another step (a folder renamed or copied
+/// by hand): resuming from it would number the steps, the schedule and the data position after
+/// one of the two while the other names it.
+fn check_step_matches_name(dir: &Path, state: &TrainState) -> Result<(), TrainError> {
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    match named {
+        Some(step) if step != state.step => Err(TrainError::Checkpoint(format!(
+            "{}: its {COMPLETE_MARKER} records step {} but the folder is named for step {step}; the two disagree \
+             (was the folder renamed or its {COMPLETE_MARKER} copied from another checkpoint?); rename the folder to {} \
+             or restore the checkpoint's own {COMPLETE_MARKER}",
+            dir.display(),
+            state.step,
+            dir_name(state.step)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Reads a checkpoint folder (tensors onto `device`).
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
     if !dir.exists() {
@@ -286,8 +313,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
     };
     let state_path = dir.join(COMPLETE_MARKER);
     let state_text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
-    let state = serde_json::from_str(&state_text)
+    let state: TrainState = serde_json::from_str(&state_text)
         .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", state_path.display())))?;
+    check_step_matches_name(dir, &state)?;
     let config_path = dir.join("config.toml");
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
@@ -317,6 +345,7 @@ mod tests {
             },
             seed: 1,
             log_window: LossWindow::default(),
+            known_good_step: None,
         }
     }
 
@@ -358,5 +387,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a complete checkpoint"), "{err}");
+        // A folder named for another step than its state.json records says that they disagree.
+        std::fs::rename(dir.join("step-00000008"), dir.join("step-00000009")).unwrap();
+        let err = load(&dir.join("step-00000009"), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("records step 8")
+                && err.contains("named for step 9")
+                && err.contains("disagree")
+                && !err.contains("global_batch_tokens"),
+            "{err}"
+        );
     }
 }

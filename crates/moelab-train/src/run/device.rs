@@ -41,7 +41,7 @@ pub fn check_memory(cfg: &Config, device: &Device) -> Result<(), TrainError> {
         cfg.train.micro_batch,
         cfg.data.seq_len,
         cfg.train.precision.compute_dtype(),
-    );
+    )?;
     let needed = estimate.total_bytes();
     let Some((available, what)) = available_memory(device) else {
         return Ok(());

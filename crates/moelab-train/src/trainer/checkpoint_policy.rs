@@ -29,17 +29,23 @@ pub(crate) struct Checkpointer {
 impl Checkpointer {
     /// The checkpointer of `run_dir`, saving runs whose resolved config is `config_toml`;
     /// `resumed_from` is the checkpoint the run continues from (unproven until a finite step).
+    /// `known_good_step` is the known-good checkpoint the resumed checkpoint recorded; it is
+    /// carried on while its folder is still on disk.
     pub(crate) fn new(
         run_dir: &RunDir,
         policy: CheckpointConfig,
         config_toml: String,
         resumed_from: Option<PathBuf>,
+        known_good_step: Option<u64>,
     ) -> Self {
+        let known_good = known_good_step
+            .map(|step| run_dir.checkpoint(step))
+            .filter(|dir| dir.join("state.json").is_file());
         Self {
             dir: run_dir.checkpoints(),
             policy,
             config_toml,
-            known_good: None,
+            known_good,
             unproven: resumed_from,
         }
     }
@@ -81,6 +87,7 @@ impl Checkpointer {
     ) -> Result<PathBuf, TrainError> {
         let mut state = state.clone();
         state.optimizer_step = optimizer_step;
+        state.known_good_step = self.known_good.as_deref().and_then(step_of);
         state.stream = stream.state(state.step * sequences_per_step);
         let dir = checkpoint::save(&self.dir, &model, &moments, &state, &self.config_toml)?;
         self.unproven = Some(dir.clone());
@@ -95,6 +102,15 @@ impl Checkpointer {
         checkpoint::prune(&self.dir, self.policy.keep_last, &spared)?;
         Ok(dir)
     }
+}
+
+/// The step a checkpoint folder is named for (`step-N`).
+fn step_of(dir: &Path) -> Option<u64> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .parse()
+        .ok()
 }
 
 /// The checkpoint to resume from, loaded: for `auto`, the newest complete one (a fresh start

@@ -106,6 +106,9 @@ pub struct Summary {
     pub final_eval: Option<EvalReport>,
     /// True when SIGINT/SIGTERM stopped the run (after saving a checkpoint).
     pub interrupted: bool,
+    /// True when the run was already finished (final checkpoint and final evaluation written
+    /// at `train.steps`) and nothing was done or changed.
+    pub already_finished: bool,
     /// Wall-clock seconds of the training loop in this process.
     pub wall_s: f64,
     /// Mean training throughput of this process.
@@ -129,7 +132,58 @@ pub fn train_on(
     comm: Rc<dyn Collective>,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
+    // Rank 0 looks (it alone takes the folder's lock); every rank hears the answer.
+    let finished = match comm.rank() {
+        0 => finished_step(&cfg, &options),
+        _ => Ok(None),
+    };
+    let finished = dist::agree(comm.as_ref(), finished)?.is_some();
+    if dist::any(comm.as_ref(), finished) {
+        let run_dir = run_dir_of(&cfg, &options);
+        return Ok(Summary {
+            run_dir: run_dir.root().to_path_buf(),
+            steps: cfg.train.steps,
+            steps_run: 0,
+            final_eval: None,
+            interrupted: false,
+            already_finished: true,
+            wall_s: 0.0,
+            tokens_per_s: 0.0,
+        });
+    }
     Trainer::setup(cfg, options, comm, on_event)?.run(on_event)
+}
+
+/// The run folder the options name, else `run.out_dir/run.name`.
+fn run_dir_of(cfg: &Config, options: &RunOptions) -> RunDir {
+    RunDir::new(
+        options
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| cfg.run.out_dir.join(&cfg.run.name)),
+    )
+}
+
+/// The step at which `--resume auto` finds this run finished: its newest checkpoint is at
+/// `train.steps` or later, the final evaluation of that step is written, and the folder holds
+/// this config. Such a run has nothing left to do (a grown `train.steps` makes it unfinished).
+/// The folder's lock is taken for the look, so a run still writing is never taken as finished.
+pub fn finished_step(cfg: &Config, options: &RunOptions) -> Result<Option<u64>, TrainError> {
+    if options.resume != Some(Resume::Auto) {
+        return Ok(None);
+    }
+    let run_dir = run_dir_of(cfg, options);
+    if !run_dir.root().is_dir() {
+        return Ok(None);
+    }
+    let _lock = run_dir.lock()?;
+    let Some((step, _)) = checkpoint::list(&run_dir.checkpoints())?.pop() else {
+        return Ok(None);
+    };
+    let saved = std::fs::read_to_string(run_dir.config()).unwrap_or_default();
+    let done =
+        step >= cfg.train.steps && run_dir.eval_json(step).is_file() && saved == cfg.to_toml();
+    Ok(done.then_some(step))
 }
 
 /// A run, set up and ready to step.
@@ -257,37 +311,12 @@ impl Trainer {
         let resolved = cfg.to_toml();
         let resuming = options.resume.is_some();
         run_dir.check_usable(&resolved, resuming)?;
-        check_divisible(&cfg, comm.world_size(), &run_dir)?;
+        check_divisible(&cfg, comm.world_size())?;
         set_threads(cfg.run.threads);
         let device = open_device(cfg.run.device, comm.local_rank())?;
-        if !options.ignore_memory_check {
-            check_memory(&cfg, &device)?;
-        }
-        let dataset = prepare_data(&cfg, on_event)?;
-        if dataset.vocab_size() > cfg.model.vocab_size {
-            return Err(TrainError::Config {
-                path: run_dir.config(),
-                message: format!(
-                    "invalid config key `model.vocab_size`: {} is smaller than the tokenizer's vocabulary ({})",
-                    cfg.model.vocab_size,
-                    dataset.vocab_size()
-                ),
-            });
-        }
-        // Evaluation runs after training; its data is checked before the first step. A domain
-        // with too few validation tokens is warned about (the user set no key for it).
-        dataset.check_validation(
-            cfg.data.seq_len,
-            cfg.data.validation_tokens,
-            cfg.train.micro_batch,
-        )?;
+        let memory_on = (!options.ignore_memory_check).then_some(&device);
+        let dataset = check_run(&cfg, memory_on, on_event)?;
         let validation = ValidationCheck::new(&dataset, &cfg);
-        // So are the task files and the tokenizer that encodes them.
-        if !cfg.eval.tasks.is_empty() {
-            crate::tasks::load_tasks(&cfg.eval)?;
-            crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
-        }
-        let dataset = Arc::new(dataset);
         let mut learner = Learner::new(&cfg, &device, comm)?;
         let resume = checkpoint_policy::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
@@ -313,7 +342,8 @@ impl Trainer {
                 (stream, ckpt.state, Some(ckpt.dir))
             }
             None => {
-                let stream = MixtureStream::new(dataset.clone(), &cfg.data, cfg.run.seed)?;
+                let stream = MixtureStream::new(dataset.clone(), &cfg.data, cfg.run.seed)
+                    .map_err(|e| cfg.origin.blame(e.into()))?;
                 let state = TrainState::fresh(&stream, cfg.run.seed);
                 (stream, state, None)
             }
@@ -364,8 +394,12 @@ impl Trainer {
                 moelab_trace::router_log::remove_after(&run_dir.router(), state.step)?;
             }
         }
-        let flops_per_token = (cfg.run.device == DeviceKind::Cuda)
-            .then(|| ModelInfo::new(&cfg.model, cfg.data.seq_len).train_flops_per_token as f64);
+        let flops_per_token = match cfg.run.device {
+            DeviceKind::Cuda => {
+                Some(ModelInfo::new(&cfg.model, cfg.data.seq_len)?.train_flops_per_token as f64)
+            }
+            DeviceKind::Cpu => None,
+        };
         let metrics = if leader {
             MetricsLogger::open(&run_dir, &cfg, state.step, flops_per_token)?
         } else {
@@ -395,6 +429,7 @@ impl Trainer {
             cfg.checkpoint.clone(),
             resolved,
             resumed_from.clone(),
+            state.known_good_step,
         );
         let trainer = Self {
             cfg,
@@ -562,8 +597,10 @@ impl Trainer {
             self.comm.as_ref(),
         )?;
         if self.comm.rank() == 0 {
-            report.write(&self.run_dir)?;
+            // The eval/ JSON last: its presence marks the evaluation as written (see
+            // [`finished_step`]), so it must not exist without the metrics line.
             self.metrics.eval(&report)?;
+            report.write(&self.run_dir)?;
         }
         on_event(&Event::Eval(report.clone()));
         Ok(report)
@@ -581,10 +618,72 @@ impl Trainer {
             steps_run: self.state.step - first_step,
             final_eval,
             interrupted,
+            already_finished: false,
             wall_s: self.metrics.elapsed_s(),
             tokens_per_s: self.metrics.mean_tokens_per_s(),
         }
     }
+}
+
+/// Everything `train` checks about a config before its first step that needs no run folder:
+/// memory on `device`, the data (prepared on first use), the vocabulary against the tokenizer,
+/// the validation set, the task files, and the mixture's domains, sources and selection against
+/// the dataset. Errors name the `--set` override or the file that gave the key.
+fn check_run(
+    cfg: &Config,
+    memory_on: Option<&Device>,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Arc<Dataset>, TrainError> {
+    if let Some(device) = memory_on {
+        check_memory(cfg, device)?;
+    }
+    let dataset = prepare_data(cfg, on_event).map_err(|e| cfg.origin.blame(e))?;
+    if dataset.vocab_size() > cfg.model.vocab_size {
+        return Err(cfg.origin.key_error(
+            "model.vocab_size",
+            &format!(
+                "{} is smaller than the tokenizer's vocabulary ({})",
+                cfg.model.vocab_size,
+                dataset.vocab_size()
+            ),
+        ));
+    }
+    // Evaluation runs after training; its data is checked before the first step. A domain
+    // with too few validation tokens is warned about (the user set no key for it).
+    dataset.check_validation(
+        cfg.data.seq_len,
+        cfg.data.validation_tokens,
+        cfg.train.micro_batch,
+    )?;
+    // So are the task files and the tokenizer that encodes them.
+    if !cfg.eval.tasks.is_empty() {
+        crate::tasks::load_tasks(&cfg.eval)?;
+        crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
+    }
+    Ok(Arc::new(dataset))
+}
+
+/// The checks `train` makes before its first step (see [`check_run`]), for a config that is
+/// trained later: `moelab ablate` runs them for every variant before the first one trains.
+/// With `check_memory` the device is opened to compare the estimate with what it has (a
+/// launcher whose children take the devices leaves that to them). Prepares the dataset on
+/// first use (as `train` would); writes no run folder.
+pub fn preflight(
+    cfg: &Config,
+    check_memory: bool,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(), TrainError> {
+    let device = match check_memory {
+        true => {
+            set_threads(cfg.run.threads);
+            Some(open_device(cfg.run.device, 0)?)
+        }
+        false => None,
+    };
+    let dataset = check_run(cfg, device.as_ref(), on_event)?;
+    // Building the stream checks the mixture's domains, sources and selection.
+    MixtureStream::new(dataset, &cfg.data, cfg.run.seed).map_err(|e| cfg.origin.blame(e.into()))?;
+    Ok(())
 }
 
 /// Opens the dataset, preparing it from `data.sources` on first use; the preparation's progress
@@ -612,16 +711,16 @@ fn prepare_data(cfg: &Config, on_event: &mut dyn FnMut(&Event)) -> Result<Datase
 }
 
 /// Refuses a job whose global batch does not split into whole micro-batches on every rank.
-fn check_divisible(cfg: &Config, world: usize, run_dir: &RunDir) -> Result<(), TrainError> {
+fn check_divisible(cfg: &Config, world: usize) -> Result<(), TrainError> {
     let sequences = cfg.global_sequences();
     if world > 1 && !sequences.is_multiple_of(world * cfg.train.micro_batch) {
-        return Err(TrainError::Config {
-            path: run_dir.config(),
-            message: format!(
-                "invalid config key `train.global_batch_tokens`: its {sequences} sequences per step do not split into whole micro-batches of {} over {world} ranks; make it a multiple of {world} x train.micro_batch x data.seq_len",
+        return Err(cfg.origin.key_error(
+            "train.global_batch_tokens",
+            &format!(
+                "its {sequences} sequences per step do not split into whole micro-batches of {} over {world} ranks; make it a multiple of {world} x train.micro_batch x data.seq_len",
                 cfg.train.micro_batch
             ),
-        });
+        ));
     }
     Ok(())
 }
