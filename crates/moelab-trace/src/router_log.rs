@@ -332,6 +332,37 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
     let counts = file.i64s("counts", &shape)?;
     let gate_sums = file.f64s("gate_sums", &shape)?;
     let tokens = file.i64s("tokens", &[domains.len()])?;
+    let chunk = RouterCounts {
+        layers,
+        domains,
+        n_experts,
+        top_k,
+        step_start,
+        step_end,
+        counts,
+        gate_sums,
+        tokens,
+    };
+    check_values(file.path, &chunk)?;
+    chunk.validate().map_err(|e| TraceError::BadMetadata {
+        path: file.path.to_path_buf(),
+        key: "step_start".to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(chunk)
+}
+
+/// Refuses counts no routing can produce: negative counts or tokens, negative or non-finite
+/// gate sums, and more assignments than top_k x tokens.
+fn check_values(path: &Path, chunk: &RouterCounts) -> Result<()> {
+    let (layers, domains, counts, gate_sums, tokens) = (
+        &chunk.layers,
+        &chunk.domains,
+        &chunk.counts,
+        &chunk.gate_sums,
+        &chunk.tokens,
+    );
+    let n_experts = chunk.n_experts;
     // Analyses divide by and take logs of these; a negative count or a NaN gate sum (a corrupt
     // or hand-edited file) would surface as a plausible-looking but wrong report, not an error.
     let bad = |name: &str, index: Vec<usize>, flat: usize, value: String, why: &str| {
@@ -345,7 +376,7 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
             _ => String::new(),
         };
         TraceError::BadTensor {
-            path: file.path.to_path_buf(),
+            path: path.to_path_buf(),
             name: name.to_string(),
             reason: format!(
                 "value {value} at index {index:?} (flat {flat}; {cell}) {why}; the file is \
@@ -386,9 +417,15 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
         };
         return Err(bad("gate_sums", cell_index(i), i, v.to_string(), why));
     }
-    // Each token makes top_k assignments in every MoE layer: more than top_k x tokens
-    // assignments of a domain in a layer cannot come from routing (shares above 1 would follow).
-    for (row, assigned) in counts.chunks(n_experts.max(1)).enumerate() {
+    check_assignment_bound(path, chunk)
+}
+
+/// Each token makes top_k assignments in every MoE layer: more than top_k x tokens assignments
+/// of a domain in a layer cannot come from routing (shares above 1 would follow).
+fn check_assignment_bound(path: &Path, chunk: &RouterCounts) -> Result<()> {
+    let (layers, domains, tokens) = (&chunk.layers, &chunk.domains, &chunk.tokens);
+    let (n_experts, top_k) = (chunk.n_experts, chunk.top_k);
+    for (row, assigned) in chunk.counts.chunks(n_experts.max(1)).enumerate() {
         let (layer, domain) = (row / domains.len().max(1), row % domains.len().max(1));
         let limit = tokens
             .get(domain)
@@ -400,7 +437,7 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
             }
         }
         return Err(TraceError::BadTensor {
-            path: file.path.to_path_buf(),
+            path: path.to_path_buf(),
             name: "counts".to_string(),
             reason: format!(
                 "MoE layer {layer} (block {}), domain `{}`: {} assignments, more than top_k {top_k} x {} tokens \
@@ -412,23 +449,7 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
             ),
         });
     }
-    let chunk = RouterCounts {
-        layers,
-        domains,
-        n_experts,
-        top_k,
-        step_start,
-        step_end,
-        counts,
-        gate_sums,
-        tokens,
-    };
-    chunk.validate().map_err(|e| TraceError::BadMetadata {
-        path: file.path.to_path_buf(),
-        key: "step_start".to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(chunk)
+    Ok(())
 }
 
 /// Paths of the chunk files in `dir` (a run's `router/`, or a run dir that contains one).

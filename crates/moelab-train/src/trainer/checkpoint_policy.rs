@@ -9,11 +9,19 @@ use moelab_data::MixtureStream;
 #[cfg(doc)]
 use super::step::Learner;
 use super::step::TensorMap;
-use super::Resume;
 use crate::config::CheckpointConfig;
 use crate::run::checkpoint::{self, Checkpoint, TrainState};
 use crate::run::RunDir;
 use crate::TrainError;
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest complete checkpoint of the run folder, or a fresh start if there is none.
+    Auto,
+    /// This checkpoint folder.
+    Path(PathBuf),
+}
 
 /// Saves, prunes and finds the checkpoints of one run.
 pub(crate) struct Checkpointer {

@@ -29,19 +29,11 @@ use crate::run::{RunDir, RunLock};
 use crate::schedule::Schedule;
 use crate::{Config, TrainError};
 use checkpoint_policy::Checkpointer;
+pub use checkpoint_policy::Resume;
 use metrics::MetricsLogger;
 pub use metrics::StepMetrics;
 pub(crate) use metrics::GPU_PEAK_FLOPS;
 pub use step::{Accumulated, Learner, Phase, StepConfig, StepOutcome};
-
-/// Where to resume from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resume {
-    /// The newest complete checkpoint of the run folder, or a fresh start if there is none.
-    Auto,
-    /// This checkpoint folder.
-    Path(PathBuf),
-}
 
 /// How to run, beyond the config.
 #[derive(Debug, Clone, Default)]
