@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::batch::Batch;
 use crate::manifest::{Counts, Manifest, ShardEntry, Split, TokenDtype, MANIFEST_FILE};
-use crate::stream::Batch;
 use crate::util::Hasher;
 use crate::{DataError, Result};
 
