@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataset;
 pub mod dataset_dir;
 mod error;
+mod hash;
 pub mod input;
 pub mod manifest;
 pub mod prefetch;
@@ -20,7 +21,6 @@ pub mod prepare;
 mod shard;
 pub mod stream;
 mod tokenize;
-mod util;
 pub mod walk;
 
 use std::path::Path;

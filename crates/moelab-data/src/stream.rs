@@ -14,7 +14,7 @@ use crate::batch::Batch;
 use crate::blend::{BlendStage, Blender, Permutation};
 use crate::config::DataConfig;
 use crate::dataset::Dataset;
-use crate::util::Hasher;
+use crate::hash::Hasher;
 use crate::{DataError, Result};
 use moelab_io::rng::mix64;
 

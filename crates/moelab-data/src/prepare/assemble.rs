@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use crate::hash::Hasher;
 use crate::manifest::{
     Counts, DomainEntry, Manifest, PartInfo, ShardEntry, SourceEntry, Split, TokenDtype,
     TokenizerInfo, FORMAT_VERSION,
 };
-use crate::util::Hasher;
 use crate::{DataError, Result};
 
 use super::options::PrepareOptions;

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::hash::sha256_hex;
 use crate::input::{self, Format};
-use crate::util::sha256_hex;
 use crate::walk::{Entry, SkippedLink};
 use crate::{DataError, Result};
 

@@ -9,13 +9,13 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use tokenizers::Tokenizer;
 
+use crate::hash::{sha256_u64, Hasher};
 use crate::input::{self, ParsedDoc, RawRecord, Rejected};
 use crate::manifest::{
     InputStats, Split, TokenDtype, TokenizerInfo, FORMAT_VERSION, TOKENIZER_FILE,
 };
 use crate::shard::ShardWriter;
 use crate::tokenize::encode_document;
-use crate::util::{sha256_u64, Hasher};
 use crate::{DataError, Result};
 
 use super::options::{PrepareEvent, PrepareOptions};

@@ -219,7 +219,7 @@ fn check_part_file(path: &Path, size: Option<u64>, sha256: &str) -> Result<()> {
             meta.len()
         )));
     }
-    let got = crate::util::sha256_file(path)?;
+    let got = crate::hash::sha256_file(path)?;
     if got != sha256 {
         return Err(corrupt(format!("sha256 {got}, the part says {sha256}")));
     }

@@ -128,7 +128,7 @@ fn run_in(
     let files: Vec<&PathBuf> = selected.iter().flat_map(|&u| &units[u].files).collect();
     let hashes: Vec<String> = files
         .par_iter()
-        .map(|f| crate::util::sha256_file(f))
+        .map(|f| crate::hash::sha256_file(f))
         .collect::<Result<_>>()?;
     let mut hash_of: BTreeMap<&Path, &str> = BTreeMap::new();
     for (f, h) in files.iter().zip(&hashes) {

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use tokenizers::{AddedToken, Tokenizer};
 
+use crate::hash::sha256_hex;
 use crate::input::{self, Rejected};
 use crate::manifest::{InputStats, TokenizerInfo, TOKENIZER_FILE};
 use crate::tokenize::{text_pieces, train_bpe, PIECE_BYTES};
-use crate::util::sha256_hex;
 use crate::{DataError, Result};
 
 use super::options::{PrepareEvent, PrepareOptions, TokenizerChoice};
