@@ -921,13 +921,16 @@ fn fingerprint(dataset: &Dataset, cfg: &DataConfig, seed: u64) -> String {
     hex
 }
 
+/// Source shares by domain name, then source name.
+type SourceMixture = BTreeMap<String, BTreeMap<String, f64>>;
+
 /// Source shares per domain (by source id, normalised): given in `data.source_mixture`, or
 /// proportional to the training chunks; and the positive ones by name, as a state records them.
 fn source_shares(
     dataset: &Dataset,
     cfg: &DataConfig,
     chunks: &[Vec<u64>],
-) -> Result<(Vec<Vec<f64>>, BTreeMap<String, BTreeMap<String, f64>>)> {
+) -> Result<(Vec<Vec<f64>>, SourceMixture)> {
     let n_domains = dataset.domains().len();
     let mut source_weights = Vec::with_capacity(n_domains);
     let mut source_mixture = BTreeMap::new();

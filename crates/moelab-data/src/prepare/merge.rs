@@ -23,6 +23,40 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
     if parts.is_empty() {
         return Err(DataError::Prepare("merge needs the part folders".into()));
     }
+    let manifests = part_manifests(parts)?;
+    check_parts_agree(&manifests, parts)?;
+    // Everything the parts name is read and checked before anything is written.
+    let records = merged_records(&manifests, parts)?;
+    let first = &manifests[0];
+    let tokenizer = parts[0].join(&first.tokenizer.file);
+
+    if !crate::dataset_dir::is_empty_or_absent(out) {
+        return Err(DataError::Prepare(format!(
+            "{} is not empty; merge into a new folder",
+            out.display()
+        )));
+    }
+    let work = WorkDir::for_output(out, false)?;
+    if work.rename_to.is_none() {
+        return Err(DataError::Prepare(format!(
+            "{} is not empty; merge into a new folder",
+            out.display()
+        )));
+    }
+    match write_merged(&work.dir, first, &tokenizer, records) {
+        Ok(manifest) => {
+            work.finish()?;
+            Ok(manifest)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work.dir);
+            Err(e)
+        }
+    }
+}
+
+/// The manifest of each part folder, each that of one part (not a whole dataset).
+fn part_manifests(parts: &[PathBuf]) -> Result<Vec<Manifest>> {
     let mut manifests = Vec::new();
     for p in parts {
         let m = Manifest::load(&p.join(MANIFEST_FILE))?;
@@ -34,6 +68,12 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
         }
         manifests.push(m);
     }
+    Ok(manifests)
+}
+
+/// The parts (`manifests[i]` read from `parts[i]`, at least one) are of one prepare, each part
+/// given once and none missing.
+fn check_parts_agree(manifests: &[Manifest], parts: &[PathBuf]) -> Result<()> {
     let first = &manifests[0];
     let first_part = first.part.clone().unwrap_or_else(|| PartInfo {
         index: 0,
@@ -85,8 +125,13 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             first_part.count
         )));
     }
+    Ok(())
+}
 
-    // Everything the parts name is read and checked before anything is written.
+/// Every part's unit records (with the folder holding them), checked, in unit order; also
+/// checks the first part's tokenizer file. The parts must hold a document and no unit twice.
+fn merged_records(manifests: &[Manifest], parts: &[PathBuf]) -> Result<Vec<(PathBuf, UnitRecord)>> {
+    let first = &manifests[0];
     let mut records = Vec::new();
     for (m, dir) in manifests.iter().zip(parts) {
         records.extend(part_records(m, dir)?);
@@ -109,53 +154,38 @@ pub fn merge(out: &Path, parts: &[PathBuf]) -> Result<Manifest> {
             "two parts hold the same input; re-run every part with the same --part count".into(),
         ));
     }
+    Ok(records)
+}
 
-    if !crate::dataset_dir::is_empty_or_absent(out) {
-        return Err(DataError::Prepare(format!(
-            "{} is not empty; merge into a new folder",
-            out.display()
-        )));
-    }
-    let work = WorkDir::for_output(out, false)?;
-    if work.rename_to.is_none() {
-        return Err(DataError::Prepare(format!(
-            "{} is not empty; merge into a new folder",
-            out.display()
-        )));
-    }
-    let result = (|| {
-        let units_dir = work.dir.join(UNITS_DIR);
-        std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
-        for (dir, record) in &records {
-            for s in &record.shards {
-                for f in [&s.shard.tokens_file, &s.shard.docs_file] {
-                    link_or_copy(&dir.join(f), &work.dir.join(f))?;
-                }
+/// Writes the merged dataset into the work folder `dir`: every shard and unit record, the
+/// tokenizer and the manifest (the one a single prepare would have written).
+fn write_merged(
+    dir: &Path,
+    first: &Manifest,
+    tokenizer: &Path,
+    records: Vec<(PathBuf, UnitRecord)>,
+) -> Result<Manifest> {
+    let units_dir = dir.join(UNITS_DIR);
+    std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
+    for (part_dir, record) in &records {
+        for s in &record.shards {
+            for f in [&s.shard.tokens_file, &s.shard.docs_file] {
+                link_or_copy(&part_dir.join(f), &dir.join(f))?;
             }
-            save_record(&work.dir, record)?;
         }
-        link_or_copy(&tokenizer, &work.dir.join(&first.tokenizer.file))?;
-        let manifest = manifest_of(
-            first.tokenizer.clone(),
-            first.dtype,
-            first.validation_fraction,
-            first.max_shard_bytes,
-            records.into_iter().map(|r| r.1).collect(),
-            None,
-        );
-        manifest.save(&work.dir.join(MANIFEST_FILE))?;
-        Ok(manifest)
-    })();
-    match result {
-        Ok(manifest) => {
-            work.finish()?;
-            Ok(manifest)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&work.dir);
-            Err(e)
-        }
+        save_record(dir, record)?;
     }
+    link_or_copy(tokenizer, &dir.join(&first.tokenizer.file))?;
+    let manifest = manifest_of(
+        first.tokenizer.clone(),
+        first.dtype,
+        first.validation_fraction,
+        first.max_shard_bytes,
+        records.into_iter().map(|r| r.1).collect(),
+        None,
+    );
+    manifest.save(&dir.join(MANIFEST_FILE))?;
+    Ok(manifest)
 }
 
 /// The unit records of one part folder, each checked: its name is the one the part's manifest

@@ -34,7 +34,7 @@ use std::sync::Mutex;
 
 use rayon::prelude::*;
 
-use crate::manifest::{InputStats, Manifest, PartInfo, TokenDtype, MANIFEST_FILE};
+use crate::manifest::{InputStats, Manifest, PartInfo, TokenDtype, TokenizerInfo, MANIFEST_FILE};
 use crate::{DataError, Result};
 
 pub use crate::tokenize::PIECE_BYTES;
@@ -138,28 +138,8 @@ fn run_in(
         .iter()
         .map(|&u| unit_key(opts, &units[u], &info, dtype, &rates, &hash_of))
         .collect();
-    let units_dir = dir.join(UNITS_DIR);
-    std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
-    let mut records: Vec<Option<UnitRecord>> = selected
-        .iter()
-        .zip(&keys)
-        .map(|(&u, key)| reusable(dir, &units[u], key, dtype, &rates))
-        .collect();
-    let reused = records.iter().filter(|r| r.is_some()).count();
-    progress(&PrepareEvent::Encoding {
-        units: selected.len(),
-        reused,
-    });
-    for (record, &u) in records.iter().zip(selected) {
-        if let Some(r) = record {
-            progress(&PrepareEvent::UnitDone {
-                unit: units[u].name.clone(),
-                bytes: units[u].bytes,
-                tokens: r.shards.iter().map(|s| s.shard.counts.tokens).sum(),
-                reused: true,
-            });
-        }
-    }
+    let chosen: Vec<&Unit> = selected.iter().map(|&u| &units[u]).collect();
+    let mut records = reused_records(dir, &chosen, &keys, dtype, &rates, progress)?;
 
     // A second round re-encodes the units of sources whose validation split fell short of
     // --min-validation-tokens, at the share that brings them up to it.
@@ -170,7 +150,7 @@ fn run_in(
     for round in 0..2 {
         let todo: Vec<(usize, &Unit, &str)> = redo
             .iter()
-            .map(|&i| (i, &units[selected[i]], keys[i].as_str()))
+            .map(|&i| (i, chosen[i], keys[i].as_str()))
             .collect();
         let encoder = Encoder {
             opts,
@@ -207,10 +187,59 @@ fn run_in(
             break;
         }
         for &i in &redo {
-            keys[i] = unit_key(opts, &units[selected[i]], &info, dtype, &rates, &hash_of);
+            keys[i] = unit_key(opts, chosen[i], &info, dtype, &rates, &hash_of);
         }
     }
     let records: Vec<UnitRecord> = records.into_iter().flatten().collect();
+    let manifest = save_manifest(opts, dir, units, info, dtype, records)?;
+    Ok((manifest, written.len()))
+}
+
+/// The records of `units` (the selected ones, with their `keys`) a previous run left intact,
+/// reported as reused; None for each unit still to encode.
+fn reused_records(
+    dir: &Path,
+    units: &[&Unit],
+    keys: &[String],
+    dtype: TokenDtype,
+    rates: &Rates,
+    progress: &(dyn Fn(&PrepareEvent) + Sync),
+) -> Result<Vec<Option<UnitRecord>>> {
+    let units_dir = dir.join(UNITS_DIR);
+    std::fs::create_dir_all(&units_dir).map_err(|e| DataError::io(&units_dir, e))?;
+    let records: Vec<Option<UnitRecord>> = units
+        .iter()
+        .zip(keys)
+        .map(|(unit, key)| reusable(dir, unit, key, dtype, rates))
+        .collect();
+    let reused = records.iter().filter(|r| r.is_some()).count();
+    progress(&PrepareEvent::Encoding {
+        units: units.len(),
+        reused,
+    });
+    for (record, unit) in records.iter().zip(units) {
+        if let Some(r) = record {
+            progress(&PrepareEvent::UnitDone {
+                unit: unit.name.clone(),
+                bytes: unit.bytes,
+                tokens: r.shards.iter().map(|s| s.shard.counts.tokens).sum(),
+                reused: true,
+            });
+        }
+    }
+    Ok(records)
+}
+
+/// Saves the manifest of `records` (a part's with what every part must agree on), then
+/// removes the shards and unit records it no longer lists. `units` are all the units.
+fn save_manifest(
+    opts: &PrepareOptions,
+    dir: &Path,
+    units: &[Unit],
+    info: TokenizerInfo,
+    dtype: TokenDtype,
+    records: Vec<UnitRecord>,
+) -> Result<Manifest> {
     let inputs: Vec<&InputStats> = records.iter().flat_map(|r| &r.inputs).collect();
     // A part may hold no document (or no unit) while the corpus has plenty: merge checks.
     if opts.part.is_none() && inputs.iter().all(|s| s.documents == 0) {
@@ -226,5 +255,5 @@ fn run_in(
     let manifest = build_manifest(info, dtype, opts, records, part);
     manifest.save(&dir.join(MANIFEST_FILE))?;
     remove_unlisted(dir, &manifest, &names)?;
-    Ok((manifest, written.len()))
+    Ok(manifest)
 }
