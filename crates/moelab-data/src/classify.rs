@@ -17,9 +17,9 @@ use serde::Serialize;
 
 use crate::blend::Permutation;
 use crate::dataset::Dataset;
+use crate::hash::sha256_file;
 use crate::input::{self, Fields, Format, Limits, RecordReader, Skip};
 use crate::manifest::{ShardEntry, Split, TokenDtype};
-use crate::util::sha256_file;
 use crate::walk::{Entry, Walker};
 use crate::{DataError, Result};
 use moelab_io::rng::mix64;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::batch::Batch;
+use crate::hash::Hasher;
 use crate::manifest::{Counts, Manifest, ShardEntry, Split, TokenDtype, MANIFEST_FILE};
-use crate::stream::Batch;
-use crate::util::Hasher;
 use crate::{DataError, Result};
 
 /// A read-only view of one shard's token file.
@@ -204,7 +204,7 @@ impl Dataset {
     /// names the first bad file and the token and document offset of the first bad id.
     pub fn verify(&self) -> Result<()> {
         let tokenizer = self.tokenizer_path();
-        let hash = crate::util::sha256_file(&tokenizer)?;
+        let hash = crate::hash::sha256_file(&tokenizer)?;
         if hash != self.manifest.tokenizer.sha256 {
             return Err(DataError::Manifest {
                 path: self.dir.join(MANIFEST_FILE),
@@ -580,7 +580,7 @@ fn verify_shard(dir: &Path, manifest: &Manifest, shard: &ShardEntry) -> Result<(
         }
         previous = end;
     }
-    let got = crate::util::sha256_hex(&index);
+    let got = crate::hash::sha256_hex(&index);
     if got != shard.docs_sha256 {
         return Err(DataError::CorruptShard {
             path: docs_path.clone(),

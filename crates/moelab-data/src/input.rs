@@ -322,7 +322,59 @@ pub(crate) fn parse(
     fields: &Fields,
     fixed: Option<&(String, String)>,
 ) -> std::result::Result<ParsedDoc, Rejected> {
-    let (text, domain, source) = match raw {
+    let (text, domain, source) = record_strings(raw, fields, fixed)?;
+    if text.trim().is_empty() {
+        return Err((Skip::Empty, "empty document".to_string()).into());
+    }
+    let (domain, source) = match fixed {
+        Some((d, s)) => (d.clone(), s.clone()),
+        None => {
+            let domain = domain.ok_or_else(|| {
+                Rejected::from((
+                    Skip::NoDomain,
+                    format!("no string field `{}` (the domain)", fields.domain.0),
+                ))
+            })?;
+            let source = source.unwrap_or_else(|| "default".into());
+            if !is_name(&domain, false) {
+                return Err((
+                    Skip::BadName,
+                    format!(
+                        "domain `{}` may use only letters, digits, '_', '-' and '.', at most {MAX_NAME_BYTES} of them",
+                        short(&domain)
+                    ),
+                )
+                    .into());
+            }
+            if !is_name(&source, true) {
+                return Err((
+                    Skip::BadName,
+                    format!(
+                        "source `{}` may use only letters, digits, '_', '-', '.' and '/' between at most \
+                         {MAX_SOURCE_PARTS} parts of at most {MAX_NAME_BYTES} bytes",
+                        short(&source)
+                    ),
+                )
+                    .into());
+            }
+            (domain, source)
+        }
+    };
+    Ok(ParsedDoc {
+        domain,
+        source,
+        text,
+    })
+}
+
+/// A record's text, and its domain and source as the record names them (None where absent,
+/// or where a folder fixes them).
+fn record_strings(
+    raw: RawRecord,
+    fields: &Fields,
+    fixed: Option<&(String, String)>,
+) -> std::result::Result<(String, Option<String>, Option<String>), Rejected> {
+    Ok(match raw {
         RawRecord::TooLong(bytes) => {
             return Err((
                 Skip::TooLong,
@@ -381,48 +433,6 @@ pub(crate) fn parse(
             })?;
             (text, domain, source)
         }
-    };
-    if text.trim().is_empty() {
-        return Err((Skip::Empty, "empty document".to_string()).into());
-    }
-    let (domain, source) = match fixed {
-        Some((d, s)) => (d.clone(), s.clone()),
-        None => {
-            let domain = domain.ok_or_else(|| {
-                Rejected::from((
-                    Skip::NoDomain,
-                    format!("no string field `{}` (the domain)", fields.domain.0),
-                ))
-            })?;
-            let source = source.unwrap_or_else(|| "default".into());
-            if !is_name(&domain, false) {
-                return Err((
-                    Skip::BadName,
-                    format!(
-                        "domain `{}` may use only letters, digits, '_', '-' and '.', at most {MAX_NAME_BYTES} of them",
-                        short(&domain)
-                    ),
-                )
-                    .into());
-            }
-            if !is_name(&source, true) {
-                return Err((
-                    Skip::BadName,
-                    format!(
-                        "source `{}` may use only letters, digits, '_', '-', '.' and '/' between at most \
-                         {MAX_SOURCE_PARTS} parts of at most {MAX_NAME_BYTES} bytes",
-                        short(&source)
-                    ),
-                )
-                    .into());
-            }
-            (domain, source)
-        }
-    };
-    Ok(ParsedDoc {
-        domain,
-        source,
-        text,
     })
 }
 

@@ -6,33 +6,37 @@
 //! tokens, exactly following the configured mixture, so a stream is reproducible, resumable
 //! from a [`StreamState`] of a few numbers, and sliceable across data-parallel ranks.
 
+pub mod batch;
 mod blend;
 pub mod classify;
 pub mod config;
 pub mod dataset;
 pub mod dataset_dir;
 mod error;
+mod hash;
 pub mod input;
 pub mod manifest;
+pub mod prefetch;
 pub mod prepare;
 mod shard;
 pub mod stream;
 mod tokenize;
-mod util;
 pub mod walk;
 
 use std::path::Path;
 
+pub use batch::Batch;
 pub use config::{DataConfig, StageConfig};
 pub use dataset::{Dataset, ValidationPlan};
 pub use error::{DataError, Result};
 pub use input::{FieldPath, Fields, Limits, SkipCounts};
 pub use manifest::{Manifest, TokenDtype};
+pub use prefetch::Prefetcher;
 pub use prepare::{
     merge, prepare, Part, PrepareEvent, PrepareOptions, PrepareReport, ShortValidation,
     TokenizerChoice,
 };
-pub use stream::{Batch, MixReport, MixtureStream, Prefetcher, StreamStage, StreamState};
+pub use stream::{MixReport, MixtureStream, StreamStage, StreamState};
 pub use walk::{LinkSkip, SkippedLink};
 
 /// Opens `cfg.dataset`, preparing it first from `cfg.sources` when it has no usable manifest

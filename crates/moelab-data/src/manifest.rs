@@ -277,7 +277,7 @@ impl Manifest {
     /// Hash of the manifest's content (identifies the dataset in stream fingerprints).
     pub fn content_hash(&self) -> String {
         // Hash the shard hashes and counts, not the JSON text, so reformatting does not matter.
-        let mut h = crate::util::Hasher::new();
+        let mut h = crate::hash::Hasher::new();
         h.update(self.tokenizer.sha256.as_bytes());
         for d in &self.domains {
             h.update(d.name.as_bytes());

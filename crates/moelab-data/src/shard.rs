@@ -8,8 +8,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use crate::hash::Hasher;
 use crate::manifest::{Counts, ShardEntry, Split, TokenDtype};
-use crate::util::Hasher;
 use crate::{DataError, Result};
 
 /// The shards of one (domain, source, split) of one unit: `{stem}.{NNNN}.tokens|.docs`.

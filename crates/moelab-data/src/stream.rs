@@ -6,59 +6,17 @@
 //! seeded permutation of that source's chunks of seq_len + 1 tokens.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::Batch;
 use crate::blend::{BlendStage, Blender, Permutation};
 use crate::config::DataConfig;
 use crate::dataset::Dataset;
-use crate::util::Hasher;
+use crate::hash::Hasher;
 use crate::{DataError, Result};
 use moelab_io::rng::mix64;
-
-/// A batch of sequences: inputs and next-token targets, row-major, with domain and source ids.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Batch {
-    /// `n_sequences * seq_len` input token ids.
-    pub tokens: Vec<u32>,
-    /// `n_sequences * seq_len` target ids (the next token of each input).
-    pub targets: Vec<u32>,
-    /// Domain id (index into [`Dataset::domains`]) per sequence.
-    pub domain_ids: Vec<u32>,
-    /// Source id (index into that domain's [`Dataset::sources`]) per sequence.
-    pub source_ids: Vec<u32>,
-    /// Number of sequences.
-    pub n_sequences: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-}
-
-impl Batch {
-    /// An empty batch with room for `n` sequences.
-    pub(crate) fn with_capacity(n: usize, seq_len: usize) -> Self {
-        Batch {
-            tokens: Vec::with_capacity(n * seq_len),
-            targets: Vec::with_capacity(n * seq_len),
-            domain_ids: Vec::with_capacity(n),
-            source_ids: Vec::with_capacity(n),
-            n_sequences: 0,
-            seq_len,
-        }
-    }
-
-    /// Appends one sequence from a chunk of seq_len + 1 tokens.
-    pub(crate) fn push(&mut self, chunk: &[u32], domain: u32, source: u32) {
-        let l = self.seq_len;
-        self.tokens.extend_from_slice(&chunk[..l]);
-        self.targets.extend_from_slice(&chunk[1..=l]);
-        self.domain_ids.push(domain);
-        self.source_ids.push(source);
-        self.n_sequences += 1;
-    }
-}
 
 /// The domain mixture in force from a global sequence on (shares normalised to sum 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,6 +326,8 @@ impl MixtureStream {
         Ok(stream)
     }
 
+    /// The stream of `stages` over `dataset`: source shares, the checks that every drawn
+    /// domain and source holds data, the `data.select` pools and the repetition limit.
     fn build(
         dataset: Arc<Dataset>,
         cfg: &DataConfig,
@@ -384,74 +344,8 @@ impl MixtureStream {
                     .collect()
             })
             .collect();
-        // Source shares per domain: given, or proportional to the training chunks.
-        let mut source_weights = Vec::with_capacity(n_domains);
-        let mut source_mixture = BTreeMap::new();
-        for name in cfg.source_mixture.keys() {
-            if dataset.domain_id(name).is_none() {
-                return Err(unknown("data.source_mixture", name, dataset.domains()));
-            }
-        }
-        for (d, domain) in dataset.domains().iter().enumerate() {
-            let names = dataset.sources(d);
-            let weights: Vec<f64> = match cfg.source_mixture.get(domain) {
-                Some(given) => {
-                    for name in given.keys() {
-                        if !names.contains(name) {
-                            return Err(DataError::config(
-                                format!("data.source_mixture.{domain}.{name}"),
-                                format!(
-                                    "unknown source of domain `{domain}`; it has: {}",
-                                    names.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                    names
-                        .iter()
-                        .map(|n| given.get(n).copied().unwrap_or(0.0))
-                        .collect()
-                }
-                None => chunks[d].iter().map(|&c| c as f64).collect(),
-            };
-            let weights = normalise(&weights);
-            source_mixture.insert(
-                domain.clone(),
-                names
-                    .iter()
-                    .zip(&weights)
-                    .filter(|(_, &w)| w > 0.0)
-                    .map(|(n, &w)| (n.clone(), w))
-                    .collect::<BTreeMap<_, _>>(),
-            );
-            source_weights.push(weights);
-        }
-        // Every domain and source that can be drawn must hold at least one chunk.
-        for stage in &stages {
-            for (name, &w) in &stage.mixture {
-                let Some(d) = dataset.domain_id(name) else {
-                    return Err(unknown("data.mixture", name, dataset.domains()));
-                };
-                if w <= 0.0 {
-                    continue;
-                }
-                for (s, &sw) in source_weights[d].iter().enumerate() {
-                    if sw > 0.0 && chunks[d][s] == 0 {
-                        return Err(DataError::Mixture(format!(
-                            "source {name}/{} has {} training tokens, fewer than one sequence of seq_len + 1 = {chunk}; \
-                             give it no share in data.source_mixture.{name} or add data",
-                            dataset.sources(d)[s],
-                            dataset.train_counts(d, s).tokens
-                        )));
-                    }
-                }
-                if source_weights[d].iter().all(|&sw| sw <= 0.0) {
-                    return Err(DataError::Mixture(format!(
-                        "domain `{name}` has no training data of seq_len + 1 = {chunk} tokens"
-                    )));
-                }
-            }
-        }
+        let (source_weights, source_mixture) = source_shares(&dataset, cfg, &chunks)?;
+        check_drawable(&dataset, &stages, &source_weights, &chunks, chunk)?;
         let blend_stages = stages
             .iter()
             .map(|s| BlendStage {
@@ -464,35 +358,7 @@ impl MixtureStream {
             })
             .collect();
         let source_pick = source_weights.iter().map(|w| source_pick(w)).collect();
-        let mut selection: Vec<Option<Selection>> = (0..n_domains).map(|_| None).collect();
-        for (name, sel) in &cfg.select {
-            let d = dataset
-                .domain_id(name)
-                .ok_or_else(|| unknown("data.select", name, dataset.domains()))?;
-            let given = cfg
-                .source_mixture
-                .contains_key(name)
-                .then_some(source_weights[d].as_slice());
-            let pools = build_selection(&dataset, d, sel, chunk, &chunks[d], given)?;
-            let drawn = stages
-                .iter()
-                .any(|st| st.mixture.get(name).is_some_and(|&w| w > 0.0));
-            if drawn && sel.share > 0.0 && pools.selected.is_empty() {
-                return Err(DataError::Mixture(format!(
-                    "data.select.{name}: no training chunk of `{name}` has {}; lower the threshold or the share",
-                    pools.label
-                )));
-            }
-            if drawn && sel.share < 1.0 && pools.rest_weights.iter().all(|&w| w <= 0.0) {
-                return Err(DataError::Mixture(format!(
-                    "data.select.{name}: every drawn training chunk of `{name}` has {}, none is left for \
-                     the other {:.2} of the domain; set share = 1.0 or raise the threshold",
-                    pools.label,
-                    1.0 - sel.share
-                )));
-            }
-            selection[d] = Some(pools);
-        }
+        let selection = selections(&dataset, cfg, &stages, &source_weights, &chunks)?;
         let stream = MixtureStream {
             fingerprint: fingerprint(&dataset, cfg, seed),
             domain_blender: Blender::new(n_domains, blend_stages),
@@ -507,9 +373,16 @@ impl MixtureStream {
             chunks,
             selection,
         };
+        stream.check_repetition(cfg)?;
+        Ok(stream)
+    }
+
+    /// `data.max_repetition` over `data.total_tokens`: no source may be read more often.
+    fn check_repetition(&self, cfg: &DataConfig) -> Result<()> {
+        let chunk = self.seq_len as u64 + 1;
         if let (Some(total), Some(max)) = (cfg.total_tokens, cfg.max_repetition) {
-            let over: Vec<String> = stream
-                .usage(total.div_ceil(seq_len as u64))
+            let over: Vec<String> = self
+                .usage(total.div_ceil(self.seq_len as u64))
                 .iter()
                 .filter(|u| u.epochs > max)
                 .map(|u| {
@@ -529,7 +402,7 @@ impl MixtureStream {
                 });
             }
         }
-        Ok(stream)
+        Ok(())
     }
 
     /// Tokens per sequence.
@@ -567,6 +440,31 @@ impl MixtureStream {
         if n == 0 {
             return Vec::new();
         }
+        let draws = self.draws(first, n);
+        // Per domain, the source draws needed form a short range: decode its sources once.
+        let n_domains = self.chunks.len();
+        let range = span(
+            n_domains,
+            draws.iter().filter_map(|&(d, draw)| match draw {
+                Draw::Sources(k) => Some((d as usize, k)),
+                Draw::Selected(_) => None,
+            }),
+        );
+        let mut sources: Vec<Vec<(u32, u64)>> = vec![Vec::new(); n_domains];
+        for d in 0..n_domains {
+            if let (Some((lo, hi)), SourcePick::Blend(b)) = (range[d], self.pick(d)) {
+                sources[d] = b.decode(lo, (hi - lo + 1) as usize);
+            }
+        }
+        draws
+            .iter()
+            .map(|&(d, draw)| self.slot(d, draw, &range, &sources))
+            .collect()
+    }
+
+    /// The domain and the draw inside it of global sequences [first, first + n), n > 0: the
+    /// block shuffle, the domain blend and, under a selection, the pool blend.
+    fn draws(&self, first: u64, n: usize) -> Vec<(u32, Draw)> {
         let block = self.shuffle_block;
         let last = first + n as u64 - 1;
         let (b0, b1) = (first / block, last / block);
@@ -581,31 +479,22 @@ impl MixtureStream {
                 (b * block + perm.apply(p % block) - base) as usize
             })
             .collect();
-        // Per domain, the draws needed form a short range: decode its selection and sources
-        // once.
+        // Per domain, the draws needed form a short range: decode its selection once.
         let n_domains = self.chunks.len();
-        let span = |values: &mut dyn Iterator<Item = (usize, u64)>| {
-            let mut range: Vec<Option<(u64, u64)>> = vec![None; n_domains];
-            for (d, k) in values {
-                let r = &mut range[d];
-                *r = Some(match *r {
-                    None => (k, k),
-                    Some((lo, hi)) => (lo.min(k), hi.max(k)),
-                });
-            }
-            range
-        };
-        let domain_range = span(&mut positions.iter().map(|&i| {
-            let (d, k) = blended[i];
-            (d as usize, k)
-        }));
+        let domain_range = span(
+            n_domains,
+            positions.iter().map(|&i| {
+                let (d, k) = blended[i];
+                (d as usize, k)
+            }),
+        );
         let mut picks: Vec<Vec<(u32, u64)>> = vec![Vec::new(); n_domains];
         for d in 0..n_domains {
             if let (Some((lo, hi)), Some(sel)) = (domain_range[d], &self.selection[d]) {
                 picks[d] = sel.blender.decode(lo, (hi - lo + 1) as usize);
             }
         }
-        let draws: Vec<(u32, Draw)> = positions
+        positions
             .iter()
             .map(|&i| {
                 let (d, k) = blended[i];
@@ -621,63 +510,58 @@ impl MixtureStream {
                 };
                 (d, draw)
             })
-            .collect();
-        let range = span(&mut draws.iter().filter_map(|&(d, draw)| match draw {
-            Draw::Sources(k) => Some((d as usize, k)),
-            Draw::Selected(_) => None,
-        }));
-        let mut sources: Vec<Vec<(u32, u64)>> = vec![Vec::new(); n_domains];
-        for d in 0..n_domains {
-            if let (Some((lo, hi)), SourcePick::Blend(b)) = (range[d], self.pick(d)) {
-                sources[d] = b.decode(lo, (hi - lo + 1) as usize);
-            }
-        }
+            .collect()
+    }
+
+    /// The chunk of one draw of domain `d`: from the selected pool, or from a source (picked
+    /// from `sources`, decoded from draw `range[d].0` on) through its seeded chunk permutation.
+    fn slot(
+        &self,
+        d: u32,
+        draw: Draw,
+        range: &[Option<(u64, u64)>],
+        sources: &[Vec<(u32, u64)>],
+    ) -> Slot {
         let chunk = self.seq_len as u64 + 1;
-        draws
-            .iter()
-            .map(|&(d, draw)| {
-                let selection = self.selection[d as usize].as_ref();
-                let k = match draw {
-                    Draw::Selected(m) => {
-                        let pool = selection.map_or(&[][..], |sel| sel.selected.as_slice());
-                        let n = pool.len().max(1) as u64;
-                        let key = mix64(mix64(self.seed ^ 0x5e1e_c7ed) ^ u64::from(d)) ^ (m / n);
-                        let (s, c) = pool
-                            .get(Permutation::new(n, key).apply(m % n) as usize)
-                            .copied()
-                            .unwrap_or((0, 0));
-                        return Slot {
-                            domain: d,
-                            source: s,
-                            token_start: c * chunk,
-                            selected: true,
-                        };
-                    }
-                    Draw::Sources(k) => k,
-                };
-                let (s, m) = match self.pick(d as usize) {
-                    SourcePick::Only(s) => (*s as u32, k),
-                    SourcePick::Blend(_) => {
-                        let lo = range[d as usize].map_or(0, |r| r.0);
-                        sources[d as usize][(k - lo) as usize]
-                    }
-                };
-                let rest = selection.map(|sel| sel.rest[s as usize].as_slice());
-                let n_chunks = rest.map_or(self.chunks[d as usize][s as usize], |r| r.len() as u64);
-                let epoch = m / n_chunks.max(1);
-                let key =
-                    mix64(mix64(mix64(self.seed ^ 0xc4a2_5eed) ^ u64::from(d)) ^ u64::from(s))
-                        ^ epoch;
-                let p = Permutation::new(n_chunks, key).apply(m % n_chunks.max(1));
-                let c = rest.map_or(p, |r| r.get(p as usize).copied().unwrap_or(0));
-                Slot {
+        let selection = self.selection[d as usize].as_ref();
+        let k = match draw {
+            Draw::Selected(m) => {
+                let pool = selection.map_or(&[][..], |sel| sel.selected.as_slice());
+                let n = pool.len().max(1) as u64;
+                let key = mix64(mix64(self.seed ^ 0x5e1e_c7ed) ^ u64::from(d)) ^ (m / n);
+                let (s, c) = pool
+                    .get(Permutation::new(n, key).apply(m % n) as usize)
+                    .copied()
+                    .unwrap_or((0, 0));
+                return Slot {
                     domain: d,
                     source: s,
                     token_start: c * chunk,
-                    selected: false,
-                }
-            })
-            .collect()
+                    selected: true,
+                };
+            }
+            Draw::Sources(k) => k,
+        };
+        let (s, m) = match self.pick(d as usize) {
+            SourcePick::Only(s) => (*s as u32, k),
+            SourcePick::Blend(_) => {
+                let lo = range[d as usize].map_or(0, |r| r.0);
+                sources[d as usize][(k - lo) as usize]
+            }
+        };
+        let rest = selection.map(|sel| sel.rest[s as usize].as_slice());
+        let n_chunks = rest.map_or(self.chunks[d as usize][s as usize], |r| r.len() as u64);
+        let epoch = m / n_chunks.max(1);
+        let key =
+            mix64(mix64(mix64(self.seed ^ 0xc4a2_5eed) ^ u64::from(d)) ^ u64::from(s)) ^ epoch;
+        let p = Permutation::new(n_chunks, key).apply(m % n_chunks.max(1));
+        let c = rest.map_or(p, |r| r.get(p as usize).copied().unwrap_or(0));
+        Slot {
+            domain: d,
+            source: s,
+            token_start: c * chunk,
+            selected: false,
+        }
     }
 
     /// How domain `d` picks the source of a draw (from the rest, under a selection).
@@ -1057,71 +941,149 @@ fn fingerprint(dataset: &Dataset, cfg: &DataConfig, seed: u64) -> String {
     hex
 }
 
-/// Background prefetch of consecutive global batches starting at `start_step`.
-pub struct Prefetcher {
-    receiver: Option<Receiver<Result<Batch>>>,
-    worker: Option<JoinHandle<()>>,
+/// Source shares by domain name, then source name.
+type SourceMixture = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// Source shares per domain (by source id, normalised): given in `data.source_mixture`, or
+/// proportional to the training chunks; and the positive ones by name, as a state records them.
+fn source_shares(
+    dataset: &Dataset,
+    cfg: &DataConfig,
+    chunks: &[Vec<u64>],
+) -> Result<(Vec<Vec<f64>>, SourceMixture)> {
+    let n_domains = dataset.domains().len();
+    let mut source_weights = Vec::with_capacity(n_domains);
+    let mut source_mixture = BTreeMap::new();
+    for name in cfg.source_mixture.keys() {
+        if dataset.domain_id(name).is_none() {
+            return Err(unknown("data.source_mixture", name, dataset.domains()));
+        }
+    }
+    for (d, domain) in dataset.domains().iter().enumerate() {
+        let names = dataset.sources(d);
+        let weights: Vec<f64> = match cfg.source_mixture.get(domain) {
+            Some(given) => {
+                for name in given.keys() {
+                    if !names.contains(name) {
+                        return Err(DataError::config(
+                            format!("data.source_mixture.{domain}.{name}"),
+                            format!(
+                                "unknown source of domain `{domain}`; it has: {}",
+                                names.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                names
+                    .iter()
+                    .map(|n| given.get(n).copied().unwrap_or(0.0))
+                    .collect()
+            }
+            None => chunks[d].iter().map(|&c| c as f64).collect(),
+        };
+        let weights = normalise(&weights);
+        source_mixture.insert(
+            domain.clone(),
+            names
+                .iter()
+                .zip(&weights)
+                .filter(|(_, &w)| w > 0.0)
+                .map(|(n, &w)| (n.clone(), w))
+                .collect::<BTreeMap<_, _>>(),
+        );
+        source_weights.push(weights);
+    }
+    Ok((source_weights, source_mixture))
 }
 
-impl Prefetcher {
-    /// Starts a thread that keeps up to `depth` of this rank's batches ready, in step order.
-    pub fn new(
-        stream: Arc<MixtureStream>,
-        start_step: u64,
-        global_sequences: usize,
-        rank: usize,
-        world: usize,
-        depth: usize,
-    ) -> Self {
-        let (sender, receiver) = sync_channel(depth.max(1));
-        let worker = std::thread::Builder::new()
-            .name("moelab-prefetch".into())
-            .spawn(move || {
-                let mut step = start_step;
-                loop {
-                    let batch = stream.rank_batch(step, global_sequences, rank, world);
-                    let failed = batch.is_err();
-                    // A closed channel means the consumer is gone: stop quietly.
-                    if sender.send(batch).is_err() || failed {
-                        return;
-                    }
-                    step += 1;
+/// Every domain and source that can be drawn must hold at least one chunk of `chunk` tokens.
+fn check_drawable(
+    dataset: &Dataset,
+    stages: &[StreamStage],
+    source_weights: &[Vec<f64>],
+    chunks: &[Vec<u64>],
+    chunk: u64,
+) -> Result<()> {
+    for stage in stages {
+        for (name, &w) in &stage.mixture {
+            let Some(d) = dataset.domain_id(name) else {
+                return Err(unknown("data.mixture", name, dataset.domains()));
+            };
+            if w <= 0.0 {
+                continue;
+            }
+            for (s, &sw) in source_weights[d].iter().enumerate() {
+                if sw > 0.0 && chunks[d][s] == 0 {
+                    return Err(DataError::Mixture(format!(
+                        "source {name}/{} has {} training tokens, fewer than one sequence of seq_len + 1 = {chunk}; \
+                         give it no share in data.source_mixture.{name} or add data",
+                        dataset.sources(d)[s],
+                        dataset.train_counts(d, s).tokens
+                    )));
                 }
-            });
-        match worker {
-            Ok(handle) => Prefetcher {
-                receiver: Some(receiver),
-                worker: Some(handle),
-            },
-            Err(e) => {
-                // No thread: hand the error to the consumer as the first item.
-                let (sender, receiver) = sync_channel(1);
-                let _ = sender.send(Err(DataError::Argument(format!(
-                    "cannot start the prefetch thread: {e}"
-                ))));
-                Prefetcher {
-                    receiver: Some(receiver),
-                    worker: None,
-                }
+            }
+            if source_weights[d].iter().all(|&sw| sw <= 0.0) {
+                return Err(DataError::Mixture(format!(
+                    "domain `{name}` has no training data of seq_len + 1 = {chunk} tokens"
+                )));
             }
         }
     }
+    Ok(())
 }
 
-impl Iterator for Prefetcher {
-    type Item = Result<Batch>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.receiver.as_ref()?.recv().ok()
-    }
-}
-
-impl Drop for Prefetcher {
-    fn drop(&mut self) {
-        // Closing the channel first unblocks the worker's send, so the join cannot hang.
-        self.receiver.take();
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
+/// Per domain, its `data.select` pools (None without a selection); a drawn selection must
+/// leave both pools something to draw.
+fn selections(
+    dataset: &Dataset,
+    cfg: &DataConfig,
+    stages: &[StreamStage],
+    source_weights: &[Vec<f64>],
+    chunks: &[Vec<u64>],
+) -> Result<Vec<Option<Selection>>> {
+    let chunk = cfg.seq_len as u64 + 1;
+    let mut selection: Vec<Option<Selection>> =
+        (0..dataset.domains().len()).map(|_| None).collect();
+    for (name, sel) in &cfg.select {
+        let d = dataset
+            .domain_id(name)
+            .ok_or_else(|| unknown("data.select", name, dataset.domains()))?;
+        let given = cfg
+            .source_mixture
+            .contains_key(name)
+            .then_some(source_weights[d].as_slice());
+        let pools = build_selection(dataset, d, sel, chunk, &chunks[d], given)?;
+        let drawn = stages
+            .iter()
+            .any(|st| st.mixture.get(name).is_some_and(|&w| w > 0.0));
+        if drawn && sel.share > 0.0 && pools.selected.is_empty() {
+            return Err(DataError::Mixture(format!(
+                "data.select.{name}: no training chunk of `{name}` has {}; lower the threshold or the share",
+                pools.label
+            )));
         }
+        if drawn && sel.share < 1.0 && pools.rest_weights.iter().all(|&w| w <= 0.0) {
+            return Err(DataError::Mixture(format!(
+                "data.select.{name}: every drawn training chunk of `{name}` has {}, none is left for \
+                 the other {:.2} of the domain; set share = 1.0 or raise the threshold",
+                pools.label,
+                1.0 - sel.share
+            )));
+        }
+        selection[d] = Some(pools);
     }
+    Ok(selection)
+}
+
+/// Per domain (of `n_domains`), the lowest and highest draw among `values` of (domain, draw).
+fn span(n_domains: usize, values: impl Iterator<Item = (usize, u64)>) -> Vec<Option<(u64, u64)>> {
+    let mut range: Vec<Option<(u64, u64)>> = vec![None; n_domains];
+    for (d, k) in values {
+        let r = &mut range[d];
+        *r = Some(match *r {
+            None => (k, k),
+            Some((lo, hi)) => (lo.min(k), hi.max(k)),
+        });
+    }
+    range
 }

@@ -1,4 +1,5 @@
-//! Small helpers: hashing (atomic writes and the seeded mixing `mix64` live in `moelab_io`).
+//! Hashing: incremental sha256 with hex digests, of bytes and of whole files (atomic writes
+//! and the seeded mixing `mix64` live in `moelab_io`).
 
 use std::path::Path;
 
