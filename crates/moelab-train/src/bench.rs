@@ -138,42 +138,16 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
             n_sequences: sequences,
             seq_len,
         };
-        device.synchronize()?;
-        let start = Instant::now();
-        // Time spent in each phase, summed over the step's micro-batches.
-        let mut spent = [0f64; 3];
-        let mut last_mark = 0f64;
-        let mut failure = None;
-        let mut on_phase = |phase: Phase| {
-            if let Err(e) = device.synchronize() {
-                failure = Some(e);
-            }
-            let slot = match phase {
-                Phase::Forward => 0,
-                Phase::Backward => 1,
-                Phase::Optimizer => 2,
-            };
-            let now = start.elapsed().as_secs_f64();
-            spent[slot] += now - last_mark;
-            last_mark = now;
-            match device_memory_used(&device) {
-                Ok(used) => peak_memory = peak_memory.max(used),
-                Err(TrainError::Candle(e)) => failure = Some(e),
-                Err(e) => failure = Some(candle_core::Error::Msg(e.to_string())),
-            }
-        };
-        let outcome = learner.step(
+        let (spent, loss) = timed_step(
+            &mut learner,
+            &device,
             &batch,
             step as u64,
             cfg.train.lr,
-            &crate::dist::Single,
             &mut router_log,
-            &mut on_phase,
+            &mut peak_memory,
         )?;
-        if let Some(e) = failure {
-            return Err(e.into());
-        }
-        last_loss = outcome.loss;
+        last_loss = loss;
         if step >= options.warmup {
             times.push(spent);
         }
@@ -219,6 +193,55 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         params_active: info.active_params,
         last_loss,
     })
+}
+
+/// One training step of the learner, timed per phase (forward, backward, optimizer; summed
+/// over its micro-batches, the device synchronised at each mark); raises `peak_memory` to the
+/// most the device used at a mark. Returns the phase times and the step's loss.
+fn timed_step(
+    learner: &mut Learner,
+    device: &Device,
+    batch: &Batch,
+    step: u64,
+    lr: f64,
+    router_log: &mut RouterAccumulator,
+    peak_memory: &mut usize,
+) -> Result<([f64; 3], f64), TrainError> {
+    device.synchronize()?;
+    let start = Instant::now();
+    let mut spent = [0f64; 3];
+    let mut last_mark = 0f64;
+    let mut failure = None;
+    let mut on_phase = |phase: Phase| {
+        if let Err(e) = device.synchronize() {
+            failure = Some(e);
+        }
+        let slot = match phase {
+            Phase::Forward => 0,
+            Phase::Backward => 1,
+            Phase::Optimizer => 2,
+        };
+        let now = start.elapsed().as_secs_f64();
+        spent[slot] += now - last_mark;
+        last_mark = now;
+        match device_memory_used(device) {
+            Ok(used) => *peak_memory = (*peak_memory).max(used),
+            Err(TrainError::Candle(e)) => failure = Some(e),
+            Err(e) => failure = Some(candle_core::Error::Msg(e.to_string())),
+        }
+    };
+    let outcome = learner.step(
+        batch,
+        step,
+        lr,
+        &crate::dist::Single,
+        router_log,
+        &mut on_phase,
+    )?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    Ok((spent, outcome.loss))
 }
 
 impl BenchReport {
