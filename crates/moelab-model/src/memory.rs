@@ -52,6 +52,98 @@ pub struct MemoryEstimate {
     pub activation_terms: Vec<MemoryTerm>,
 }
 
+/// The activation bytes of one micro-batch of `b` sequences of `t` tokens, by what they hold
+/// (`c`: bytes per compute-dtype element; `mixed`: a compute dtype other than f32).
+fn activation_terms(
+    cfg: &ModelConfig,
+    b: Count,
+    t: Count,
+    c: Count,
+    mixed: bool,
+) -> [(&'static str, Count); 15] {
+    let u = Count::of;
+    let zero = Count::ZERO;
+    let n = b * t;
+    let (d, vocab) = (u(cfg.d_model), u(cfg.vocab_size));
+    let (heads, kv_heads) = (u(cfg.n_heads), u(cfg.kv_heads()));
+    let q_dim = heads * u(cfg.head_dim());
+    let kv_dim = kv_heads * u(cfg.head_dim());
+    let layers = u(cfg.n_layers);
+    let moe_layers = u(cfg.n_moe_layers());
+    let dense_layers = layers - moe_layers;
+    let moe = &cfg.moe;
+    let (experts, k, ff) = (u(moe.n_experts), u(moe.top_k), u(moe.expert_ff));
+    // (token, expert) assignments: dropless is the upper bound a capacity factor only lowers.
+    let assignments = n * k;
+    let shared_ff = u(moe.n_shared_experts) * ff;
+    let dense_ff = u(cfg.ffn_hidden.unwrap_or(0));
+    let stream = n * d * c;
+
+    let qk_norm_out = if cfg.qk_norm {
+        n * (q_dim + kv_dim) * c
+    } else {
+        zero
+    };
+    // Projections, their head-split copies, rotated q and k, the scaled q and, with grouped
+    // query heads, k and v expanded to every query head (the reshape copies).
+    let qkv_per_layer = 2 * n * (q_dim + 2 * kv_dim) * c
+        + n * (q_dim + kv_dim) * c
+        + n * q_dim * c
+        + if cfg.n_heads != cfg.kv_heads() {
+            2 * n * q_dim * c
+        } else {
+            zero
+        };
+    let shared_per_layer = if moe.n_shared_experts > 0 && moe.expert_ff > 0 {
+        4 * n * shared_ff * c + 2 * stream
+    } else {
+        zero
+    };
+    [
+        // The looked-up rows in the master dtype, and their compute-dtype cast.
+        ("embedding", n * d * F32 + if mixed { stream } else { zero }),
+        // attn_norm and ffn_norm outputs per block, plus the q/k norms' outputs.
+        ("norms", layers * (2 * stream + qk_norm_out)),
+        ("qkv", layers * qkv_per_layer),
+        // Our attention materialises the T x T scores and probabilities of every head.
+        ("attention_scores", layers * 2 * b * heads * t * t * c),
+        // probs @ v, the heads merged back (a copy) and o_proj.
+        ("attention_output", layers * (2 * n * q_dim * c + stream)),
+        // The two residual sums per block.
+        ("residual", layers * 2 * stream),
+        // Router in f32: its input cast, logits, exp for the z-loss, probabilities, and
+        // the chosen gates (gathered and renormalised).
+        (
+            "router",
+            moe_layers
+                * ((if mixed { n * d * F32 } else { zero })
+                    + 3 * n * experts * F32
+                    + 2 * n * k * F32),
+        ),
+        // The token rows permuted into expert order, one per assignment.
+        ("expert_inputs", moe_layers * assignments * d * c),
+        // gate, up, silu(gate) and the SwiGLU product for the k chosen experts.
+        ("expert_hidden", moe_layers * 4 * assignments * ff * c),
+        // Expert outputs, gated, then scattered back onto tokens (zeros + index_add).
+        (
+            "expert_outputs",
+            moe_layers * (2 * assignments * d * c + 2 * stream),
+        ),
+        // Always-active experts: a SwiGLU of width n_shared x expert_ff, and its sum.
+        ("shared_experts", moe_layers * shared_per_layer),
+        // Dense blocks' SwiGLU: gate, up, silu, product, and the output.
+        ("dense_ffn", dense_layers * (4 * n * dense_ff * c + stream)),
+        ("final_norm", stream),
+        // LM head output, and its f32 cast under mixed precision (losses run in f32).
+        (
+            "logits",
+            n * vocab * F32 + if mixed { n * vocab * c } else { zero },
+        ),
+        // The fused cross-entropy's backward materialises softmax(logits) - onehot.
+        ("cross_entropy", n * vocab * F32),
+    ]
+}
+
 impl MemoryEstimate {
     /// The estimate for training `cfg` on `micro_batch` sequences of `seq_len` tokens with
     /// activations in `compute_dtype` (f32 master weights and AdamW, as the trainer runs); an
@@ -68,85 +160,7 @@ impl MemoryEstimate {
         let c = u(compute_dtype.size_in_bytes());
         let mixed = compute_dtype.size_in_bytes() as u64 != F32;
         let (b, t) = (u(micro_batch), u(seq_len));
-        let n = b * t;
-        let (d, vocab) = (u(cfg.d_model), u(cfg.vocab_size));
-        let (heads, kv_heads) = (u(cfg.n_heads), u(cfg.kv_heads()));
-        let q_dim = heads * u(cfg.head_dim());
-        let kv_dim = kv_heads * u(cfg.head_dim());
-        let layers = u(cfg.n_layers);
-        let moe_layers = u(cfg.n_moe_layers());
-        let dense_layers = layers - moe_layers;
-        let moe = &cfg.moe;
-        let (experts, k, ff) = (u(moe.n_experts), u(moe.top_k), u(moe.expert_ff));
-        // (token, expert) assignments: dropless is the upper bound a capacity factor only lowers.
-        let assignments = n * k;
-        let shared_ff = u(moe.n_shared_experts) * ff;
-        let dense_ff = u(cfg.ffn_hidden.unwrap_or(0));
-        let stream = n * d * c;
-
-        let qk_norm_out = if cfg.qk_norm {
-            n * (q_dim + kv_dim) * c
-        } else {
-            zero
-        };
-        // Projections, their head-split copies, rotated q and k, the scaled q and, with grouped
-        // query heads, k and v expanded to every query head (the reshape copies).
-        let qkv_per_layer = 2 * n * (q_dim + 2 * kv_dim) * c
-            + n * (q_dim + kv_dim) * c
-            + n * q_dim * c
-            + if cfg.n_heads != cfg.kv_heads() {
-                2 * n * q_dim * c
-            } else {
-                zero
-            };
-        let shared_per_layer = if moe.n_shared_experts > 0 && moe.expert_ff > 0 {
-            4 * n * shared_ff * c + 2 * stream
-        } else {
-            zero
-        };
-        let terms = [
-            // The looked-up rows in the master dtype, and their compute-dtype cast.
-            ("embedding", n * d * F32 + if mixed { stream } else { zero }),
-            // attn_norm and ffn_norm outputs per block, plus the q/k norms' outputs.
-            ("norms", layers * (2 * stream + qk_norm_out)),
-            ("qkv", layers * qkv_per_layer),
-            // Our attention materialises the T x T scores and probabilities of every head.
-            ("attention_scores", layers * 2 * b * heads * t * t * c),
-            // probs @ v, the heads merged back (a copy) and o_proj.
-            ("attention_output", layers * (2 * n * q_dim * c + stream)),
-            // The two residual sums per block.
-            ("residual", layers * 2 * stream),
-            // Router in f32: its input cast, logits, exp for the z-loss, probabilities, and
-            // the chosen gates (gathered and renormalised).
-            (
-                "router",
-                moe_layers
-                    * ((if mixed { n * d * F32 } else { zero })
-                        + 3 * n * experts * F32
-                        + 2 * n * k * F32),
-            ),
-            // The token rows permuted into expert order, one per assignment.
-            ("expert_inputs", moe_layers * assignments * d * c),
-            // gate, up, silu(gate) and the SwiGLU product for the k chosen experts.
-            ("expert_hidden", moe_layers * 4 * assignments * ff * c),
-            // Expert outputs, gated, then scattered back onto tokens (zeros + index_add).
-            (
-                "expert_outputs",
-                moe_layers * (2 * assignments * d * c + 2 * stream),
-            ),
-            // Always-active experts: a SwiGLU of width n_shared x expert_ff, and its sum.
-            ("shared_experts", moe_layers * shared_per_layer),
-            // Dense blocks' SwiGLU: gate, up, silu, product, and the output.
-            ("dense_ffn", dense_layers * (4 * n * dense_ff * c + stream)),
-            ("final_norm", stream),
-            // LM head output, and its f32 cast under mixed precision (losses run in f32).
-            (
-                "logits",
-                n * vocab * F32 + if mixed { n * vocab * c } else { zero },
-            ),
-            // The fused cross-entropy's backward materialises softmax(logits) - onehot.
-            ("cross_entropy", n * vocab * F32),
-        ];
+        let terms = activation_terms(cfg, b, t, c, mixed);
         let mut activation_terms = Vec::with_capacity(terms.len());
         for (name, bytes) in terms {
             activation_terms.push(MemoryTerm {
@@ -319,6 +333,91 @@ fn ring_bytes(bytes: u64, ranks: u64) -> crate::Result<u64> {
     Ok(Checked::mul("gradient exchange", &[2, bytes, ranks - 1])? / ranks)
 }
 
+/// Refuses a layout whose G does not divide N and the expert count, or whose micro-batches do
+/// not split evenly over the ranks.
+fn check_layout(experts: u64, parallelism: Parallelism) -> crate::Result<()> {
+    let Parallelism {
+        ranks,
+        expert_parallel: g,
+        micro_batches_per_step,
+        ..
+    } = parallelism;
+    let bad = |reason: String| ModelError::Config {
+        key: "dist.expert_parallel".into(),
+        reason,
+    };
+    if ranks == 0 || g == 0 {
+        return Err(bad(format!(
+            "--ranks {ranks} and --expert-parallel {g} must be at least 1"
+        )));
+    }
+    if !ranks.is_multiple_of(g) || !experts.is_multiple_of(g) {
+        return Err(bad(format!(
+            "--expert-parallel {g} must divide --ranks {ranks} and model.moe.n_experts = {experts}"
+        )));
+    }
+    if micro_batches_per_step == 0 || !micro_batches_per_step.is_multiple_of(ranks) {
+        return Err(ModelError::Config {
+            key: "train.global_batch_tokens".into(),
+            reason: format!(
+                "its {micro_batches_per_step} micro-batches per step do not split evenly over --ranks {ranks}; make it a multiple of {ranks} x train.micro_batch x data.seq_len"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Under expert parallelism G > 1: the all-to-all buffers one rank holds, the worst case's
+/// extra bytes (every token routed to one rank's experts) and the bytes exchanged per step.
+fn all_to_all(
+    cfg: &ModelConfig,
+    memory: &MemoryEstimate,
+    g: u64,
+    micro_batches_per_rank: u64,
+    c: u64,
+) -> crate::Result<(u64, u64, u64)> {
+    let experts = cfg.moe.n_experts as u64;
+    let moe_layers = cfg.n_moe_layers() as u64;
+    let rows = Checked::mul(
+        "expert rows",
+        &[memory.micro_batch, memory.seq_len, cfg.moe.top_k as u64],
+    )?;
+    let row_bytes = Checked::mul("expert rows", &[rows, cfg.d_model as u64, c])?;
+    let copies = if experts / g > 1 { 4 } else { 2 };
+    let buffers = Checked::mul("all-to-all buffers", &[moe_layers, copies, row_bytes])?;
+    let expert_terms: u64 = memory
+        .activation_terms
+        .iter()
+        .filter(|t| t.name.starts_with("expert_"))
+        .map(|t| t.bytes)
+        .sum();
+    let worst = Checked::mul(
+        "worst case",
+        &[g - 1, Checked::add("worst case", &[expert_terms, buffers])?],
+    )?;
+    let wire = Checked::mul(
+        "all-to-all volume",
+        &[
+            rows,
+            cfg.d_model as u64,
+            F32,
+            4,
+            moe_layers,
+            micro_batches_per_rank,
+            g - 1,
+        ],
+    )? / g;
+    let counts = Checked::mul(
+        "count exchange",
+        &[moe_layers, micro_batches_per_rank, experts, 8],
+    )?;
+    Ok((
+        buffers,
+        worst,
+        Checked::add("all-to-all volume", &[wire, counts])?,
+    ))
+}
+
 impl ParallelPlan {
     /// The plan for `cfg` (whose counts are `info` and one-rank memory `memory`) under
     /// `parallelism`; refuses a layout whose G does not divide N and the expert count.
@@ -334,29 +433,8 @@ impl ParallelPlan {
             shard_optimizer,
             micro_batches_per_step,
         } = parallelism;
+        check_layout(cfg.moe.n_experts as u64, parallelism)?;
         let experts = cfg.moe.n_experts as u64;
-        let bad = |reason: String| ModelError::Config {
-            key: "dist.expert_parallel".into(),
-            reason,
-        };
-        if ranks == 0 || g == 0 {
-            return Err(bad(format!(
-                "--ranks {ranks} and --expert-parallel {g} must be at least 1"
-            )));
-        }
-        if !ranks.is_multiple_of(g) || !experts.is_multiple_of(g) {
-            return Err(bad(format!(
-                "--expert-parallel {g} must divide --ranks {ranks} and model.moe.n_experts = {experts}"
-            )));
-        }
-        if micro_batches_per_step == 0 || !micro_batches_per_step.is_multiple_of(ranks) {
-            return Err(ModelError::Config {
-                key: "train.global_batch_tokens".into(),
-                reason: format!(
-                    "its {micro_batches_per_step} micro-batches per step do not split evenly over --ranks {ranks}; make it a multiple of {ranks} x train.micro_batch x data.seq_len"
-                ),
-            });
-        }
         let micro_batches_per_rank = micro_batches_per_step / ranks;
         let routed = info
             .components
@@ -385,46 +463,8 @@ impl ParallelPlan {
         } else {
             0
         };
-        let moe_layers = cfg.n_moe_layers() as u64;
-        let rows = Checked::mul(
-            "expert rows",
-            &[memory.micro_batch, memory.seq_len, cfg.moe.top_k as u64],
-        )?;
-        let row_bytes = Checked::mul("expert rows", &[rows, cfg.d_model as u64, c])?;
         let (buffers, worst, volume) = if g > 1 {
-            let copies = if experts / g > 1 { 4 } else { 2 };
-            let buffers = Checked::mul("all-to-all buffers", &[moe_layers, copies, row_bytes])?;
-            let expert_terms: u64 = memory
-                .activation_terms
-                .iter()
-                .filter(|t| t.name.starts_with("expert_"))
-                .map(|t| t.bytes)
-                .sum();
-            let worst = Checked::mul(
-                "worst case",
-                &[g - 1, Checked::add("worst case", &[expert_terms, buffers])?],
-            )?;
-            let wire = Checked::mul(
-                "all-to-all volume",
-                &[
-                    rows,
-                    cfg.d_model as u64,
-                    F32,
-                    4,
-                    moe_layers,
-                    micro_batches_per_rank,
-                    g - 1,
-                ],
-            )? / g;
-            let counts = Checked::mul(
-                "count exchange",
-                &[moe_layers, micro_batches_per_rank, experts, 8],
-            )?;
-            (
-                buffers,
-                worst,
-                Checked::add("all-to-all volume", &[wire, counts])?,
-            )
+            all_to_all(cfg, memory, g, micro_batches_per_rank, c)?
         } else {
             (0, 0, 0)
         };
