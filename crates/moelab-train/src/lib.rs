@@ -31,4 +31,6 @@ pub use error::TrainError;
 pub use eval::{evaluate_checkpoint, EvalReport};
 pub use run::{RunDir, RunLock};
 pub use trace_checkpoint::{trace_checkpoint, TraceOptions};
-pub use trainer::{train, train_on, Event, Resume, RunOptions, StepMetrics, Summary, Trainer};
+pub use trainer::{
+    train, train_on, Event, RankLayout, Resume, RunOptions, StepMetrics, Summary, Trainer,
+};

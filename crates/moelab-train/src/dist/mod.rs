@@ -8,6 +8,7 @@
 //! reduced values.
 
 pub mod data_parallel;
+pub mod ep_state;
 pub mod expert_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;

@@ -19,6 +19,7 @@ use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
 use moelab_model::ModelInfo;
 
 use crate::config::DeviceKind;
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport};
 use crate::interrupt;
@@ -75,6 +76,8 @@ pub enum Event {
         /// checkpoint than the run's newest).
         set_aside: Option<PathBuf>,
     },
+    /// What each rank of a job of several holds (measured, gathered from every rank).
+    Layout(Vec<RankLayout>),
     /// A logged step.
     Step(StepMetrics),
     /// A step whose loss or gradient was not finite; its update was skipped.
@@ -88,6 +91,19 @@ pub enum Event {
     Eval(EvalReport),
     /// A checkpoint was written.
     Checkpoint(PathBuf),
+}
+
+/// What one rank of a job holds, as measured from its learner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankLayout {
+    /// The rank.
+    pub rank: usize,
+    /// The global ids of the routed experts it holds of every MoE layer.
+    pub experts: std::ops::Range<usize>,
+    /// Bytes of trainable parameters it holds.
+    pub parameter_bytes: u64,
+    /// Bytes of optimizer state it holds.
+    pub optimizer_bytes: u64,
 }
 
 /// How a run ended.
@@ -144,6 +160,9 @@ pub struct Trainer {
     checkpointer: Checkpointer,
     metrics: MetricsLogger,
     router_log: RouterAccumulator,
+    /// Expert parallelism's groups, registered on this thread for the model's exchanges; kept
+    /// as long as the learner whose model uses them (dropped after it: fields drop in order).
+    _ep: Option<ExpertParallel>,
 }
 
 /// What [`Trainer::validate`] found valid, before anything is written.
@@ -199,9 +218,18 @@ impl Trainer {
                 return Err(e);
             }
         }
+        // The EP groups are split off the world before anything else is built (every rank
+        // calls it; a layout that does not divide is refused here, the same on every rank).
+        let ep = match expert_parallel(&cfg, comm_ref, &run_dir) {
+            Ok(ep) => ep,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
         let validated = dist::agree(
             comm_ref,
-            Self::validate(cfg, &options, run_dir, comm_ref, on_event),
+            Self::validate(cfg, &options, run_dir, comm_ref, ep.as_ref(), on_event),
         )
         .and_then(|v| check_ranks_agree(comm_ref, &v).map(|()| v));
         let validated = match validated {
@@ -229,6 +257,7 @@ impl Trainer {
             }
         };
         trainer._lock = lock;
+        trainer._ep = ep;
         on_event(&Event::Started {
             run_dir: trainer.run_dir.root().to_path_buf(),
             start_step: trainer.state.step,
@@ -236,6 +265,9 @@ impl Trainer {
             resumed_from,
             set_aside,
         });
+        if trainer.comm.world_size() > 1 {
+            on_event(&Event::Layout(trainer.rank_layouts()));
+        }
         Ok(trainer)
     }
 
@@ -246,16 +278,18 @@ impl Trainer {
         options: &RunOptions,
         run_dir: RunDir,
         comm: &dyn Collective,
+        ep: Option<&ExpertParallel>,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Validated, TrainError> {
         let resolved = cfg.to_toml();
         let resuming = options.resume.is_some();
         run_dir.check_usable(&resolved, resuming)?;
         check_divisible(&cfg, comm.world_size(), &run_dir)?;
+        check_layout(&cfg, comm.world_size(), &run_dir)?;
         set_threads(cfg.run.threads);
         let device = open_device(cfg.run.device, comm.local_rank())?;
         if !options.ignore_memory_check {
-            check_memory(&cfg, &device)?;
+            check_memory(&cfg, &device, comm.world_size())?;
         }
         let dataset = prepare_data(&cfg, on_event)?;
         if dataset.vocab_size() > cfg.model.vocab_size {
@@ -280,7 +314,10 @@ impl Trainer {
             crate::tasks::TokenizerCodec::open(&dataset.tokenizer_path())?;
         }
         let dataset = Arc::new(dataset);
-        let mut learner = Learner::new(&cfg, &device, comm)?;
+        let mut learner = match ep {
+            Some(ep) => Learner::new_expert_parallel(&cfg, &device, comm, ep)?,
+            None => Learner::new(&cfg, &device, comm)?,
+        };
         let resume = checkpoint_policy::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
         let (stream, state, resumed_from) = match resume {
@@ -400,8 +437,34 @@ impl Trainer {
             checkpointer,
             metrics,
             router_log,
+            _ep: None,
         };
         Ok((trainer, set_aside))
+    }
+
+    /// Every rank's experts, parameter and optimizer bytes (every rank must call it).
+    fn rank_layouts(&self) -> Vec<RankLayout> {
+        let experts = match &self._ep {
+            Some(ep) => ep.local_experts(),
+            None => 0..self.cfg.model.moe.n_experts,
+        };
+        let mine = [
+            experts.start as u64,
+            experts.end as u64,
+            self.learner.parameter_bytes() as u64,
+            self.learner.optimizer_state_bytes() as u64,
+        ];
+        self.comm
+            .all_gather_u64(&mine)
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(rank, v)| RankLayout {
+                rank,
+                experts: v[0] as usize..v[1] as usize,
+                parameter_bytes: v[2],
+                optimizer_bytes: v[3],
+            })
+            .collect()
     }
 
     /// Trains to `train.steps`, or until SIGINT/SIGTERM (which saves a checkpoint first).
@@ -610,6 +673,43 @@ fn check_divisible(cfg: &Config, world: usize, run_dir: &RunDir) -> Result<(), T
         });
     }
     Ok(())
+}
+
+/// Refuses a `dist.expert_parallel` that does not divide the world size or the expert count,
+/// or that meets a capacity factor, naming the numbers.
+fn check_layout(cfg: &Config, world: usize, run_dir: &RunDir) -> Result<(), TrainError> {
+    let refuse = |message: String| TrainError::Config {
+        path: run_dir.config(),
+        message,
+    };
+    cfg.dist
+        .check_layout(world, cfg.model.moe.n_experts)
+        .map_err(|reason| {
+            refuse(format!(
+                "invalid config key `dist.expert_parallel`: {reason}"
+            ))
+        })?;
+    if cfg.dist.expert_parallel > 1 && cfg.model.moe.capacity_factor.is_some() {
+        return Err(refuse(format!(
+            "invalid config key `model.moe.capacity_factor`: it cannot be combined with dist.expert_parallel = {} (capacity drops are planned over every expert's queue in one process); remove it or set dist.expert_parallel = 1",
+            cfg.dist.expert_parallel
+        )));
+    }
+    Ok(())
+}
+
+/// The EP groups of this rank when `dist.expert_parallel` > 1 (every rank calls it: the world
+/// is split twice), after the layout checks.
+fn expert_parallel(
+    cfg: &Config,
+    comm: &dyn Collective,
+    run_dir: &RunDir,
+) -> Result<Option<ExpertParallel>, TrainError> {
+    if cfg.dist.expert_parallel <= 1 {
+        return Ok(None);
+    }
+    check_layout(cfg, comm.world_size(), run_dir)?;
+    ExpertParallel::new(comm, cfg.dist.expert_parallel, cfg.model.moe.n_experts).map(Some)
 }
 
 /// Checks that every rank has the same resolved config, dataset and resume step (a rank
