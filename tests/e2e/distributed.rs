@@ -299,6 +299,36 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
 }
 
 #[test]
+fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() {
+    // Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
+    let settings = [SETTINGS, &["train.micro_batch=2"]].concat();
+    let fx = Fixture::new("dist-ep4", &settings);
+    ok(&fx.train("one", &[]));
+    let out = run_mpi(
+        &fx,
+        4,
+        "ep",
+        &[
+            "--set",
+            "dist.expert_parallel=2",
+            "--set",
+            "train.shard_optimizer=true",
+        ],
+    );
+    ok(&out);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    for (rank, experts) in [(0, "0..2"), (1, "2..4"), (2, "0..2"), (3, "2..4")] {
+        assert!(
+            said.contains(&format!("rank {rank}: experts {experts} ")),
+            "{said}"
+        );
+    }
+    // Reduction order (the experts' rows, ZeRO-1's reduce-scatter) as above.
+    assert_runs_match(&fx.run_dir("one"), &fx.run_dir("ep"), 6, 1e-4);
+}
+
+#[test]
 fn a_global_batch_that_does_not_split_over_the_ranks_is_refused_on_every_rank() {
     let fx = Fixture::new("dist-split", SETTINGS);
     // 8 sequences per step, micro-batches of 4: 3 ranks cannot share them.
