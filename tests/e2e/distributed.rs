@@ -329,6 +329,45 @@ fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() 
 }
 
 #[test]
+fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
+    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=0"]].concat();
+    let fx = Fixture::new("dist-stop", &settings);
+    let mut job = mpirun(&fx, 2, "run", &["--set", "dist.timeout_s=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    let start = Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended early");
+        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let rank1 = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &rank1.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(signal("-STOP").success());
+    let stopped = Instant::now();
+    let out = job.wait_with_output().unwrap();
+    let waited = stopped.elapsed();
+    // mpirun ends the stopped rank with the job; in case it did not, do not leave it behind.
+    signal("-KILL");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("did not complete within dist.timeout_s = 2 s") && err.contains("rank 0 of 2"),
+        "{err}"
+    );
+    assert!(err.contains("the collective `"), "{err}");
+    assert!(waited < Duration::from_secs(60), "ended after {waited:?}");
+}
+
+#[test]
 fn a_global_batch_that_does_not_split_over_the_ranks_is_refused_on_every_rank() {
     let fx = Fixture::new("dist-split", SETTINGS);
     // 8 sequences per step, micro-batches of 4: 3 ranks cannot share them.

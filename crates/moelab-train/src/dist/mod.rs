@@ -14,6 +14,7 @@ pub mod expert_parallel;
 mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod watchdog;
 
 use candle_core::{DType, Tensor};
 

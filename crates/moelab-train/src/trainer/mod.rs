@@ -472,6 +472,11 @@ impl Trainer {
         let first_step = self.state.step;
         let sequences = self.cfg.global_sequences();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        // From here on no rank waits for another's setup work (data preparation can take
+        // longer than any timeout), so a collective that waits past dist.timeout_s means a
+        // rank stopped responding.
+        let _watchdog =
+            (world > 1).then(|| dist::watchdog::arm(self.cfg.dist.timeout_s, rank, world));
         let batches = Prefetcher::new(
             self.stream.clone(),
             self.state.step,
