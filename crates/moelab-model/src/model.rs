@@ -156,7 +156,8 @@ impl MoeTransformer {
         local: usize,
     ) -> std::result::Result<Self, ModelError> {
         cfg.validate()?;
-        if local == 0 || local > cfg.moe.n_experts {
+        // A dense model has no experts to hold (0 of 0).
+        if local > cfg.moe.n_experts || (local == 0 && cfg.moe.n_experts > 0) {
             return Err(ModelError::Input(format!(
                 "{local} local experts of model.moe.n_experts = {}",
                 cfg.moe.n_experts
@@ -400,5 +401,61 @@ impl MoeTransformer {
             alpha: step as f64 / warmup as f64,
             seed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn config() -> ModelConfig {
+        toml::from_str(
+            r#"
+vocab_size = 64
+d_model = 16
+n_layers = 2
+n_heads = 2
+n_kv_heads = 2
+max_seq_len = 8
+[moe]
+n_experts = 4
+top_k = 2
+expert_ff = 8
+"#,
+        )
+        .unwrap()
+    }
+
+    fn values(varmap: &VarMap, name: &str) -> Vec<f32> {
+        let data = varmap.data().lock().unwrap();
+        data[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// A rank's experts start with exactly the rows the one-process model gives them, and
+    /// everything replicated is the same.
+    #[test]
+    fn sharded_init_holds_the_whole_models_rows_of_its_experts() {
+        let cfg = config();
+        let dev = Device::Cpu;
+        let (_, full) = MoeTransformer::init(&cfg, 7, DType::F32, &dev).unwrap();
+        let (model, part) = MoeTransformer::init_sharded(&cfg, 7, DType::F32, &dev, 2..4).unwrap();
+        assert!(!model.experts_sharded());
+        for (name, rows) in [
+            ("blocks.0.moe.experts.gate_proj", 8 * 16),
+            ("blocks.1.moe.experts.down_proj", 16 * 8),
+        ] {
+            let (whole, mine) = (values(&full, name), values(&part, name));
+            assert_eq!(mine.len(), 2 * rows, "{name}");
+            assert_eq!(mine, whole[2 * rows..4 * rows], "{name}");
+        }
+        let name = "blocks.0.moe.router.weight";
+        assert_eq!(values(&full, name), values(&part, name));
+        assert!(MoeTransformer::init_sharded(&cfg, 7, DType::F32, &dev, 3..5).is_err());
     }
 }
