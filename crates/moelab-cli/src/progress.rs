@@ -213,6 +213,18 @@ impl TrainProgress {
                 }
                 self.bar.bar.set_position(*start_step);
             }
+            Event::Layout(ranks) => {
+                for r in ranks {
+                    self.say(&format!(
+                        "rank {}: experts {}..{} of every MoE layer, parameters {}, optimizer state {}",
+                        r.rank,
+                        r.experts.start,
+                        r.experts.end,
+                        moelab_model::fmt_bytes(r.parameter_bytes),
+                        moelab_model::fmt_bytes(r.optimizer_bytes)
+                    ));
+                }
+            }
             Event::Step(m) => {
                 self.bar.bar.set_position(m.step);
                 self.bar

@@ -10,6 +10,20 @@ use moelab_io::rng::SplitMix64;
 
 /// Overwrites every matrix in `varmap` with seeded normal values; gains (1-D) keep their ones.
 pub fn initialize(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {
+    initialize_sharded(varmap, seed, std, 0, 0..0)
+}
+
+/// [`initialize`] for a model whose stacked routed-expert tensors (`.experts.` in the name)
+/// hold only experts `experts` of `n_experts`: each gets exactly the rows those experts have in
+/// the whole model's tensor (the whole tensor's stream is drawn and cut, so the values do not
+/// depend on the layout). An empty range means the whole model.
+pub fn initialize_sharded(
+    varmap: &VarMap,
+    seed: u64,
+    std: f64,
+    n_experts: usize,
+    experts: std::ops::Range<usize>,
+) -> Result<()> {
     let vars = varmap
         .data()
         .lock()
@@ -21,9 +35,21 @@ pub fn initialize(varmap: &VarMap, seed: u64, std: f64) -> Result<()> {
         if var.rank() < 2 {
             continue;
         }
+        let count = var.elem_count();
+        let sharded = !experts.is_empty()
+            && name.contains(".experts.")
+            && var.dims().first() == Some(&experts.len());
+        let (skip, total) = if sharded {
+            let per_expert = count / experts.len();
+            (experts.start * per_expert, n_experts * per_expert)
+        } else {
+            (0, count)
+        };
         let values: Vec<f32> = SplitMix64::for_name(seed, name)
-            .normals(var.elem_count())
+            .normals(total)
             .into_iter()
+            .skip(skip)
+            .take(count)
             .map(|x| x * std as f32)
             .collect();
         let values = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;

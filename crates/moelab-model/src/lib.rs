@@ -21,4 +21,4 @@ pub use error::{ModelError, Result};
 pub use info::ModelInfo;
 pub use memory::{fmt_bytes, MemoryEstimate, MemoryTerm};
 pub use model::{Block, ForwardOptions, MoeTransformer, Output};
-pub use moe::LayerRouting;
+pub use moe::{ExpertBackend, ExpertWeights, LayerRouting};

@@ -1,11 +1,14 @@
 //! The decoder-only MoE transformer, top to bottom.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 
 use crate::attention::Attention;
 use crate::layers::{Linear, RmsNorm, SwiGlu};
-use crate::moe::{LayerRouting, MoeFfn, RoutingNoise};
+use crate::moe::{ExpertBackend, LayerRouting, MoeFfn, RoutingNoise};
 use crate::{init, ModelConfig, ModelError};
 
 /// Options of one forward pass that are not part of the model.
@@ -66,8 +69,18 @@ pub struct Block {
 impl Block {
     /// Builds block `layer` under `{vb}`.
     pub fn new(cfg: &ModelConfig, layer: usize, vb: VarBuilder) -> Result<Self> {
+        Self::with_local_experts(cfg, layer, vb, cfg.moe.n_experts)
+    }
+
+    /// [`Block::new`] whose MoE layer holds `local` of its routed experts.
+    pub fn with_local_experts(
+        cfg: &ModelConfig,
+        layer: usize,
+        vb: VarBuilder,
+        local: usize,
+    ) -> Result<Self> {
         let ffn = if cfg.is_moe_layer(layer) {
-            Ffn::Moe(MoeFfn::new(cfg, vb.pp("moe"))?)
+            Ffn::Moe(MoeFfn::with_local_experts(cfg, vb.pp("moe"), local)?)
         } else {
             let hidden = cfg.ffn_hidden.unwrap_or(0);
             Ffn::Dense(SwiGlu::new(cfg.d_model, hidden, vb.pp("mlp"))?)
@@ -131,7 +144,25 @@ impl MoeTransformer {
     /// Builds the model from a validated config; parameters come from `vb` (a fresh VarMap or a
     /// checkpoint).
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> std::result::Result<Self, ModelError> {
+        Self::with_local_experts(cfg, vb, cfg.moe.n_experts)
+    }
+
+    /// [`MoeTransformer::new`] whose MoE layers hold `local` of their routed experts each
+    /// (expert parallelism; which ones is the caller's layout, see
+    /// [`MoeTransformer::init_sharded`]).
+    pub fn with_local_experts(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        local: usize,
+    ) -> std::result::Result<Self, ModelError> {
         cfg.validate()?;
+        // A dense model has no experts to hold (0 of 0).
+        if local > cfg.moe.n_experts || (local == 0 && cfg.moe.n_experts > 0) {
+            return Err(ModelError::Input(format!(
+                "{local} local experts of model.moe.n_experts = {}",
+                cfg.moe.n_experts
+            )));
+        }
         let embed_weight = vb.get_with_hints(
             (cfg.vocab_size, cfg.d_model),
             "embed.weight",
@@ -143,7 +174,9 @@ impl MoeTransformer {
             Linear::new(cfg.d_model, cfg.vocab_size, vb.pp("lm_head"))?
         };
         let blocks = (0..cfg.n_layers)
-            .map(|layer| Block::new(cfg, layer, vb.pp(format!("blocks.{layer}"))))
+            .map(|layer| {
+                Block::with_local_experts(cfg, layer, vb.pp(format!("blocks.{layer}")), local)
+            })
             .collect::<Result<Vec<_>>>()?;
         let compute_dtype = vb.dtype();
         let (rope_cos, rope_sin) = moelab_kernels::rope_tables(
@@ -189,6 +222,50 @@ impl MoeTransformer {
         let model = Self::new(cfg, VarBuilder::from_varmap(&varmap, dtype, device))?;
         init::initialize(&varmap, seed, cfg.init_std)?;
         Ok((model, varmap))
+    }
+
+    /// A freshly initialised model holding only routed experts `experts` of every MoE layer,
+    /// with exactly the values those experts have in [`MoeTransformer::init`]'s model of the
+    /// same seed (so an expert-parallel run starts where a one-process run does).
+    pub fn init_sharded(
+        cfg: &ModelConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+        experts: Range<usize>,
+    ) -> std::result::Result<(Self, VarMap), ModelError> {
+        if experts.end > cfg.moe.n_experts || experts.is_empty() {
+            return Err(ModelError::Input(format!(
+                "experts {experts:?} of model.moe.n_experts = {}",
+                cfg.moe.n_experts
+            )));
+        }
+        let varmap = VarMap::new();
+        let model = Self::with_local_experts(
+            cfg,
+            VarBuilder::from_varmap(&varmap, dtype, device),
+            experts.len(),
+        )?;
+        init::initialize_sharded(&varmap, seed, cfg.init_std, cfg.moe.n_experts, experts)?;
+        Ok((model, varmap))
+    }
+
+    /// Runs every MoE layer's routed experts through `backend` (expert parallelism).
+    pub fn with_expert_backend(mut self, backend: Arc<dyn ExpertBackend>) -> Self {
+        for block in &mut self.blocks {
+            if let Ffn::Moe(moe) = &mut block.ffn {
+                moe.set_expert_backend(backend.clone());
+            }
+        }
+        self
+    }
+
+    /// Whether the routed experts run through an [`ExpertBackend`] (then every process of the
+    /// expert-parallel group must run the same forward and backward passes in step).
+    pub fn experts_sharded(&self) -> bool {
+        self.blocks
+            .iter()
+            .any(|b| matches!(&b.ffn, Ffn::Moe(moe) if moe.has_expert_backend()))
     }
 
     /// The config the model was built from.
@@ -324,5 +401,61 @@ impl MoeTransformer {
             alpha: step as f64 / warmup as f64,
             seed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn config() -> ModelConfig {
+        toml::from_str(
+            r#"
+vocab_size = 64
+d_model = 16
+n_layers = 2
+n_heads = 2
+n_kv_heads = 2
+max_seq_len = 8
+[moe]
+n_experts = 4
+top_k = 2
+expert_ff = 8
+"#,
+        )
+        .unwrap()
+    }
+
+    fn values(varmap: &VarMap, name: &str) -> Vec<f32> {
+        let data = varmap.data().lock().unwrap();
+        data[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// A rank's experts start with exactly the rows the one-process model gives them, and
+    /// everything replicated is the same.
+    #[test]
+    fn sharded_init_holds_the_whole_models_rows_of_its_experts() {
+        let cfg = config();
+        let dev = Device::Cpu;
+        let (_, full) = MoeTransformer::init(&cfg, 7, DType::F32, &dev).unwrap();
+        let (model, part) = MoeTransformer::init_sharded(&cfg, 7, DType::F32, &dev, 2..4).unwrap();
+        assert!(!model.experts_sharded());
+        for (name, rows) in [
+            ("blocks.0.moe.experts.gate_proj", 8 * 16),
+            ("blocks.1.moe.experts.down_proj", 16 * 8),
+        ] {
+            let (whole, mine) = (values(&full, name), values(&part, name));
+            assert_eq!(mine.len(), 2 * rows, "{name}");
+            assert_eq!(mine, whole[2 * rows..4 * rows], "{name}");
+        }
+        let name = "blocks.0.moe.router.weight";
+        assert_eq!(values(&full, name), values(&part, name));
+        assert!(MoeTransformer::init_sharded(&cfg, 7, DType::F32, &dev, 3..5).is_err());
     }
 }

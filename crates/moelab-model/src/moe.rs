@@ -10,6 +10,8 @@
 //! the experts and counts them, the counts are the layer's one host copy (the grouped GEMM's
 //! group sizes), and `moe_plan` builds the permutation from the ids on the device.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 use moelab_kernels::moe_dispatch;
@@ -292,6 +294,35 @@ pub fn global_balance_loss(probs: &Tensor, fractions: &[f64]) -> Result<Tensor> 
     (probs.mean(0)? * fractions)?.sum_all()? * n_experts as f64
 }
 
+/// This process's routed experts of one MoE layer, stacked, nn.Linear layout per expert: what
+/// an [`ExpertBackend`] runs the tokens through.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertWeights<'a> {
+    /// (local experts, expert_ff, d_model).
+    pub gate_proj: &'a Tensor,
+    /// (local experts, expert_ff, d_model).
+    pub up_proj: &'a Tensor,
+    /// (local experts, d_model, expert_ff).
+    pub down_proj: &'a Tensor,
+}
+
+/// Runs a MoE layer's routed experts when they are spread over several processes (expert
+/// parallelism). The model knows nothing of collectives: the train crate implements this and
+/// hands it to [`crate::MoeTransformer::with_expert_backend`]; the router, the losses and the
+/// routing record stay in the layer, computed where the tokens are.
+pub trait ExpertBackend: Send + Sync + std::fmt::Debug {
+    /// `x` (tokens, d_model), the router's `expert_ids` (tokens x top_k, row-major, global ids)
+    /// and differentiable `gates` (tokens, top_k), with this process's `experts`: returns
+    /// (tokens, d_model), each token's gate-weighted sum of its experts' outputs.
+    fn run(
+        &self,
+        x: &Tensor,
+        expert_ids: &[u32],
+        gates: &Tensor,
+        experts: ExpertWeights<'_>,
+    ) -> Result<Tensor>;
+}
+
 /// A MoE feed-forward: router, `n_experts` SwiGLU experts stored stacked, optional shared experts.
 #[derive(Debug, Clone)]
 pub struct MoeFfn {
@@ -307,13 +338,24 @@ pub struct MoeFfn {
     shared: Option<SwiGlu>,
     top_k: usize,
     capacity_factor: Option<f64>,
+    /// Routed experts of the whole layer (this process may hold fewer: `gate_proj.dim(0)`).
+    n_experts: usize,
+    /// Where the routed experts run when they are spread over processes; `None` runs them all
+    /// here.
+    backend: Option<Arc<dyn ExpertBackend>>,
 }
 
 impl MoeFfn {
     /// Builds `{vb}.router`, `{vb}.experts.{gate,up,down}_proj` and `{vb}.shared_experts`.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::with_local_experts(cfg, vb, cfg.moe.n_experts)
+    }
+
+    /// [`MoeFfn::new`] holding only `local` of the layer's routed experts (expert parallelism:
+    /// the stacked tensors have `local` rows; which ones is the caller's layout).
+    pub fn with_local_experts(cfg: &ModelConfig, vb: VarBuilder, local: usize) -> Result<Self> {
         let moe = &cfg.moe;
-        let (n, ff, d) = (moe.n_experts, moe.expert_ff, cfg.d_model);
+        let (n, ff, d) = (local, moe.expert_ff, cfg.d_model);
         let experts = vb.pp("experts");
         // Zero here; seeded values come from `crate::init` like every other matrix.
         let stacked = |rows: usize, cols: usize, name: &str| {
@@ -336,7 +378,19 @@ impl MoeFfn {
             shared,
             top_k: moe.top_k,
             capacity_factor: moe.capacity_factor,
+            n_experts: moe.n_experts,
+            backend: None,
         })
+    }
+
+    /// Runs the routed experts through `backend` from now on.
+    pub fn set_expert_backend(&mut self, backend: Arc<dyn ExpertBackend>) {
+        self.backend = Some(backend);
+    }
+
+    /// Whether the routed experts run through an [`ExpertBackend`].
+    pub fn has_expert_backend(&self) -> bool {
+        self.backend.is_some()
     }
 
     /// The router (its expert bias is what the trainer updates).
@@ -353,8 +407,11 @@ impl MoeFfn {
         noise: Option<RoutingNoise>,
     ) -> Result<(Tensor, LayerRouting)> {
         let (tokens, _) = x.dims2()?;
-        let n_experts = self.gate_proj.dim(0)?;
+        let n_experts = self.n_experts;
         let decision = self.router.forward(x, n_sequences, noise)?;
+        if let Some(backend) = &self.backend {
+            return self.forward_backend(backend.as_ref(), x, decision, layer);
+        }
         let device = x.device();
         let mut plan = match &decision.expert_ids_host {
             Some(ids) => DispatchPlan::new(ids, n_experts, self.top_k, self.capacity_factor),
@@ -411,6 +468,50 @@ impl MoeFfn {
             kept,
             tokens_per_expert: plan.group_sizes,
             dropped: plan.dropped,
+            aux_loss: decision.aux_loss,
+            z_loss: decision.z_loss,
+        };
+        Ok((out, routing))
+    }
+
+    /// The layer with its routed experts run by `backend` (expert parallelism): the router's
+    /// decision and record as without it, the experts wherever the backend keeps them.
+    fn forward_backend(
+        &self,
+        backend: &dyn ExpertBackend,
+        x: &Tensor,
+        decision: RouterDecision,
+        layer: usize,
+    ) -> Result<(Tensor, LayerRouting)> {
+        if self.capacity_factor.is_some() {
+            candle_core::bail!(
+                "model.moe.capacity_factor cannot be combined with expert parallelism (dist.expert_parallel > 1): capacity drops are planned over every expert's queue in one process"
+            );
+        }
+        let ids = match &decision.expert_ids_host {
+            Some(ids) => ids.clone(),
+            None => decision.expert_ids.flatten_all()?.to_vec1::<u32>()?,
+        };
+        let experts = ExpertWeights {
+            gate_proj: &self.gate_proj,
+            up_proj: &self.up_proj,
+            down_proj: &self.down_proj,
+        };
+        let mut out = backend.run(x, &ids, &decision.gates, experts)?;
+        if let Some(shared) = &self.shared {
+            out = (out + shared.forward(x)?)?;
+        }
+        let routing = LayerRouting {
+            layer,
+            expert_ids: decision.expert_ids,
+            gate_weights: decision.gates.detach(),
+            router_probs: match self.router.scope {
+                BalanceScope::Global => decision.probs,
+                _ => decision.probs.detach(),
+            },
+            kept: None,
+            tokens_per_expert: decision.counts,
+            dropped: 0,
             aux_loss: decision.aux_loss,
             z_loss: decision.z_loss,
         };

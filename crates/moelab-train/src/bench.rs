@@ -98,7 +98,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     set_threads(cfg.run.threads);
     let device = open_device(cfg.run.device, 0)?;
     if !options.ignore_memory_check {
-        check_memory(cfg, &device)?;
+        check_memory(cfg, &device, 1)?;
     }
     let memory_at_start = device_memory_used(&device)?;
     // The high-water marks count from here: the model, its gradients and the optimizer state.

@@ -104,8 +104,8 @@ pub struct DistConfig {
     /// Ranks per expert-parallel group (G): each holds `n_experts / G` experts of every MoE
     /// layer; G must divide the world size and `model.moe.n_experts` (1 = no expert parallelism).
     pub expert_parallel: usize,
-    /// Seconds a rank may wait on the others in a collective before the job ends naming the
-    /// rank that did not answer.
+    /// Seconds a rank may wait on the others in an MPI collective of the training loop before
+    /// it ends with an error naming the collective (which ends the job).
     pub timeout_s: u64,
 }
 

@@ -352,6 +352,13 @@ pub fn evaluate(
         let (mut loss_sum, mut tokens, mut bytes) = (0f64, 0u64, 0u64);
         let (rank, world) = (comm.rank(), comm.world_size());
         let rounds = batches.len().div_ceil(world);
+        // Under expert parallelism every rank must run every round's forward pass (the
+        // exchanges pair up across ranks): one without a batch of its own runs the first batch
+        // again and discards it.
+        let spare = model
+            .experts_sharded()
+            .then(|| batches.first().cloned())
+            .flatten();
         let mut batches = batches.into_iter().skip(rank).step_by(world);
         for _ in 0..rounds {
             // Evaluation can be long; a stop request (on any rank) is honoured between batches.
@@ -359,6 +366,11 @@ pub fn evaluate(
                 return Err(TrainError::Interrupted);
             }
             let Some(batch) = batches.next() else {
+                if let Some(batch) = &spare {
+                    let shape = (batch.n_sequences, batch.seq_len);
+                    let input = Tensor::from_slice(&batch.tokens, shape, device)?;
+                    model.forward(&input, None, ForwardOptions::default())?;
+                }
                 continue;
             };
             let shape = (batch.n_sequences, batch.seq_len);

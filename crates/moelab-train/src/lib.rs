@@ -34,5 +34,6 @@ pub use eval::{evaluate_checkpoint, EvalReport};
 pub use run::{RunDir, RunLock};
 pub use trace_checkpoint::{trace_checkpoint, TraceOptions};
 pub use trainer::{
-    preflight, train, train_on, Event, Resume, RunOptions, StepMetrics, Summary, Trainer,
+    preflight, train, train_on, Event, RankLayout, Resume, RunOptions, StepMetrics, Summary,
+    Trainer,
 };

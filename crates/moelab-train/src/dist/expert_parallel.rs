@@ -127,6 +127,11 @@ pub struct ExchangeGroup {
 }
 
 impl ExchangeGroup {
+    /// The id ops and Send + Sync holders use to find the communicator on this thread.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Registers `comm` on this thread.
     pub fn new(comm: Rc<dyn Collective>) -> Self {
         let id = NEXT_GROUP.fetch_add(1, Ordering::Relaxed);
@@ -137,8 +142,8 @@ impl ExchangeGroup {
         }
     }
 
-    /// Runs `f` with the communicator of group `id`.
-    fn with<R>(
+    /// Runs `f` with the communicator of group `id` (registered on this thread).
+    pub(crate) fn with<R>(
         id: u64,
         f: impl FnOnce(&dyn Collective) -> Result<R, TrainError>,
     ) -> Result<R, TrainError> {
@@ -351,6 +356,70 @@ pub struct ExpertParallel {
     ep: Rc<dyn Collective>,
     expert_dp: Rc<dyn Collective>,
     exchange: ExchangeGroup,
+    /// The expert-DP group registered too, for the optimizer (which must be Send + Sync and so
+    /// holds ids, not communicators).
+    expert_dp_group: ExchangeGroup,
+}
+
+/// The registered ids of a rank's EP and expert-DP groups: what Send + Sync holders (the
+/// model's expert backend, the optimizer) keep, looked up on the thread that registered them
+/// ([`ExchangeGroup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpGroups {
+    /// The layout.
+    pub layout: EpLayout,
+    /// This rank (in the world).
+    pub rank: usize,
+    /// The EP group's id.
+    pub ep: u64,
+    /// The expert-DP group's id.
+    pub expert_dp: u64,
+}
+
+impl EpGroups {
+    /// The global ids of the experts this rank holds.
+    pub fn local_experts(&self) -> Range<usize> {
+        self.layout.local_experts(self.rank)
+    }
+}
+
+/// Whether parameter `name` is a stacked routed-expert tensor (held per rank under expert
+/// parallelism): `blocks.L.moe.experts.{gate,up,down}_proj`; shared experts are not.
+pub fn is_expert_param(name: &str) -> bool {
+    name.contains(".experts.")
+}
+
+/// The model's [`ExpertBackend`](moelab_model::ExpertBackend) under expert parallelism:
+/// [`dispatch`] through the EP group registered on this thread.
+#[derive(Debug, Clone, Copy)]
+pub struct EpBackend {
+    groups: EpGroups,
+}
+
+impl moelab_model::ExpertBackend for EpBackend {
+    fn run(
+        &self,
+        x: &Tensor,
+        expert_ids: &[u32],
+        gates: &Tensor,
+        experts: moelab_model::ExpertWeights<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let local = LocalExperts {
+            gate_proj: experts.gate_proj,
+            up_proj: experts.up_proj,
+            down_proj: experts.down_proj,
+        };
+        dispatch(
+            &self.groups.layout,
+            self.groups.ep,
+            x,
+            expert_ids,
+            gates,
+            &local,
+        )
+        .map(|(out, _)| out)
+        .map_err(to_candle)
+    }
 }
 
 impl ExpertParallel {
@@ -378,8 +447,26 @@ impl ExpertParallel {
             layout,
             rank,
             exchange: ExchangeGroup::new(ep.clone()),
+            expert_dp_group: ExchangeGroup::new(expert_dp.clone()),
             ep,
             expert_dp,
+        })
+    }
+
+    /// The registered group ids (for Send + Sync holders on this thread).
+    pub fn groups(&self) -> EpGroups {
+        EpGroups {
+            layout: self.layout,
+            rank: self.rank,
+            ep: self.exchange.id,
+            expert_dp: self.expert_dp_group.id,
+        }
+    }
+
+    /// The model's expert backend: [`ExpertParallel::forward`] through this rank's EP group.
+    pub fn backend(&self) -> Arc<EpBackend> {
+        Arc::new(EpBackend {
+            groups: self.groups(),
         })
     }
 
@@ -435,74 +522,92 @@ impl ExpertParallel {
         gates: &Tensor,
         experts: &LocalExperts<'_>,
     ) -> Result<(Tensor, DispatchStats), TrainError> {
-        let (tokens, d) = x.dims2()?;
-        let (gate_tokens, top_k) = gates.dims2()?;
-        let local = self.layout.experts_per_rank();
-        check_shapes(x, gates, experts, local)?;
-        if gate_tokens != tokens || expert_ids.len() != tokens * top_k {
-            return Err(TrainError::Argument(format!(
-                "expert-parallel forward: {tokens} tokens, gates {:?} and {} expert ids do not agree",
-                gates.dims(),
-                expert_ids.len()
-            )));
-        }
-        let plan = SortedAssignments::new(expert_ids, self.layout.n_experts, top_k)?;
-        let g = self.layout.expert_parallel;
-        // counts[q * local + e]: rows for expert e of rank q; the received matrix is indexed
-        // by (source rank, local expert).
-        let counts: Vec<u64> = plan.tokens_per_expert.iter().map(|&c| c as u64).collect();
-        let received: Vec<usize> = self
-            .ep
-            .all_to_all_u64(&counts)?
-            .into_iter()
-            .map(|c| usize::try_from(c).unwrap_or(usize::MAX))
-            .collect();
-        let block_sums = |m: &[usize]| -> Vec<usize> {
-            m.chunks(local.max(1))
-                .map(|c| c.iter().sum())
-                .collect::<Vec<_>>()
-        };
-        let rows_sent = block_sums(&plan.tokens_per_expert);
-        let rows_received = block_sums(&received);
-
-        let device = x.device();
-        let slot_index = Tensor::from_slice(&plan.assignments, plan.assignments.len(), device)?;
-        let routing = Routing::new(plan.token_of_row, tokens)?;
-        let x_sorted = moe_dispatch::permute(x, &routing)?;
-        let gates_sorted = gates
-            .flatten_all()?
-            .index_select(&slot_index, 0)?
-            .to_dtype(x.dtype())?;
-        let exchange = Exchange {
-            group: self.exchange.id,
-            send_rows: rows_sent.clone().into(),
-            recv_rows: rows_received.clone().into(),
-            width: d,
-        };
-        let arrived = if g == 1 {
-            x_sorted
-        } else {
-            x_sorted.apply_op1(exchange.clone())?
-        };
-        let order = ExpertOrder::new(&received, g, local)?;
-        let by_expert = order.to_expert_major(&arrived)?;
-        let outputs = run_experts(&by_expert, experts, &order.group_sizes)?;
-        let by_source = order.to_source_major(&outputs)?;
-        let returned = if g == 1 {
-            by_source
-        } else {
-            by_source.apply_op1(exchange.reversed())?
-        };
-        let out = moe_dispatch::unpermute(&returned, &gates_sorted, &routing)?;
-        Ok((
-            out,
-            DispatchStats {
-                tokens_per_expert: plan.tokens_per_expert,
-                rows_sent,
-                rows_received,
-            },
-        ))
+        dispatch(
+            &self.layout,
+            self.exchange.id,
+            x,
+            expert_ids,
+            gates,
+            experts,
+        )
     }
+}
+
+/// [`ExpertParallel::forward`] with the EP group found by its registered id `group` (on this
+/// thread), for holders that cannot keep the communicator.
+pub fn dispatch(
+    layout: &EpLayout,
+    group: u64,
+    x: &Tensor,
+    expert_ids: &[u32],
+    gates: &Tensor,
+    experts: &LocalExperts<'_>,
+) -> Result<(Tensor, DispatchStats), TrainError> {
+    let (tokens, d) = x.dims2()?;
+    let (gate_tokens, top_k) = gates.dims2()?;
+    let local = layout.experts_per_rank();
+    check_shapes(x, gates, experts, local)?;
+    if gate_tokens != tokens || expert_ids.len() != tokens * top_k {
+        return Err(TrainError::Argument(format!(
+            "expert-parallel forward: {tokens} tokens, gates {:?} and {} expert ids do not agree",
+            gates.dims(),
+            expert_ids.len()
+        )));
+    }
+    let plan = SortedAssignments::new(expert_ids, layout.n_experts, top_k)?;
+    let g = layout.expert_parallel;
+    // counts[q * local + e]: rows for expert e of rank q; the received matrix is indexed
+    // by (source rank, local expert).
+    let counts: Vec<u64> = plan.tokens_per_expert.iter().map(|&c| c as u64).collect();
+    let received: Vec<usize> = ExchangeGroup::with(group, |ep| ep.all_to_all_u64(&counts))?
+        .into_iter()
+        .map(|c| usize::try_from(c).unwrap_or(usize::MAX))
+        .collect();
+    let block_sums = |m: &[usize]| -> Vec<usize> {
+        m.chunks(local.max(1))
+            .map(|c| c.iter().sum())
+            .collect::<Vec<_>>()
+    };
+    let rows_sent = block_sums(&plan.tokens_per_expert);
+    let rows_received = block_sums(&received);
+
+    let device = x.device();
+    let slot_index = Tensor::from_slice(&plan.assignments, plan.assignments.len(), device)?;
+    let routing = Routing::new(plan.token_of_row, tokens)?;
+    let x_sorted = moe_dispatch::permute(x, &routing)?;
+    let gates_sorted = gates
+        .flatten_all()?
+        .index_select(&slot_index, 0)?
+        .to_dtype(x.dtype())?;
+    let exchange = Exchange {
+        group,
+        send_rows: rows_sent.clone().into(),
+        recv_rows: rows_received.clone().into(),
+        width: d,
+    };
+    let arrived = if g == 1 {
+        x_sorted
+    } else {
+        x_sorted.apply_op1(exchange.clone())?
+    };
+    let order = ExpertOrder::new(&received, g, local)?;
+    let by_expert = order.to_expert_major(&arrived)?;
+    let outputs = run_experts(&by_expert, experts, &order.group_sizes)?;
+    let by_source = order.to_source_major(&outputs)?;
+    let returned = if g == 1 {
+        by_source
+    } else {
+        by_source.apply_op1(exchange.reversed())?
+    };
+    let out = moe_dispatch::unpermute(&returned, &gates_sorted, &routing)?;
+    Ok((
+        out,
+        DispatchStats {
+            tokens_per_expert: plan.tokens_per_expert,
+            rows_sent,
+            rows_received,
+        },
+    ))
 }
 
 /// Checks the local experts' weights against `x` and the experts per rank.

@@ -8,11 +8,13 @@
 //! reduced values.
 
 pub mod data_parallel;
+pub mod ep_state;
 pub mod expert_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod watchdog;
 
 use candle_core::{DType, Tensor};
 

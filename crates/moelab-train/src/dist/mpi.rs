@@ -49,6 +49,7 @@ impl Mpi {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> Result<Vec<T>, TrainError> {
+        let _watch = super::watchdog::collective("all_to_all_v");
         let received = check_counts(self.world_size(), send.len(), send_counts, recv_counts)?;
         let (send_counts, send_displs) = mpi_counts(send_counts)?;
         let (recv_counts, recv_displs) = mpi_counts(recv_counts)?;
@@ -94,6 +95,7 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_f32(&self, values: &mut [f32]) {
+        let _watch = super::watchdog::collective("all_reduce_f32");
         for chunk in values.chunks_mut(MAX_COUNT) {
             let send = chunk.to_vec();
             self.world
@@ -102,6 +104,7 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_f64(&self, values: &mut [f64]) {
+        let _watch = super::watchdog::collective("all_reduce_f64");
         for chunk in values.chunks_mut(MAX_COUNT) {
             let send = chunk.to_vec();
             self.world
@@ -110,12 +113,14 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_max_u64(&self, values: &mut [u64]) {
+        let _watch = super::watchdog::collective("all_reduce_max_u64");
         let send = values.to_vec();
         self.world
             .all_reduce_into(&send[..], values, SystemOperation::max());
     }
 
     fn reduce_scatter_f32(&self, values: &[f32]) -> Vec<f32> {
+        let _watch = super::watchdog::collective("reduce_scatter_f32");
         let mut block = vec![0f32; values.len() / self.world_size()];
         self.world
             .reduce_scatter_block_into(values, &mut block[..], SystemOperation::sum());
@@ -123,18 +128,21 @@ impl Collective for Mpi {
     }
 
     fn all_gather_f32(&self, block: &[f32]) -> Vec<f32> {
+        let _watch = super::watchdog::collective("all_gather_f32");
         let mut all = vec![0f32; block.len() * self.world_size()];
         self.world.all_gather_into(block, &mut all[..]);
         all
     }
 
     fn all_gather_u64(&self, values: &[u64]) -> Vec<u64> {
+        let _watch = super::watchdog::collective("all_gather_u64");
         let mut all = vec![0u64; values.len() * self.world_size()];
         self.world.all_gather_into(values, &mut all[..]);
         all
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) {
+        let _watch = super::watchdog::collective("broadcast_bytes");
         let root = self.world.process_at_rank(root as i32);
         let mut len = bytes.len() as u64;
         root.broadcast_into(&mut len);
@@ -145,6 +153,7 @@ impl Collective for Mpi {
     }
 
     fn barrier(&self) {
+        let _watch = super::watchdog::collective("barrier");
         self.world.barrier();
     }
 
@@ -153,6 +162,7 @@ impl Collective for Mpi {
     }
 
     fn all_to_all_u64(&self, values: &[u64]) -> Result<Vec<u64>, TrainError> {
+        let _watch = super::watchdog::collective("all_to_all_u64");
         let world = self.world_size();
         if !values.len().is_multiple_of(world) {
             return Err(TrainError::Distributed(format!(

@@ -2,7 +2,8 @@
 //! refuses a run that cannot fit before anything is allocated.
 
 use candle_core::Device;
-use moelab_model::{fmt_bytes, MemoryEstimate};
+use moelab_model::memory::{ParallelPlan, Parallelism};
+use moelab_model::{fmt_bytes, MemoryEstimate, ModelInfo};
 
 use crate::config::DeviceKind;
 use crate::{Config, TrainError};
@@ -34,21 +35,38 @@ pub fn set_threads(threads: usize) {
 
 /// Refuses, before anything is allocated, a run whose estimated memory (weights, gradients,
 /// AdamW state and one micro-batch's activations) exceeds what the device has free; a model that
-/// cannot fit would otherwise swap or thrash for minutes before failing.
-pub fn check_memory(cfg: &Config, device: &Device) -> Result<(), TrainError> {
-    let estimate = MemoryEstimate::new(
+/// cannot fit would otherwise swap or thrash for minutes before failing. In a job of `ranks`
+/// ranks the figure is one rank's ([`ParallelPlan`]: its experts under
+/// `dist.expert_parallel`, its share of the moments with `train.shard_optimizer`).
+pub fn check_memory(cfg: &Config, device: &Device, ranks: usize) -> Result<(), TrainError> {
+    let mut estimate = MemoryEstimate::new(
         &cfg.model,
         cfg.train.micro_batch,
         cfg.data.seq_len,
         cfg.train.precision.compute_dtype(),
     )?;
-    let needed = estimate.total_bytes();
+    let mut needed = estimate.total_bytes();
+    if ranks > 1 {
+        let info = ModelInfo::new(&cfg.model, cfg.data.seq_len)?;
+        let parallelism = Parallelism {
+            ranks: ranks as u64,
+            expert_parallel: cfg.dist.expert_parallel as u64,
+            shard_optimizer: cfg.train.shard_optimizer,
+            micro_batches_per_step: cfg.accumulation_steps() as u64,
+        };
+        let plan = ParallelPlan::new(&cfg.model, &info, &estimate, parallelism)?;
+        needed = plan.total_bytes();
+        estimate.weights_bytes = plan.weights_bytes;
+        estimate.compute_weights_bytes = plan.compute_weights_bytes;
+        estimate.gradients_bytes = plan.gradients_bytes;
+        estimate.optimizer_bytes = plan.optimizer_bytes;
+    }
     let Some((available, what)) = available_memory(device) else {
         return Ok(());
     };
     if needed > available {
         return Err(TrainError::Device(format!(
-            "the run needs about {} ({} weights, {} gradients, {} optimizer state, {} activations per micro-batch of {}) but {what} has {} available; shrink the model or train.micro_batch, or pass --ignore-memory-check to try anyway (`moelab model-info CONFIG` shows the estimate)",
+            "the run needs about {} per rank ({} weights, {} gradients, {} optimizer state, {} activations per micro-batch of {}) but {what} has {} available; shrink the model or train.micro_batch, or pass --ignore-memory-check to try anyway (`moelab model-info CONFIG` shows the estimate)",
             fmt_bytes(needed),
             fmt_bytes(estimate.weights_bytes + estimate.compute_weights_bytes),
             fmt_bytes(estimate.gradients_bytes),

@@ -19,6 +19,7 @@ use moelab_data::{Dataset, MixtureStream, Prefetcher, PrepareEvent};
 use moelab_model::ModelInfo;
 
 use crate::config::DeviceKind;
+use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport, ValidationCheck};
 use crate::interrupt;
@@ -70,6 +71,8 @@ pub enum Event {
         /// checkpoint than the run's newest).
         set_aside: Option<PathBuf>,
     },
+    /// What each rank of a job of several holds (measured, gathered from every rank).
+    Layout(Vec<RankLayout>),
     /// A logged step.
     Step(StepMetrics),
     /// A step whose loss or gradient was not finite; its update was skipped.
@@ -83,6 +86,19 @@ pub enum Event {
     Eval(EvalReport),
     /// A checkpoint was written.
     Checkpoint(PathBuf),
+}
+
+/// What one rank of a job holds, as measured from its learner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankLayout {
+    /// The rank.
+    pub rank: usize,
+    /// The global ids of the routed experts it holds of every MoE layer.
+    pub experts: std::ops::Range<usize>,
+    /// Bytes of trainable parameters it holds.
+    pub parameter_bytes: u64,
+    /// Bytes of optimizer state it holds.
+    pub optimizer_bytes: u64,
 }
 
 /// How a run ended.
@@ -193,6 +209,9 @@ pub struct Trainer {
     checkpointer: Checkpointer,
     metrics: MetricsLogger,
     router_log: RouterAccumulator,
+    /// Expert parallelism's groups, registered on this thread for the model's exchanges; kept
+    /// as long as the learner whose model uses them (dropped after it: fields drop in order).
+    _ep: Option<ExpertParallel>,
 }
 
 /// What [`Trainer::validate`] found valid, before anything is written.
@@ -249,9 +268,18 @@ impl Trainer {
                 return Err(e);
             }
         }
+        // The EP groups are split off the world before anything else is built (every rank
+        // calls it; a layout that does not divide is refused here, the same on every rank).
+        let ep = match expert_parallel(&cfg, comm_ref) {
+            Ok(ep) => ep,
+            Err(e) => {
+                release(lock);
+                return Err(e);
+            }
+        };
         let validated = dist::agree(
             comm_ref,
-            Self::validate(cfg, &options, run_dir, comm_ref, on_event),
+            Self::validate(cfg, &options, run_dir, comm_ref, ep.as_ref(), on_event),
         )
         .and_then(|v| check_ranks_agree(comm_ref, &v).map(|()| v));
         let validated = match validated {
@@ -281,6 +309,7 @@ impl Trainer {
         };
         trainer._lock = lock;
         on_event(&Event::Validation(validation));
+        trainer._ep = ep;
         on_event(&Event::Started {
             run_dir: trainer.run_dir.root().to_path_buf(),
             start_step: trainer.state.step,
@@ -288,6 +317,9 @@ impl Trainer {
             resumed_from,
             set_aside,
         });
+        if trainer.comm.world_size() > 1 {
+            on_event(&Event::Layout(trainer.rank_layouts()));
+        }
         Ok(trainer)
     }
 
@@ -298,18 +330,23 @@ impl Trainer {
         options: &RunOptions,
         run_dir: RunDir,
         comm: &dyn Collective,
+        ep: Option<&ExpertParallel>,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Validated, TrainError> {
         let resolved = cfg.to_toml();
         let resuming = options.resume.is_some();
         run_dir.check_usable(&resolved, resuming)?;
         check_divisible(&cfg, comm.world_size())?;
+        check_layout(&cfg, comm.world_size())?;
         set_threads(cfg.run.threads);
         let device = open_device(cfg.run.device, comm.local_rank())?;
         let memory_on = (!options.ignore_memory_check).then_some(&device);
-        let dataset = check_run(&cfg, memory_on, on_event)?;
+        let dataset = check_run(&cfg, memory_on, comm.world_size(), on_event)?;
         let validation = ValidationCheck::new(&dataset, &cfg);
-        let mut learner = Learner::new(&cfg, &device, comm)?;
+        let mut learner = match ep {
+            Some(ep) => Learner::new_expert_parallel(&cfg, &device, comm, ep)?,
+            None => Learner::new(&cfg, &device, comm)?,
+        };
         let resume = checkpoint_policy::resume_point(&run_dir, options.resume.as_ref(), &device)?;
         let sequences_per_step = cfg.global_sequences() as u64;
         let (stream, state, resumed_from) = match resume {
@@ -437,8 +474,34 @@ impl Trainer {
             checkpointer,
             metrics,
             router_log,
+            _ep: None,
         };
         Ok((trainer, set_aside))
+    }
+
+    /// Every rank's experts, parameter and optimizer bytes (every rank must call it).
+    fn rank_layouts(&self) -> Vec<RankLayout> {
+        let experts = match &self._ep {
+            Some(ep) => ep.local_experts(),
+            None => 0..self.cfg.model.moe.n_experts,
+        };
+        let mine = [
+            experts.start as u64,
+            experts.end as u64,
+            self.learner.parameter_bytes() as u64,
+            self.learner.optimizer_state_bytes() as u64,
+        ];
+        self.comm
+            .all_gather_u64(&mine)
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(rank, v)| RankLayout {
+                rank,
+                experts: v[0] as usize..v[1] as usize,
+                parameter_bytes: v[2],
+                optimizer_bytes: v[3],
+            })
+            .collect()
     }
 
     /// Trains to `train.steps`, or until SIGINT/SIGTERM (which saves a checkpoint first).
@@ -446,6 +509,11 @@ impl Trainer {
         let first_step = self.state.step;
         let sequences = self.cfg.global_sequences();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        // From here on no rank waits for another's setup work (data preparation can take
+        // longer than any timeout), so a collective that waits past dist.timeout_s means a
+        // rank stopped responding.
+        let _watchdog =
+            (world > 1).then(|| dist::watchdog::arm(self.cfg.dist.timeout_s, rank, world));
         let batches = Prefetcher::new(
             self.stream.clone(),
             self.state.step,
@@ -624,10 +692,11 @@ impl Trainer {
 fn check_run(
     cfg: &Config,
     memory_on: Option<&Device>,
+    ranks: usize,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Arc<Dataset>, TrainError> {
     if let Some(device) = memory_on {
-        check_memory(cfg, device)?;
+        check_memory(cfg, device, ranks)?;
     }
     let dataset = prepare_data(cfg, on_event).map_err(|e| cfg.origin.blame(e))?;
     if dataset.vocab_size() > cfg.model.vocab_size {
@@ -672,7 +741,7 @@ pub fn preflight(
         }
         false => None,
     };
-    let dataset = check_run(cfg, device.as_ref(), on_event)?;
+    let dataset = check_run(cfg, device.as_ref(), 1, on_event)?;
     // Building the stream checks the mixture's domains, sources and selection.
     MixtureStream::new(dataset, &cfg.data, cfg.run.seed).map_err(|e| cfg.origin.blame(e.into()))?;
     Ok(())
@@ -715,6 +784,37 @@ fn check_divisible(cfg: &Config, world: usize) -> Result<(), TrainError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a `dist.expert_parallel` that does not divide the world size or the expert count,
+/// or that meets a capacity factor, naming the numbers.
+fn check_layout(cfg: &Config, world: usize) -> Result<(), TrainError> {
+    cfg.dist
+        .check_layout(world, cfg.model.moe.n_experts)
+        .map_err(|reason| cfg.origin.key_error("dist.expert_parallel", &reason))?;
+    if cfg.dist.expert_parallel > 1 && cfg.model.moe.capacity_factor.is_some() {
+        return Err(cfg.origin.key_error(
+            "model.moe.capacity_factor",
+            &format!(
+                "it cannot be combined with dist.expert_parallel = {} (capacity drops are planned over every expert's queue in one process); remove it or set dist.expert_parallel = 1",
+                cfg.dist.expert_parallel
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The EP groups of this rank when `dist.expert_parallel` > 1 (every rank calls it: the world
+/// is split twice), after the layout checks.
+fn expert_parallel(
+    cfg: &Config,
+    comm: &dyn Collective,
+) -> Result<Option<ExpertParallel>, TrainError> {
+    if cfg.dist.expert_parallel <= 1 {
+        return Ok(None);
+    }
+    check_layout(cfg, comm.world_size())?;
+    ExpertParallel::new(comm, cfg.dist.expert_parallel, cfg.model.moe.n_experts).map(Some)
 }
 
 /// Checks that every rank has the same resolved config, dataset and resume step (a rank

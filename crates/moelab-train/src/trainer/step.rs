@@ -13,6 +13,8 @@ use moelab_model::{BalanceScope, ForwardOptions, MoeTransformer};
 use rayon::prelude::*;
 
 use crate::balance::ExpertCounts;
+use crate::dist::ep_state::{gather_experts, local_experts, ExpertParallelOptimizer};
+use crate::dist::expert_parallel::{EpGroups, ExpertParallel};
 use crate::dist::{data_parallel, Collective, Single};
 use crate::loss::{self, LossValues, LossWeights};
 use crate::optim::{
@@ -36,6 +38,8 @@ pub struct Learner {
     /// On the CPU, the threads the step runs on (see [`Learner::step`]).
     cpu_pool: Option<rayon::ThreadPool>,
     cfg: StepConfig,
+    /// Expert parallelism: this rank's groups (the model holds only its experts).
+    ep: Option<EpGroups>,
 }
 
 /// What a step needs of the run's config; fixed for the run.
@@ -137,7 +141,41 @@ impl Learner {
     /// A freshly initialised model (seeded by `run.seed`) and its optimizer on `device`, as
     /// rank `comm.rank()` (which only matters with `train.shard_optimizer`).
     pub fn new(cfg: &Config, device: &Device, comm: &dyn Collective) -> Result<Self, TrainError> {
-        let (model, varmap) = MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?;
+        Self::build(cfg, device, comm, None)
+    }
+
+    /// [`Learner::new`] under expert parallelism: the model holds only `ep`'s local experts
+    /// (initialised as they are in the whole model) and runs them through `ep`'s exchange;
+    /// expert gradients are reduced over the expert-DP group, the rest over `comm`. `ep` must
+    /// outlive the learner's steps (its groups are registered on this thread).
+    pub fn new_expert_parallel(
+        cfg: &Config,
+        device: &Device,
+        comm: &dyn Collective,
+        ep: &ExpertParallel,
+    ) -> Result<Self, TrainError> {
+        Self::build(cfg, device, comm, Some(ep))
+    }
+
+    fn build(
+        cfg: &Config,
+        device: &Device,
+        comm: &dyn Collective,
+        ep: Option<&ExpertParallel>,
+    ) -> Result<Self, TrainError> {
+        let (model, varmap) = match ep {
+            Some(ep) => {
+                let (model, varmap) = MoeTransformer::init_sharded(
+                    &cfg.model,
+                    cfg.run.seed,
+                    DType::F32,
+                    device,
+                    ep.local_experts(),
+                )?;
+                (model.with_expert_backend(ep.backend()), varmap)
+            }
+            None => MoeTransformer::init(&cfg.model, cfg.run.seed, DType::F32, device)?,
+        };
         let model = model.with_compute_dtype(cfg.train.precision.compute_dtype());
         let params = named_params(&varmap)?;
         let hyper = AdamWParams {
@@ -146,7 +184,16 @@ impl Learner {
             eps: cfg.train.eps,
             weight_decay: cfg.train.weight_decay,
         };
-        let optimizer: Box<dyn Optimizer + Send + Sync> = if cfg.train.shard_optimizer {
+        let optimizer: Box<dyn Optimizer + Send + Sync> = if let Some(ep) = ep {
+            Box::new(ExpertParallelOptimizer::new(
+                &params,
+                hyper,
+                &cfg.train.no_decay,
+                cfg.train.shard_optimizer,
+                ep.groups(),
+                data_parallel::BUCKET_ELEMENTS,
+            )?)
+        } else if cfg.train.shard_optimizer {
             Box::new(ShardedOptimizer::new(ShardedAdamW::new(
                 params.clone(),
                 hyper,
@@ -175,14 +222,30 @@ impl Learner {
             device: device.clone(),
             cpu_pool,
             cfg: StepConfig::new(cfg),
+            ep: ep.map(ExpertParallel::groups),
         })
     }
 
-    /// Loads a checkpoint's weights and optimizer state; every tensor must fit.
+    /// Loads a checkpoint's weights and optimizer state; every tensor must fit. Under expert
+    /// parallelism the checkpoint holds every expert (whatever layout wrote it) and this rank
+    /// keeps its own rows.
     pub fn restore(&mut self, ckpt: &Checkpoint) -> Result<(), TrainError> {
-        restore_model(&self.model, &self.params, &ckpt.model, &ckpt.dir)?;
+        let in_dir = |e: TrainError| match e {
+            TrainError::Checkpoint(m) => {
+                TrainError::Checkpoint(format!("{}: {m}", ckpt.dir.display()))
+            }
+            other => other,
+        };
+        let (model, optimizer) = match &self.ep {
+            Some(groups) => (
+                local_experts(groups, &ckpt.model).map_err(in_dir)?,
+                local_experts(groups, &ckpt.optimizer).map_err(in_dir)?,
+            ),
+            None => (ckpt.model.clone(), ckpt.optimizer.clone()),
+        };
+        restore_model(&self.model, &self.params, &model, &ckpt.dir)?;
         self.optimizer
-            .load_state(ckpt.state.optimizer_step, &ckpt.optimizer)
+            .load_state(ckpt.state.optimizer_step, &optimizer)
             .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", ckpt.dir.display())))
     }
 
@@ -195,12 +258,30 @@ impl Learner {
     ) -> Result<(TensorMap, TensorMap, u64), TrainError> {
         let model = model_tensors(&self.params, &self.model);
         let (step, moments) = self.optimizer.state(comm)?;
-        Ok((model, moments.into_iter().collect(), step))
+        let moments: TensorMap = moments.into_iter().collect();
+        match &self.ep {
+            // Every expert once, as a one-process run stores them.
+            Some(groups) => Ok((
+                gather_experts(groups, model)?,
+                gather_experts(groups, moments)?,
+                step,
+            )),
+            None => Ok((model, moments, step)),
+        }
     }
 
     /// Bytes of optimizer state this rank holds.
     pub fn optimizer_state_bytes(&self) -> usize {
         self.optimizer.state_bytes()
+    }
+
+    /// Bytes of trainable parameters this rank holds (under expert parallelism, its experts
+    /// only).
+    pub fn parameter_bytes(&self) -> usize {
+        self.params
+            .iter()
+            .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+            .sum()
     }
 
     /// Runs step `step` (0-based) on `batch` (this rank's share of the global batch) at
