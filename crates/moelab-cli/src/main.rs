@@ -186,7 +186,8 @@ fn main() -> anyhow::Result<()> {
                 cfg.data.seq_len,
                 cfg.train.precision.compute_dtype(),
             )?;
-            let mut info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len))?;
+            let info = ModelInfo::new(&cfg.model, seq_len.unwrap_or(cfg.model.max_seq_len))?;
+            let mut parallel = None;
             if ranks.is_some() || expert_parallel.is_some() {
                 let parallelism = moelab_model::memory::Parallelism {
                     ranks: ranks.unwrap_or(1),
@@ -194,15 +195,18 @@ fn main() -> anyhow::Result<()> {
                     shard_optimizer: shard_optimizer || cfg.train.shard_optimizer,
                     micro_batches_per_step: cfg.accumulation_steps() as u64,
                 };
-                let plan = moelab_model::memory::ParallelPlan::new(
+                parallel = Some(moelab_model::memory::ParallelPlan::new(
                     &cfg.model,
                     &info,
                     &memory,
                     parallelism,
-                )?;
-                info = info.with_parallel(plan);
+                )?);
             }
-            let info = info.with_memory(memory);
+            let info = moelab_model::Sizing {
+                info,
+                memory,
+                parallel,
+            };
             if json {
                 outln!(
                     "{}",

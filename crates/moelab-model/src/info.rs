@@ -8,8 +8,7 @@
 use serde::Serialize;
 
 use crate::checked::Count;
-use crate::memory::ParallelPlan;
-use crate::{MemoryEstimate, ModelConfig};
+use crate::ModelConfig;
 
 /// One row of the accounting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -37,12 +36,6 @@ pub struct ModelInfo {
     pub train_flops_per_token: u64,
     /// The breakdown; rows sum to the totals.
     pub components: Vec<Component>,
-    /// Memory a training run of this model needs, when a run's batch shape was given.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub memory: Option<MemoryEstimate>,
-    /// Per-rank memory and per-step communication of a job of several ranks, when asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parallel: Option<ParallelPlan>,
 }
 
 impl ModelInfo {
@@ -121,21 +114,7 @@ impl ModelInfo {
             active_params: active_params.value("the active parameter count")?,
             train_flops_per_token: flops.value("the training FLOPs per token")?,
             components,
-            memory: None,
-            parallel: None,
         })
-    }
-
-    /// Adds the memory a training run needs (printed and serialised as `memory`).
-    pub fn with_memory(mut self, memory: MemoryEstimate) -> Self {
-        self.memory = Some(memory);
-        self
-    }
-
-    /// Adds the per-rank plan of a job of several ranks (printed and serialised as `parallel`).
-    pub fn with_parallel(mut self, plan: ParallelPlan) -> Self {
-        self.parallel = Some(plan);
-        self
     }
 
     /// A human-readable table.
@@ -158,12 +137,6 @@ impl ModelInfo {
             self.train_flops_per_token,
             self.seq_len
         );
-        if let Some(memory) = &self.memory {
-            out += &memory.table();
-        }
-        if let Some(plan) = &self.parallel {
-            out += &plan.table();
-        }
         out
     }
 }
@@ -172,6 +145,7 @@ impl ModelInfo {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::MemoryEstimate;
     use crate::MoeTransformer;
     use candle_core::{DType, Device};
 
@@ -236,22 +210,6 @@ dense_layers = 1
             .unwrap_err()
             .to_string();
         assert!(err.contains("attention_scores"), "{err}");
-    }
-
-    #[test]
-    fn memory_is_an_added_object_and_a_table_section() {
-        let cfg = config(MOE);
-        let bare = ModelInfo::new(&cfg, 8).unwrap();
-        let json = serde_json::to_value(&bare).unwrap();
-        assert!(json.get("memory").is_none());
-        let memory = MemoryEstimate::new(&cfg, 2, 8, DType::F32).unwrap();
-        let total = memory.total_bytes();
-        let info = bare.clone().with_memory(memory);
-        let json = serde_json::to_value(&info).unwrap();
-        assert_eq!(json["memory"]["total_bytes"], total);
-        assert_eq!(json["total_params"], bare.total_params);
-        assert!(info.table().starts_with(&bare.table()));
-        assert!(info.table().contains("activations"), "{}", info.table());
     }
 
     #[test]

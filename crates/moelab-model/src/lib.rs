@@ -19,6 +19,6 @@ pub mod moe;
 pub use config::{BalanceScope, ModelConfig, MoeConfig, RouterKind};
 pub use error::{ModelError, Result};
 pub use info::ModelInfo;
-pub use memory::{fmt_bytes, MemoryEstimate, MemoryTerm};
+pub use memory::{fmt_bytes, MemoryEstimate, MemoryTerm, Sizing};
 pub use model::{Block, ForwardOptions, MoeTransformer, Output};
 pub use moe::{ExpertBackend, ExpertWeights, LayerRouting};

@@ -144,6 +144,32 @@ fn activation_terms(
     ]
 }
 
+/// What `moelab model-info` shows: the parameter and FLOP counts, the memory a training run
+/// needs at the run's batch shape and, for a job of several ranks, the per-rank plan.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sizing {
+    /// Parameters and FLOPs.
+    #[serde(flatten)]
+    pub info: ModelInfo,
+    /// Memory of one process's training run.
+    pub memory: MemoryEstimate,
+    /// Per-rank memory and per-step communication of a job of several ranks, when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelPlan>,
+}
+
+impl Sizing {
+    /// A human-readable table: the counts, then the memory, then the plan.
+    pub fn table(&self) -> String {
+        let mut out = self.info.table();
+        out += &self.memory.table();
+        if let Some(plan) = &self.parallel {
+            out += &plan.table();
+        }
+        out
+    }
+}
+
 impl MemoryEstimate {
     /// The estimate for training `cfg` on `micro_batch` sequences of `seq_len` tokens with
     /// activations in `compute_dtype` (f32 master weights and AdamW, as the trainer runs); an
@@ -833,5 +859,24 @@ expert_ff = 256
         assert_eq!(json["total_bytes"], m.total_bytes());
         assert_eq!(json["compute_dtype"], "bf16");
         assert!(json["activation_terms"].as_array().unwrap().len() > 10);
+    }
+
+    #[test]
+    fn sizing_adds_memory_as_an_object_and_a_table_section() {
+        let cfg = tiny();
+        let info = ModelInfo::new(&cfg, 8).unwrap();
+        let memory = MemoryEstimate::new(&cfg, 2, 8, DType::F32).unwrap();
+        let total = memory.total_bytes();
+        let sizing = Sizing {
+            info: info.clone(),
+            memory,
+            parallel: None,
+        };
+        let json = serde_json::to_value(&sizing).unwrap();
+        assert_eq!(json["memory"]["total_bytes"], total);
+        assert_eq!(json["total_params"], info.total_params);
+        assert!(json.get("parallel").is_none());
+        assert!(sizing.table().starts_with(&info.table()));
+        assert!(sizing.table().contains("activations"), "{}", sizing.table());
     }
 }

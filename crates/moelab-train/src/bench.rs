@@ -120,24 +120,11 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         &device,
     )?;
     let mut rng = SplitMix64::new(cfg.run.seed);
-    let mut random_ids = || -> Vec<u32> {
-        (0..sequences * seq_len)
-            .map(|_| (rng.next_u64() % cfg.model.vocab_size as u64) as u32)
-            .collect()
-    };
-
     let mut times: Vec<[f64; 3]> = Vec::with_capacity(options.steps);
     let mut peak_memory = memory_at_start;
     let mut last_loss = f64::NAN;
     for step in 0..options.warmup + options.steps {
-        let batch = Batch {
-            tokens: random_ids(),
-            targets: random_ids(),
-            domain_ids: vec![0; sequences],
-            source_ids: vec![0; sequences],
-            n_sequences: sequences,
-            seq_len,
-        };
+        let batch = random_batch(&mut rng, sequences, seq_len, cfg.model.vocab_size);
         let (spent, loss) = timed_step(
             &mut learner,
             &device,
@@ -193,6 +180,24 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
         params_active: info.active_params,
         last_loss,
     })
+}
+
+/// A batch of `sequences` x `seq_len` random token ids (and targets) below `vocab`, all of one
+/// domain and source.
+fn random_batch(rng: &mut SplitMix64, sequences: usize, seq_len: usize, vocab: usize) -> Batch {
+    let mut ids = || -> Vec<u32> {
+        (0..sequences * seq_len)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect()
+    };
+    Batch {
+        tokens: ids(),
+        targets: ids(),
+        domain_ids: vec![0; sequences],
+        source_ids: vec![0; sequences],
+        n_sequences: sequences,
+        seq_len,
+    }
 }
 
 /// One training step of the learner, timed per phase (forward, backward, optimizer; summed

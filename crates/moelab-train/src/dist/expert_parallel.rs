@@ -26,11 +26,10 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use moelab_kernels::moe_dispatch::{self, Routing};
 
-use super::Collective;
+use super::{exchange_cpu, Collective};
 use crate::config::DistConfig;
 use crate::TrainError;
 
@@ -263,51 +262,6 @@ impl CustomOp1 for Exchange {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.contiguous()?.apply_op1(self.reversed())?))
-    }
-}
-
-/// The host all-to-all-v of a CPU storage laid out by `layout` (contiguous), element counts
-/// per peer. f32 and f64 travel as they are; bf16 and f16 travel as f32 (exact both ways).
-pub fn exchange_cpu<C: Collective + ?Sized>(
-    comm: &C,
-    storage: &CpuStorage,
-    layout: &Layout,
-    send_counts: &[usize],
-    recv_counts: &[usize],
-) -> Result<CpuStorage, TrainError> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(TrainError::Distributed(
-            "expert exchange: the rows are not contiguous".into(),
-        ));
-    };
-    match storage {
-        CpuStorage::F32(values) => Ok(CpuStorage::F32(comm.all_to_all_v_f32(
-            &values[start..end],
-            send_counts,
-            recv_counts,
-        )?)),
-        CpuStorage::F64(values) => Ok(CpuStorage::F64(comm.all_to_all_v_f64(
-            &values[start..end],
-            send_counts,
-            recv_counts,
-        )?)),
-        CpuStorage::BF16(_) | CpuStorage::F16(_) => {
-            let dtype = storage.dtype();
-            let wide = storage.to_dtype(layout, DType::F32)?;
-            let moved = exchange_cpu(
-                comm,
-                &wide,
-                &Layout::contiguous(layout.shape()),
-                send_counts,
-                recv_counts,
-            )?;
-            let received: usize = recv_counts.iter().sum();
-            Ok(moved.to_dtype(&Layout::contiguous(received), dtype)?)
-        }
-        other => Err(TrainError::Distributed(format!(
-            "expert exchange: {:?} rows; expected a float dtype",
-            other.dtype()
-        ))),
     }
 }
 
@@ -777,6 +731,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::dist::Single;
+    use candle_core::DType;
 
     #[test]
     fn layout_places_experts_and_groups() {

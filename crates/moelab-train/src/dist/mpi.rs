@@ -11,7 +11,8 @@ use mpi::topology::{Color, Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::{Count, Threading};
 
-use super::{check_counts, Collective};
+use super::collective::check_counts;
+use super::Collective;
 use crate::TrainError;
 
 /// MPI counts are C ints; longer buffers go in pieces of this many elements.

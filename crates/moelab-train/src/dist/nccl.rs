@@ -256,7 +256,8 @@ impl Collective for Nccl {
         recv_counts: &[usize],
     ) -> Result<CudaStorage, TrainError> {
         let n = layout.shape().elem_count();
-        let received = super::check_counts(self.world_size(), n, send_counts, recv_counts)?;
+        let received =
+            super::collective::check_counts(self.world_size(), n, send_counts, recv_counts)?;
         match rows.dtype() {
             DType::F32 => {
                 self.grouped_exchange::<f32>(rows, layout, send_counts, recv_counts, received)

@@ -108,6 +108,9 @@ pub struct Checkpoint {
     pub config_toml: String,
 }
 
+/// The run folder's sub-folder holding its checkpoints (`step-N` folders).
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+
 const COMPLETE_MARKER: &str = "state.json";
 
 /// Prefix of folders that are not (yet, or any more) checkpoints: saves in progress and
@@ -260,8 +263,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
             path.display()
         )));
     }
-    let run = super::RunDir::new(path);
-    if let Some((_, newest)) = list(&run.checkpoints())?.pop() {
+    if let Some((_, newest)) = list(&path.join(CHECKPOINTS_DIR))?.pop() {
         return Ok(newest);
     }
     Err(TrainError::Checkpoint(format!(

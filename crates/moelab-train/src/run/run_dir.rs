@@ -84,7 +84,7 @@ impl RunDir {
 
     /// Complete checkpoints, `step-NNNNNNNN/`.
     pub fn checkpoints(&self) -> PathBuf {
-        self.root.join("checkpoints")
+        self.root.join(checkpoint::CHECKPOINTS_DIR)
     }
 
     /// The checkpoint folder after `step` steps (it may not exist).
