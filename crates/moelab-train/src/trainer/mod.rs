@@ -146,7 +146,10 @@ pub fn train_on(
         _ => Ok(None),
     };
     let finished = dist::agree(comm.as_ref(), finished)?.is_some();
-    if dist::any(comm.as_ref(), finished) {
+    // Only when every rank asked for `--resume auto`: ranks started with other resume
+    // arguments go on to setup, whose agreement check names the disagreement.
+    let all_auto = !dist::any(comm.as_ref(), options.resume != Some(Resume::Auto));
+    if dist::any(comm.as_ref(), finished) && all_auto {
         let run_dir = run_dir_of(&cfg, &options);
         return Ok(Summary {
             run_dir: run_dir.root().to_path_buf(),
