@@ -921,19 +921,10 @@ mod tests {
         assert!(err.contains("does not match"), "{err}");
     }
 
-    /// Deterministic values in [-1, 1) (SplitMix64).
+    /// Deterministic values in [-1, 1) (the shared SplitMix64 stream).
     pub(super) fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
+        let mut rng = moelab_io::rng::SplitMix64::new(seed);
+        (0..n).map(|_| rng.symmetric()).collect()
     }
 
     #[test]
