@@ -60,7 +60,7 @@ echo "GPU: $(cat "$OUT/gpu.txt")"
 # Every kernel's rows must be in the log (a stale binary without a kernel's case fails here).
 OPS_EXPECTED=(softmax_last_dim causal_softmax rms_norm rope cross_entropy grouped_matmul swiglu
   "moe permute [0-9]" "moe permute + unpermute" causal_attention flash_attention linear_cross_entropy
-  sum_of_squares adamw_update router_topk)
+  sum_of_squares adamw_update router_topk "moe plan")
 ops_missing() {
   local op
   for op in "${OPS_EXPECTED[@]}"; do grep -q "^$op" "$OUT/ops.log" || printf '%s, ' "$op"; done
