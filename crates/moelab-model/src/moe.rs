@@ -456,21 +456,7 @@ impl MoeFfn {
             Some(_) => Some(Tensor::from_vec(plan.kept, (tokens, self.top_k), device)?),
             None => None,
         };
-        let routing = LayerRouting {
-            layer,
-            expert_ids: decision.expert_ids,
-            gate_weights: decision.gates.detach(),
-            // Global balancing forms its loss from the probabilities, so they keep their graph.
-            router_probs: match self.router.scope {
-                BalanceScope::Global => decision.probs,
-                _ => decision.probs.detach(),
-            },
-            kept,
-            tokens_per_expert: plan.group_sizes,
-            dropped: plan.dropped,
-            aux_loss: decision.aux_loss,
-            z_loss: decision.z_loss,
-        };
+        let routing = self.record(layer, decision, kept, plan.group_sizes, plan.dropped);
         Ok((out, routing))
     }
 
@@ -480,7 +466,7 @@ impl MoeFfn {
         &self,
         backend: &dyn ExpertBackend,
         x: &Tensor,
-        decision: RouterDecision,
+        mut decision: RouterDecision,
         layer: usize,
     ) -> Result<(Tensor, LayerRouting)> {
         if self.capacity_factor.is_some() {
@@ -501,21 +487,35 @@ impl MoeFfn {
         if let Some(shared) = &self.shared {
             out = (out + shared.forward(x)?)?;
         }
-        let routing = LayerRouting {
+        let counts = std::mem::take(&mut decision.counts);
+        let routing = self.record(layer, decision, None, counts, 0);
+        Ok((out, routing))
+    }
+
+    /// The layer's routing record from the router's decision and what dispatch kept.
+    fn record(
+        &self,
+        layer: usize,
+        decision: RouterDecision,
+        kept: Option<Tensor>,
+        tokens_per_expert: Vec<usize>,
+        dropped: usize,
+    ) -> LayerRouting {
+        LayerRouting {
             layer,
             expert_ids: decision.expert_ids,
             gate_weights: decision.gates.detach(),
+            // Global balancing forms its loss from the probabilities, so they keep their graph.
             router_probs: match self.router.scope {
                 BalanceScope::Global => decision.probs,
                 _ => decision.probs.detach(),
             },
-            kept: None,
-            tokens_per_expert: decision.counts,
-            dropped: 0,
+            kept,
+            tokens_per_expert,
+            dropped,
             aux_loss: decision.aux_loss,
             z_loss: decision.z_loss,
-        };
-        Ok((out, routing))
+        }
     }
 }
 
