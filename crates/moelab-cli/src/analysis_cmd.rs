@@ -218,15 +218,15 @@ fn say_line(json: bool) -> impl Fn(String) {
     }
 }
 
-/// `--slurm`: prepares the datasets once, then writes (and unless --dry-run submits) the job
-/// array script.
+/// `--slurm`: checks every variant (preparing the datasets once), then writes (and unless
+/// --dry-run submits) the job array script.
 fn ablate_slurm(args: &AblateArgs, ablation: &Ablation, out: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the moelab binary")?;
     let options = ablate_launch::SlurmOptions {
         exe,
         ranks: args.ranks,
     };
-    ablate_launch::prepare_datasets(ablation, &mut |line| outln!("{line}"))?;
+    ablate_launch::check_before_submitting(ablation, out, &mut |line| outln!("{line}"))?;
     let script = ablate_launch::write_slurm_script(ablation, out, &options)?;
     outln!("wrote {}", script.display());
     if !args.dry_run {

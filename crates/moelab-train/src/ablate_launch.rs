@@ -151,26 +151,26 @@ pub fn run_parallel(
     Ok(outcome)
 }
 
-/// Prepares every dataset the variants train on, once each, before an array is submitted:
+/// Checks every unfinished variant before an array is submitted, as `train` would before its
+/// first step (no memory check: the tasks run on other nodes), which prepares each dataset once:
 /// the array's tasks then only open it (without this, every task would prepare on first use,
 /// queueing on the dataset's lock while holding its nodes). Says one line per dataset.
-pub fn prepare_datasets(
+pub fn check_before_submitting(
     ablation: &Ablation,
+    out_dir: &Path,
     say: &mut dyn FnMut(String),
 ) -> Result<(), TrainError> {
+    check_variants(ablation, out_dir, false, &mut |_, _| {})?;
     let mut seen: Vec<&Path> = Vec::new();
     for variant in &ablation.variants {
-        let data = &variant.config.data;
-        if seen.contains(&data.dataset.as_path()) {
-            continue;
+        let dataset = variant.config.data.dataset.as_path();
+        if !seen.contains(&dataset) {
+            say(format!(
+                "dataset {}: ready (every variant checked)",
+                dataset.display()
+            ));
+            seen.push(dataset);
         }
-        let dataset = moelab_data::ensure_prepared(data)?;
-        say(format!(
-            "dataset {}: ready ({} domains)",
-            data.dataset.display(),
-            dataset.domains().len()
-        ));
-        seen.push(&data.dataset);
     }
     Ok(())
 }
@@ -187,7 +187,7 @@ pub struct SlurmOptions {
 /// Writes the Slurm job-array script `out_dir/.variants/ablate.sbatch`: array task i trains
 /// variant i with `srun moelab train` (one GPU per rank on CUDA configs, resuming its run
 /// folder, so a requeued or resubmitted task continues). Returns its path. The datasets must
-/// already be prepared ([`prepare_datasets`]): the tasks only open them.
+/// already be prepared ([`check_before_submitting`]): the tasks only open them.
 pub fn write_slurm_script(
     ablation: &Ablation,
     out_dir: &Path,
