@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, Criterion};
 use moelab_model::{ForwardOptions, ModelConfig, MoeTransformer};
 use moelab_train::loss::LossWeights;
-use moelab_train::routing_counts::RouterAccumulator;
+use moelab_train::router_logger::RouterLogger;
 
 fn tiny() -> ModelConfig {
     let text =
@@ -53,7 +53,7 @@ fn step(c: &mut Criterion) {
     let out = model
         .forward(&tokens, Some(&targets), ForwardOptions::default())
         .unwrap();
-    let mut log = RouterAccumulator::new(
+    let mut log = RouterLogger::new(
         layers,
         domains,
         cfg.moe.n_experts,

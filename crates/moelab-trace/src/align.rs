@@ -6,7 +6,7 @@
 //! then compares, so it does not bias that JSD down by construction.
 
 use crate::error::{Result, TraceError};
-use crate::router_log::RouterCounts;
+use crate::router_log::RouterLog;
 use crate::trace::Trace;
 
 /// Optimal assignment maximising the total weight of a square matrix: `result[row] = column`,
@@ -138,7 +138,7 @@ pub fn match_experts(a: &Trace, b: &Trace) -> Result<Vec<Vec<usize>>> {
 
 /// `counts` with each layer's experts renumbered: expert `e` of the result holds what expert
 /// `perm[l][e]` held (so with [`match_experts`]`(a, b)`, run b's counts in run a's expert order).
-pub fn permute_experts(counts: &RouterCounts, perm: &[Vec<usize>]) -> Result<RouterCounts> {
+pub fn permute_experts(counts: &RouterLog, perm: &[Vec<usize>]) -> Result<RouterLog> {
     let e = counts.n_experts;
     let valid = |p: &Vec<usize>| {
         let mut seen = vec![false; e];

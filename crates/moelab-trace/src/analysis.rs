@@ -1,4 +1,4 @@
-//! Routing metrics: pure functions over [`RouterCounts`] and [`Trace`]s.
+//! Routing metrics: pure functions over [`RouterLog`] and [`Trace`]s.
 //!
 //! Conventions: `layer_idx` indexes `layers` (the MoE layers), not block numbers; results carry
 //! block numbers for display. Undefined values (a domain with no tokens) are `None`, never NaN,
@@ -9,20 +9,20 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::error::{Result, TraceError};
-use crate::router_log::RouterCounts;
+use crate::router_log::RouterLog;
 use crate::trace::Trace;
 
 /// Share of domain `domain`'s tokens routed to each expert of MoE layer `layer_idx` (OLMoE's
 /// domain specialisation): `share[e] = counts[l][d][e] / tokens[d]`. Sums to `top_k`; a router
 /// that ignores domains gives `top_k / n_experts` everywhere. `None` when the domain has no tokens.
-pub fn domain_share(counts: &RouterCounts, layer_idx: usize, domain: usize) -> Option<Vec<f64>> {
+pub fn domain_share(counts: &RouterLog, layer_idx: usize, domain: usize) -> Option<Vec<f64>> {
     let tokens = counts.tokens_of(domain);
     let row = counts.row(layer_idx, domain);
     (tokens > 0 && !row.is_empty()).then(|| row.iter().map(|&c| c as f64 / tokens as f64).collect())
 }
 
 /// The share every expert would get under domain-blind uniform routing: `top_k / n_experts`.
-pub fn uniform_share(counts: &RouterCounts) -> f64 {
+pub fn uniform_share(counts: &RouterLog) -> f64 {
     if counts.n_experts == 0 {
         return 0.0;
     }
@@ -32,7 +32,7 @@ pub fn uniform_share(counts: &RouterCounts) -> f64 {
 /// The `n` experts with the largest [`domain_share`] as `(expert, share)`, largest first, ties
 /// broken by lower expert id; empty when the domain has no tokens.
 pub fn top_experts(
-    counts: &RouterCounts,
+    counts: &RouterLog,
     layer_idx: usize,
     domain: usize,
     n: usize,
@@ -48,7 +48,7 @@ pub fn top_experts(
 
 /// Peak share `max_e counts[l][d][e] / tokens[d]`: how much of a domain its favourite expert
 /// takes (>= `top_k / n_experts`, <= 1); `None` when the domain has no tokens.
-pub fn peak_share(counts: &RouterCounts, layer_idx: usize, domain: usize) -> Option<f64> {
+pub fn peak_share(counts: &RouterLog, layer_idx: usize, domain: usize) -> Option<f64> {
     domain_share(counts, layer_idx, domain)?
         .into_iter()
         .max_by(f64::total_cmp)
@@ -57,7 +57,7 @@ pub fn peak_share(counts: &RouterCounts, layer_idx: usize, domain: usize) -> Opt
 /// Expert distribution of (layer, domain): `p[e] = counts[l][d][e] / sum_e' counts[l][d][e']`
 /// (sums to 1); `None` when the domain has no assignments in that layer.
 pub fn expert_distribution(
-    counts: &RouterCounts,
+    counts: &RouterLog,
     layer_idx: usize,
     domain: usize,
 ) -> Option<Vec<f64>> {
@@ -122,7 +122,7 @@ pub struct DomainJsd {
 }
 
 /// Pairwise domain JSD per layer and averaged over layers (see [`DomainJsd`]).
-pub fn domain_jsd(counts: &RouterCounts) -> DomainJsd {
+pub fn domain_jsd(counts: &RouterLog) -> DomainJsd {
     let n_domains = counts.n_domains();
     let per_layer: Vec<Vec<Vec<Option<f64>>>> = (0..counts.n_layers())
         .map(|l| {
@@ -185,7 +185,7 @@ pub struct RunJsd {
 
 /// Same-domain JSD between runs `a` and `b`, matching domains by name (see [`RunJsd`]); errors
 /// when the MoE layers or expert counts differ.
-pub fn run_jsd(a: &RouterCounts, b: &RouterCounts) -> Result<RunJsd> {
+pub fn run_jsd(a: &RouterLog, b: &RouterLog) -> Result<RunJsd> {
     if a.layers != b.layers || a.n_experts != b.n_experts {
         return Err(TraceError::Mismatch(format!(
             "cannot compare routing of different models: MoE layers {:?} vs {:?}, experts {} vs {}",
@@ -230,7 +230,7 @@ pub fn run_jsd(a: &RouterCounts, b: &RouterCounts) -> Result<RunJsd> {
 }
 
 /// Assignments per expert in one layer, summed over domains.
-pub fn expert_load(counts: &RouterCounts, layer_idx: usize) -> Vec<i64> {
+pub fn expert_load(counts: &RouterLog, layer_idx: usize) -> Vec<i64> {
     let mut load = vec![0i64; counts.n_experts];
     for d in 0..counts.n_domains() {
         for (acc, &c) in load.iter_mut().zip(counts.row(layer_idx, d)) {
@@ -242,7 +242,7 @@ pub fn expert_load(counts: &RouterCounts, layer_idx: usize) -> Vec<i64> {
 
 /// Load imbalance per layer: `max_e load[e] / mean_e load[e]` with `load` from [`expert_load`]
 /// (1 = perfectly balanced, `n_experts` = one expert takes everything); `None` for an empty layer.
-pub fn load_imbalance(counts: &RouterCounts) -> Vec<Option<f64>> {
+pub fn load_imbalance(counts: &RouterLog) -> Vec<Option<f64>> {
     (0..counts.n_layers())
         .map(|l| {
             let load = expert_load(counts, l);
@@ -525,7 +525,7 @@ pub struct SpecializationOverSteps {
 }
 
 /// Specialisation over training: [`peak_share`] averaged over layers, per chunk and domain.
-pub fn specialization_over_steps(chunks: &[RouterCounts]) -> Result<SpecializationOverSteps> {
+pub fn specialization_over_steps(chunks: &[RouterLog]) -> Result<SpecializationOverSteps> {
     let first = chunks
         .first()
         .ok_or_else(|| TraceError::Invalid("no router-log chunks".to_string()))?;
@@ -560,8 +560,8 @@ mod tests {
     }
 
     /// One layer, 4 experts, top-2; web: 4 tokens, code: 2 tokens, math: none.
-    fn counts() -> RouterCounts {
-        let mut c = RouterCounts::new(
+    fn counts() -> RouterLog {
+        let mut c = RouterLog::new(
             vec![3, 5],
             vec!["web".into(), "code".into(), "math".into()],
             4,
@@ -630,7 +630,7 @@ mod tests {
     #[test]
     fn run_jsd_matches_domains_by_name() {
         let a = counts();
-        let mut b = RouterCounts::new(
+        let mut b = RouterLog::new(
             a.layers.clone(),
             vec!["code".into(), "web".into(), "books".into()],
             4,
@@ -658,7 +658,7 @@ mod tests {
         assert_eq!(r.per_layer[0][2], None);
         assert_eq!(r.mean[3], None);
         assert_eq!(r.notes.len(), 3, "{:?}", r.notes);
-        let other_model = RouterCounts::new(vec![3], a.domains.clone(), 4, 2);
+        let other_model = RouterLog::new(vec![3], a.domains.clone(), 4, 2);
         assert!(run_jsd(&a, &other_model).is_err());
     }
 
@@ -668,7 +668,7 @@ mod tests {
         assert_eq!(expert_load(&c, 0), vec![4, 2, 4, 2]);
         // mean 3, max 4; layer 1: (4,4,2,2) also mean 3, max 4.
         assert_eq!(load_imbalance(&c), vec![Some(4.0 / 3.0), Some(4.0 / 3.0)]);
-        let empty = RouterCounts::new(vec![0], vec!["web".into()], 2, 1);
+        let empty = RouterLog::new(vec![0], vec!["web".into()], 2, 1);
         assert_eq!(load_imbalance(&empty), vec![None]);
     }
 

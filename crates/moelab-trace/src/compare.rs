@@ -22,7 +22,7 @@ use crate::analysis::{run_jsd, RunJsd};
 use crate::error::{Result, TraceError};
 use crate::plot::Heatmap;
 use crate::report::{jsd_lines, num, Comparison, Out, VariantJsd};
-use crate::router_log::RouterCounts;
+use crate::router_log::RouterLog;
 use crate::stats::{bootstrap_mean_interval, spread, Interval};
 use crate::trace::Trace;
 
@@ -51,7 +51,7 @@ pub struct ReplicateRun {
     /// Task scores, metric name (`task/metric`) -> value.
     pub scores: BTreeMap<String, f64>,
     /// Router counts on the validation tokens.
-    pub counts: RouterCounts,
+    pub counts: RouterLog,
     /// Per-token routing on the same validation tokens, for expert matching (None: raw JSD only).
     pub trace: Option<Trace>,
 }
@@ -1089,8 +1089,8 @@ mod tests {
     use crate::test_util::tmp_dir;
 
     /// Two domains, one layer, four experts; `web` routes by `web_row`, `math` uniformly.
-    fn counts(web_row: [i64; 4]) -> RouterCounts {
-        let mut c = RouterCounts::new(vec![0], vec!["web".into(), "math".into()], 4, 1);
+    fn counts(web_row: [i64; 4]) -> RouterLog {
+        let mut c = RouterLog::new(vec![0], vec!["web".into(), "math".into()], 4, 1);
         c.tokens = vec![web_row.iter().sum(), 8];
         c.counts = [web_row, [2, 2, 2, 2]].concat();
         c.gate_sums = vec![1.0; 8];

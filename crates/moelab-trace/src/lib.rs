@@ -26,7 +26,7 @@ pub mod stats;
 pub mod trace;
 
 pub use error::{Result, TraceError};
-pub use router_log::RouterCounts;
+pub use router_log::RouterLog;
 pub use trace::{Trace, TraceBatch, TraceBuilder};
 
 #[cfg(test)]

@@ -21,11 +21,14 @@ use crate::safetensors_io::{self, Loaded, OwnedTensor};
 pub const FORMAT: &str = "moelab-router-log-v1";
 
 /// Name of the router-log directory inside a run directory.
-pub const ROUTER_DIR: &str = "router";
+pub const ROUTER_LOG_DIR: &str = "router";
 
-/// Routing counts per (MoE layer, domain, expert) over an inclusive range of optimizer steps.
+/// The router log (one chunk of it, or their sum): routing counts per (MoE layer, domain,
+/// expert) over an inclusive range of optimizer steps. One name for one thing: the trainer's
+/// [`RouterLog`] writer is `RouterLogger`, the run folder's `router/` holds its chunks, and an
+/// evaluation's or a trace's counts are the same type.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RouterCounts {
+pub struct RouterLog {
     /// Block indices of the MoE layers, in model order (`layer_idx` below indexes this list).
     pub layers: Vec<usize>,
     /// Domain names; the position is the domain id.
@@ -46,12 +49,12 @@ pub struct RouterCounts {
     pub tokens: Vec<i64>,
 }
 
-impl RouterCounts {
+impl RouterLog {
     /// All-zero counts for this model and domain list, covering step 0 until set otherwise.
     pub fn new(layers: Vec<usize>, domains: Vec<String>, n_experts: usize, top_k: usize) -> Self {
         let cells = layers.len() * domains.len() * n_experts;
         let n_domains = domains.len();
-        RouterCounts {
+        RouterLog {
             layers,
             domains,
             n_experts,
@@ -213,7 +216,7 @@ impl RouterCounts {
     }
 
     /// Errors unless `other` has the same layers, domains, experts and top-k.
-    pub fn check_compatible(&self, other: &RouterCounts) -> Result<()> {
+    pub fn check_compatible(&self, other: &RouterLog) -> Result<()> {
         let mut problems = Vec::new();
         if self.layers != other.layers {
             problems.push(format!("layers {:?} vs {:?}", self.layers, other.layers));
@@ -242,7 +245,7 @@ impl RouterCounts {
 
     /// Adds `other` into `self` and widens the step range to cover both; errors if the layers,
     /// domains, expert count or top-k differ.
-    pub fn merge(&mut self, other: &RouterCounts) -> Result<()> {
+    pub fn merge(&mut self, other: &RouterLog) -> Result<()> {
         self.check_compatible(other)?;
         self.validate()?;
         other.validate()?;
@@ -305,7 +308,7 @@ pub fn chunk_file_name(step_end: u64) -> String {
 
 /// Writes `chunk` atomically (temp file, fsync, rename) as `dir/chunk-{step_end:08}.safetensors`,
 /// creating `dir` if needed; returns the path written.
-pub fn write_chunk(dir: &Path, chunk: &RouterCounts) -> Result<PathBuf> {
+pub fn write_chunk(dir: &Path, chunk: &RouterLog) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(|e| TraceError::io("creating directory", dir, e))?;
     let path = dir.join(chunk_file_name(chunk.step_end));
     chunk.write_to(&path)?;
@@ -313,14 +316,14 @@ pub fn write_chunk(dir: &Path, chunk: &RouterCounts) -> Result<PathBuf> {
 }
 
 /// Reads one router-log chunk (or a trace's `counts.safetensors`), checking format and shapes.
-pub fn read_chunk(path: &Path) -> Result<RouterCounts> {
+pub fn read_chunk(path: &Path) -> Result<RouterLog> {
     let bytes = safetensors_io::read_bytes(path)?;
     let file = Loaded::parse(path, &bytes)?;
     from_loaded(&file)
 }
 
 /// Decodes router counts from an already parsed file.
-pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
+pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterLog> {
     file.expect_format(FORMAT)?;
     let layers: Vec<usize> = file.meta_json("layers")?;
     let domains: Vec<String> = file.meta_json("domains")?;
@@ -332,7 +335,7 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
     let counts = file.i64s("counts", &shape)?;
     let gate_sums = file.f64s("gate_sums", &shape)?;
     let tokens = file.i64s("tokens", &[domains.len()])?;
-    let chunk = RouterCounts {
+    let chunk = RouterLog {
         layers,
         domains,
         n_experts,
@@ -354,7 +357,7 @@ pub(crate) fn from_loaded(file: &Loaded<'_>) -> Result<RouterCounts> {
 
 /// Refuses counts no routing can produce: negative counts or tokens, negative or non-finite
 /// gate sums, and more assignments than top_k x tokens.
-fn check_values(path: &Path, chunk: &RouterCounts) -> Result<()> {
+fn check_values(path: &Path, chunk: &RouterLog) -> Result<()> {
     let (layers, domains, counts, gate_sums, tokens) = (
         &chunk.layers,
         &chunk.domains,
@@ -422,7 +425,7 @@ fn check_values(path: &Path, chunk: &RouterCounts) -> Result<()> {
 
 /// Each token makes top_k assignments in every MoE layer: more than top_k x tokens assignments
 /// of a domain in a layer cannot come from routing (shares above 1 would follow).
-fn check_assignment_bound(path: &Path, chunk: &RouterCounts) -> Result<()> {
+fn check_assignment_bound(path: &Path, chunk: &RouterLog) -> Result<()> {
     let (layers, domains, tokens) = (&chunk.layers, &chunk.domains, &chunk.tokens);
     let (n_experts, top_k) = (chunk.n_experts, chunk.top_k);
     for (row, assigned) in chunk.counts.chunks(n_experts.max(1)).enumerate() {
@@ -454,7 +457,7 @@ fn check_assignment_bound(path: &Path, chunk: &RouterCounts) -> Result<()> {
 
 /// Paths of the chunk files in `dir` (a run's `router/`, or a run dir that contains one).
 fn chunk_paths(dir: &Path) -> Result<Vec<PathBuf>> {
-    let router = dir.join(ROUTER_DIR);
+    let router = dir.join(ROUTER_LOG_DIR);
     let dir = if router.is_dir() {
         router
     } else {
@@ -475,7 +478,7 @@ fn chunk_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// All chunks in a run's `router/` directory (or `dir` itself when it has no `router/`), sorted by
 /// step range; empty when there are none.
-pub fn read_dir(dir: &Path) -> Result<Vec<RouterCounts>> {
+pub fn read_dir(dir: &Path) -> Result<Vec<RouterLog>> {
     let mut chunks = chunk_paths(dir)?
         .iter()
         .map(|p| read_chunk(p))
@@ -485,7 +488,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<RouterCounts>> {
 }
 
 /// The chunks whose step range overlaps the inclusive range `[from, to]`.
-pub fn in_steps(chunks: &[RouterCounts], from: u64, to: u64) -> Vec<RouterCounts> {
+pub fn in_steps(chunks: &[RouterLog], from: u64, to: u64) -> Vec<RouterLog> {
     chunks
         .iter()
         .filter(|c| c.step_start <= to && c.step_end >= from)
@@ -509,8 +512,8 @@ pub fn remove_after(dir: &Path, step: u64) -> Result<Vec<PathBuf>> {
 
 /// Sum of `chunks` (e.g. a whole run, or `in_steps(..)` of it); errors when empty, when the
 /// chunks disagree on layers/domains/experts, or when step ranges overlap (double counting).
-pub fn total(chunks: &[RouterCounts]) -> Result<RouterCounts> {
-    let mut sorted: Vec<&RouterCounts> = chunks.iter().collect();
+pub fn total(chunks: &[RouterLog]) -> Result<RouterLog> {
+    let mut sorted: Vec<&RouterLog> = chunks.iter().collect();
     sorted.sort_by_key(|c| (c.step_start, c.step_end));
     let (first, rest) = sorted
         .split_first()
@@ -537,8 +540,8 @@ mod tests {
     use super::*;
     use crate::test_util::tmp_dir;
 
-    fn sample(step_start: u64, step_end: u64) -> RouterCounts {
-        let mut c = RouterCounts::new(vec![1, 3], vec!["web".into(), "code".into()], 3, 2);
+    fn sample(step_start: u64, step_end: u64) -> RouterLog {
+        let mut c = RouterLog::new(vec![1, 3], vec!["web".into(), "code".into()], 3, 2);
         c.step_start = step_start;
         c.step_end = step_end;
         // Three tokens: web, code, web; top-2 per token in both layers.
@@ -624,7 +627,7 @@ mod tests {
     #[test]
     fn run_dir_with_router_subdir_is_accepted() {
         let dir = tmp_dir("rundir");
-        write_chunk(&dir.join(ROUTER_DIR), &sample(0, 4)).unwrap();
+        write_chunk(&dir.join(ROUTER_LOG_DIR), &sample(0, 4)).unwrap();
         assert_eq!(read_dir(&dir).unwrap().len(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -14,7 +14,7 @@ use std::fs;
 use std::path::Path;
 
 use crate::error::{Result, TraceError};
-use crate::router_log::{self, RouterCounts};
+use crate::router_log::{self, RouterLog};
 use crate::safetensors_io::{self, Loaded, OwnedTensor};
 
 /// The `format` metadata value of `trace.safetensors`.
@@ -318,8 +318,8 @@ impl Trace {
     }
 
     /// The trace aggregated into router counts covering the single step `self.step`.
-    pub fn counts(&self) -> RouterCounts {
-        let mut counts = RouterCounts::new(
+    pub fn counts(&self) -> RouterLog {
+        let mut counts = RouterLog::new(
             self.layers.clone(),
             self.domains.clone(),
             self.n_experts,

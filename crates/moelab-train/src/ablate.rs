@@ -28,7 +28,7 @@ use moelab_trace::compare::{
     compare_replicates, write_comparison, AblationComparison, ComparisonRow, ReplicateRun,
 };
 use moelab_trace::curves::plot_curves;
-use moelab_trace::router_log::{self, RouterCounts};
+use moelab_trace::router_log::{self, RouterLog};
 use serde::Deserialize;
 
 use crate::eval::{evaluate_checkpoint, EvalFile};
@@ -544,22 +544,22 @@ pub(crate) fn finished_step(run_dir: &Path, cfg: &Config) -> Result<Option<u64>,
 }
 
 /// What [`final_eval`] reads: loss per domain, bits per byte per domain, task scores
-/// (`task/metric` -> value) and the validation-set routing counts.
+/// (`task/metric` -> value) and the validation set's router log.
 pub type FinalEval = (
     BTreeMap<String, f64>,
     BTreeMap<String, f64>,
     BTreeMap<String, f64>,
-    RouterCounts,
+    RouterLog,
 );
 
-/// Validation loss and bits per byte per domain, task scores and validation-set routing counts of a run's
+/// Validation loss and bits per byte per domain, task scores and the validation set's router log of a run's
 /// evaluation at `step`, evaluating the step's checkpoint first when the files are missing.
 pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
     let run = RunDir::new(run_dir);
     // The evaluation may write into the run folder: it is taken like a training run.
     let _lock = run.lock()?;
     let json_path = run.eval_json(step);
-    let chunk_dir = run.eval_counts(step);
+    let chunk_dir = run.eval_router_log(step);
     let mut chunks = if json_path.is_file() && chunk_dir.is_dir() {
         router_log::read_dir(&chunk_dir)?
     } else {

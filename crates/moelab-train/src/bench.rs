@@ -11,7 +11,7 @@ use moelab_model::ModelInfo;
 use serde::Serialize;
 
 use crate::config::{DeviceKind, Precision};
-use crate::routing_counts::RouterAccumulator;
+use crate::router_logger::RouterLogger;
 use crate::run::device::{check_memory, open_device, set_threads};
 use crate::trainer::{Learner, Phase, GPU_PEAK_FLOPS};
 use crate::{Config, TrainError};
@@ -112,7 +112,7 @@ pub fn bench(cfg: &Config, options: BenchOptions) -> Result<BenchReport, TrainEr
     let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
         .filter(|&l| cfg.model.is_moe_layer(l))
         .collect();
-    let mut router_log = RouterAccumulator::new(
+    let mut router_log = RouterLogger::new(
         moe_layers,
         vec!["random".into()],
         cfg.model.moe.n_experts,
@@ -209,7 +209,7 @@ fn timed_step(
     batch: &Batch,
     step: u64,
     lr: f64,
-    router_log: &mut RouterAccumulator,
+    router_log: &mut RouterLogger,
     peak_memory: &mut usize,
 ) -> Result<([f64; 3], f64), TrainError> {
     device.synchronize()?;

@@ -8,12 +8,12 @@ use candle_core::{Device, Tensor};
 use moelab_data::{Dataset, ValidationPlan};
 use moelab_model::{ForwardOptions, MoeTransformer};
 use moelab_trace::compare::MIN_RELIABLE_VAL_TOKENS;
-use moelab_trace::router_log::{write_chunk, RouterCounts};
+use moelab_trace::router_log::{write_chunk, RouterLog};
 use serde::{Deserialize, Serialize};
 
 use crate::dist::Collective;
 use crate::dist::Single;
-use crate::routing_counts::RouterAccumulator;
+use crate::router_logger::RouterLogger;
 use crate::run::load::{load_model, open_run_data};
 use crate::run::RunDir;
 use crate::tasks::{bits_per_byte, load_tasks, score_task, ModelScorer, TaskScore, TokenizerCodec};
@@ -146,7 +146,7 @@ pub struct EvalReport {
     /// Loss per domain, in dataset domain order.
     pub domains: Vec<DomainEval>,
     /// Router choices on the validation tokens, per (layer, domain, expert).
-    pub routing: RouterCounts,
+    pub router_log: RouterLog,
     /// Scores of the `[[eval.tasks]]`, in config order.
     pub tasks: Vec<TaskScore>,
 }
@@ -215,7 +215,7 @@ impl EvalReport {
     /// Share of domain `d`'s tokens that layer `layer_idx` (index among MoE layers) routes to each
     /// expert; sums to top_k.
     pub fn expert_share(&self, layer_idx: usize, domain: usize) -> Vec<f64> {
-        let r = &self.routing;
+        let r = &self.router_log;
         let tokens = r.tokens[domain].max(1) as f64;
         (0..r.n_experts)
             .map(|e| r.count(layer_idx, domain, e) as f64 / tokens)
@@ -225,7 +225,7 @@ impl EvalReport {
     /// The report as pretty JSON.
     pub fn to_json(&self) -> String {
         let mut expert_share = BTreeMap::new();
-        for (i, &layer) in self.routing.layers.iter().enumerate() {
+        for (i, &layer) in self.router_log.layers.iter().enumerate() {
             let per_domain = self
                 .domains
                 .iter()
@@ -254,12 +254,12 @@ impl EvalReport {
         serde_json::to_string_pretty(&json).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
-    /// Writes the run folder's `eval/step-N.json` and the routing counts as
+    /// Writes the run folder's `eval/step-N.json` and the router log as
     /// `eval/step-N/chunk-N.safetensors` (the counts first: the JSON marks a complete pair).
     pub fn write(&self, run_dir: &RunDir) -> Result<PathBuf, TrainError> {
         let eval_dir = run_dir.eval();
         std::fs::create_dir_all(&eval_dir).map_err(TrainError::io(&eval_dir))?;
-        write_chunk(&run_dir.eval_counts(self.step), &self.routing)?;
+        write_chunk(&run_dir.eval_router_log(self.step), &self.router_log)?;
         let path = run_dir.eval_json(self.step);
         moelab_io::write_atomic(&path, self.to_json().as_bytes()).map_err(TrainError::io(&path))?;
         Ok(path)
@@ -271,7 +271,7 @@ impl EvalReport {
             "eval at step {}\n{:<14} {:>9} {:>7} {:>9}  top experts (last MoE layer: share of tokens)\n",
             self.step, "domain", "loss", "bpb", "tokens"
         );
-        let last = self.routing.layers.len().checked_sub(1);
+        let last = self.router_log.layers.len().checked_sub(1);
         for (d, eval) in self.domains.iter().enumerate() {
             let mut line = format!(
                 "{:<14} {:>9.4} {:>7.4} {:>9}",
@@ -326,7 +326,7 @@ pub fn evaluate(
         .filter(|&l| cfg.model.is_moe_layer(l))
         .collect();
     let domains = dataset.domains().to_vec();
-    let mut accumulator = RouterAccumulator::new(
+    let mut accumulator = RouterLogger::new(
         moe_layers,
         domains.clone(),
         cfg.model.moe.n_experts,
@@ -409,7 +409,7 @@ pub fn evaluate(
     Ok(EvalReport {
         step,
         domains: results,
-        routing: crate::routing_counts::reduce_counts(comm, accumulator.snapshot(step)?),
+        router_log: crate::router_logger::reduce(comm, accumulator.snapshot(step)?),
         tasks,
     })
 }

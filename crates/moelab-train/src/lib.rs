@@ -16,7 +16,7 @@ pub mod interrupt;
 pub mod loss;
 pub mod mix;
 pub mod optim;
-pub mod routing_counts;
+pub mod router_logger;
 pub mod run;
 pub mod sample;
 pub mod schedule;

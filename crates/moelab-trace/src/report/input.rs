@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::error::{Result, TraceError};
-use crate::router_log::{self, RouterCounts};
+use crate::router_log::{self, RouterLog};
 use crate::trace::{self, Trace};
 
 /// One named run (or checkpoint) to analyse: router counts, optionally per chunk and a trace.
@@ -13,9 +13,9 @@ pub struct AnalysisInput {
     /// Display name (also the sub-directory of the report).
     pub name: String,
     /// Summed router counts (a run's total, or a trace's aggregate).
-    pub counts: RouterCounts,
+    pub counts: RouterLog,
     /// The router-log chunks the total was summed from, by step (empty when not from a log).
-    pub chunks: Vec<RouterCounts>,
+    pub chunks: Vec<RouterLog>,
     /// The per-token trace, when the input is a trace directory.
     pub trace: Option<Trace>,
     /// Text of each token id (the run's tokenizer), for readable vocabulary tables.
@@ -33,7 +33,7 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "run".to_string());
     // A run folder `R/router` is named after R.
-    let run_name = if stem == router_log::ROUTER_DIR {
+    let run_name = if stem == router_log::ROUTER_LOG_DIR {
         path.parent().map_or(stem.clone(), run_label)
     } else {
         run_label(path)
@@ -77,7 +77,7 @@ pub fn load_input(path: &Path) -> Result<AnalysisInput> {
             reason: format!(
                 "no {} (trace dir), no {}/chunk-*.safetensors (run dir) and no chunk files",
                 trace::TRACE_FILE,
-                router_log::ROUTER_DIR
+                router_log::ROUTER_LOG_DIR
             ),
         });
     }

@@ -193,13 +193,13 @@ fn write_all_inputs(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::router_log::{self, RouterCounts};
+    use crate::router_log::{self, RouterLog};
     use crate::test_util::tmp_dir;
     use crate::trace::tests::small_trace;
     use std::fs;
 
-    fn chunk(step_start: u64, step_end: u64, skew: i64) -> RouterCounts {
-        let mut c = RouterCounts::new(vec![0, 1], vec!["web".into(), "math".into()], 4, 2);
+    fn chunk(step_start: u64, step_end: u64, skew: i64) -> RouterLog {
+        let mut c = RouterLog::new(vec![0, 1], vec!["web".into(), "math".into()], 4, 2);
         c.step_start = step_start;
         c.step_end = step_end;
         c.tokens = vec![10, 10];

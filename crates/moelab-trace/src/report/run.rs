@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::analysis::{self, DomainJsd, SpecializationOverSteps};
 use crate::error::Result;
 use crate::plot::{Heatmap, Lines};
-use crate::router_log::RouterCounts;
+use crate::router_log::RouterLog;
 
 use super::input::AnalysisInput;
 use super::per_token;
@@ -119,7 +119,7 @@ pub(super) fn analyze_run(
 }
 
 /// The block index of MoE layer `l` (its position when the counts name no layers).
-fn layer_name(c: &RouterCounts, l: usize) -> usize {
+fn layer_name(c: &RouterLog, l: usize) -> usize {
     c.layers.get(l).copied().unwrap_or(l)
 }
 
@@ -223,7 +223,7 @@ fn write_domain_share(
 }
 
 /// The top-experts-per-domain markdown table; returns the same as JSON.
-fn write_top_experts(md: &mut String, c: &RouterCounts) -> Vec<serde_json::Value> {
+fn write_top_experts(md: &mut String, c: &RouterLog) -> Vec<serde_json::Value> {
     let top: Vec<serde_json::Value> = (0..c.n_layers())
         .flat_map(|l| {
             (0..c.n_domains()).map(move |d| {
@@ -341,7 +341,7 @@ fn mean_off_diagonal(m: &[Vec<Option<f64>>]) -> Option<f64> {
 }
 
 /// Expert load per layer as CSV; returns the per-layer imbalance (max / mean).
-fn write_expert_load(w: &mut Out, c: &RouterCounts, dir: &str) -> Result<Vec<Option<f64>>> {
+fn write_expert_load(w: &mut Out, c: &RouterLog, dir: &str) -> Result<Vec<Option<f64>>> {
     let imbalance = analysis::load_imbalance(c);
     let mut rows = Vec::new();
     for (l, imb) in imbalance.iter().enumerate() {

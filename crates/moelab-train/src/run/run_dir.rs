@@ -66,7 +66,7 @@ impl RunDir {
         self.root.join("router")
     }
 
-    /// Evaluations: `step-N.json` and `step-N/` routing counts.
+    /// Evaluations: `step-N.json` and `step-N/` (the validation set's router log).
     pub fn eval(&self) -> PathBuf {
         self.root.join("eval")
     }
@@ -77,8 +77,8 @@ impl RunDir {
             .join(format!("{}.json", checkpoint::dir_name(step)))
     }
 
-    /// The validation-set routing counts of the evaluation after `step` steps.
-    pub fn eval_counts(&self, step: u64) -> PathBuf {
+    /// The validation set's router log of the evaluation after `step` steps.
+    pub fn eval_router_log(&self, step: u64) -> PathBuf {
         self.eval().join(checkpoint::dir_name(step))
     }
 

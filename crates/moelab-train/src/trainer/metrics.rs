@@ -336,7 +336,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::trainer::tensorboard::tests::read_events;
-    use moelab_trace::router_log::RouterCounts;
+    use moelab_trace::router_log::RouterLog;
 
     fn scratch(name: &str) -> RunDir {
         let root =
@@ -401,7 +401,7 @@ mod tests {
                 // Domains without validation tokens have no loss, as in metrics.jsonl.
                 domain_eval("math", 0.0, 0),
             ],
-            routing: RouterCounts::new(vec![1], vec!["web".into(), "math".into()], 4, 2),
+            router_log: RouterLog::new(vec![1], vec!["web".into(), "math".into()], 4, 2),
             tasks: vec![crate::tasks::TaskScore {
                 name: "arith".into(),
                 examples: 2,

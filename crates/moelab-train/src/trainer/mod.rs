@@ -23,7 +23,7 @@ use crate::dist::expert_parallel::ExpertParallel;
 use crate::dist::{self, Collective, Shown, Single};
 use crate::eval::{evaluate, EvalReport, ValidationCheck};
 use crate::interrupt;
-use crate::routing_counts::RouterAccumulator;
+use crate::router_logger::RouterLogger;
 use crate::run::checkpoint::{self, TrainState};
 use crate::run::device::{check_memory, open_device, set_threads};
 use crate::run::{RunDir, RunLock};
@@ -211,7 +211,7 @@ pub struct Trainer {
     schedule: Schedule,
     checkpointer: Checkpointer,
     metrics: MetricsLogger,
-    router_log: RouterAccumulator,
+    router_log: RouterLogger,
     /// Expert parallelism's groups, registered on this thread for the model's exchanges; kept
     /// as long as the learner whose model uses them (dropped after it: fields drop in order).
     _ep: Option<ExpertParallel>,
@@ -440,7 +440,7 @@ impl Trainer {
         let moe_layers: Vec<usize> = (0..cfg.model.n_layers)
             .filter(|&l| cfg.model.is_moe_layer(l))
             .collect();
-        let router_log = RouterAccumulator::new(
+        let router_log = RouterLogger::new(
             moe_layers,
             dataset.domains().to_vec(),
             cfg.model.moe.n_experts,

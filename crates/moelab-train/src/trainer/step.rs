@@ -20,7 +20,7 @@ use crate::loss::{self, LossValues, LossWeights};
 use crate::optim::{
     clip_scale, AdamW, AdamWParams, Optimizer, ReplicatedOptimizer, ShardedAdamW, ShardedOptimizer,
 };
-use crate::routing_counts::RouterAccumulator;
+use crate::router_logger::RouterLogger;
 use crate::run::checkpoint::Checkpoint;
 use crate::run::load::{model_tensors, named_params, restore_model};
 use crate::{Config, TrainError};
@@ -308,7 +308,7 @@ impl Learner {
         step: u64,
         lr: f64,
         comm: &dyn Collective,
-        router_log: &mut RouterAccumulator,
+        router_log: &mut RouterLogger,
         on_phase: &mut (dyn FnMut(Phase) + Send),
     ) -> Result<StepOutcome, TrainError> {
         match self.cpu_pool.take() {
@@ -335,7 +335,7 @@ impl Learner {
         step: u64,
         lr: f64,
         comm: &dyn Collective,
-        router_log: &mut RouterAccumulator,
+        router_log: &mut RouterLogger,
         on_phase: &mut (dyn FnMut(Phase) + Send),
         lanes: usize,
     ) -> Result<StepOutcome, TrainError> {
@@ -365,7 +365,7 @@ impl Learner {
         batch: &Batch,
         step: u64,
         comm: &dyn Collective,
-        router_log: &mut RouterAccumulator,
+        router_log: &mut RouterLogger,
         on_phase: &mut (dyn FnMut(Phase) + Send),
         lanes: usize,
     ) -> Result<Accumulated, TrainError> {
@@ -723,11 +723,11 @@ mod tests {
         }
     }
 
-    fn router_log(cfg: &Config) -> RouterAccumulator {
+    fn router_log(cfg: &Config) -> RouterLogger {
         let layers = (0..cfg.model.n_layers)
             .filter(|&l| cfg.model.is_moe_layer(l))
             .collect();
-        RouterAccumulator::new(
+        RouterLogger::new(
             layers,
             vec!["a".into(), "b".into()],
             cfg.model.moe.n_experts,

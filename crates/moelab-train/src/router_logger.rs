@@ -1,22 +1,23 @@
-//! Router-activation logging: top-k assignment counts and summed gate weights per
-//! (layer, domain, expert), accumulated on the model's device and flushed to `router/` chunks.
+//! The router log's writer ([`RouterLogger`]): top-k assignment counts and summed gate weights
+//! per (layer, domain, expert), accumulated on the model's device and flushed as router-log
+//! chunks into the run's `router/` folder.
 //!
 //! Accumulation is two `index_add`s per MoE layer per micro-batch on the device; nothing is
 //! copied to the host until a flush. Counts are of the router's choices (before any capacity
-//! drop). The file format lives in moelab-trace (`router_log`), next to its reader.
+//! drop). The format ([`RouterLog`]) lives in moelab-trace (`router_log`), next to its reader.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use moelab_model::LayerRouting;
-use moelab_trace::router_log::{write_chunk, RouterCounts};
+use moelab_trace::router_log::{write_chunk, RouterLog};
 
 use crate::dist::Collective;
 use crate::TrainError;
 
 /// Running sums since the last flush.
 #[derive(Debug)]
-pub struct RouterAccumulator {
+pub struct RouterLogger {
     layers: Vec<usize>,
     domains: Vec<String>,
     n_experts: usize,
@@ -30,7 +31,7 @@ pub struct RouterAccumulator {
     step_start: Option<u64>,
 }
 
-impl RouterAccumulator {
+impl RouterLogger {
     /// Empty sums for `layers` (block indices of the MoE layers).
     pub fn new(
         layers: Vec<usize>,
@@ -91,8 +92,8 @@ impl RouterAccumulator {
     }
 
     /// The sums so far as a router-log chunk ending at `step_end`.
-    pub fn snapshot(&self, step_end: u64) -> Result<RouterCounts, TrainError> {
-        let mut chunk = RouterCounts::new(
+    pub fn snapshot(&self, step_end: u64) -> Result<RouterLog, TrainError> {
+        let mut chunk = RouterLog::new(
             self.layers.clone(),
             self.domains.clone(),
             self.n_experts,
@@ -127,7 +128,7 @@ impl RouterAccumulator {
         if self.step_start.is_none() {
             return Ok(None);
         }
-        let chunk = reduce_counts(comm, self.snapshot(step_end)?);
+        let chunk = reduce(comm, self.snapshot(step_end)?);
         let path = if comm.rank() == 0 {
             Some(write_chunk(dir, &chunk)?)
         } else {
@@ -144,7 +145,7 @@ impl RouterAccumulator {
 
 /// `chunk` with its counts, gate sums and tokens summed over the ranks of `comm` (counts are
 /// integers far below 2^53, exact in f64).
-pub fn reduce_counts(comm: &dyn Collective, mut chunk: RouterCounts) -> RouterCounts {
+pub fn reduce(comm: &dyn Collective, mut chunk: RouterLog) -> RouterLog {
     if comm.world_size() == 1 {
         return chunk;
     }
