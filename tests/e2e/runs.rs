@@ -447,4 +447,27 @@ fn a_domain_too_small_for_validation_is_a_warning_at_startup_not_an_error() {
         err.contains("validation tokens per domain") && err.contains("warning: domain `notes`"),
         "{err}"
     );
+    // Tracing and dumping logits leave notes out, saying so, instead of failing.
+    let out = moelab(&["trace", arg(&run), "--out", arg(&dir.join("trace"))]);
+    let shown = ok(&out);
+    let err = util::stderr(&out);
+    assert!(err.contains("warning: domain `notes` not traced"), "{err}");
+    assert!(
+        shown.contains("prose") && !shown.contains("notes"),
+        "{shown}"
+    );
+    let logits = dir.join("logits.safetensors");
+    let out = moelab(&[
+        "eval",
+        arg(&run),
+        "--dump-logits",
+        arg(&logits),
+        "--tokens",
+        "8",
+    ]);
+    let shown = ok(&out);
+    assert!(
+        shown.contains("wrote logits of 3 sequences x 8 tokens") && !shown.contains("notes"),
+        "{shown}"
+    );
 }

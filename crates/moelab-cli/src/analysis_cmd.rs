@@ -106,6 +106,13 @@ pub fn trace(args: TraceArgs) -> anyhow::Result<()> {
     let trace = trace_checkpoint(&args.checkpoint, &options)?;
     trace.write(&args.out)?;
     let tokens = tokens_per_domain(&trace);
+    let asked = |d: &str| options.domains.is_empty() || options.domains.iter().any(|a| a == d);
+    for (domain, _) in tokens.iter().filter(|(d, n)| *n == 0 && asked(d)) {
+        eprintln!(
+            "warning: domain `{domain}` not traced: its validation split holds no whole \
+             sequence (`moelab data inspect` shows its validation tokens)"
+        );
+    }
     if args.json {
         let json = serde_json::json!({
             "out": args.out,

@@ -924,32 +924,7 @@ pub fn terminal_table(rows: &[ComparisonRow]) -> String {
             has_aligned,
         ));
     }
-    let widths: Vec<usize> = (0..cells[0].len())
-        .map(|c| {
-            cells
-                .iter()
-                .map(|l| l.get(c).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for line in &cells {
-        let padded: Vec<String> = line
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (s, w))| {
-                if c == 0 {
-                    format!("{s:<w$}")
-                } else {
-                    format!("{s:>w$}")
-                }
-            })
-            .collect();
-        out.push_str(padded.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&cells);
     if !one_seed {
         out +=
             "~ = inside the noise (delta interval holds 0, or JSD at or below the noise floor)\n";
@@ -966,6 +941,74 @@ pub fn terminal_table(rows: &[ComparisonRow]) -> String {
             "! fewer than {MIN_RELIABLE_VAL_TOKENS} validation tokens behind a loss: a few \
              documents decide it"
         );
+    }
+    out
+}
+
+/// Bits per byte per domain (rows) and variant (columns; mean over seeds), the other variants
+/// with their delta against the baseline at the same seed: the losses of [`terminal_table`] in a
+/// unit that does not depend on the tokenizer. Empty when no run recorded its bytes.
+pub fn terminal_bpb_table(rows: &[ComparisonRow]) -> String {
+    if rows.iter().all(|r| r.val_bpb.is_none()) {
+        return String::new();
+    }
+    let mut variants: Vec<&str> = Vec::new();
+    let mut domains: Vec<&str> = Vec::new();
+    for r in rows {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+        if !domains.contains(&r.domain.as_str()) {
+            domains.push(&r.domain);
+        }
+    }
+    let mut header = vec!["domain (bits per byte)".to_string()];
+    header.extend(variants.iter().map(|v| v.to_string()));
+    let mut cells = vec![header];
+    for d in &domains {
+        let mut line = vec![d.to_string()];
+        for (i, v) in variants.iter().enumerate() {
+            let row = rows.iter().find(|r| r.domain == *d && r.variant == *v);
+            let mut cell = row
+                .and_then(|r| r.val_bpb)
+                .map_or_else(|| "-".to_string(), |x| format!("{x:.4}"));
+            if let (true, Some(delta)) = (i > 0, row.and_then(|r| r.delta_bpb)) {
+                cell += &format!(" ({delta:+.4})");
+            }
+            line.push(cell);
+        }
+        cells.push(line);
+    }
+    columns(&cells)
+}
+
+/// `cells` as text columns: the first left-aligned, the others right-aligned, two spaces apart.
+fn columns(cells: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..cells.first().map_or(0, Vec::len))
+        .map(|c| {
+            cells
+                .iter()
+                .map(|l| l.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for line in cells {
+        let padded: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (s, w))| {
+                if c == 0 {
+                    format!("{s:<w$}")
+                } else {
+                    format!("{s:>w$}")
+                }
+            })
+            .collect();
+        out.push_str(padded.join("  ").trim_end());
+        out.push('\n');
     }
     out
 }
@@ -1338,12 +1381,13 @@ mod tests {
         };
         let mut code = row("no_code", "code", 2.5, 0.5, 0.2);
         code.val_tokens = Some(249);
-        let text = terminal_table(&[
+        let rows = [
             row("base", "web", 3.0, 0.0, 0.0),
             row("base", "code", 2.0, 0.0, 0.0),
             row("no_code", "web", 2.9, -0.1, 0.01),
             code,
-        ]);
+        ];
+        let text = terminal_table(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5, "header, two domains, two legends: {text}");
         for needle in [
@@ -1367,6 +1411,20 @@ mod tests {
             "{text}"
         );
         assert!(lines[4].starts_with("! fewer than 16384"), "{text}");
+        // The same losses in bits per byte, the variant's with its delta.
+        let bpb = terminal_bpb_table(&rows);
+        let bpb_lines: Vec<&str> = bpb.lines().collect();
+        assert_eq!(bpb_lines.len(), 3, "{bpb}");
+        assert!(
+            bpb_lines[0].starts_with("domain (bits per byte)") && bpb_lines[0].ends_with("no_code")
+        );
+        assert!(
+            bpb_lines[2].starts_with("code") && bpb_lines[2].ends_with("1.2500 (+0.2500)"),
+            "{bpb}"
+        );
+        let mut no_bytes = rows.to_vec();
+        no_bytes.iter_mut().for_each(|r| r.val_bpb = None);
+        assert_eq!(terminal_bpb_table(&no_bytes), "");
     }
 
     #[test]

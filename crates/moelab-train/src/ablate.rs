@@ -584,9 +584,16 @@ pub fn final_eval(run_dir: &Path, step: u64) -> Result<FinalEval, TrainError> {
 
 /// The compact terminal table of a comparison (see [`moelab_trace::compare::terminal_table`]):
 /// per domain its validation tokens, each variant's loss, delta, raw and aligned JSD, and the
-/// noise floors, or "n/a (one seed)".
+/// noise floors, or "n/a (one seed)"; then the losses in bits per byte
+/// ([`moelab_trace::compare::terminal_bpb_table`]).
 pub fn table(rows: &[ComparisonRow]) -> String {
-    moelab_trace::compare::terminal_table(rows)
+    let bpb = moelab_trace::compare::terminal_bpb_table(rows);
+    let table = moelab_trace::compare::terminal_table(rows);
+    if bpb.is_empty() {
+        table
+    } else {
+        format!("{table}\n{bpb}")
+    }
 }
 
 #[cfg(test)]

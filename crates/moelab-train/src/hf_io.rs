@@ -482,7 +482,7 @@ pub fn import(hf_dir: &Path, out: &Path, run_config: &Path) -> Result<ImportSumm
 /// What `moelab eval --dump-logits` wrote.
 #[derive(Debug, Clone)]
 pub struct DumpSummary {
-    /// Sequences (one per domain).
+    /// Sequences (one per domain that has a validation sequence).
     pub sequences: usize,
     /// Tokens per sequence.
     pub tokens: usize,
@@ -491,7 +491,7 @@ pub struct DumpSummary {
 }
 
 /// Writes the logits of the checkpoint's model on the first validation sequence of every domain
-/// (at most `tokens` tokens each) to `file`: `input_ids` I64 (B, T), `logits` F32 (B, T, V).
+/// that has one (at most `tokens` tokens each; [`DumpSummary::domains`] names the rows) to `file`: `input_ids` I64 (B, T), `logits` F32 (B, T, V).
 pub fn dump_logits(
     checkpoint: &Path,
     file: &Path,
@@ -505,13 +505,19 @@ pub fn dump_logits(
         return Err(TrainError::Argument("--tokens must be at least 1".into()));
     }
     let mut ids = Vec::new();
-    let domains = dataset.domains().to_vec();
-    for (d, domain) in domains.iter().enumerate() {
+    let mut domains = Vec::new();
+    // A domain whose validation split holds no whole sequence has no row.
+    let plan = dataset.validation_plan(cfg.data.seq_len, cfg.data.seq_len as u64);
+    for (d, domain) in dataset.domains().iter().enumerate() {
+        if plan.get(d).is_some_and(|p| p.shortfall.is_some()) {
+            continue;
+        }
         let batches =
             dataset.validation_batches(d, cfg.data.seq_len, cfg.data.seq_len as u64, 1)?;
         let first = batches.first().ok_or_else(|| {
             TrainError::Argument(format!("domain `{domain}` has no validation sequence"))
         })?;
+        domains.push(domain.clone());
         let sequence = first.tokens.get(..seq_len).ok_or_else(|| {
             TrainError::Argument(format!(
                 "domain `{domain}`: validation sequence shorter than {seq_len} tokens"
@@ -520,6 +526,13 @@ pub fn dump_logits(
         ids.extend_from_slice(sequence);
     }
     let b = domains.len();
+    if b == 0 {
+        return Err(TrainError::Argument(format!(
+            "{}: no domain of the dataset has a validation sequence of {} tokens",
+            checkpoint.display(),
+            cfg.data.seq_len
+        )));
+    }
     let input = Tensor::from_vec(ids.clone(), (b, seq_len), &device)?;
     let out = model
         .forward(&input, None, ForwardOptions::default())

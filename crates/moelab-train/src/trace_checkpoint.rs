@@ -61,12 +61,27 @@ pub fn trace_checkpoint(checkpoint: &Path, options: &TraceOptions) -> Result<Tra
         cfg.model.moe.top_k,
     )
     .checkpoint(checkpoint.display().to_string(), ckpt.state.step);
-    for domain in selected {
+    // A domain whose validation split holds no whole sequence is left out (its tokens stay 0,
+    // as in evaluation); only when nothing at all can be traced is that an error.
+    let plan = dataset.validation_plan(seq_len, max_tokens);
+    let mut short = Vec::new();
+    for &domain in &selected {
+        if let Some(why) = plan.get(domain).and_then(|p| p.shortfall.clone()) {
+            short.push(why);
+            continue;
+        }
         let batches =
             dataset.validation_batches(domain, seq_len, max_tokens, cfg.train.micro_batch)?;
         for batch in &batches {
             trace_batch(&model, batch, options.router_probs, &mut builder, &device)?;
         }
+    }
+    if short.len() == selected.len() {
+        return Err(TrainError::Argument(format!(
+            "{}: nothing to trace: {}",
+            checkpoint.display(),
+            short.join("; ")
+        )));
     }
     Ok(builder.finish())
 }
