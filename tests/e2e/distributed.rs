@@ -328,23 +328,64 @@ fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() 
     assert_runs_match(&fx.run_dir("one"), &fx.run_dir("ep"), 6, 1e-4);
 }
 
+/// Every folder under the run's checkpoints/ is a complete checkpoint (its tensors load and
+/// its completion marker is there); with `partial_allowed`, leftovers of an interrupted save
+/// (`.tmp-*`, which `--resume` removes) may be there too. Returns the complete steps.
+fn assert_no_half_checkpoint(run_dir: &Path, partial_allowed: bool) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for entry in std::fs::read_dir(run_dir.join("checkpoints")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            assert!(partial_allowed, "a partial save was left behind: {name}");
+            continue;
+        }
+        let step = name.strip_prefix("step-").and_then(|s| s.parse().ok());
+        let step: u64 = step.unwrap_or_else(|| panic!("not a checkpoint: {name}"));
+        assert!(path.join("state.json").is_file(), "{name} is incomplete");
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(!tensors(&path.join(file)).is_empty(), "{name}/{file}");
+        }
+        steps.push(step);
+    }
+    steps.sort();
+    steps
+}
+
 #[test]
 fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
-    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=0"]].concat();
+    // Checkpoints every 2 steps, so that the stop can land around a save.
+    let settings = [SETTINGS, &["train.steps=40", "checkpoint.interval=2"]].concat();
     let fx = Fixture::new("dist-stop", &settings);
     let mut job = mpirun(&fx, 2, "run", &["--set", "dist.timeout_s=2"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    // Rank 1's progress report (rewritten every second) names its process; wait for one from
+    // step 3 or later, so that the stop lands mid-run.
+    let report = fx.run_dir("run").join(".progress/rank-1.json");
     let start = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+    let rank1 = loop {
         assert!(job.try_wait().unwrap().is_none(), "the job ended early");
         assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        let said: Option<serde_json::Value> = std::fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(said) = said.filter(|r| r["step"].as_u64().unwrap() >= 3) {
+            assert_eq!(
+                (said["rank"].as_u64(), said["world"].as_u64()),
+                (Some(1), Some(2))
+            );
+            break said["pid"].as_u64().unwrap() as u32;
+        }
         std::thread::sleep(Duration::from_millis(5));
-    }
-    let rank1 = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    };
+    assert_eq!(
+        rank_pid(job.id(), 1),
+        Some(rank1),
+        "the report names rank 1's process"
+    );
     let signal = |sig: &str| {
         Command::new("kill")
             .args([sig, &rank1.to_string()])
@@ -364,7 +405,22 @@ fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
         "{err}"
     );
     assert!(err.contains("the collective `"), "{err}");
+    // The progress reports name the rank that stopped, not only the one that waited.
+    assert!(
+        err.contains(
+            "rank 1 stopped responding (stopped, hung or unreachable): its last progress report"
+        ),
+        "{err}"
+    );
     assert!(waited < Duration::from_secs(60), "ended after {waited:?}");
+    // No half checkpoint: every step folder is complete, and resuming (one process) leaves no
+    // partial save behind and finishes the run.
+    let run = fx.run_dir("run");
+    let before = assert_no_half_checkpoint(&run, true);
+    assert!(!before.contains(&40), "stopped mid-run: {before:?}");
+    ok(&fx.train("run", &["--resume", "auto"]));
+    let after = assert_no_half_checkpoint(&run, false);
+    assert!(after.contains(&40), "{after:?}");
 }
 
 #[test]
@@ -479,10 +535,13 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
     }
     let out = job.wait_with_output().unwrap();
     let err = fails(&out);
+    // mpirun names it: "mpirun noticed that process rank 1 with PID ... exited on signal 9".
     assert!(
-        err.contains("rank 1"),
+        err.contains("process rank 1 "),
         "the error names the killed rank: {err}"
     );
+    // Saves are written to a temporary folder and renamed: no step folder is half written.
+    assert_no_half_checkpoint(&fx.run_dir("killed"), true);
     let done: Vec<String> = std::fs::read_dir(fx.run_dir("killed").join("checkpoints"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -503,6 +562,9 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
     assert!(status.success());
     ok(&run_mpi(&fx, 2, "killed", &["--resume", "auto"]));
     ok(&fx.train("killed-one", &["--resume", "auto"]));
+    for resumed in ["killed", "killed-one"] {
+        assert_no_half_checkpoint(&fx.run_dir(resumed), false);
+    }
     for resumed in ["killed", "killed-one"] {
         let (a, b) = (
             logged(&fx.run_dir("straight")),
