@@ -298,22 +298,20 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
     }
 }
 
-#[test]
-fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() {
-    // Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
-    let settings = [SETTINGS, &["train.micro_batch=2"]].concat();
-    let fx = Fixture::new("dist-ep4", &settings);
+/// Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
+const FOUR_RANKS: &[&str] = &["train.micro_batch=2"];
+
+/// `mpirun -n 4` with EP 2 x expert-DP 2 (and ZeRO-1 over each group with `shard`) against one
+/// process of the same global batch; each rank reports its experts.
+fn expert_parallel_by_data_parallel_matches_one_rank(name: &str, shard: bool) {
+    let fx = Fixture::new(name, &[SETTINGS, FOUR_RANKS].concat());
     ok(&fx.train("one", &[]));
+    let shard = format!("train.shard_optimizer={shard}");
     let out = run_mpi(
         &fx,
         4,
         "ep",
-        &[
-            "--set",
-            "dist.expert_parallel=2",
-            "--set",
-            "train.shard_optimizer=true",
-        ],
+        &["--set", "dist.expert_parallel=2", "--set", &shard],
     );
     ok(&out);
     let said =
@@ -326,6 +324,86 @@ fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() 
     }
     // Reduction order (the experts' rows, ZeRO-1's reduce-scatter) as above.
     assert_runs_match(&fx.run_dir("one"), &fx.run_dir("ep"), 6, 1e-4);
+}
+
+#[test]
+fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() {
+    expert_parallel_by_data_parallel_matches_one_rank("dist-ep4", true);
+}
+
+#[test]
+fn expert_parallel_by_data_parallel_on_four_ranks_without_zero1_matches_one_rank() {
+    expert_parallel_by_data_parallel_matches_one_rank("dist-ep4-dp", false);
+}
+
+/// The router-log chunks of `b` (a run resumed part-way) equal `a`'s chunks of the same steps.
+fn assert_router_counts_match_from(a: &Path, b: &Path) {
+    let (ra, rb) = (
+        read_dir(&a.join("router")).unwrap(),
+        read_dir(&b.join("router")).unwrap(),
+    );
+    assert!(!rb.is_empty());
+    for y in &rb {
+        let x = ra
+            .iter()
+            .find(|x| (x.step_start, x.step_end) == (y.step_start, y.step_end))
+            .unwrap_or_else(|| panic!("no chunk of steps {}..{}", y.step_start, y.step_end));
+        assert_eq!(
+            x.counts, y.counts,
+            "router counts of steps {}..{}",
+            y.step_start, y.step_end
+        );
+    }
+}
+
+#[test]
+fn a_checkpoint_moves_from_ep_2_to_one_process_to_ep_2_by_dp_2_and_matches_one_run() {
+    // Checkpoints every 2 steps: EP 2 on 2 ranks writes step 2, one process continues it to
+    // step 4, EP 2 x DP 2 on 4 ranks from there to 6.
+    let settings = [SETTINGS, FOUR_RANKS, &["checkpoint.interval=2"]].concat();
+    let fx = Fixture::new("dist-ep-chain", &settings);
+    ok(&fx.train("one", &[]));
+    let ep2 = ["--set", "dist.expert_parallel=2"];
+    ok(&run_mpi(&fx, 2, "ep2", &ep2));
+    let ckpt = fx.checkpoint("ep2", 2);
+    ok(&fx.train("single", &["--resume", ckpt.to_str().unwrap()]));
+    let ckpt = fx.checkpoint("single", 4);
+    let resume = ["--resume", ckpt.to_str().unwrap()];
+    ok(&run_mpi(&fx, 4, "ep4", &[&ep2[..], &resume[..]].concat()));
+    // Each leg matches the uninterrupted run where it trained, with the EP tests' tolerances:
+    // everything logged to 1e-5 (losses to 1e-6), router counts equal, weights and moments
+    // to 1e-4 of each tensor's scale.
+    let one = fx.run_dir("one");
+    for (run, steps) in [("ep2", 1..=2), ("single", 3..=4), ("ep4", 5..=6)] {
+        let (a, b) = (
+            step_lines(&one, steps.clone()),
+            step_lines(&fx.run_dir(run), steps),
+        );
+        assert_eq!(a.len(), 2, "{run}");
+        assert_eq!(b.len(), 2, "{run}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_close(x, y, 1e-5, &format!("{run} step {}", x["step"]));
+            assert_close(
+                &x["loss"],
+                &y["loss"],
+                1e-6,
+                &format!("{run} step {} loss", x["step"]),
+            );
+        }
+    }
+    let ep4 = fx.run_dir("ep4");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let path = format!("checkpoints/step-00000006/{file}");
+        assert_tensors_close(&one.join(&path), &ep4.join(&path), 1e-4);
+    }
+    for run in ["ep2", "single", "ep4"] {
+        assert_router_counts_match_from(&one, &fx.run_dir(run));
+    }
+    let eval = "eval/step-00000006.json";
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join(eval)).unwrap()).unwrap()
+    };
+    assert_close(&read_json(&one), &read_json(&ep4), 1e-5, eval);
 }
 
 /// Every folder under the run's checkpoints/ is a complete checkpoint (its tensors load and
