@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use moelab_trace::router_log::read_dir;
 
 use crate::fixture::{wait_for, Fixture};
-use crate::util::{fails, ok, repo_root};
+use crate::util::{arg, fails, moelab, ok, repo_root};
 
 /// The runs update the expert biases (from the reduced loads) and evaluate mid-run.
 const SETTINGS: &[&str] = &[
@@ -57,7 +57,14 @@ fn logged(run_dir: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| {
             let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
-            for timing in ["tokens_per_s", "mfu", "time", "elapsed_s"] {
+            // Timing, and the expert-parallel traffic a one-process run does not have.
+            for timing in [
+                "tokens_per_s",
+                "mfu",
+                "time",
+                "elapsed_s",
+                "ep_all_to_all_bytes",
+            ] {
                 v.as_object_mut().unwrap().remove(timing);
             }
             v
@@ -273,6 +280,19 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
         }
     }
     assert_runs_match(&one, &ep, 6, 1e-4);
+    // Top-2: the traffic depends on the routing; model-info's formula is the uniform case
+    // (half of each rank's 128 x 2 choices per layer leave it), printed against the measured
+    // mean for docs/DISTRIBUTED.md.
+    let measured = assert_all_to_all_bytes_fit_the_routing(&ep, 6);
+    let planned = planned_all_to_all_bytes(&fx, &[]);
+    assert_eq!(
+        planned,
+        MOE_LAYERS * (4 * MICRO_BATCH_TOKENS * D_MODEL * 4 + COUNT_BYTES)
+    );
+    eprintln!(
+        "EP 2 all-to-all bytes per rank per step: measured mean {measured:.0}, model-info {planned} ({:.3}x)",
+        measured / planned as f64
+    );
     // The checkpoint holds every expert once, as a one-process run's does.
     let model = "checkpoints/step-00000003/model.safetensors";
     let (full, gathered) = (tensors(&one.join(model)), tensors(&ep.join(model)));
@@ -324,6 +344,104 @@ fn expert_parallel_by_data_parallel_matches_one_rank(name: &str, shard: bool) {
     }
     // Reduction order (the experts' rows, ZeRO-1's reduce-scatter) as above.
     assert_runs_match(&fx.run_dir("one"), &fx.run_dir("ep"), 6, 1e-4);
+}
+
+/// The e2e config's shapes: d_model 32, 2 MoE layers, 4 experts; micro-batches of 4 x 32
+/// tokens, one per rank per step on 2 ranks.
+const D_MODEL: u64 = 32;
+const MOE_LAYERS: u64 = 2;
+const MICRO_BATCH_TOKENS: u64 = 4 * 32;
+/// Bytes of the counts a rank sends per MoE layer and micro-batch with EP 2 of 4 experts: the
+/// other rank's 2 experts, 8 B each.
+const COUNT_BYTES: u64 = 2 * 8;
+
+/// Each logged step's `ep_all_to_all_bytes` under EP 2 on 2 ranks of the e2e config is what
+/// the routing allows: a rank sends the rows of its tokens' choices on the other rank
+/// (dispatch forward and, as the combine's gradient, backward) and the rows it received back
+/// (the experts' outputs forward, the dispatch's gradient backward), f32 rows of d_model, plus
+/// the counts. So per rank the row bytes are a multiple of 2 x d x 4, at most 4 x the tokens'
+/// choices; over both ranks what is sent is received, so they are a multiple of 4 x d x 4.
+/// Returns the mean bytes per rank per step.
+fn assert_all_to_all_bytes_fit_the_routing(run: &Path, steps: usize) -> f64 {
+    let raw = raw_step_lines(run);
+    assert_eq!(raw.len(), steps);
+    let counts = MOE_LAYERS * COUNT_BYTES;
+    let choices = MOE_LAYERS * MICRO_BATCH_TOKENS * 2; // top-2
+    let mut total = 0;
+    for line in &raw {
+        let by_rank: Vec<u64> = line["ep_all_to_all_bytes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no ep_all_to_all_bytes: {line}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(by_rank.len(), 2, "{line}");
+        for &b in &by_rank {
+            assert!(b > counts, "{line}");
+            let rows = b - counts;
+            assert_eq!(rows % (2 * D_MODEL * 4), 0, "{line}");
+            assert!(rows <= 4 * choices * D_MODEL * 4, "{line}");
+        }
+        let rows: u64 = by_rank.iter().map(|b| b - counts).sum();
+        assert_eq!(rows % (4 * D_MODEL * 4), 0, "{line}");
+        total += by_rank.iter().sum::<u64>();
+    }
+    total as f64 / (2 * steps) as f64
+}
+
+/// The training lines of metrics.jsonl as written (nothing dropped).
+fn raw_step_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["loss"].is_number())
+        .collect()
+}
+
+/// `model-info CONFIG --ranks 2 --expert-parallel 2 --json` with `settings`: the formula's
+/// all-to-all bytes one rank sends per step.
+fn planned_all_to_all_bytes(fx: &Fixture, settings: &[&str]) -> u64 {
+    let mut args = vec![
+        "model-info",
+        arg(&fx.config),
+        "--ranks",
+        "2",
+        "--expert-parallel",
+        "2",
+        "--json",
+    ];
+    for s in settings {
+        args.extend(["--set", s]);
+    }
+    let info: serde_json::Value = serde_json::from_str(&ok(&moelab(&args))).unwrap();
+    info["parallel"]["all_to_all_bytes_per_step"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no parallel.all_to_all_bytes_per_step: {info}"))
+}
+
+#[test]
+fn expert_parallel_all_to_all_bytes_are_the_routing_s_and_model_info_s() {
+    // Every token chooses all 4 experts, so each rank sends exactly half its choices to the
+    // other rank, whatever the router learns: the count is exact and is the formula's uniform
+    // case. Per rank and step: 2 MoE layers x (4 all-to-alls x 128 tokens x 2 remote choices x
+    // 32 x 4 B + 2 counts x 8 B) = 262 176 B.
+    let top4 = ["model.moe.top_k=4"];
+    let settings = [SETTINGS, &top4, &["train.steps=3", "train.eval_interval=0"]].concat();
+    let fx = Fixture::new("dist-ep-bytes", &settings);
+    ok(&run_mpi(&fx, 2, "ep", &["--set", "dist.expert_parallel=2"]));
+    let exact = MOE_LAYERS * (4 * MICRO_BATCH_TOKENS * 2 * D_MODEL * 4 + COUNT_BYTES);
+    assert_eq!(exact, 262_176);
+    let lines = raw_step_lines(&fx.run_dir("ep"));
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        assert_eq!(
+            line["ep_all_to_all_bytes"],
+            serde_json::json!([exact, exact]),
+            "{line}"
+        );
+    }
+    assert_eq!(planned_all_to_all_bytes(&fx, &[]), exact);
 }
 
 #[test]

@@ -126,6 +126,8 @@ impl Drop for Armed {
             // A run that ends normally leaves no report behind.
             if let Some(dir) = state.reports.take() {
                 let _ = std::fs::remove_file(report_path(&dir, state.rank));
+                // The last rank to finish removes the folder (it fails while others remain).
+                let _ = std::fs::remove_dir(&dir);
             }
         }
     }

@@ -536,6 +536,8 @@ impl Trainer {
             dist::watchdog::progress(self.state.step + 1, "forward");
             let lr = self.schedule.lr_at(self.state.step);
             let batch = batch?;
+            // Evaluations between steps exchange too: count this step's traffic only.
+            dist::expert_parallel::take_all_to_all_bytes();
             let outcome = self.learner.step(
                 &batch,
                 self.state.step,
@@ -547,6 +549,11 @@ impl Trainer {
                     batch.n_sequences / self.cfg.train.micro_batch,
                 ),
             )?;
+            if self._ep.is_some() {
+                let sent = dist::expert_parallel::take_all_to_all_bytes();
+                let by_rank = self.comm.all_gather_u64(&[sent]);
+                self.metrics.set_ep_all_to_all_bytes(by_rank);
+            }
             self.state.step += 1;
             let tokens = (sequences * self.cfg.data.seq_len) as u64;
             self.state.tokens += tokens;
