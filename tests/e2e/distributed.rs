@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use moelab_trace::router_log::read_dir;
 
 use crate::fixture::{wait_for, Fixture};
-use crate::util::{fails, ok, repo_root};
+use crate::util::{arg, fails, moelab, ok, repo_root};
 
 /// The runs update the expert biases (from the reduced loads) and evaluate mid-run.
 const SETTINGS: &[&str] = &[
@@ -57,7 +57,14 @@ fn logged(run_dir: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|line| {
             let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
-            for timing in ["tokens_per_s", "mfu", "time", "elapsed_s"] {
+            // Timing, and the expert-parallel traffic a one-process run does not have.
+            for timing in [
+                "tokens_per_s",
+                "mfu",
+                "time",
+                "elapsed_s",
+                "ep_all_to_all_bytes",
+            ] {
                 v.as_object_mut().unwrap().remove(timing);
             }
             v
@@ -273,6 +280,19 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
         }
     }
     assert_runs_match(&one, &ep, 6, 1e-4);
+    // Top-2: the traffic depends on the routing; model-info's formula is the uniform case
+    // (half of each rank's 128 x 2 choices per layer leave it), printed against the measured
+    // mean for docs/DISTRIBUTED.md.
+    let measured = assert_all_to_all_bytes_fit_the_routing(&ep, 6);
+    let planned = planned_all_to_all_bytes(&fx, &[]);
+    assert_eq!(
+        planned,
+        MOE_LAYERS * (4 * MICRO_BATCH_TOKENS * D_MODEL * 4 + COUNT_BYTES)
+    );
+    eprintln!(
+        "EP 2 all-to-all bytes per rank per step: measured mean {measured:.0}, model-info {planned} ({:.3}x)",
+        measured / planned as f64
+    );
     // The checkpoint holds every expert once, as a one-process run's does.
     let model = "checkpoints/step-00000003/model.safetensors";
     let (full, gathered) = (tensors(&one.join(model)), tensors(&ep.join(model)));
@@ -298,22 +318,20 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
     }
 }
 
-#[test]
-fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() {
-    // Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
-    let settings = [SETTINGS, &["train.micro_batch=2"]].concat();
-    let fx = Fixture::new("dist-ep4", &settings);
+/// Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
+const FOUR_RANKS: &[&str] = &["train.micro_batch=2"];
+
+/// `mpirun -n 4` with EP 2 x expert-DP 2 (and ZeRO-1 over each group with `shard`) against one
+/// process of the same global batch; each rank reports its experts.
+fn expert_parallel_by_data_parallel_matches_one_rank(name: &str, shard: bool) {
+    let fx = Fixture::new(name, &[SETTINGS, FOUR_RANKS].concat());
     ok(&fx.train("one", &[]));
+    let shard = format!("train.shard_optimizer={shard}");
     let out = run_mpi(
         &fx,
         4,
         "ep",
-        &[
-            "--set",
-            "dist.expert_parallel=2",
-            "--set",
-            "train.shard_optimizer=true",
-        ],
+        &["--set", "dist.expert_parallel=2", "--set", &shard],
     );
     ok(&out);
     let said =
@@ -328,23 +346,242 @@ fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() 
     assert_runs_match(&fx.run_dir("one"), &fx.run_dir("ep"), 6, 1e-4);
 }
 
+/// The e2e config's shapes: d_model 32, 2 MoE layers, 4 experts; micro-batches of 4 x 32
+/// tokens, one per rank per step on 2 ranks.
+const D_MODEL: u64 = 32;
+const MOE_LAYERS: u64 = 2;
+const MICRO_BATCH_TOKENS: u64 = 4 * 32;
+/// Bytes of the counts a rank sends per MoE layer and micro-batch with EP 2 of 4 experts: the
+/// other rank's 2 experts, 8 B each.
+const COUNT_BYTES: u64 = 2 * 8;
+
+/// Each logged step's `ep_all_to_all_bytes` under EP 2 on 2 ranks of the e2e config is what
+/// the routing allows: a rank sends the rows of its tokens' choices on the other rank
+/// (dispatch forward and, as the combine's gradient, backward) and the rows it received back
+/// (the experts' outputs forward, the dispatch's gradient backward), f32 rows of d_model, plus
+/// the counts. So per rank the row bytes are a multiple of 2 x d x 4, at most 4 x the tokens'
+/// choices; over both ranks what is sent is received, so they are a multiple of 4 x d x 4.
+/// Returns the mean bytes per rank per step.
+fn assert_all_to_all_bytes_fit_the_routing(run: &Path, steps: usize) -> f64 {
+    let raw = raw_step_lines(run);
+    assert_eq!(raw.len(), steps);
+    let counts = MOE_LAYERS * COUNT_BYTES;
+    let choices = MOE_LAYERS * MICRO_BATCH_TOKENS * 2; // top-2
+    let mut total = 0;
+    for line in &raw {
+        let by_rank: Vec<u64> = line["ep_all_to_all_bytes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no ep_all_to_all_bytes: {line}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(by_rank.len(), 2, "{line}");
+        for &b in &by_rank {
+            assert!(b > counts, "{line}");
+            let rows = b - counts;
+            assert_eq!(rows % (2 * D_MODEL * 4), 0, "{line}");
+            assert!(rows <= 4 * choices * D_MODEL * 4, "{line}");
+        }
+        let rows: u64 = by_rank.iter().map(|b| b - counts).sum();
+        assert_eq!(rows % (4 * D_MODEL * 4), 0, "{line}");
+        total += by_rank.iter().sum::<u64>();
+    }
+    total as f64 / (2 * steps) as f64
+}
+
+/// The training lines of metrics.jsonl as written (nothing dropped).
+fn raw_step_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &serde_json::Value| l["loss"].is_number())
+        .collect()
+}
+
+/// `model-info CONFIG --ranks 2 --expert-parallel 2 --json` with `settings`: the formula's
+/// all-to-all bytes one rank sends per step.
+fn planned_all_to_all_bytes(fx: &Fixture, settings: &[&str]) -> u64 {
+    let mut args = vec![
+        "model-info",
+        arg(&fx.config),
+        "--ranks",
+        "2",
+        "--expert-parallel",
+        "2",
+        "--json",
+    ];
+    for s in settings {
+        args.extend(["--set", s]);
+    }
+    let info: serde_json::Value = serde_json::from_str(&ok(&moelab(&args))).unwrap();
+    info["parallel"]["all_to_all_bytes_per_step"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no parallel.all_to_all_bytes_per_step: {info}"))
+}
+
+#[test]
+fn expert_parallel_all_to_all_bytes_are_the_routing_s_and_model_info_s() {
+    // Every token chooses all 4 experts, so each rank sends exactly half its choices to the
+    // other rank, whatever the router learns: the count is exact and is the formula's uniform
+    // case. Per rank and step: 2 MoE layers x (4 all-to-alls x 128 tokens x 2 remote choices x
+    // 32 x 4 B + 2 counts x 8 B) = 262 176 B.
+    let top4 = ["model.moe.top_k=4"];
+    let settings = [SETTINGS, &top4, &["train.steps=3", "train.eval_interval=0"]].concat();
+    let fx = Fixture::new("dist-ep-bytes", &settings);
+    ok(&run_mpi(&fx, 2, "ep", &["--set", "dist.expert_parallel=2"]));
+    let exact = MOE_LAYERS * (4 * MICRO_BATCH_TOKENS * 2 * D_MODEL * 4 + COUNT_BYTES);
+    assert_eq!(exact, 262_176);
+    let lines = raw_step_lines(&fx.run_dir("ep"));
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        assert_eq!(
+            line["ep_all_to_all_bytes"],
+            serde_json::json!([exact, exact]),
+            "{line}"
+        );
+    }
+    assert_eq!(planned_all_to_all_bytes(&fx, &[]), exact);
+}
+
+#[test]
+fn expert_parallel_by_data_parallel_on_four_ranks_with_zero1_matches_one_rank() {
+    expert_parallel_by_data_parallel_matches_one_rank("dist-ep4", true);
+}
+
+#[test]
+fn expert_parallel_by_data_parallel_on_four_ranks_without_zero1_matches_one_rank() {
+    expert_parallel_by_data_parallel_matches_one_rank("dist-ep4-dp", false);
+}
+
+/// The router-log chunks of `b` (a run resumed part-way) equal `a`'s chunks of the same steps.
+fn assert_router_counts_match_from(a: &Path, b: &Path) {
+    let (ra, rb) = (
+        read_dir(&a.join("router")).unwrap(),
+        read_dir(&b.join("router")).unwrap(),
+    );
+    assert!(!rb.is_empty());
+    for y in &rb {
+        let x = ra
+            .iter()
+            .find(|x| (x.step_start, x.step_end) == (y.step_start, y.step_end))
+            .unwrap_or_else(|| panic!("no chunk of steps {}..{}", y.step_start, y.step_end));
+        assert_eq!(
+            x.counts, y.counts,
+            "router counts of steps {}..{}",
+            y.step_start, y.step_end
+        );
+    }
+}
+
+#[test]
+fn a_checkpoint_moves_from_ep_2_to_one_process_to_ep_2_by_dp_2_and_matches_one_run() {
+    // Checkpoints every 2 steps: EP 2 on 2 ranks writes step 2, one process continues it to
+    // step 4, EP 2 x DP 2 on 4 ranks from there to 6.
+    let settings = [SETTINGS, FOUR_RANKS, &["checkpoint.interval=2"]].concat();
+    let fx = Fixture::new("dist-ep-chain", &settings);
+    ok(&fx.train("one", &[]));
+    let ep2 = ["--set", "dist.expert_parallel=2"];
+    ok(&run_mpi(&fx, 2, "ep2", &ep2));
+    let ckpt = fx.checkpoint("ep2", 2);
+    ok(&fx.train("single", &["--resume", ckpt.to_str().unwrap()]));
+    let ckpt = fx.checkpoint("single", 4);
+    let resume = ["--resume", ckpt.to_str().unwrap()];
+    ok(&run_mpi(&fx, 4, "ep4", &[&ep2[..], &resume[..]].concat()));
+    // Each leg matches the uninterrupted run where it trained, with the EP tests' tolerances:
+    // everything logged to 1e-5 (losses to 1e-6), router counts equal, weights and moments
+    // to 1e-4 of each tensor's scale.
+    let one = fx.run_dir("one");
+    for (run, steps) in [("ep2", 1..=2), ("single", 3..=4), ("ep4", 5..=6)] {
+        let (a, b) = (
+            step_lines(&one, steps.clone()),
+            step_lines(&fx.run_dir(run), steps),
+        );
+        assert_eq!(a.len(), 2, "{run}");
+        assert_eq!(b.len(), 2, "{run}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_close(x, y, 1e-5, &format!("{run} step {}", x["step"]));
+            assert_close(
+                &x["loss"],
+                &y["loss"],
+                1e-6,
+                &format!("{run} step {} loss", x["step"]),
+            );
+        }
+    }
+    let ep4 = fx.run_dir("ep4");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let path = format!("checkpoints/step-00000006/{file}");
+        assert_tensors_close(&one.join(&path), &ep4.join(&path), 1e-4);
+    }
+    for run in ["ep2", "single", "ep4"] {
+        assert_router_counts_match_from(&one, &fx.run_dir(run));
+    }
+    let eval = "eval/step-00000006.json";
+    let read_json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join(eval)).unwrap()).unwrap()
+    };
+    assert_close(&read_json(&one), &read_json(&ep4), 1e-5, eval);
+}
+
+/// Every folder under the run's checkpoints/ is a complete checkpoint (its tensors load and
+/// its completion marker is there); with `partial_allowed`, leftovers of an interrupted save
+/// (`.tmp-*`, which `--resume` removes) may be there too. Returns the complete steps.
+fn assert_no_half_checkpoint(run_dir: &Path, partial_allowed: bool) -> Vec<u64> {
+    let mut steps = Vec::new();
+    for entry in std::fs::read_dir(run_dir.join("checkpoints")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-") {
+            assert!(partial_allowed, "a partial save was left behind: {name}");
+            continue;
+        }
+        let step = name.strip_prefix("step-").and_then(|s| s.parse().ok());
+        let step: u64 = step.unwrap_or_else(|| panic!("not a checkpoint: {name}"));
+        assert!(path.join("state.json").is_file(), "{name} is incomplete");
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(!tensors(&path.join(file)).is_empty(), "{name}/{file}");
+        }
+        steps.push(step);
+    }
+    steps.sort();
+    steps
+}
+
 #[test]
 fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
-    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=0"]].concat();
+    // Checkpoints every 2 steps, so that the stop can land around a save.
+    let settings = [SETTINGS, &["train.steps=40", "checkpoint.interval=2"]].concat();
     let fx = Fixture::new("dist-stop", &settings);
     let mut job = mpirun(&fx, 2, "run", &["--set", "dist.timeout_s=2"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let metrics = fx.run_dir("run").join("metrics.jsonl");
+    // Rank 1's progress report (rewritten every second) names its process; wait for one from
+    // step 3 or later, so that the stop lands mid-run.
+    let report = fx.run_dir("run").join(".progress/rank-1.json");
     let start = Instant::now();
-    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 3) {
+    let rank1 = loop {
         assert!(job.try_wait().unwrap().is_none(), "the job ended early");
         assert!(start.elapsed() < Duration::from_secs(300), "no progress");
+        let said: Option<serde_json::Value> = std::fs::read(&report)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(said) = said.filter(|r| r["step"].as_u64().unwrap() >= 3) {
+            assert_eq!(
+                (said["rank"].as_u64(), said["world"].as_u64()),
+                (Some(1), Some(2))
+            );
+            break said["pid"].as_u64().unwrap() as u32;
+        }
         std::thread::sleep(Duration::from_millis(5));
-    }
-    let rank1 = rank_pid(job.id(), 1).expect("rank 1 is a child of mpirun");
+    };
+    assert_eq!(
+        rank_pid(job.id(), 1),
+        Some(rank1),
+        "the report names rank 1's process"
+    );
     let signal = |sig: &str| {
         Command::new("kill")
             .args([sig, &rank1.to_string()])
@@ -364,7 +601,22 @@ fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
         "{err}"
     );
     assert!(err.contains("the collective `"), "{err}");
+    // The progress reports name the rank that stopped, not only the one that waited.
+    assert!(
+        err.contains(
+            "rank 1 stopped responding (stopped, hung or unreachable): its last progress report"
+        ),
+        "{err}"
+    );
     assert!(waited < Duration::from_secs(60), "ended after {waited:?}");
+    // No half checkpoint: every step folder is complete, and resuming (one process) leaves no
+    // partial save behind and finishes the run.
+    let run = fx.run_dir("run");
+    let before = assert_no_half_checkpoint(&run, true);
+    assert!(!before.contains(&40), "stopped mid-run: {before:?}");
+    ok(&fx.train("run", &["--resume", "auto"]));
+    let after = assert_no_half_checkpoint(&run, false);
+    assert!(after.contains(&40), "{after:?}");
 }
 
 #[test]
@@ -479,10 +731,13 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
     }
     let out = job.wait_with_output().unwrap();
     let err = fails(&out);
+    // mpirun names it: "mpirun noticed that process rank 1 with PID ... exited on signal 9".
     assert!(
-        err.contains("rank 1"),
+        err.contains("process rank 1 "),
         "the error names the killed rank: {err}"
     );
+    // Saves are written to a temporary folder and renamed: no step folder is half written.
+    assert_no_half_checkpoint(&fx.run_dir("killed"), true);
     let done: Vec<String> = std::fs::read_dir(fx.run_dir("killed").join("checkpoints"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -503,6 +758,9 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes_on_two_or_one_rank() {
     assert!(status.success());
     ok(&run_mpi(&fx, 2, "killed", &["--resume", "auto"]));
     ok(&fx.train("killed-one", &["--resume", "auto"]));
+    for resumed in ["killed", "killed-one"] {
+        assert_no_half_checkpoint(&fx.run_dir(resumed), false);
+    }
     for resumed in ["killed", "killed-one"] {
         let (a, b) = (
             logged(&fx.run_dir("straight")),

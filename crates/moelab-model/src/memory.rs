@@ -321,7 +321,7 @@ pub struct ParallelPlan {
     pub worst_case_extra_bytes: u64,
     /// Bytes one rank sends to other ranks in all-to-alls per optimizer step (uniform routing:
     /// (G - 1)/G of each exchange leaves the rank; four exchanges per MoE layer per micro-batch,
-    /// f32 on the wire, plus the counts).
+    /// f32 on the wire, plus the counts of the other ranks' experts).
     pub all_to_all_bytes_per_step: u64,
     /// Bytes one rank sends in the gradient exchange per step (ring all-reduce, or ZeRO-1's
     /// reduce-scatter + all-gather: 2 x 4 B x params x (P - 1)/P over each group of P ranks).
@@ -433,9 +433,11 @@ fn all_to_all(
             g - 1,
         ],
     )? / g;
+    // Each rank tells each other rank of its EP group how many rows go to each of that
+    // rank's E/G experts: (G - 1) x E/G integers of 8 bytes leave it (its own block does not).
     let counts = Checked::mul(
         "count exchange",
-        &[moe_layers, micro_batches_per_rank, experts, 8],
+        &[moe_layers, micro_batches_per_rank, experts / g, g - 1, 8],
     )?;
     Ok((
         buffers,
@@ -795,11 +797,11 @@ expert_ff = 256
     #[test]
     fn all_to_all_volume_is_counted_by_hand() {
         // Rows 8 x 128 x 2 = 2048 of d = 128, f32 on the wire, 4 exchanges, 4 MoE layers,
-        // 3 micro-batches, half leaving the rank (G = 2), plus 8 counts x 8 B per layer and
-        // micro-batch.
+        // 3 micro-batches, half leaving the rank (G = 2), plus the 4 counts of the other
+        // rank's experts x 8 B per layer and micro-batch.
         let p = plan(2, 2, false, 3).unwrap();
         let wire = 2048 * 128 * 4 * 4 * 4 * 3 / 2;
-        assert_eq!(p.all_to_all_bytes_per_step, wire + 4 * 3 * 8 * 8);
+        assert_eq!(p.all_to_all_bytes_per_step, wire + 4 * 3 * 4 * 8);
         // Gradients: replicated params over 2 ranks, experts over 1 (nothing to send).
         let info = ModelInfo::new(&tiny(), 128).unwrap();
         let replicated = info.total_params - 4 * 8 * 3 * 128 * 256;

@@ -26,6 +26,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use moelab_kernels::moe_dispatch::{self, Routing};
 
@@ -113,6 +114,38 @@ thread_local! {
 }
 
 static NEXT_GROUP: AtomicU64 = AtomicU64::new(1);
+
+/// Bytes this process sent to other ranks in expert-parallel all-to-alls (the rows of
+/// [`Exchange`], forward and backward, as they go on the wire, and the counts of [`dispatch`])
+/// since the last [`take_all_to_all_bytes`].
+static SENT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// The bytes this process sent to other ranks in expert-parallel all-to-alls since the last
+/// call (rows and counts; its own block, which stays in memory, is not counted), and restarts
+/// the count: `train` takes it around each step to log the step's traffic.
+pub fn take_all_to_all_bytes() -> u64 {
+    SENT_BYTES.swap(0, Ordering::Relaxed)
+}
+
+/// Bytes one element of `dtype` takes on the wire of the exchange: bf16 and f16 travel as f32
+/// (see [`exchange_cpu`] and the NCCL exchange), f64 as itself.
+fn wire_bytes(dtype: candle_core::DType) -> u64 {
+    match dtype {
+        candle_core::DType::F64 => 8,
+        _ => 4,
+    }
+}
+
+/// Counts `elements` per peer of `dtype` sent by rank `me` (its own block stays local).
+fn count_sent(me: usize, elements: &[usize], dtype: candle_core::DType) {
+    let remote: usize = elements
+        .iter()
+        .enumerate()
+        .filter(|&(peer, _)| peer != me)
+        .map(|(_, &n)| n)
+        .sum();
+    SENT_BYTES.fetch_add(remote as u64 * wire_bytes(dtype), Ordering::Relaxed);
+}
 
 /// A communicator registered on this thread for the exchange ops. Candle keeps ops in the
 /// autograd graph behind `Send + Sync` bounds, which an MPI or NCCL communicator is not, so an
@@ -234,7 +267,9 @@ impl CustomOp1 for Exchange {
         let (sent, received, send_counts, recv_counts) = self.counts()?;
         self.check_input(layout, sent)?;
         let out = ExchangeGroup::with(self.group, |comm| {
-            exchange_cpu(comm, storage, layout, &send_counts, &recv_counts)
+            let out = exchange_cpu(comm, storage, layout, &send_counts, &recv_counts)?;
+            count_sent(comm.rank(), &send_counts, storage.dtype());
+            Ok(out)
         })
         .map_err(to_candle)?;
         Ok((out, Shape::from((received, self.width))))
@@ -249,7 +284,9 @@ impl CustomOp1 for Exchange {
         let (sent, received, send_counts, recv_counts) = self.counts()?;
         self.check_input(layout, sent)?;
         let out = ExchangeGroup::with(self.group, |comm| {
-            comm.all_to_all_v_cuda(storage, layout, &send_counts, &recv_counts)
+            let out = comm.all_to_all_v_cuda(storage, layout, &send_counts, &recv_counts)?;
+            count_sent(comm.rank(), &send_counts, storage.dtype());
+            Ok(out)
         })
         .map_err(to_candle)?;
         Ok((out, Shape::from((received, self.width))))
@@ -513,10 +550,16 @@ pub fn dispatch(
     // counts[q * local + e]: rows for expert e of rank q; the received matrix is indexed
     // by (source rank, local expert).
     let counts: Vec<u64> = plan.tokens_per_expert.iter().map(|&c| c as u64).collect();
-    let received: Vec<usize> = ExchangeGroup::with(group, |ep| ep.all_to_all_u64(&counts))?
-        .into_iter()
-        .map(|c| usize::try_from(c).unwrap_or(usize::MAX))
-        .collect();
+    let received: Vec<usize> = ExchangeGroup::with(group, |ep| {
+        let received = ep.all_to_all_u64(&counts)?;
+        // The counts for the other ranks' experts leave this rank, 8 bytes each.
+        let per_peer = vec![local; g];
+        count_sent(ep.rank(), &per_peer, candle_core::DType::F64);
+        Ok(received)
+    })?
+    .into_iter()
+    .map(|c| usize::try_from(c).unwrap_or(usize::MAX))
+    .collect();
     let block_sums = |m: &[usize]| -> Vec<usize> {
         m.chunks(local.max(1))
             .map(|c| c.iter().sum())

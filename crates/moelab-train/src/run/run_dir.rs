@@ -92,6 +92,12 @@ impl RunDir {
         self.checkpoints().join(checkpoint::dir_name(step))
     }
 
+    /// The ranks' progress reports of a distributed run (`.progress/rank-N.json`, see
+    /// `dist::watchdog`): what a timeout reads to name the rank that stopped.
+    pub fn progress(&self) -> PathBuf {
+        self.root.join(".progress")
+    }
+
     /// Where checkpoints newer than a resume point are kept when a run resumes from an older
     /// checkpoint: the abandoned continuation is set aside, never deleted.
     pub fn abandoned(&self, resumed_at: u64) -> PathBuf {

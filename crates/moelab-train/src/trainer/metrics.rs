@@ -57,6 +57,11 @@ pub struct StepMetrics {
     pub time: String,
     /// Seconds since this process started training.
     pub elapsed_s: f64,
+    /// Under expert parallelism, the bytes each rank sent to other ranks in the logged step's
+    /// all-to-alls (token rows forward and backward as they go on the wire, f32 for bf16/f16,
+    /// and the counts), by rank; absent without expert parallelism.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ep_all_to_all_bytes: Option<Vec<u64>>,
 }
 
 /// Writes metrics.jsonl (and TensorBoard events) and keeps the throughput window.
@@ -77,6 +82,8 @@ pub(crate) struct MetricsLogger {
     window_tokens: u64,
     /// Tokens and seconds of all logged windows, for the run's mean throughput.
     total: (u64, f64),
+    /// The current step's expert-parallel all-to-all bytes by rank, for its line.
+    ep_all_to_all_bytes: Option<Vec<u64>>,
 }
 
 impl MetricsLogger {
@@ -140,7 +147,13 @@ impl MetricsLogger {
             window_start: now,
             window_tokens: 0,
             total: (0, 0.0),
+            ep_all_to_all_bytes: None,
         }
+    }
+
+    /// Sets the expert-parallel all-to-all bytes by rank of the step about to be recorded.
+    pub(crate) fn set_ep_all_to_all_bytes(&mut self, by_rank: Vec<u64>) {
+        self.ep_all_to_all_bytes = Some(by_rank);
     }
 
     /// Records a finished, applied step of `tokens` tokens, adding its losses to `window` (kept
@@ -186,6 +199,7 @@ impl MetricsLogger {
                 .map(|f| f * tokens_per_s / GPU_PEAK_FLOPS),
             time: now_rfc3339(),
             elapsed_s: self.elapsed_s(),
+            ep_all_to_all_bytes: self.ep_all_to_all_bytes.take(),
         };
         self.write(&line)?;
         self.write_step_scalars(&line)?;

@@ -515,8 +515,12 @@ impl Trainer {
         // From here on no rank waits for another's setup work (data preparation can take
         // longer than any timeout), so a collective that waits past dist.timeout_s means a
         // rank stopped responding.
-        let _watchdog =
-            (world > 1).then(|| dist::watchdog::arm(self.cfg.dist.timeout_s, rank, world));
+        // Each rank also reports its progress, so that a timeout names the rank that stopped.
+        dist::watchdog::progress(first_step, "starting the training loop");
+        let _watchdog = (world > 1).then(|| {
+            let reports = Some(self.run_dir.progress());
+            dist::watchdog::arm(self.cfg.dist.timeout_s, rank, world, reports)
+        });
         let batches = Prefetcher::new(
             self.stream.clone(),
             self.state.step,
@@ -529,15 +533,27 @@ impl Trainer {
             if self.state.step >= self.cfg.train.steps {
                 break;
             }
+            dist::watchdog::progress(self.state.step + 1, "forward");
             let lr = self.schedule.lr_at(self.state.step);
+            let batch = batch?;
+            // Evaluations between steps exchange too: count this step's traffic only.
+            dist::expert_parallel::take_all_to_all_bytes();
             let outcome = self.learner.step(
-                &batch?,
+                &batch,
                 self.state.step,
                 lr,
                 self.comm.as_ref(),
                 &mut self.router_log,
-                &mut |_| {},
+                &mut report_phases(
+                    self.state.step + 1,
+                    batch.n_sequences / self.cfg.train.micro_batch,
+                ),
             )?;
+            if self._ep.is_some() {
+                let sent = dist::expert_parallel::take_all_to_all_bytes();
+                let by_rank = self.comm.all_gather_u64(&[sent]);
+                self.metrics.set_ep_all_to_all_bytes(by_rank);
+            }
             self.state.step += 1;
             let tokens = (sequences * self.cfg.data.seq_len) as u64;
             self.state.tokens += tokens;
@@ -613,6 +629,7 @@ impl Trainer {
         let checkpoint_due = self.checkpointer.due(step, finite);
         let mut stop = dist::any(self.comm.as_ref(), interrupt::requested());
         if step.is_multiple_of(self.cfg.log.router_interval) || checkpoint_due || stop || last {
+            dist::watchdog::progress(step, "router log");
             self.router_log
                 .flush(&self.run_dir.router(), step, self.comm.as_ref())?;
         }
@@ -632,6 +649,7 @@ impl Trainer {
 
     /// Saves a checkpoint (rank 0 writes it; the others wait until it is complete).
     fn save(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<(), TrainError> {
+        dist::watchdog::progress(self.state.step, "checkpoint");
         // Gathered on every rank (a sharded optimizer's moments), written by rank 0.
         let tensors = self.learner.checkpoint_tensors(self.comm.as_ref())?;
         let dir = if self.comm.rank() == 0 {
@@ -651,6 +669,7 @@ impl Trainer {
 
     /// Evaluates the model now, writing eval/ and a metrics line.
     fn evaluate(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<EvalReport, TrainError> {
+        dist::watchdog::progress(self.state.step, "evaluation");
         let report = evaluate(
             &self.learner.model,
             &self.dataset,
@@ -685,6 +704,27 @@ impl Trainer {
             wall_s: self.metrics.elapsed_s(),
             tokens_per_s: self.metrics.mean_tokens_per_s(),
         }
+    }
+}
+
+/// The learner's phase events of step `step` (`micro_batches` of this rank), as progress
+/// reports for `dist.timeout_s` (an event marks the end of a phase, so the next one begins).
+fn report_phases(step: u64, micro_batches: usize) -> impl FnMut(Phase) + Send {
+    let mut done = 0;
+    move |phase| {
+        let next = match phase {
+            Phase::Forward => "backward",
+            Phase::Backward => {
+                done += 1;
+                if done < micro_batches {
+                    "forward"
+                } else {
+                    "gradient exchange and update"
+                }
+            }
+            Phase::Optimizer => "after the update",
+        };
+        dist::watchdog::progress(step, next);
     }
 }
 
