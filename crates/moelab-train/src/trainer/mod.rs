@@ -214,7 +214,7 @@ pub struct Trainer {
     router_log: RouterLogger,
     /// Expert parallelism's groups, registered on this thread for the model's exchanges; kept
     /// as long as the learner whose model uses them (dropped after it: fields drop in order).
-    _ep: Option<ExpertParallel>,
+    expert_parallel: Option<ExpertParallel>,
 }
 
 /// What [`Trainer::validate`] found valid, before anything is written.
@@ -312,7 +312,7 @@ impl Trainer {
         };
         trainer._lock = lock;
         on_event(&Event::Validation(validation));
-        trainer._ep = ep;
+        trainer.expert_parallel = ep;
         on_event(&Event::Started {
             run_dir: trainer.run_dir.root().to_path_buf(),
             start_step: trainer.state.step,
@@ -477,14 +477,14 @@ impl Trainer {
             checkpointer,
             metrics,
             router_log,
-            _ep: None,
+            expert_parallel: None,
         };
         Ok((trainer, set_aside))
     }
 
     /// Every rank's experts, parameter and optimizer bytes (every rank must call it).
     fn rank_layouts(&self) -> Vec<RankLayout> {
-        let experts = match &self._ep {
+        let experts = match &self.expert_parallel {
             Some(ep) => ep.local_experts(),
             None => 0..self.cfg.model.moe.n_experts,
         };
@@ -549,7 +549,7 @@ impl Trainer {
                     batch.n_sequences / self.cfg.train.micro_batch,
                 ),
             )?;
-            if self._ep.is_some() {
+            if self.expert_parallel.is_some() {
                 let sent = dist::expert_parallel::take_all_to_all_bytes();
                 let by_rank = self.comm.all_gather_u64(&[sent]);
                 self.metrics.set_ep_all_to_all_bytes(by_rank);
