@@ -1,16 +1,14 @@
 //! `mpirun -n 2 moelab train` (feature `mpi`): two ranks against one rank of the same global
 //! batch, a killed rank taking the job down, and resuming on another world size.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
 use moelab_trace::router_log::read_dir;
 
 use crate::fixture::{wait_for, Fixture};
-use crate::util::{arg, fails, moelab, ok, repo_root};
+use crate::util::{arg, fails, moelab, ok, repo_root, tensors};
 
 /// The runs update the expert biases (from the reduced loads) and evaluate mid-run.
 const SETTINGS: &[&str] = &[
@@ -96,10 +94,6 @@ fn assert_close(a: &serde_json::Value, b: &serde_json::Value, rel: f64, at: &str
         }
         _ => assert_eq!(a, b, "{at}"),
     }
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 /// Asserts every tensor of two safetensors files is within `rel` of the other, relative to

@@ -3,14 +3,13 @@
 //! listed, a wrong-shape tensor is named, and (when torch and transformers import)
 //! `scripts/hf_parity.py` finds the transformers logits within 1e-4.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
 use crate::corpus::{Corpus, RunConfig};
-use crate::util::{arg, fails, moelab, ok_for, repo_root, Scratch};
+use crate::util::{arg, fails, moelab, ok_for, repo_root, tensors, Scratch};
 
 /// A scratch folder with a tiny three-domain corpus; configs are written per test.
 struct Fixture {
@@ -55,10 +54,6 @@ impl Fixture {
         );
         run_dir.join("checkpoints").join("step-00000002")
     }
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
 /// Every tensor of `a` and `b` has the same name, shape, dtype and bits.

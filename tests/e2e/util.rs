@@ -119,3 +119,8 @@ impl Drop for Scratch {
         }
     }
 }
+
+/// Every tensor of a safetensors file, by name, on the CPU.
+pub fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
