@@ -544,8 +544,10 @@ fn assert_no_half_checkpoint(run_dir: &Path, partial_allowed: bool) -> Vec<u64> 
 
 #[test]
 fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
-    // Checkpoints every 2 steps, so that the stop can land around a save.
-    let settings = [SETTINGS, &["train.steps=40", "checkpoint.interval=2"]].concat();
+    // Long enough (about 10 s) that rank 1 reports a step >= 3 before the run ends (reports
+    // are rewritten every second; 40 steps take under one); frequent checkpoints, so that the
+    // stop can land around a save.
+    let settings = [SETTINGS, &["train.steps=400", "checkpoint.interval=4"]].concat();
     let fx = Fixture::new("dist-stop", &settings);
     let mut job = mpirun(&fx, 2, "run", &["--set", "dist.timeout_s=2"])
         .stdout(Stdio::null())
@@ -607,10 +609,10 @@ fn a_stopped_rank_ends_the_job_after_dist_timeout_s_naming_the_collective() {
     // partial save behind and finishes the run.
     let run = fx.run_dir("run");
     let before = assert_no_half_checkpoint(&run, true);
-    assert!(!before.contains(&40), "stopped mid-run: {before:?}");
+    assert!(!before.contains(&400), "stopped mid-run: {before:?}");
     ok(&fx.train("run", &["--resume", "auto"]));
     let after = assert_no_half_checkpoint(&run, false);
-    assert!(after.contains(&40), "{after:?}");
+    assert!(after.contains(&400), "{after:?}");
 }
 
 #[test]
