@@ -290,6 +290,25 @@ impl Dataset {
         total
     }
 
+    /// Whole validation sequences (chunks of seq_len + 1 tokens) each source of `domain` holds.
+    fn source_chunks(&self, domain: usize, seq_len: usize) -> Vec<u64> {
+        let chunk = seq_len as u64 + 1;
+        self.sources.get(domain).map_or_else(Vec::new, |sources| {
+            sources.iter().map(|s| s.validation.len() / chunk).collect()
+        })
+    }
+
+    /// How many validation sequences evaluation takes from each source of `domain`: at most
+    /// `max_tokens / seq_len` in all, shared in proportion to the whole sequences each source
+    /// holds (largest remainder, ties to the earlier source), so that every source of a domain
+    /// counts in its loss and not only the first ones by name.
+    fn source_quotas(&self, domain: usize, seq_len: usize, max_tokens: u64) -> Vec<u64> {
+        let held = self.source_chunks(domain, seq_len);
+        let total: u64 = held.iter().sum();
+        let wanted = (max_tokens / seq_len.max(1) as u64).min(total);
+        proportional_quotas(&held, wanted)
+    }
+
     pub(crate) fn source_data(&self, domain: usize, source: usize) -> Option<&SourceData> {
         self.sources.get(domain).and_then(|s| s.get(source))
     }
@@ -335,8 +354,12 @@ impl Dataset {
         (0..self.domains.len())
             .map(|d| {
                 let counts = self.validation_counts(d);
-                // As validation_batches cuts it: chunks of seq_len + 1, up to the cap.
-                let sequences = (validation_tokens / seq).min(counts.tokens / (seq + 1));
+                // As validation_batches cuts it: whole chunks of seq_len + 1 inside each
+                // source, shared over the sources, up to the cap.
+                let sequences: u64 = self
+                    .source_quotas(d, seq_len, validation_tokens)
+                    .iter()
+                    .sum();
                 ValidationPlan {
                     domain: self.domains[d].clone(),
                     documents: counts.documents,
@@ -353,12 +376,12 @@ impl Dataset {
         let name = self.domains.get(domain)?;
         let chunk = seq_len as u64 + 1;
         let counts = self.validation_counts(domain);
-        if counts.tokens < chunk {
+        if self.source_chunks(domain, seq_len).iter().all(|&c| c == 0) {
             let what = if counts.documents == 0 {
                 "no validation documents".to_string()
             } else {
                 format!(
-                    "{} validation tokens in {} documents, fewer than one sequence of seq_len + 1 = {chunk}",
+                    "{} validation tokens in {} documents, and no source holds one sequence of seq_len + 1 = {chunk}",
                     counts.tokens, counts.documents
                 )
             };
@@ -374,10 +397,11 @@ impl Dataset {
     /// The fixed validation stream of one domain, as batches of up to `batch_sequences`
     /// sequences of seq_len (+1 for targets); identical across ablations whatever the mixture.
     ///
-    /// The stream is the domain's validation documents (sources in name order, documents in
-    /// prepare order) cut into chunks of seq_len + 1 tokens, at most `max_tokens / seq_len`
-    /// of them. It is an error (the one [`Dataset::check_validation`] gives up front) if that
-    /// is not even one sequence.
+    /// Each source's validation documents (in prepare order) are cut into chunks of seq_len + 1
+    /// tokens; the stream takes at most `max_tokens / seq_len` chunks, shared over the sources
+    /// in proportion to the chunks each holds (a domain's loss weighs every source, not only
+    /// the first ones by name), source after source in name order. It is an error (the one
+    /// [`Dataset::check_validation`] gives up front) if no source holds one chunk.
     pub fn validation_batches(
         &self,
         domain: usize,
@@ -406,26 +430,56 @@ impl Dataset {
             return Err(DataError::config("data.validation_tokens", shortfall));
         }
         let chunk = seq_len as u64 + 1;
-        let total: u64 = sources.iter().map(|s| s.validation.len()).sum();
-        let wanted = (max_tokens / seq_len as u64).min(total / chunk);
+        // Every sequence lies inside one source, so its source id is exact.
+        let sequences: Vec<(usize, u64)> = self
+            .source_quotas(domain, seq_len, max_tokens)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(source, n)| (0..n).map(move |k| (source, k * chunk)))
+            .collect();
         let mut batches = Vec::new();
-        let mut next = 0u64;
         let mut buf = Vec::with_capacity(chunk as usize);
-        while next < wanted {
-            let n = (wanted - next).min(batch_sequences as u64) as usize;
-            let mut batch = Batch::with_capacity(n, seq_len);
-            for k in 0..n as u64 {
+        for group in sequences.chunks(batch_sequences) {
+            let mut batch = Batch::with_capacity(group.len(), seq_len);
+            for &(source, start) in group {
                 buf.clear();
-                copy_concat(sources, (next + k) * chunk, chunk as usize, &mut buf)?;
-                // Source id: where the chunk's first token came from.
-                let source = source_at(sources, (next + k) * chunk);
+                sources[source]
+                    .validation
+                    .copy_into(start, chunk as usize, &mut buf)?;
                 batch.push(&buf, domain as u32, source as u32);
             }
             batches.push(batch);
-            next += n as u64;
         }
         Ok(batches)
     }
+}
+
+/// `wanted` (at most the sum of `held`) shared over the entries of `held` in proportion to
+/// them: each gets the floor of its exact share, and the leftover goes one by one to the largest
+/// remainders (the earlier entry first on a tie). No entry gets more than it holds.
+fn proportional_quotas(held: &[u64], wanted: u64) -> Vec<u64> {
+    let total: u64 = held.iter().sum();
+    if total == 0 {
+        return vec![0; held.len()];
+    }
+    let exact = |h: u64| u128::from(wanted) * u128::from(h);
+    let mut quotas: Vec<u64> = held
+        .iter()
+        .map(|&h| (exact(h) / u128::from(total)) as u64)
+        .collect();
+    let mut order: Vec<usize> = (0..held.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(exact(held[i]) % u128::from(total)));
+    let mut left = wanted - quotas.iter().sum::<u64>();
+    for i in order.into_iter().cycle().take(2 * held.len()) {
+        if left == 0 {
+            break;
+        }
+        if quotas[i] < held[i] {
+            quotas[i] += 1;
+            left -= 1;
+        }
+    }
+    quotas
 }
 
 /// The error of a validation cap below one sequence, for the named domain(s).
@@ -434,39 +488,6 @@ fn too_few_validation_tokens(validation_tokens: u64, seq_len: usize, domains: &s
         "{validation_tokens} is below data.seq_len = {seq_len}, so no validation sequence fits (domains: \
          {domains}); raise data.validation_tokens to at least {seq_len}"
     )
-}
-
-/// Copies from the concatenation of the sources' validation streams.
-fn copy_concat(sources: &[SourceData], start: u64, len: usize, out: &mut Vec<u32>) -> Result<()> {
-    let mut pos = start;
-    let end = start + len as u64;
-    let mut offset = 0u64;
-    for s in sources {
-        let n = s.validation.len();
-        let lo = pos.max(offset);
-        let hi = end.min(offset + n);
-        if lo < hi {
-            s.validation
-                .copy_into(lo - offset, (hi - lo) as usize, out)?;
-            pos = hi;
-        }
-        offset += n;
-        if pos >= end {
-            break;
-        }
-    }
-    Ok(())
-}
-
-fn source_at(sources: &[SourceData], token: u64) -> usize {
-    let mut offset = 0u64;
-    for (i, s) in sources.iter().enumerate() {
-        offset += s.validation.len();
-        if token < offset {
-            return i;
-        }
-    }
-    sources.len().saturating_sub(1)
 }
 
 fn open_stream(
@@ -668,4 +689,26 @@ pub(crate) fn dataset_hash(dataset: &Dataset) -> String {
     let mut h = Hasher::new();
     h.update(dataset.manifest.content_hash().as_bytes());
     h.hex()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proportional_quotas;
+
+    #[test]
+    fn validation_sequences_are_shared_over_sources_in_proportion() {
+        // 10 / 30 / 60 whole sequences held, 50 wanted: 5 / 15 / 30.
+        assert_eq!(proportional_quotas(&[10, 30, 60], 50), vec![5, 15, 30]);
+        // Equal remainders go to the earlier source first.
+        assert_eq!(proportional_quotas(&[1, 1, 1], 2), vec![1, 1, 0]);
+        assert_eq!(proportional_quotas(&[3, 3, 3], 7), vec![3, 2, 2]);
+        // Never more than a source holds, all when all are wanted, none from an empty one.
+        assert_eq!(proportional_quotas(&[2, 0, 100], 102), vec![2, 0, 100]);
+        assert_eq!(proportional_quotas(&[0, 0], 0), vec![0, 0]);
+        for wanted in 0..=40 {
+            let q = proportional_quotas(&[7, 1, 13, 19], wanted);
+            assert_eq!(q.iter().sum::<u64>(), wanted, "{q:?}");
+            assert!(q.iter().zip([7, 1, 13, 19]).all(|(q, h)| *q <= h), "{q:?}");
+        }
+    }
 }

@@ -479,3 +479,40 @@ fn validation_shortfalls_are_planned_up_front_naming_the_domain_and_fix() {
         assert!(!ds.validation_batches(d, 16, 4096, 4).unwrap().is_empty());
     }
 }
+
+#[test]
+fn every_source_of_a_domain_is_scored_in_proportion_to_the_sequences_it_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = common::prepared(tmp.path());
+    let math = ds.domain_id("math").unwrap();
+    let sources = &ds.manifest().domains[math].sources;
+    assert_eq!(sources.len(), 2, "math/plain and math/structured");
+    let seq = 16u64;
+    let held: Vec<u64> = sources
+        .iter()
+        .map(|s| s.validation.tokens / (seq + 1))
+        .collect();
+    let total: u64 = held.iter().sum();
+    assert!(held.iter().all(|&h| h >= 4), "{held:?}");
+    // A cap of half the sequences the domain holds: each source gives half of its own (within
+    // one), not the first source all of them.
+    let wanted = total / 2;
+    let batches = ds.validation_batches(math, 16, wanted * seq, 4).unwrap();
+    let mut per_source = vec![0u64; held.len()];
+    for b in &batches {
+        for &s in &b.source_ids {
+            per_source[s as usize] += 1;
+        }
+    }
+    assert_eq!(per_source.iter().sum::<u64>(), wanted);
+    for (got, h) in per_source.iter().zip(&held) {
+        let exact = (wanted * h) as f64 / total as f64;
+        assert!(
+            (*got as f64 - exact).abs() <= 1.0,
+            "{per_source:?} of {held:?}"
+        );
+    }
+    // The plan counts the same.
+    let plan = &ds.validation_plan(16, wanted * seq)[math];
+    assert_eq!(plan.scored, wanted * seq);
+}
