@@ -316,9 +316,12 @@ set = ["data.mixture.code=0.0"]
         let noise = row["noise_jsd"].as_f64().unwrap();
         let aligned_noise = row["noise_aligned_jsd"].as_f64().unwrap();
         assert!(noise > 0.0, "two seeds route differently: {row}");
+        // Matching maximises the validation tokens two experts share, which is not the same as
+        // minimising the JSD, so the aligned value may lie above the raw one (align.rs tests that
+        // a permuted copy aligns to 0); it is a JSD in bits all the same.
         assert!(
-            aligned_noise <= noise + 1e-9,
-            "matching can only lower the JSD: {row}"
+            (0.0..=1.0).contains(&aligned_noise),
+            "an aligned JSD in bits: {row}"
         );
         let aligned = row["aligned_jsd"].as_f64().unwrap();
         assert_eq!(
