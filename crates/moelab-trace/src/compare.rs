@@ -901,16 +901,7 @@ fn write_heatmaps(w: &mut Out, md: &mut String, cmp: &AblationComparison) -> Res
 /// and the aligned routing JSD; `~` marks a delta or JSD inside the noise. The noise floors come
 /// last, or [`ONE_SEED`]. Lines under the table explain the marks in use.
 pub fn terminal_table(rows: &[ComparisonRow]) -> String {
-    let mut variants: Vec<&str> = Vec::new();
-    let mut domains: Vec<&str> = Vec::new();
-    for r in rows {
-        if !variants.contains(&r.variant.as_str()) {
-            variants.push(&r.variant);
-        }
-        if !domains.contains(&r.domain.as_str()) {
-            domains.push(&r.domain);
-        }
-    }
+    let (variants, domains) = variants_and_domains(rows);
     let one_seed = rows.iter().all(|r| r.seeds < 2);
     let has_aligned = rows.iter().any(|r| r.aligned_jsd.is_some());
     let mut cells: Vec<Vec<String>> = vec![terminal_header(&variants, has_aligned)];
@@ -952,16 +943,7 @@ pub fn terminal_bpb_table(rows: &[ComparisonRow]) -> String {
     if rows.iter().all(|r| r.val_bpb.is_none()) {
         return String::new();
     }
-    let mut variants: Vec<&str> = Vec::new();
-    let mut domains: Vec<&str> = Vec::new();
-    for r in rows {
-        if !variants.contains(&r.variant.as_str()) {
-            variants.push(&r.variant);
-        }
-        if !domains.contains(&r.domain.as_str()) {
-            domains.push(&r.domain);
-        }
-    }
+    let (variants, domains) = variants_and_domains(rows);
     let mut header = vec!["domain (bits per byte)".to_string()];
     header.extend(variants.iter().map(|v| v.to_string()));
     let mut cells = vec![header];
@@ -980,6 +962,21 @@ pub fn terminal_bpb_table(rows: &[ComparisonRow]) -> String {
         cells.push(line);
     }
     columns(&cells)
+}
+
+/// The variants and the domains of `rows`, each in order of first appearance.
+fn variants_and_domains(rows: &[ComparisonRow]) -> (Vec<&str>, Vec<&str>) {
+    let mut variants: Vec<&str> = Vec::new();
+    let mut domains: Vec<&str> = Vec::new();
+    for r in rows {
+        if !variants.contains(&r.variant.as_str()) {
+            variants.push(&r.variant);
+        }
+        if !domains.contains(&r.domain.as_str()) {
+            domains.push(&r.domain);
+        }
+    }
+    (variants, domains)
 }
 
 /// `cells` as text columns: the first left-aligned, the others right-aligned, two spaces apart.
