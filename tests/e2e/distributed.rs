@@ -233,6 +233,19 @@ fn global_batch_balancing_trains_on_two_ranks_as_on_one() {
 }
 
 /// The metrics lines of steps `steps` (training lines only).
+/// Each pair of logged step lines within 1e-5 (relative), their losses within 1e-6.
+fn assert_steps_close(a: &[serde_json::Value], b: &[serde_json::Value], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert_close(x, y, 1e-5, &format!("{what} step {}", x["step"]));
+        assert_close(
+            &x["loss"],
+            &y["loss"],
+            1e-6,
+            &format!("{what} step {} loss", x["step"]),
+        );
+    }
+}
+
 fn step_lines(run_dir: &Path, steps: std::ops::RangeInclusive<u64>) -> Vec<serde_json::Value> {
     logged(run_dir)
         .into_iter()
@@ -301,15 +314,7 @@ fn expert_parallel_on_two_ranks_matches_one_rank_and_its_checkpoint_resumes_on_o
         step_lines(&fx.run_dir("resumed"), 4..=6),
     );
     assert_eq!(resumed.len(), 3);
-    for (a, b) in continued.iter().zip(&resumed) {
-        assert_close(a, b, 1e-5, &format!("resumed step {}", a["step"]));
-        assert_close(
-            &a["loss"],
-            &b["loss"],
-            1e-6,
-            &format!("resumed step {} loss", a["step"]),
-        );
-    }
+    assert_steps_close(&continued, &resumed, "resumed");
 }
 
 /// Micro-batches of 2, so that the 8 sequences of a step split over 4 ranks.
@@ -493,15 +498,7 @@ fn a_checkpoint_moves_from_ep_2_to_one_process_to_ep_2_by_dp_2_and_matches_one_r
         );
         assert_eq!(a.len(), 2, "{run}");
         assert_eq!(b.len(), 2, "{run}");
-        for (x, y) in a.iter().zip(&b) {
-            assert_close(x, y, 1e-5, &format!("{run} step {}", x["step"]));
-            assert_close(
-                &x["loss"],
-                &y["loss"],
-                1e-6,
-                &format!("{run} step {} loss", x["step"]),
-            );
-        }
+        assert_steps_close(&a, &b, run);
     }
     let ep4 = fx.run_dir("ep4");
     for file in ["model.safetensors", "optimizer.safetensors"] {
